@@ -1,0 +1,38 @@
+//! # zygote-runtime: the pieces every zygote process shares
+//!
+//! The zygote runtime is four kinds of process (see `docs/ARCHITECTURE.md`):
+//!
+//! ```text
+//! zygote start  (supervisor)
+//!  └── zygote    (single-threaded, CUDA-free, holds the model in a sealed memfd, forks on request)
+//!       ├── owner     (builds the compute copy of the weights once and exports it)
+//!       └── worker N  (imports the owner's weights, serves)
+//! ```
+//!
+//! This crate holds what more than one of them needs:
+//!
+//! - [`model`]: the safetensors file, validated completely and held in a sealed memfd.
+//! - [`shm`]: sealed memfds and read-only mappings (an `unsafe` leaf).
+//! - [`fdpass`]: sending and receiving fds with `SCM_RIGHTS` (an `unsafe` leaf).
+//! - [`protocol`]: the framed CBOR messages of the zygote socket, the owner socket and the
+//!   control channel, with their limits.
+//! - [`backend`]: the device-backend trait and its host and CUDA implementations.
+//! - [`worker`]: the API a worker uses (attach, weights, listeners, heartbeat, ready), whether
+//!   it was forked as a native entry or exec'd as a program.
+//! - [`client`]: a blocking client of the zygote socket, for supervisors written in Rust.
+//! - [`lifeline`]: ties a child's life to its control channel (an `unsafe` leaf).
+//! - [`logging`]: a `log` backend that tags every line with the process that wrote it.
+
+pub mod backend;
+pub mod client;
+pub mod fdpass;
+pub mod lifeline;
+pub mod logging;
+pub mod model;
+pub mod procfs;
+pub mod protocol;
+pub mod shm;
+pub mod worker;
+
+pub use model::{Model, ModelError};
+pub use worker::{Worker, WorkerError};

@@ -1,0 +1,267 @@
+//! The messages of the zygote runtime's sockets. `docs/PROTOCOL.md` is their specification;
+//! this module is its source of truth in code.
+//!
+//! Four conversations use the same framing ([`frame`]):
+//!
+//! - the **zygote socket** (`zygote.sock`): a supervisor (ours or anyone's) sends [`Request`]s,
+//!   the zygote answers with [`Response`]s; a spawned child's pidfd follows `spawned`, and its
+//!   exit follows later as `exited` on the same connection;
+//! - the **owner socket** (`owner-D.sock`): a worker asks the owner of device `D` for the
+//!   weights ([`OwnerRequest`]) and gets a manifest and the handles ([`OwnerResponse`]);
+//! - the **control channel**: a socketpair between a supervisor and one child. The child sends
+//!   [`ChildMessage`]s (ready, heartbeat), the supervisor sends [`ParentMessage`]s (drain, stop).
+//!   Its closing is the child's signal to end;
+//! - the **admin socket** (`supervisor.sock`): `zygote status` and `zygote stop` talk to a
+//!   running `zygote start` ([`AdminRequest`], [`AdminResponse`]).
+
+pub mod frame;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Manifest;
+
+/// Errors of framing and message parsing, shared by every socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes is over the limit of {max} bytes")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("the peer closed the connection in the middle of a frame")]
+    Truncated,
+    #[error("no complete frame arrived before the read deadline")]
+    TimedOut,
+    #[error("frame is not valid CBOR: {0}")]
+    Malformed(String),
+    #[error("unsupported protocol version {got} (this side speaks {})", frame::VERSION)]
+    Version { got: String },
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    #[error("could not encode a message: {0}")]
+    Encode(String),
+    #[error("expected {expected}, received {received}")]
+    Unexpected { expected: &'static str, received: String },
+    #[error("expected {expected} file descriptors: {reason}")]
+    FdCount { expected: usize, reason: String },
+    #[error("the peer answered with error {code:?}: {message}")]
+    Remote { code: ErrorCode, message: String },
+    #[error("socket I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Error codes on the wire (`"code"` of an `error` message), in snake_case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The announced frame length is over [`frame::MAX_FRAME`] (or zero). The connection closes.
+    FrameTooLarge,
+    /// The peer stopped in the middle of a frame. The connection closes.
+    Truncated,
+    /// A frame was not finished within [`frame::READ_DEADLINE`]. The connection closes.
+    ReadTimeout,
+    /// The frame is not a CBOR map.
+    BadCbor,
+    /// The `"v"` field is missing or not [`frame::VERSION`].
+    BadVersion,
+    /// Unknown message type, unknown field, missing field or wrong field type.
+    BadRequest,
+    /// The entry named in a spawn is not in the zygote's allowlist.
+    UnknownEntry,
+    /// The fds after a frame are not the number it announced. The connection closes.
+    BadFdCount,
+    /// The peer's uid is not allowed. The connection closes.
+    NotAllowed,
+    /// A signal was aimed at a pid that is not a live child of this zygote.
+    NotChild,
+    /// The signal number is not one that may be sent.
+    BadSignal,
+    /// Too many live children or connections; see the limits in `hello`.
+    Limit,
+    /// `fork` failed in the zygote.
+    ForkFailed,
+    /// The child failed before its entry ran (see `child_error`).
+    ChildSetup,
+    /// The zygote is shutting down.
+    ShuttingDown,
+    /// The owner could not serve the weights.
+    Unavailable,
+    /// Anything else; the message says what.
+    Internal,
+}
+
+/// The limits a zygote enforces, announced in its `hello` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_frame: u32,
+    pub read_deadline_ms: u32,
+    pub max_listeners: u32,
+    pub max_args: u32,
+    pub max_arg_len: u32,
+    pub max_connections: u32,
+    pub max_children: u32,
+}
+
+/// One entry of the zygote's allowlist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryInfo {
+    pub name: String,
+    /// `"native"` (a function in the zygote binary, forked without exec) or `"exec"`.
+    pub kind: String,
+}
+
+/// A client's request to the zygote. Every request carries an `id` that its answers repeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// First message of a connection: says who is asking.
+    Hello { id: u64, client: String },
+    /// Fork a child that runs `entry`. Followed on the socket by exactly `4 + listeners` fds:
+    /// stdin, stdout, stderr, the control channel, then the listeners in order.
+    Spawn {
+        id: u64,
+        entry: String,
+        worker: u32,
+        #[serde(default)]
+        args: Vec<String>,
+        listeners: u32,
+        #[serde(default)]
+        device: Option<u32>,
+    },
+    /// Send `signal` to `pid`, which must be a live child of this zygote.
+    Signal { id: u64, pid: i32, signal: i32 },
+    /// Ask for the zygote's state.
+    Status { id: u64 },
+    /// Ask the zygote to exit. Its children keep running (they belong to their requesters).
+    Shutdown { id: u64 },
+}
+
+/// The zygote's answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Hello { id: u64, server: String, pid: i32, entries: Vec<EntryInfo>, limits: Limits },
+    /// The child exists. Followed by one fd: its pidfd.
+    Spawned { id: u64, pid: i32 },
+    /// The child failed before its entry ran; `exited` follows.
+    ChildError { id: u64, pid: i32, stage: String, message: String },
+    /// The child ended. `status` is the exit code, or minus the signal number.
+    Exited { id: u64, pid: i32, code: Option<i32>, signal: Option<i32>, status: i32 },
+    Ok { id: u64 },
+    Status { id: u64, status: ZygoteStatus },
+    /// A request failed. `id` is absent when the request could not be read.
+    Error { id: Option<u64>, code: ErrorCode, message: String },
+}
+
+/// What `status` reports about a zygote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZygoteStatus {
+    pub pid: i32,
+    pub model_path: String,
+    pub model_bytes: u64,
+    pub model_digest: String,
+    pub tensors: u32,
+    pub backend: String,
+    pub children: Vec<ChildInfo>,
+    pub connections: u32,
+}
+
+/// One live child of the zygote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildInfo {
+    pub pid: i32,
+    pub entry: String,
+    pub worker: u32,
+    pub age_ms: u64,
+}
+
+/// A worker's request to an owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OwnerRequest {
+    /// Ask for the current weights. `model_digest` must match the owner's model.
+    Import { id: u64, worker: u32, model_digest: String },
+}
+
+/// An owner's answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OwnerResponse {
+    /// The weights. Followed by `fds` fds, in the order of `manifest.arenas`.
+    Manifest { id: u64, manifest: Manifest, fds: u32 },
+    Error { id: Option<u64>, code: ErrorCode, message: String },
+}
+
+/// What a child tells its supervisor over the control channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ChildMessage {
+    /// The child serves. `generation` is the weights generation it imported, if any.
+    Ready { pid: i32, generation: Option<u64>, detail: String },
+    /// The child is alive; `served` counts requests answered so far.
+    Heartbeat { served: u64 },
+    /// The child stopped accepting and will exit when its in-flight work is done.
+    Draining { in_flight: u32 },
+}
+
+/// What a supervisor tells a child over the control channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ParentMessage {
+    /// Stop accepting, finish what was accepted (the accept queue included), then exit 0.
+    Drain { deadline_ms: u64 },
+}
+
+/// A request to a running `zygote start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    Status { id: u64 },
+    /// Drain and stop the whole service, as SIGTERM does.
+    Stop { id: u64 },
+    /// Roll the workers, as SIGHUP does.
+    Reload { id: u64 },
+}
+
+/// A running `zygote start`'s answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminResponse {
+    Status { id: u64, service: ServiceStatus },
+    Ok { id: u64 },
+    Error { id: Option<u64>, code: ErrorCode, message: String },
+}
+
+/// The state of a whole service, as `zygote status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceStatus {
+    pub runtime_dir: String,
+    pub model: String,
+    pub backend: String,
+    pub ipc: Option<String>,
+    pub listen: Vec<String>,
+    pub uptime_ms: u64,
+    pub processes: Vec<ProcessStatus>,
+}
+
+/// One process of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessStatus {
+    /// `supervisor`, `zygote`, `owner` or `worker`.
+    pub role: String,
+    /// The worker slot, for workers; the device, for owners.
+    pub slot: Option<u32>,
+    pub pid: i32,
+    /// `starting`, `serving`, `draining`, `restarting` or `running`.
+    pub state: String,
+    pub restarts: u32,
+    /// Proportional set size, in KiB (shared pages split between their users).
+    pub pss_kib: Option<u64>,
+    /// Resident set size, in KiB.
+    pub rss_kib: Option<u64>,
+    pub age_ms: u64,
+    pub served: Option<u64>,
+}

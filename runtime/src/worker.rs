@@ -1,0 +1,237 @@
+//! The worker API: what a process started by the zygote uses to join the service.
+//!
+//! A child finds everything at fixed places when its entry starts:
+//!
+//! | fd | what |
+//! |---|---|
+//! | 0, 1, 2 | stdin, stdout, stderr given by the requester |
+//! | 3 ([`CONTROL_FD`]) | the control channel to the requester |
+//! | 4 ([`MODEL_FD`]) | the model's sealed memfd |
+//! | 5 .. 5+n ([`FIRST_LISTENER_FD`]) | the listeners, in the order of the request |
+//!
+//! and the rest of what it needs ([`AttachInfo`]) in the environment variable [`ATTACH_ENV`]
+//! (JSON). A native entry is handed a [`Worker`] built from the same places; an exec'd program
+//! calls [`Worker::attach`]. Either way the app then imports the weights from the owner
+//! ([`Worker::import_weights`]), takes its listeners, reports [`Worker::ready`], serves, sends
+//! heartbeats, and watches [`Worker::poll_control`] for a drain request.
+
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{self, BackendError, Weights};
+use crate::fdpass;
+use crate::model::{Model, ModelError};
+use crate::protocol::frame::{self, FrameReader, ReadEvent};
+use crate::protocol::{ChildMessage, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError};
+
+/// The control channel's fd in every child.
+pub const CONTROL_FD: i32 = 3;
+/// The model memfd's fd in every child.
+pub const MODEL_FD: i32 = 4;
+/// The first listener's fd in every child.
+pub const FIRST_LISTENER_FD: i32 = 5;
+/// The environment variable holding [`AttachInfo`] as JSON.
+pub const ATTACH_ENV: &str = "ZYGOTE_ATTACH";
+
+/// What a child needs to know besides its fds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachInfo {
+    /// The entry this child runs.
+    pub entry: String,
+    /// The worker slot the requester gave it.
+    pub worker: u32,
+    /// Arguments from the spawn request.
+    pub args: Vec<String>,
+    /// Number of listeners from fd 5 on.
+    pub listeners: u32,
+    /// The runtime directory (where the owner sockets are).
+    pub runtime_dir: PathBuf,
+    /// The model file the zygote loaded.
+    pub model_path: PathBuf,
+    /// The model's digest (computed once by the zygote).
+    pub model_digest: String,
+    /// The device requested for this child, if any.
+    pub device: Option<u32>,
+}
+
+/// Errors of attaching and of talking to the owner and the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{ATTACH_ENV} is not set: this program must be started by a zygote")]
+    NotAttached,
+    #[error("{ATTACH_ENV} is invalid: {0}")]
+    BadAttachInfo(String),
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    #[error("could not reach the owner at {path} within {waited:?}: {source}")]
+    OwnerUnreachable { path: PathBuf, waited: Duration, source: std::io::Error },
+    #[error("owner protocol: {0}")]
+    Owner(ProtocolError),
+    #[error("control channel: {0}")]
+    Control(ProtocolError),
+    #[error("importing the weights: {0}")]
+    Import(#[from] BackendError),
+    #[error("the control channel is closed: the supervisor is gone")]
+    Orphaned,
+}
+
+/// A child of the zygote, attached to its supervisor.
+#[derive(Debug)]
+pub struct Worker {
+    info: AttachInfo,
+    control: UnixStream,
+    reader: FrameReader,
+    model: Model,
+    listeners: Vec<OwnedFd>,
+}
+
+/// Path of the owner socket of device `device` (0 for the host backend).
+pub fn owner_socket(runtime_dir: &Path, device: u32) -> PathBuf {
+    runtime_dir.join(format!("owner-{device}.sock"))
+}
+
+impl Worker {
+    /// Attaches an exec'd program: reads [`ATTACH_ENV`] and adopts fds 3, 4 and the listeners.
+    pub fn attach() -> Result<Self, WorkerError> {
+        let raw = std::env::var(ATTACH_ENV).map_err(|_| WorkerError::NotAttached)?;
+        let info: AttachInfo = serde_json::from_str(&raw).map_err(|e| WorkerError::BadAttachInfo(e.to_string()))?;
+        // Children of this process must not believe they are attached too.
+        std::env::remove_var(ATTACH_ENV);
+        for fd in [CONTROL_FD, MODEL_FD] {
+            if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                return Err(WorkerError::BadAttachInfo(format!("fd {fd} is not open")));
+            }
+        }
+        Self::from_fixed_fds(info)
+    }
+
+    /// Builds the worker from the fixed fds (a native entry, after the zygote placed them).
+    pub fn from_fixed_fds(info: AttachInfo) -> Result<Self, WorkerError> {
+        // SAFETY: the zygote placed the control channel at CONTROL_FD and the model memfd at
+        // MODEL_FD and nothing else in this process owns them; `attach` checked they are open.
+        let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+        // SAFETY: as above, for MODEL_FD.
+        let model_fd = unsafe { OwnedFd::from_raw_fd(MODEL_FD) };
+        let listeners = (0..info.listeners as i32)
+            .map(|i| {
+                // SAFETY: the zygote placed `info.listeners` listeners from FIRST_LISTENER_FD on;
+                // each is owned here alone.
+                unsafe { OwnedFd::from_raw_fd(FIRST_LISTENER_FD + i) }
+            })
+            .collect();
+        for fd in [&control, &model_fd] {
+            let _ = nix::fcntl::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+        }
+        let control = UnixStream::from(control);
+        crate::lifeline::install_handler(control.as_fd())
+            .map_err(|e| WorkerError::Control(ProtocolError::Io(e.into())))?;
+        control.set_nonblocking(true).map_err(|e| WorkerError::Control(ProtocolError::Io(e)))?;
+        let model = Model::from_memfd(model_fd, &info.model_path, &info.model_digest)?;
+        Ok(Self { info, control, reader: FrameReader::default(), model, listeners })
+    }
+
+    pub fn info(&self) -> &AttachInfo {
+        &self.info
+    }
+
+    /// The worker slot.
+    pub fn id(&self) -> u32 {
+        self.info.worker
+    }
+
+    pub fn args(&self) -> &[String] {
+        &self.info.args
+    }
+
+    /// The model file's bytes and tensor index, shared with the zygote.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Takes the listeners (TCP listeners as the supervisor bound them).
+    pub fn take_listeners(&mut self) -> Vec<std::net::TcpListener> {
+        self.listeners.drain(..).map(std::net::TcpListener::from).collect()
+    }
+
+    /// Asks the owner for the weights, waiting up to `timeout` for it to be up, then verifies
+    /// them against the model (manifest, digest) before returning.
+    pub fn import_weights(&self, timeout: Duration) -> Result<Weights, WorkerError> {
+        let path = owner_socket(&self.info.runtime_dir, self.info.device.unwrap_or(0));
+        let start = Instant::now();
+        let mut stream = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(source) if start.elapsed() >= timeout => {
+                    return Err(WorkerError::OwnerUnreachable { path, waited: start.elapsed(), source })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let req = OwnerRequest::Import { id: 1, worker: self.info.worker, model_digest: self.model.digest().to_string() };
+        frame::write_frame(&mut stream, &req).map_err(WorkerError::Owner)?;
+        let answer: OwnerResponse = frame::read_frame(&mut stream, Some(timeout.max(Duration::from_secs(1))))
+            .map_err(WorkerError::Owner)?
+            .ok_or(WorkerError::Owner(ProtocolError::Truncated))?;
+        match answer {
+            OwnerResponse::Manifest { manifest, fds, .. } => {
+                let mut handles = Vec::with_capacity(fds as usize);
+                for _ in 0..fds {
+                    frame::wait_readable(stream.as_fd(), frame::READ_DEADLINE).map_err(WorkerError::Owner)?;
+                    handles.push(fdpass::recv_fd(stream.as_fd()).map_err(|e| WorkerError::Owner(ProtocolError::Io(e)))?);
+                }
+                Ok(backend::import(manifest, handles, &self.model)?)
+            }
+            OwnerResponse::Error { code, message, .. } => Err(WorkerError::Owner(ProtocolError::Remote { code, message })),
+        }
+    }
+
+    fn send(&mut self, msg: &ChildMessage) -> Result<(), WorkerError> {
+        let bytes = frame::encode(msg).map_err(WorkerError::Control)?;
+        // The socket is non-blocking; a frame this small fits unless the supervisor stopped
+        // reading, and then a blocking write would only hang this worker with it.
+        match self.control.write_all(&bytes) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(WorkerError::Orphaned),
+            Err(e) => Err(WorkerError::Control(ProtocolError::Io(e))),
+        }
+    }
+
+    /// Tells the supervisor this worker serves.
+    pub fn ready(&mut self, generation: Option<u64>, detail: &str) -> Result<(), WorkerError> {
+        let pid = std::process::id() as i32;
+        self.send(&ChildMessage::Ready { pid, generation, detail: detail.to_string() })
+    }
+
+    /// Tells the supervisor this worker is alive.
+    pub fn heartbeat(&mut self, served: u64) -> Result<(), WorkerError> {
+        self.send(&ChildMessage::Heartbeat { served })
+    }
+
+    /// Tells the supervisor this worker is draining.
+    pub fn draining(&mut self, in_flight: u32) -> Result<(), WorkerError> {
+        self.send(&ChildMessage::Draining { in_flight })
+    }
+
+    /// The control channel, to register in the app's poll loop (readable: call
+    /// [`Worker::poll_control`]).
+    pub fn control_fd(&self) -> BorrowedFd<'_> {
+        self.control.as_fd()
+    }
+
+    /// Reads one pending message from the supervisor, if any, without blocking.
+    pub fn poll_control(&mut self) -> Result<Option<ParentMessage>, WorkerError> {
+        match self.reader.read(&mut self.control).map_err(WorkerError::Control)? {
+            ReadEvent::Frame(body) => Ok(Some(frame::decode(&body).map_err(WorkerError::Control)?)),
+            ReadEvent::WouldBlock => Ok(None),
+            ReadEvent::Eof => Err(WorkerError::Orphaned),
+        }
+    }
+}
