@@ -124,11 +124,20 @@ impl DeviceBackend for HostBackend {
             model_digest: model.digest().to_string(),
             content_digest,
             device: None,
-            arenas: vec![ArenaInfo { size: total, used: total, legacy_handle: Vec::new() }],
+            arenas: vec![ArenaInfo {
+                size: total,
+                used: total,
+                legacy_handle: Vec::new(),
+            }],
             tensors: layouts,
         };
-        let fd = sealed.try_clone_fd().map_err(|e| BackendError::Manifest(format!("dup of the weights memfd failed: {e}")))?;
-        Ok(Export { manifest, fds: vec![fd] })
+        let fd = sealed
+            .try_clone_fd()
+            .map_err(|e| BackendError::Manifest(format!("dup of the weights memfd failed: {e}")))?;
+        Ok(Export {
+            manifest,
+            fds: vec![fd],
+        })
     }
 }
 
@@ -195,17 +204,33 @@ impl HostWeights {
 /// Worker side: adopt the memfd, check seals and size, map, verify the digest.
 pub fn import(manifest: Manifest, mut fds: Vec<OwnedFd>) -> Result<HostWeights, BackendError> {
     if fds.len() != 1 || manifest.arenas.len() != 1 {
-        return Err(BackendError::Handles { expected: 1, received: fds.len() });
+        return Err(BackendError::Handles {
+            expected: 1,
+            received: fds.len(),
+        });
     }
     let fd = fds.remove(0);
     let memfd = SealedMemfd::from_fd(fd, Some(manifest.arenas[0].size))?;
     let map = memfd.map()?;
     let actual = super::digest_bytes(&[&map]);
     if actual != manifest.content_digest {
-        return Err(BackendError::Digest { what: "weights", expected: manifest.content_digest.clone(), actual });
+        return Err(BackendError::Digest {
+            what: "weights",
+            expected: manifest.content_digest.clone(),
+            actual,
+        });
     }
-    let by_name = manifest.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-    Ok(HostWeights { manifest, map, by_name })
+    let by_name = manifest
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    Ok(HostWeights {
+        manifest,
+        map,
+        by_name,
+    })
 }
 
 #[cfg(test)]
@@ -214,7 +239,14 @@ mod tests {
 
     #[test]
     fn f16_widening_is_exact() {
-        for (bits, want) in [(0x3c00u16, 1.0f32), (0xc000, -2.0), (0x0000, 0.0), (0x7bff, 65504.0), (0x0001, 5.960_464_5e-8), (0x3555, 0.333_251_95)] {
+        for (bits, want) in [
+            (0x3c00u16, 1.0f32),
+            (0xc000, -2.0),
+            (0x0000, 0.0),
+            (0x7bff, 65504.0),
+            (0x0001, 5.960_464_5e-8),
+            (0x3555, 0.333_251_95),
+        ] {
             assert_eq!(f16_to_f32(bits), want, "{bits:#x}");
         }
         assert!(f16_to_f32(0x7c00).is_infinite());

@@ -1,0 +1,65 @@
+//! The native entries compiled into the `zygote` binary, and the allowlist a zygote starts with.
+//!
+//! | entry | what it runs |
+//! |---|---|
+//! | `owner` | builds and exports the weights ([`zygote_server::owner`]) |
+//! | `app` | the example embeddings service ([`zygote_embed::serve`]) |
+//! | `idle` | attaches, maps the model, reports ready and waits: the smallest worker, used to measure spawns |
+//! | `exec` | the program given after `--` to `zygote start`, exec'd with the attach information |
+
+use std::path::PathBuf;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use zygote_runtime::protocol::ParentMessage;
+use zygote_runtime::{Worker, WorkerError};
+use zygote_server::{Entry, EntryTable};
+
+/// The allowlist: the native entries, plus `exec` when a command was given.
+pub fn table(command: &[String]) -> EntryTable {
+    let mut t = EntryTable::new();
+    t.insert("owner", Entry::Native(zygote_server::owner::run));
+    t.insert("app", Entry::Native(zygote_embed::serve));
+    t.insert("idle", Entry::Native(idle));
+    if let Some((program, args)) = command.split_first() {
+        t.insert(
+            "exec",
+            Entry::Exec {
+                program: PathBuf::from(program),
+                args: args.to_vec(),
+            },
+        );
+    }
+    t
+}
+
+/// The `idle` entry: touches the model's header (so the mapping is really in use), reports
+/// ready, then heartbeats until drained or orphaned.
+pub fn idle(mut worker: Worker) -> i32 {
+    let tensors = worker.model().tensors().len();
+    let first = worker.model().bytes().first().copied().unwrap_or(0);
+    let detail = format!("idle: {tensors} tensors mapped (first byte {first:#04x})");
+    if worker.ready(None, &detail).is_err() {
+        return 1;
+    }
+    loop {
+        let mut fds = [PollFd::new(worker.control_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                log::error!("poll: {e}");
+                return 1;
+            }
+        }
+        match worker.poll_control() {
+            Ok(Some(ParentMessage::Drain { .. })) | Err(WorkerError::Orphaned) => return 0,
+            Ok(None) => {}
+            Err(e) => {
+                log::error!("control channel: {e}");
+                return 1;
+            }
+        }
+        if let Err(WorkerError::Orphaned) = worker.heartbeat(0) {
+            return 0;
+        }
+    }
+}
