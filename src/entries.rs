@@ -5,6 +5,7 @@
 //! | `owner` | builds and exports the weights ([`zygote_server::owner`]) |
 //! | `app` | the example embeddings service ([`zygote_embed::serve`]) |
 //! | `idle` | attaches, maps the model, reports ready and waits: the smallest worker, used to measure spawns |
+//! | `probe` | like `idle`, but first imports the owner's weights and reads every page of them: a worker whose memory is all weights, used to measure sharing |
 //! | `exec` | the program given after `--` to `zygote start`, exec'd with the attach information |
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ pub fn table(command: &[String]) -> EntryTable {
     t.insert("owner", Entry::Native(zygote_server::owner::run));
     t.insert("app", Entry::Native(zygote_embed::serve));
     t.insert("idle", Entry::Native(idle));
+    t.insert("probe", Entry::Native(probe));
     if let Some((program, args)) = command.split_first() {
         t.insert(
             "exec",
@@ -41,6 +43,46 @@ pub fn idle(mut worker: Worker) -> i32 {
     if worker.ready(None, &detail).is_err() {
         return 1;
     }
+    wait_for_drain(worker)
+}
+
+/// The `probe` entry: imports the weights, reads one byte of every page of them (so every
+/// page is mapped into this process), reports ready, then waits like `idle`.
+pub fn probe(mut worker: Worker) -> i32 {
+    let weights = match worker.import_weights(std::time::Duration::from_secs(60)) {
+        Ok(w) => w,
+        Err(e) => {
+            log::error!("importing the weights: {e}");
+            return 1;
+        }
+    };
+    let Some(host) = weights.as_host() else {
+        log::error!(
+            "the probe entry reads host weights; these are {}",
+            weights.manifest().backend
+        );
+        return 1;
+    };
+    let bytes = host.mapping().as_slice();
+    let sum = bytes
+        .iter()
+        .step_by(4096)
+        .fold(0u64, |acc, &b| acc.wrapping_add(b as u64));
+    let m = weights.manifest();
+    let detail = format!(
+        "probe: generation {} ipc {} {} bytes read (page checksum {sum})",
+        m.generation,
+        m.ipc,
+        bytes.len()
+    );
+    if worker.ready(Some(m.generation), &detail).is_err() {
+        return 1;
+    }
+    wait_for_drain(worker)
+}
+
+/// Heartbeats until drained or orphaned.
+fn wait_for_drain(mut worker: Worker) -> i32 {
     loop {
         let mut fds = [PollFd::new(worker.control_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(1000u16)) {

@@ -307,7 +307,7 @@ pub fn import(
 ) -> Result<Weights, BackendError> {
     check_manifest(&manifest, model)?;
     match manifest.backend.as_str() {
-        "host" => host::import(manifest, fds).map(Weights::Host),
+        "host" => host::import(manifest, fds, model).map(Weights::Host),
         "cuda" => cuda::import(manifest, fds).map(Weights::Cuda),
         other => Err(BackendError::Manifest(format!("unknown backend {other:?}"))),
     }
