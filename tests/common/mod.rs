@@ -151,6 +151,22 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// Waits until none of `procs` (a name and a pid each) is alive; fails after `timeout`
+/// naming the ones still there.
+pub fn wait_gone(procs: &[(String, i32)], timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left: Vec<&(String, i32)> = procs.iter().filter(|(_, pid)| alive(*pid)).collect();
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what}: still alive after {timeout:?}: {left:?} (of {procs:?})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Sends `sig` to `pid`, failing the test if that is impossible.
 pub fn signal(pid: i32, sig: Signal) {
     nix::sys::signal::kill(Pid::from_raw(pid), sig)
