@@ -537,9 +537,19 @@ impl Drop for Service {
     }
 }
 
-/// Runs `zygote start` to completion (for services that must refuse to start); returns its
-/// exit status and its output (stdout and stderr together). Fails after `timeout`.
-pub fn run_start(args: &[&str], runtime_dir: &Path, timeout: Duration) -> (ExitStatus, String) {
+/// How a `zygote start` that was run to completion ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    /// Its stdout and stderr (with those of the processes it started), stdout first.
+    pub output: String,
+    /// Processes it started that were still alive 5 s after it exited (killed since).
+    pub leftovers: Vec<i32>,
+}
+
+/// Runs `zygote start ARGS --runtime-dir DIR` to completion (for services that must refuse
+/// to start or stop by themselves). Fails after `timeout`.
+pub fn run_start(args: &[&str], runtime_dir: &Path, timeout: Duration) -> Finished {
     let tag = new_tag(runtime_dir);
     let mut child = Command::new(BIN)
         .arg("start")
@@ -568,10 +578,22 @@ pub fn run_start(args: &[&str], runtime_dir: &Path, timeout: Duration) -> (ExitS
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    let leftovers = loop {
+        let left = tagged_pids(&tag);
+        if left.is_empty() || Instant::now() >= gone_by {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     kill_tagged(&tag);
-    let mut text = out.join().unwrap_or_default();
-    text.push_str(&err.join().unwrap_or_default());
-    (status, text)
+    let mut output = out.join().unwrap_or_default();
+    output.push_str(&err.join().unwrap_or_default());
+    Finished {
+        status,
+        output,
+        leftovers,
+    }
 }
 
 fn read_in_thread(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
