@@ -114,7 +114,9 @@ fn four_workers_share_the_model_memfd_when_it_is_the_compute_copy() {
 
 #[test]
 fn four_app_workers_share_one_copy_of_the_reference_model() {
-    let Some(model) = common::reference_model("four_app_workers_share_one_copy") else {
+    let Some(model) =
+        common::reference_model("four_app_workers_share_one_copy_of_the_reference_model")
+    else {
         return;
     };
     let svc = Service::start(ServiceOptions {

@@ -219,7 +219,9 @@ pub fn reference_model(test: &str) -> Option<PathBuf> {
          models/all-MiniLM-L6-v2 fetches it)",
         dir.display()
     );
-    eprintln!(
+    // Straight to stderr, past the test harness's capture, so the skip shows in every run.
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED {test}: no reference model at {} (fetch it with scripts/fetch-model.sh \
          models/all-MiniLM-L6-v2; with CI set this is a failure)",
         dir.display()
