@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -100,6 +101,43 @@ fn an_exec_worker_holds_exactly_its_fds() {
         "the worker is the exec'd program, attached and ready"
     );
     assert_worker_fds(&svc, pid, "exec'd __attach-idle worker");
+}
+
+#[test]
+fn a_program_that_never_attaches_still_finds_exactly_its_fds() {
+    let z = Zygote::start(&["/bin/sleep", "1000"]);
+    let mut c = z.client();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let kid = spawn(&z, &mut c, "exec", 0, &[listener.as_fd()]).expect("spawn exec");
+    let sleep = Path::new("/bin/sleep").canonicalize().expect("sleep");
+    wait_until(T, "the exec child runs /bin/sleep", || {
+        std::fs::read_link(format!("/proc/{}/exe", kid.pid)).is_ok_and(|e| e == sleep)
+    });
+    let fds = procfs::open_fds(kid.pid).expect("the child's fds");
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(
+        numbers,
+        vec![0, 1, 2, 3, 4, 5],
+        "stdio, control, model and one listener: {fds:?}"
+    );
+    assert!(
+        fds[3].1.to_string_lossy().starts_with("socket:["),
+        "fd 3 is the control socket: {fds:?}"
+    );
+    assert!(
+        fds[4]
+            .1
+            .to_string_lossy()
+            .starts_with("/memfd:zygote-model"),
+        "fd 4 is the model memfd: {fds:?}"
+    );
+    let inode = listening_inode(port).expect("the test's listener");
+    assert_eq!(
+        fds[5].1.display().to_string(),
+        format!("socket:[{inode}]"),
+        "fd 5 is the listener the test passed"
+    );
 }
 
 #[test]
