@@ -170,16 +170,19 @@ fn sigterm_drains_every_accepted_request_and_exits_0() {
         return;
     };
     let addr = svc.addr();
-    // Slow-ish requests: many long texts each, more of them than there are workers.
+    // Slow-ish requests, more of them than there are workers, so some wait in the accept
+    // queue when SIGTERM comes. Sized for the debug build (about 1 s each there): every
+    // one of them on a single worker still fits well within the 30 s drain deadline.
     const REQUESTS: usize = 6;
-    const TEXTS: usize = 32;
+    const TEXTS: usize = 8;
+    const WORDS: usize = 30;
     let (sent_tx, sent_rx) = mpsc::channel();
     let clients: Vec<_> = (0..REQUESTS)
         .map(|_| {
             let sent = sent_tx.clone();
             std::thread::spawn(move || -> Result<(), String> {
                 use std::io::{Read, Write};
-                let body = embed_body(TEXTS, 120);
+                let body = embed_body(TEXTS, WORDS);
                 let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
                 s.set_read_timeout(Some(REQUEST_TIMEOUT))
                     .map_err(|e| e.to_string())?;
