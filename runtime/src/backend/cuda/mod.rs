@@ -2,6 +2,9 @@
 //!
 //! NOTE: placeholder until the CUDA backend lands; it refuses every use with a clear error.
 
+pub mod image;
+pub mod plan;
+
 use std::os::fd::OwnedFd;
 
 use super::{BackendError, Manifest};
