@@ -128,7 +128,7 @@ mod tests {
     }
 
     #[test]
-    fn any_chunking_yields_the_reference_image() {
+    fn any_chunking_yields_the_reference_image_and_digest() {
         let data = [
             (Dtype::F16, bytes(2 * 301, 1)),
             (Dtype::U8, bytes(13, 2)),
@@ -156,16 +156,19 @@ mod tests {
         let image = ArenaImage::new(&plan.tensors, &sources, used);
         for chunk in [1usize, 2, 3, 5, 7, 64, 255, 256, 1000, used as usize] {
             let mut got = Vec::new();
+            let mut hasher = crate::backend::cuda::digest::ContentHasher::new();
             let mut start = 0u64;
             // Start each chunk with garbage: fill must overwrite padding too.
             while start < used {
                 let n = chunk.min((used - start) as usize);
                 let mut buf = vec![0xa5u8; n];
                 image.fill(start, &mut buf);
+                hasher.update(&buf);
                 got.extend_from_slice(&buf);
                 start += n as u64;
             }
             assert!(got == want, "chunk size {chunk} changes the image");
+            assert_eq!(hasher.finish(), crate::backend::digest_bytes(&[&want]));
         }
         // Spot-check the widening itself: f16 element 0 of t0 read across a chunk boundary.
         let mut lo = [0u8; 2];

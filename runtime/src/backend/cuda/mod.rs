@@ -2,6 +2,8 @@
 //!
 //! NOTE: placeholder until the CUDA backend lands; it refuses every use with a clear error.
 
+pub mod digest;
+pub mod driver;
 pub mod image;
 pub mod plan;
 
