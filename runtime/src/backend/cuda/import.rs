@@ -449,6 +449,15 @@ impl<'a, T> WeightView<'a, T> {
         self.ptr
     }
 
+    /// Elements in the view.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// A sub-view of elements `range` (e.g. one row of an embedding table).
     pub fn slice(&self, range: std::ops::Range<usize>) -> Option<WeightView<'a, T>> {
         if range.start > range.end || range.end > self.len {
