@@ -103,10 +103,7 @@ pub fn precheck(manifest: &Manifest, fds: usize) -> Result<Checked, BackendError
 
 /// Loads the driver, checks that device `ordinal` exists and has UUID `uuid`, and returns its
 /// primary context.
-pub(crate) fn open_device(
-    ordinal: u32,
-    uuid: &str,
-) -> Result<(Driver, Arc<CudaContext>), BackendError> {
+pub(crate) fn open_device(ordinal: u32, uuid: &str) -> Result<Arc<CudaContext>, BackendError> {
     let driver = Driver::load()?;
     let count = driver.device_count()?;
     if ordinal >= count {
@@ -122,8 +119,7 @@ pub(crate) fn open_device(
             actual,
         });
     }
-    let ctx = driver.primary_context(ordinal)?;
-    Ok((driver, ctx))
+    Ok(driver.primary_context(ordinal)?)
 }
 
 /// An arena mapped into this process by import.
@@ -156,12 +152,13 @@ pub(crate) fn map_arenas(
     let mut out = Vec::with_capacity(manifest.arenas.len());
     for (i, a) in manifest.arenas.iter().enumerate() {
         let arena = match mode {
-            IpcMode::Vmm => ImportedArena::Vmm(VmmArena::import(
-                ctx,
-                fds[i].as_fd(),
-                a.size,
-                Access::ReadOnly,
-            )?),
+            IpcMode::Vmm => {
+                let fd = fds.get(i).ok_or(BackendError::Handles {
+                    expected: manifest.arenas.len(),
+                    received: fds.len(),
+                })?;
+                ImportedArena::Vmm(VmmArena::import(ctx, fd.as_fd(), a.size, Access::ReadOnly)?)
+            }
             IpcMode::Legacy => {
                 let handle: [u8; 64] = a.legacy_handle.as_slice().try_into().map_err(|_| {
                     BackendError::Manifest(format!("arena {i}: legacy handle is not 64 bytes"))
@@ -232,7 +229,7 @@ impl std::fmt::Display for ImportTimings {
 pub fn import(manifest: Manifest, fds: Vec<OwnedFd>) -> Result<CudaWeights, BackendError> {
     let checked = precheck(&manifest, fds.len())?;
     let start = Instant::now();
-    let (_driver, ctx) = open_device(checked.ordinal, &checked.uuid)?;
+    let ctx = open_device(checked.ordinal, &checked.uuid)?;
     let context = start.elapsed();
     let arenas = map_arenas(&ctx, &manifest, checked.mode, &fds)?;
     drop(fds);

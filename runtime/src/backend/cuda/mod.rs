@@ -18,12 +18,19 @@
 //! - [`image`]: an arena's bytes, produced on the host chunk by chunk for the upload.
 //! - [`digest`]: the content digest, and its recomputation from the device.
 //! - [`owner`]: [`CudaBackend`], the owner's side ([`crate::backend::DeviceBackend`]).
-//! - [`import`]: the worker's side: [`import()`], [`CudaWeights`], [`DeviceTensor`],
+//! - [`mod@import`]: the worker's side: [`import()`], [`CudaWeights`], [`DeviceTensor`],
 //!   [`WeightView`].
 //!
 //! The compute copy has the host backend's dtypes (f16/bf16 widened to f32), so a GPU
 //! worker's outputs are comparable with a CPU worker's and the app needs one code path per
 //! dtype; the price is twice the VRAM for half-precision models.
+//!
+//! Owner death. A VMM arena lives while any fd, handle or mapping of it does, so whoever keeps
+//! the exported fds (the zygote: holding an fd needs no CUDA) lets workers import while the
+//! owner is down, and lets a new owner [`CudaBackend::adopt`] the generation instead of
+//! uploading it again; workers already serving keep their mappings. Legacy IPC memory dies
+//! with the owner that allocated it: a manifest whose `ipc` is `legacy` tells the supervisor
+//! to drain and restart the workers once a new owner is up.
 //!
 //! Only the owner and the workers may call into this module's CUDA paths ([`probe`],
 //! [`select_backend`], [`CudaBackend`], [`import()`]): they load libcuda, and the zygote and
