@@ -2,8 +2,9 @@
 //! processes import and verify them, the owner is killed, and the weights live on.
 //!
 //! ```text
-//! cuda_roundtrip [--model PATH | --mib N] [--children K] [--ipc auto|vmm|legacy] [--device D]
-//! cuda_roundtrip --write-model PATH --mib N      (writes a synthetic model, needs no GPU)
+//! cuda_roundtrip [--model PATH | --mib N [--dtype BF16]] [--children K] [--ipc auto|vmm|legacy]
+//!                [--device D]
+//! cuda_roundtrip --write-model PATH --mib N [--dtype BF16]   (a synthetic model; no GPU needed)
 //! ```
 //!
 //! The process you start plays the zygote: it loads the model into a sealed memfd, never
@@ -24,7 +25,6 @@
 //! Without CUDA the owner reports why, and this prints it and exits 0. Run it in release mode
 //! (`cargo build --release --example cuda_roundtrip`); `scripts/gpu-check.sh` runs it.
 
-use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ use zygote_runtime::backend::cuda::{self, CudaBackend};
 use zygote_runtime::backend::{self, BackendError, DeviceBackend, IpcChoice, Manifest};
 use zygote_runtime::model::{Dtype, Model};
 use zygote_runtime::protocol::frame;
-use zygote_runtime::{fdpass, logging, procfs};
+use zygote_runtime::{fdpass, logging, procfs, synth};
 
 /// Messages between the driver process and its children, in the runtime's framing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,6 +113,7 @@ fn main() -> ExitCode {
 // The driver: plays the zygote and the supervisor. No CUDA in here.
 
 struct Options {
+    dtype: Dtype,
     model: Option<PathBuf>,
     mib: u64,
     children: usize,
@@ -126,13 +127,17 @@ fn driver_main(opt: &dyn Fn(&str) -> Option<String>) -> Result<ExitCode, String>
             v.parse().map_err(|e| format!("{name} {v}: {e}"))
         })
     };
+    let dtype = Dtype::parse(opt("--dtype").as_deref().unwrap_or("BF16"))
+        .map_err(|d| format!("--dtype {d}: not a safetensors dtype"))?;
     if let Some(path) = opt("--write-model") {
         let mib = parse_num("--mib", 1100)?;
-        write_synthetic(Path::new(&path), mib << 20).map_err(|e| format!("{path}: {e}"))?;
-        println!("wrote {path} ({mib} MiB of weights)");
+        synth::write_synthetic(Path::new(&path), mib << 20, dtype, 1)
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote {path} ({mib} MiB of {} weights)", dtype.as_str());
         return Ok(ExitCode::SUCCESS);
     }
     let o = Options {
+        dtype,
         model: opt("--model").map(PathBuf::from),
         mib: parse_num("--mib", 256)?,
         children: parse_num("--children", 4)? as usize,
@@ -261,7 +266,7 @@ fn run(o: &Options, dir: &Path) -> Result<ExitCode, String> {
         Some(p) => p.clone(),
         None => {
             let p = dir.join("synthetic.safetensors");
-            write_synthetic(&p, o.mib << 20).map_err(|e| e.to_string())?;
+            synth::write_synthetic(&p, o.mib << 20, o.dtype, 1).map_err(|e| e.to_string())?;
             p
         }
     };
@@ -645,80 +650,4 @@ fn compare_with_host(model: &Model, w: &cuda::CudaWeights) -> (bool, String) {
     } else {
         (false, format!("DIFFERS from the host compute copy: {what}"))
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A synthetic model: `bytes` of weights in mixed dtypes (f32, bf16, f16), values in [-1, 1).
-
-fn write_synthetic(path: &Path, bytes: u64) -> std::io::Result<()> {
-    const TENSORS: u64 = 24;
-    const COLS: u64 = 1024;
-    let dtypes = [Dtype::F32, Dtype::BF16, Dtype::F16];
-    let mut header = serde_json::Map::new();
-    let mut specs = Vec::new();
-    let mut offset = 0u64;
-    for i in 0..TENSORS {
-        let d = dtypes[(i % 3) as usize];
-        let rows = (bytes / TENSORS / COLS / d.size() as u64).max(1);
-        let len = rows * COLS * d.size() as u64;
-        let name = format!("layers.{i:02}.weight");
-        header.insert(
-            name,
-            serde_json::json!({
-                "dtype": d.as_str(),
-                "shape": [rows, COLS],
-                "data_offsets": [offset, offset + len],
-            }),
-        );
-        specs.push((d, len));
-        offset += len;
-    }
-    let mut json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
-    out.write_all(&(json.len() as u64).to_le_bytes())?;
-    out.write_all(&json)?;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        // xorshift64*: fast, deterministic, good enough for weights nobody trains.
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
-    let mut buf = Vec::with_capacity(1 << 20);
-    for (d, len) in specs {
-        let mut left = len;
-        while left > 0 {
-            buf.clear();
-            let n = left.min(1 << 20);
-            while (buf.len() as u64) < n {
-                let v = next();
-                match d {
-                    Dtype::F32 => buf.extend_from_slice(&v.to_le_bytes()),
-                    Dtype::BF16 => {
-                        buf.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes())
-                    }
-                    _ => buf.extend_from_slice(&f32_to_f16(v).to_le_bytes()),
-                }
-            }
-            out.write_all(&buf)?;
-            left -= n;
-        }
-    }
-    out.flush()
-}
-
-/// f32 to f16 bits, for values in [-1, 1) (no overflow; small values flush to zero).
-fn f32_to_f16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xff) as i32 - 127 + 15;
-    if exp <= 0 {
-        return sign;
-    }
-    sign | ((exp as u16) << 10) | ((bits >> 13) & 0x3ff) as u16
 }

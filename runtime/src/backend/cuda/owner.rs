@@ -339,30 +339,25 @@ mod tests {
     use crate::backend::cuda::plan::{plan_arenas, DEFAULT_ARENA_CAP};
 
     /// Writes a safetensors file with these tensors (contents: a byte pattern) and loads it.
-    fn model(tensors: &[(&str, &str, &[usize])], tag: &str) -> (Model, std::path::PathBuf) {
-        let mut header = serde_json::Map::new();
-        let mut data = Vec::new();
-        for (i, (name, dtype, shape)) in tensors.iter().enumerate() {
-            let size = Dtype::parse(dtype).unwrap().size() * shape.iter().product::<usize>();
-            let start = data.len();
-            data.extend((0..size).map(|j| (j * 13 + i) as u8));
-            header.insert(
-                name.to_string(),
-                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
-            );
-        }
-        let mut json = serde_json::to_vec(&header).unwrap();
-        while !json.len().is_multiple_of(8) {
-            json.push(b' ');
-        }
-        let mut file = (json.len() as u64).to_le_bytes().to_vec();
-        file.extend_from_slice(&json);
-        file.extend_from_slice(&data);
+    fn model(tensors: &[(&str, Dtype, &[usize])], tag: &str) -> (Model, std::path::PathBuf) {
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, (_, d, shape))| {
+                let n = d.size() * shape.iter().product::<usize>();
+                (0..n).map(|j| (j * 13 + i) as u8).collect()
+            })
+            .collect();
+        let list: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
+            .iter()
+            .zip(&data)
+            .map(|(&(name, d, shape), bytes)| (name, d, shape, bytes.as_slice()))
+            .collect();
         let path = std::env::temp_dir().join(format!(
             "zygote-cuda-{tag}-{}.safetensors",
             std::process::id()
         ));
-        std::fs::write(&path, &file).unwrap();
+        crate::synth::write_safetensors(&path, &list, None).unwrap();
         (Model::load(&path).unwrap(), path)
     }
 
@@ -370,10 +365,10 @@ mod tests {
     fn a_planned_manifest_passes_the_workers_checks_and_reaches_the_cuda_import() {
         let (model, path) = model(
             &[
-                ("emb", "F16", &[1000, 8]),
-                ("ids", "I64", &[3]),
-                ("ln.w", "BF16", &[8]),
-                ("w", "F32", &[8, 8]),
+                ("emb", Dtype::F16, &[1000, 8]),
+                ("ids", Dtype::I64, &[3]),
+                ("ln.w", Dtype::BF16, &[8]),
+                ("w", Dtype::F32, &[8, 8]),
             ],
             "plan",
         );
