@@ -8,8 +8,8 @@
 #                          [--entry NAME] [--http PATH] [--port P] [--bin DIR] [--out DIR]
 #                          [--skip-service] [--skip-baseline]
 #
-# and it prints, for a model of at least 1 GiB (a synthetic one is written when --model is not
-# given):
+# and it prints, for a model of at least 1 GiB (without --model: a synthetic BF16 one, 1100 MiB
+# on disk and twice that as the f32 compute copy on the device):
 #
 #   1. cuda_roundtrip (VMM, then legacy IPC): owner export, spawn → ready p50 of N importers
 #      and its import part (context, map, digest), the digest check (a wrong digest is
@@ -53,7 +53,7 @@ while [ $# -gt 0 ]; do
         --out) out=$2; shift 2 ;;
         --skip-service) skip_service=1; shift ;;
         --skip-baseline) skip_baseline=1; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
