@@ -23,4 +23,43 @@ impl Rng {
         let n = self.below(max + 1);
         (0..n).map(|_| self.next() as u8).collect()
     }
+
+    /// Random bytes, often assembled from pieces of JSON so that parsers get past the first
+    /// byte.
+    pub fn json_ish(&mut self) -> Vec<u8> {
+        const PIECES: &[&str] = &[
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"input\"",
+            "\"model\"",
+            "\"encoding_format\"",
+            "\"base64\"",
+            "\"float\"",
+            "\"dimensions\"",
+            "384",
+            "-1",
+            "1e999",
+            "null",
+            "true",
+            "\"text\"",
+            "\"\\u00e9\"",
+            "\"\\ud800\"",
+            " ",
+            "\"",
+            "\\",
+        ];
+        let mut out = Vec::new();
+        for _ in 0..self.below(24) {
+            if self.below(4) == 0 {
+                out.extend(self.bytes(4));
+            } else {
+                out.extend_from_slice(PIECES[self.below(PIECES.len())].as_bytes());
+            }
+        }
+        out
+    }
 }
