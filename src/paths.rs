@@ -15,11 +15,16 @@ pub fn runtime_dir(opt: &Option<PathBuf>) -> PathBuf {
     opt.clone().unwrap_or_else(default_runtime_dir)
 }
 
-/// Where the default model lives: `$ZYGOTE_MODEL_DIR`, else
-/// `$XDG_DATA_HOME/zygote/models/all-MiniLM-L6-v2` (`~/.local/share/...`).
+/// Where the default model lives: `$ZYGOTE_MODEL_DIR`; else `models/all-MiniLM-L6-v2` under
+/// the current directory when it holds the model (a checkout where `scripts/fetch-model.sh`
+/// ran); else `$XDG_DATA_HOME/zygote/models/all-MiniLM-L6-v2` (`~/.local/share/...`).
 pub fn default_model_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("ZYGOTE_MODEL_DIR") {
         return PathBuf::from(d);
+    }
+    let local = PathBuf::from("models/all-MiniLM-L6-v2");
+    if local.join("model.safetensors").is_file() {
+        return local;
     }
     let data = match std::env::var_os("XDG_DATA_HOME") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
