@@ -180,6 +180,14 @@ pub enum BackendError {
         expected: String,
         actual: String,
     },
+    #[error("--ipc {requested} is not possible on device {ordinal}: {reason}")]
+    IpcUnsupported {
+        requested: String,
+        ordinal: u32,
+        reason: String,
+    },
+    #[error("tensor {tensor}: {reason}")]
+    View { tensor: String, reason: String },
 }
 
 /// The owner's side of a backend.
