@@ -496,6 +496,11 @@ impl Supervisor {
                 if let Role::Owner(_) = role {
                     self.ipc = field(&detail, "ipc");
                     self.backend_name = field(&detail, "backend");
+                    let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
+                    if restarted && self.ipc.as_deref() == Some("legacy") {
+                        // Legacy IPC memory died with the old owner: workers must re-import.
+                        self.roll("the owner restarted with legacy CUDA IPC");
+                    }
                 }
                 if let Some(s) = self.slots.get_mut(&role) {
                     s.failures_before_ready = 0;

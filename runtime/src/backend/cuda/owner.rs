@@ -225,6 +225,19 @@ impl DeviceBackend for CudaBackend {
         "cuda"
     }
 
+    fn adopt(
+        &mut self,
+        manifest: Manifest,
+        fds: Vec<OwnedFd>,
+        model: &Model,
+    ) -> Result<Option<Export>, BackendError> {
+        if manifest.ipc != "vmm" {
+            // Legacy handles die with the owner that exported them.
+            return Ok(None);
+        }
+        CudaBackend::adopt(self, manifest, fds, model).map(Some)
+    }
+
     fn ipc(&self) -> &'static str {
         self.ipc.as_str()
     }
