@@ -238,12 +238,15 @@ fn helper_other_uid_client() {
 }
 
 /// Runs the helper as uid 65534 against `z`; returns the uid it ran as and its answer.
-fn connect_as_nobody(z: &Zygote) -> (u32, serde_json::Value) {
-    // Open the way to the socket for this test only, so the SO_PEERCRED check is what decides.
-    std::fs::set_permissions(&z.runtime_dir, std::fs::Permissions::from_mode(0o711))
-        .expect("chmod of the runtime dir");
-    std::fs::set_permissions(&z.socket, std::fs::Permissions::from_mode(0o666))
-        .expect("chmod of the socket");
+fn connect_as_nobody(z: &Zygote, open_the_way: bool) -> (u32, serde_json::Value) {
+    if open_the_way {
+        // A zygote without --allow-uid keeps others out by file modes; open the way to the
+        // socket for this test only, so the SO_PEERCRED check is what decides.
+        std::fs::set_permissions(&z.runtime_dir, std::fs::Permissions::from_mode(0o711))
+            .expect("chmod of the runtime dir");
+        std::fs::set_permissions(&z.socket, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod of the socket");
+    }
     let exe = std::env::current_exe().expect("the test binary");
     let out = Command::new(exe)
         .args([
@@ -281,7 +284,7 @@ fn connect_as_nobody(z: &Zygote) -> (u32, serde_json::Value) {
 fn a_client_of_another_uid_is_refused_with_not_allowed() {
     let z = Zygote::start(&[]);
     let mut bystander = z.client();
-    let (uid, answer) = connect_as_nobody(&z);
+    let (uid, answer) = connect_as_nobody(&z, true);
     assert_eq!(uid, NOBODY, "the helper ran as uid 65534");
     assert_eq!(
         (answer["type"].as_str(), answer["code"].as_str()),
@@ -294,12 +297,34 @@ fn a_client_of_another_uid_is_refused_with_not_allowed() {
 }
 
 #[test]
+fn the_runtime_dir_is_0700_and_the_socket_0600_by_default() {
+    let z = Zygote::start(&[]);
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&z.runtime_dir), 0o700, "the runtime dir is ours alone");
+    assert_eq!(mode(&z.socket), 0o600, "the socket is ours alone");
+}
+
+#[test]
 fn allow_uid_admits_that_uid() {
     let z = Zygote::start_with(ZygoteOptions {
         args: vec!["--allow-uid".into(), NOBODY.to_string()],
         ..ZygoteOptions::default()
     });
-    let (uid, answer) = connect_as_nobody(&z);
+    // The zygote itself opens the way (0711 directory, 0666 socket); the peer check decides.
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&z.runtime_dir),
+        0o711,
+        "with --allow-uid the runtime dir is 0711"
+    );
+    assert_eq!(
+        mode(&z.socket),
+        0o666,
+        "with --allow-uid the socket is 0666"
+    );
+    let (uid, answer) = connect_as_nobody(&z, false);
     assert_eq!(uid, NOBODY, "the helper ran as uid 65534");
     assert_eq!(
         (answer["type"].as_str(), answer["pid"].as_i64()),

@@ -179,12 +179,28 @@ pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
         path: path.clone(),
         source,
     })?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        ServerError::Bind {
-            path: path.clone(),
-            source,
-        }
-    })?;
+    // Same uid only: a 0700 directory and a 0600 socket. With --allow-uid, other users must be
+    // able to reach the socket at all, so the directory becomes 0711 (enter, not list) and the
+    // socket 0666, and the SO_PEERCRED check on every connection is what admits or refuses.
+    let (dir_mode, socket_mode) = if cfg.allow_uids.is_empty() {
+        (0o700, 0o600)
+    } else {
+        log::info!(
+            "admitting uids {:?} besides our own: runtime directory 0711, socket 0666, peers checked by SO_PEERCRED",
+            cfg.allow_uids
+        );
+        (0o711, 0o666)
+    };
+    let chmod = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+            ServerError::Bind {
+                path: p.to_path_buf(),
+                source,
+            }
+        })
+    };
+    chmod(&cfg.runtime_dir, dir_mode)?;
+    chmod(&path, socket_mode)?;
     let poll = Poll::new().map_err(ServerError::Poll)?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)

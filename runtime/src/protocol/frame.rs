@@ -23,8 +23,8 @@ use super::{ErrorCode, ProtocolError};
 
 /// The protocol version spoken by this build.
 pub const VERSION: u32 = 1;
-/// Largest frame body accepted, in bytes (64 KiB).
-pub const MAX_FRAME: usize = 64 * 1024;
+/// Largest frame body accepted, in bytes (1 MiB: a manifest of about 10 000 tensors fits).
+pub const MAX_FRAME: usize = 1024 * 1024;
 /// Time allowed to finish a frame (and the fds it announced) once its first byte arrived.
 pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 
