@@ -3,7 +3,7 @@
 #
 # It builds nothing. Build the release binaries first:
 #
-#     cargo build --release --bin zygote --example cuda_roundtrip
+#     cargo build --release --bin zygote && cargo build --release -p zygote-runtime --example cuda_roundtrip
 #     scripts/gpu-check.sh [--workers N] [--model-mib MIB | --model PATH] [--device D]
 #                          [--entry NAME] [--http PATH] [--port P] [--bin DIR] [--out DIR]
 #                          [--skip-service] [--skip-baseline]
@@ -62,7 +62,7 @@ zygote="$bin/zygote"
 roundtrip="$bin/examples/cuda_roundtrip"
 for f in "$zygote" "$roundtrip"; do
     if [ ! -x "$f" ]; then
-        echo "$f is missing: run 'cargo build --release --bin zygote --example cuda_roundtrip' first" >&2
+        echo "$f is missing: run 'cargo build --release --bin zygote && cargo build --release -p zygote-runtime --example cuda_roundtrip' first" >&2
         exit 2
     fi
 done

@@ -27,12 +27,29 @@ pub fn table(command: &[String]) -> EntryTable {
         t.insert(
             "exec",
             Entry::Exec {
-                program: PathBuf::from(program),
+                program: resolve_program(program),
                 args: args.to_vec(),
             },
         );
     }
     t
+}
+
+/// A command name without a `/` is looked up in `PATH` once, when the zygote starts (the
+/// child then execs that exact file, as a shell would).
+pub fn resolve_program(program: &str) -> PathBuf {
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| PathBuf::from(program))
 }
 
 /// The `idle` entry: touches the model's header (so the mapping is really in use), reports

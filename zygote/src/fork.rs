@@ -127,10 +127,18 @@ pub fn spawn(plan: ChildPlan<'_>) -> Result<Forked, ForkError> {
         }
         ForkResult::Parent { child } => {
             drop(status_w);
-            let pidfd = pidfd_open(child.as_raw()).map_err(|source| ForkError::Pidfd {
-                pid: child.as_raw(),
-                source,
-            })?;
+            let pidfd = match pidfd_open(child.as_raw()) {
+                Ok(fd) => fd,
+                Err(source) => {
+                    // A child nobody could track or report must not run: end and reap it.
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    return Err(ForkError::Pidfd {
+                        pid: child.as_raw(),
+                        source,
+                    });
+                }
+            };
             Ok(Forked {
                 pid: child,
                 pidfd,

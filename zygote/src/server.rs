@@ -862,9 +862,13 @@ impl Server {
         };
         let value = code.unwrap_or_else(|| -signal.unwrap_or(0));
         log::info!(
-            "{} worker {} (pid {pid}) exited with {} after {:.3}s",
+            "{} (entry {}, pid {pid}) exited with {} after {:.3}s",
+            if child.entry == "owner" {
+                "owner".to_string()
+            } else {
+                format!("worker {}", child.worker)
+            },
             child.entry,
-            child.worker,
             match (code, signal) {
                 (Some(c), _) => format!("code {c}"),
                 (_, Some(s)) => format!("signal {s}"),

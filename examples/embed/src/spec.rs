@@ -103,7 +103,7 @@ impl BertConfig {
                 return Err(format!("{what} = {v} is out of range (1..={MAX_DIM})"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -57,13 +57,13 @@ pub enum ProtocolError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// The announced frame length is over [`frame::MAX_FRAME`] (or zero). The connection closes.
+    /// The announced frame length is over [`frame::MAX_FRAME`]. The connection closes.
     FrameTooLarge,
     /// The peer stopped in the middle of a frame. The connection closes.
     Truncated,
     /// A frame was not finished within [`frame::READ_DEADLINE`]. The connection closes.
     ReadTimeout,
-    /// The frame is not a CBOR map.
+    /// The frame is not a CBOR map, or is empty (length 0: the connection then closes).
     BadCbor,
     /// The `"v"` field is missing or not [`frame::VERSION`].
     BadVersion,
@@ -83,8 +83,6 @@ pub enum ErrorCode {
     Limit,
     /// `fork` failed in the zygote.
     ForkFailed,
-    /// The child failed before its entry ran (see `child_error`).
-    ChildSetup,
     /// The zygote is shutting down.
     ShuttingDown,
     /// The owner could not serve the weights.
@@ -342,7 +340,8 @@ pub struct ProcessStatus {
     /// The worker slot, for workers; the device, for owners.
     pub slot: Option<u32>,
     pub pid: i32,
-    /// `starting`, `serving`, `draining`, `restarting` or `running`.
+    /// `starting`, `serving`, `draining` (children); `running`, `restarting` (zygote);
+    /// `starting`, `running`, `stopping` (supervisor).
     pub state: String,
     pub restarts: u32,
     /// Proportional set size, in KiB (shared pages split between their users).
