@@ -135,6 +135,10 @@ pub struct ZygoteArgs {
     /// it, so a zygote never outlives its supervisor.
     #[arg(long)]
     pub die_with_parent: bool,
+    /// Refuse to start unless the model's digest is this one (a restarted zygote must serve
+    /// the model the running owner and workers were built from).
+    #[arg(long)]
+    pub expect_digest: Option<String>,
     /// The exec entry's program and arguments.
     #[arg(last = true)]
     pub command: Vec<String>,

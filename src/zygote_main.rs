@@ -57,6 +57,16 @@ pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
         model.len(),
         model.digest()
     );
+    if let Some(expected) = &args.expect_digest {
+        if expected != model.digest() {
+            anyhow::bail!(
+                "the model file {} changed since the service started (digest {expected}, now {}); \
+                 the running owner and workers serve the old one: restart the service to serve it",
+                model.path().display(),
+                model.digest()
+            );
+        }
+    }
     let cfg = ServerConfig {
         runtime_dir: args.runtime_dir.clone(),
         model,

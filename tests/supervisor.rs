@@ -384,3 +384,36 @@ fn each_bad_model_file_is_refused_before_anything_serves() {
         );
     }
 }
+
+#[test]
+fn a_model_file_changed_on_disk_is_refused_by_a_restarted_zygote_while_the_workers_keep_serving() {
+    let dir = TempDir::new("changed");
+    let model = dir.path().join("model.safetensors");
+    let write = |value: f32| {
+        let bytes: Vec<u8> = (0..1024).flat_map(|_| value.to_le_bytes()).collect();
+        zygote_runtime::synth::write_safetensors(
+            &model,
+            &[("w", zygote_runtime::model::Dtype::F32, &[1024], &bytes)],
+            None,
+        )
+        .expect("writing the model");
+    };
+    write(1.0);
+    let svc = Service::start(ServiceOptions {
+        model: Some(model.clone()),
+        workers: 1,
+        ..ServiceOptions::default()
+    });
+    let workers = svc.pids_of("worker");
+    // Same size, other bytes: only the digest tells them apart.
+    write(2.0);
+    common::signal(svc.zygote_pid(), Signal::SIGKILL);
+    wait_until(CHANGE_TIMEOUT, "the supervisor logs the refusal", || {
+        svc.log_tail().contains("changed since the service started")
+    });
+    assert_eq!(
+        svc.pids_of("worker"),
+        workers,
+        "the workers built from the old model keep serving"
+    );
+}

@@ -161,6 +161,8 @@ struct Supervisor {
     /// The first fatal reason: the service exits 1 with it.
     stop_reason: Option<String>,
     pending_rolls: Vec<i32>,
+    /// Digest of the model the service started with; every restarted zygote must match it.
+    model_digest: Option<String>,
     devnull: File,
 }
 
@@ -226,6 +228,7 @@ pub fn run(cfg: Config) -> anyhow::Result<i32> {
         fatal: None,
         stop_reason: None,
         pending_rolls: Vec::new(),
+        model_digest: None,
         devnull,
     };
     sup.tokens.insert(ADMIN, Tok::Admin);
@@ -256,6 +259,7 @@ impl Supervisor {
             backend: self.cfg.backend,
             allow_uids: self.cfg.allow_uids.clone(),
             command: self.cfg.command.clone(),
+            expect_digest: self.model_digest.clone(),
             start_timeout: Duration::from_secs(300),
         }
     }
@@ -324,6 +328,13 @@ impl Supervisor {
         self.poll
             .registry()
             .register(&mut SourceFd(&fd), ZYGOTE, Interest::READABLE)?;
+        if self.model_digest.is_none() {
+            let status = z
+                .client
+                .status()
+                .context("asking the zygote for its model")?;
+            self.model_digest = Some(status.model_digest);
+        }
         // Events may already be buffered in the client from the hello exchange.
         let _ = z.client.poll();
         self.zygote = Some(z);

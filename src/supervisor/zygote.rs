@@ -22,6 +22,8 @@ pub struct ZygoteSpec {
     pub backend: BackendChoice,
     pub allow_uids: Vec<u32>,
     pub command: Vec<String>,
+    /// The model digest a restarted zygote must find (the one the service started with).
+    pub expect_digest: Option<String>,
     /// Time allowed to load and validate the model.
     pub start_timeout: Duration,
 }
@@ -68,6 +70,9 @@ pub fn start(spec: &ZygoteSpec) -> Result<ZygoteProc, StartError> {
     cmd.arg("--backend").arg(spec.backend.to_string());
     // The zygote ends with us (it is one of the children that must not outlive the service).
     cmd.arg("--die-with-parent");
+    if let Some(d) = &spec.expect_digest {
+        cmd.arg("--expect-digest").arg(d);
+    }
     for uid in &spec.allow_uids {
         cmd.arg("--allow-uid").arg(uid.to_string());
     }
