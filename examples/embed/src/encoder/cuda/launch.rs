@@ -80,6 +80,11 @@ impl Buf {
         Self { ptr, len }
     }
 
+    /// Device address of the first element.
+    pub fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

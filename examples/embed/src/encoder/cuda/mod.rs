@@ -278,38 +278,27 @@ impl<'w> CudaEncoder<'w> {
         }
         self.words = words;
 
-        let (s, k, t) = (&self.stream, &self.kernels, &self.t);
-        let x = f.at(l.x.clone());
-        k.embed(
-            s,
-            x,
-            w.at(l.tokens.clone()),
-            t.word,
-            t.position,
-            t.token_type,
-            rows,
-            h,
+        let mut gpu = Gpu {
+            stream: &self.stream,
+            kernels: &self.kernels,
+            blas: &self.blas,
+        };
+        let spans: Vec<(usize, usize)> = texts
+            .clone()
+            .map(|i| (batch.span(i).start - r0, batch.lens()[i]))
+            .collect();
+        forward(
+            &mut gpu,
+            &self.t,
+            &d,
+            &l,
+            f,
+            w,
+            &spans,
+            self.pooling,
+            self.normalize,
         )?;
-        k.layer_norm(s, x, None, t.emb_ln_w, t.emb_ln_b, rows, h, d.eps)?;
-        for layer in &t.layers {
-            self.layer(layer, batch, &texts, r0, &l, f)?;
-        }
-
-        let (s, k) = (&self.stream, &self.kernels);
-        let pooled = f.at(l.out.clone());
-        k.pool(
-            s,
-            pooled,
-            x,
-            w.at(l.spans.clone()),
-            n_texts,
-            rows,
-            h,
-            pool_mode(self.pooling),
-        )?;
-        if self.normalize {
-            k.l2_normalize(s, pooled, n_texts, h)?;
-        }
+        let s = &self.stream;
         let start = out.len();
         out.resize(start + n_texts * h, 0.0);
         let a = self.act.as_ref().ok_or(EmbedError::Cuda {
@@ -322,64 +311,227 @@ impl<'w> CudaEncoder<'w> {
             .map_err(driver_error("cuStreamSynchronize"))?;
         Ok(())
     }
+}
 
-    /// One encoder layer over the chunk, in place on `x`.
-    fn layer(
-        &self,
-        lt: &LayerTensors<Buf>,
-        batch: &TokenBatch,
-        texts: &std::ops::Range<usize>,
-        r0: usize,
-        l: &Layout,
-        f: Buf,
+/// The operations of the forward pass on device buffers: the GPU's kernels and cuBLAS, or (in
+/// the tests) an emulation of them on the host that checks the orchestration below.
+pub trait Exec {
+    #[allow(clippy::too_many_arguments)]
+    fn embed(
+        &mut self,
+        x: Buf,
+        tokens: Buf,
+        word: Buf,
+        position: Buf,
+        token_type: Buf,
+        rows: usize,
+        hidden: usize,
+    ) -> Result<(), EmbedError>;
+    fn add_bias(
+        &mut self,
+        y: Buf,
+        bias: Buf,
+        rows: usize,
+        cols: usize,
+        gelu: bool,
+    ) -> Result<(), EmbedError>;
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(
+        &mut self,
+        x: Buf,
+        residual: Option<Buf>,
+        w: Buf,
+        b: Buf,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), EmbedError>;
+    fn softmax(&mut self, s: Buf, nrows: usize, len: usize) -> Result<(), EmbedError>;
+    #[allow(clippy::too_many_arguments)]
+    fn pool(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        spans: Buf,
+        texts: usize,
+        rows: usize,
+        hidden: usize,
+        mode: i32,
+    ) -> Result<(), EmbedError>;
+    fn l2_normalize(&mut self, v: Buf, texts: usize, hidden: usize) -> Result<(), EmbedError>;
+    fn sgemm(&mut self, p: &GemmPlan, a: Buf, b: Buf, c: Buf) -> Result<(), EmbedError>;
+}
+
+/// [`Exec`] on the GPU: the encoder's stream, kernels and cuBLAS handle.
+struct Gpu<'a> {
+    stream: &'a CudaStream,
+    kernels: &'a Kernels,
+    blas: &'a CudaBlas,
+}
+
+impl Exec for Gpu<'_> {
+    fn embed(
+        &mut self,
+        x: Buf,
+        tokens: Buf,
+        word: Buf,
+        position: Buf,
+        token_type: Buf,
+        rows: usize,
+        hidden: usize,
     ) -> Result<(), EmbedError> {
-        let (d, s, k, blas) = (self.dims, &self.stream, &self.kernels, &self.blas);
-        let (h, rows) = (d.hidden, l.rows);
-        let (x, q, kk, v, ctx, tmp, inter, scores) = (
-            f.at(l.x.clone()),
-            f.at(l.q.clone()),
-            f.at(l.k.clone()),
-            f.at(l.v.clone()),
-            f.at(l.ctx.clone()),
-            f.at(l.tmp.clone()),
-            f.at(l.inter.clone()),
-            f.at(l.scores.clone()),
-        );
-        let linear = |input: Buf, weight: Buf, bias: Buf, output: Buf, in_dim, out_dim, gelu| {
-            launch::sgemm(
-                blas,
+        self.kernels.embed(
+            self.stream,
+            x,
+            tokens,
+            word,
+            position,
+            token_type,
+            rows,
+            hidden,
+        )
+    }
+    fn add_bias(
+        &mut self,
+        y: Buf,
+        bias: Buf,
+        rows: usize,
+        cols: usize,
+        gelu: bool,
+    ) -> Result<(), EmbedError> {
+        self.kernels
+            .add_bias(self.stream, y, bias, rows, cols, gelu)
+    }
+    fn layer_norm(
+        &mut self,
+        x: Buf,
+        residual: Option<Buf>,
+        w: Buf,
+        b: Buf,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), EmbedError> {
+        self.kernels
+            .layer_norm(self.stream, x, residual, w, b, rows, hidden, eps)
+    }
+    fn softmax(&mut self, s: Buf, nrows: usize, len: usize) -> Result<(), EmbedError> {
+        self.kernels.softmax(self.stream, s, nrows, len)
+    }
+    fn pool(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        spans: Buf,
+        texts: usize,
+        rows: usize,
+        hidden: usize,
+        mode: i32,
+    ) -> Result<(), EmbedError> {
+        self.kernels
+            .pool(self.stream, out, x, spans, texts, rows, hidden, mode)
+    }
+    fn l2_normalize(&mut self, v: Buf, texts: usize, hidden: usize) -> Result<(), EmbedError> {
+        self.kernels.l2_normalize(self.stream, v, texts, hidden)
+    }
+    fn sgemm(&mut self, p: &GemmPlan, a: Buf, b: Buf, c: Buf) -> Result<(), EmbedError> {
+        launch::sgemm(self.blas, p, a, b, c)
+    }
+}
+
+/// The forward pass of one chunk laid out as `l` in the buffers `f` (floats) and `w` (its word
+/// pieces and spans, already copied in): embeddings, every layer, pooling into `l.out`.
+/// `spans` are the texts' (first row, length) within the chunk.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<E: Exec>(
+    e: &mut E,
+    t: &BertTensors<Buf>,
+    d: &Dims,
+    l: &Layout,
+    f: Buf,
+    w: Buf,
+    spans: &[(usize, usize)],
+    pooling: Pooling,
+    normalize: bool,
+) -> Result<(), EmbedError> {
+    let (h, rows) = (d.hidden, l.rows);
+    let x = f.at(l.x.clone());
+    e.embed(
+        x,
+        w.at(l.tokens.clone()),
+        t.word,
+        t.position,
+        t.token_type,
+        rows,
+        h,
+    )?;
+    e.layer_norm(x, None, t.emb_ln_w, t.emb_ln_b, rows, h, d.eps)?;
+    for layer in &t.layers {
+        encoder_layer(e, layer, d, l, f, spans)?;
+    }
+    let pooled = f.at(l.out.clone());
+    e.pool(
+        pooled,
+        x,
+        w.at(l.spans.clone()),
+        spans.len(),
+        rows,
+        h,
+        pool_mode(pooling),
+    )?;
+    if normalize {
+        e.l2_normalize(pooled, spans.len(), h)?;
+    }
+    Ok(())
+}
+
+/// One encoder layer over the chunk, in place on `x`.
+fn encoder_layer<E: Exec>(
+    e: &mut E,
+    lt: &LayerTensors<Buf>,
+    d: &Dims,
+    l: &Layout,
+    f: Buf,
+    spans: &[(usize, usize)],
+) -> Result<(), EmbedError> {
+    let (h, rows) = (d.hidden, l.rows);
+    let (x, q, k, v, ctx, tmp, inter, scores) = (
+        f.at(l.x.clone()),
+        f.at(l.q.clone()),
+        f.at(l.k.clone()),
+        f.at(l.v.clone()),
+        f.at(l.ctx.clone()),
+        f.at(l.tmp.clone()),
+        f.at(l.inter.clone()),
+        f.at(l.scores.clone()),
+    );
+    // output[rows][out] = input[rows][in] · weightᵀ + bias (then GELU).
+    let linear =
+        |e: &mut E, input: Buf, weight: Buf, bias: Buf, output: Buf, in_dim, out_dim, gelu| {
+            e.sgemm(
                 &GemmPlan::linear(rows, in_dim, out_dim),
                 weight,
                 input,
                 output,
             )?;
-            k.add_bias(s, output, bias, rows, out_dim, gelu)
+            e.add_bias(output, bias, rows, out_dim, gelu)
         };
-        linear(x, lt.query_w, lt.query_b, q, h, h, false)?;
-        linear(x, lt.key_w, lt.key_b, kk, h, h, false)?;
-        linear(x, lt.value_w, lt.value_b, v, h, h, false)?;
+    linear(e, x, lt.query_w, lt.query_b, q, h, h, false)?;
+    linear(e, x, lt.key_w, lt.key_b, k, h, h, false)?;
+    linear(e, x, lt.value_w, lt.value_b, v, h, h, false)?;
 
-        let scale = 1.0 / (d.head_dim as f32).sqrt();
-        for i in texts.clone() {
-            let span = batch.span(i);
-            let (start, len) = (span.start - r0, span.len());
-            launch::sgemm(
-                blas,
-                &GemmPlan::scores(&d, start, len, scale),
-                kk,
-                q,
-                scores,
-            )?;
-            k.softmax(s, scores, d.heads * len, len)?;
-            launch::sgemm(blas, &GemmPlan::context(&d, start, len), v, scores, ctx)?;
-        }
-
-        linear(ctx, lt.attn_out_w, lt.attn_out_b, tmp, h, h, false)?;
-        k.layer_norm(s, x, Some(tmp), lt.attn_ln_w, lt.attn_ln_b, rows, h, d.eps)?;
-        linear(x, lt.inter_w, lt.inter_b, inter, h, d.inter, true)?;
-        linear(inter, lt.out_w, lt.out_b, tmp, d.inter, h, false)?;
-        k.layer_norm(s, x, Some(tmp), lt.out_ln_w, lt.out_ln_b, rows, h, d.eps)
+    let scale = 1.0 / (d.head_dim as f32).sqrt();
+    for &(start, len) in spans {
+        e.sgemm(&GemmPlan::scores(d, start, len, scale), k, q, scores)?;
+        e.softmax(scores, d.heads * len, len)?;
+        e.sgemm(&GemmPlan::context(d, start, len), v, scores, ctx)?;
     }
+
+    linear(e, ctx, lt.attn_out_w, lt.attn_out_b, tmp, h, h, false)?;
+    e.layer_norm(x, Some(tmp), lt.attn_ln_w, lt.attn_ln_b, rows, h, d.eps)?;
+    linear(e, x, lt.inter_w, lt.inter_b, inter, h, d.inter, true)?;
+    linear(e, inter, lt.out_w, lt.out_b, tmp, d.inter, h, false)?;
+    e.layer_norm(x, Some(tmp), lt.out_ln_w, lt.out_ln_b, rows, h, d.eps)
 }
 
 impl SentenceEncoder for CudaEncoder<'_> {
