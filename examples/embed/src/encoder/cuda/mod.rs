@@ -20,6 +20,9 @@
 pub mod launch;
 pub mod plan;
 
+#[cfg(test)]
+mod emulate;
+
 use std::marker::PhantomData;
 use std::sync::Arc;
 

@@ -327,46 +327,47 @@ impl GemmPlan {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// cuBLAS' `sgemmStridedBatched`, on the host: the reference the plans are checked with.
-    fn sgemm(p: &GemmPlan, a: &[f32], b: &[f32], c: &mut [f32]) {
-        assert!(p.is_valid(), "{p:?}");
-        assert!(p.extent_a() <= a.len() && p.extent_b() <= b.len() && p.extent_c() <= c.len());
-        for bi in 0..p.batch {
-            let (ao, bo, co) = (
-                p.a_off + bi * p.stride_a,
-                p.b_off + bi * p.stride_b,
-                p.c_off + bi * p.stride_c,
-            );
-            for i in 0..p.m {
-                for j in 0..p.n {
-                    let mut acc = 0.0;
-                    for l in 0..p.k {
-                        let av = if p.trans_a {
-                            a[ao + l + i * p.lda]
-                        } else {
-                            a[ao + i + l * p.lda]
-                        };
-                        let bv = if p.trans_b {
-                            b[bo + j + l * p.ldb]
-                        } else {
-                            b[bo + l + j * p.ldb]
-                        };
-                        acc += av * bv;
-                    }
-                    // As cuBLAS: with beta = 0, C is not read (it may hold NaN).
-                    let cv = &mut c[co + i + j * p.ldc];
-                    *cv = if p.beta == 0.0 {
-                        p.alpha * acc
+/// cuBLAS' `sgemmStridedBatched`, on the host: the reference the plans are checked with.
+pub(crate) fn sgemm(p: &GemmPlan, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(p.is_valid(), "{p:?}");
+    assert!(p.extent_a() <= a.len() && p.extent_b() <= b.len() && p.extent_c() <= c.len());
+    for bi in 0..p.batch {
+        let (ao, bo, co) = (
+            p.a_off + bi * p.stride_a,
+            p.b_off + bi * p.stride_b,
+            p.c_off + bi * p.stride_c,
+        );
+        for i in 0..p.m {
+            for j in 0..p.n {
+                let mut acc = 0.0;
+                for l in 0..p.k {
+                    let av = if p.trans_a {
+                        a[ao + l + i * p.lda]
                     } else {
-                        p.alpha * acc + p.beta * *cv
+                        a[ao + i + l * p.lda]
                     };
+                    let bv = if p.trans_b {
+                        b[bo + j + l * p.ldb]
+                    } else {
+                        b[bo + l + j * p.ldb]
+                    };
+                    acc += av * bv;
                 }
+                // As cuBLAS: with beta = 0, C is not read (it may hold NaN).
+                let cv = &mut c[co + i + j * p.ldc];
+                *cv = if p.beta == 0.0 {
+                    p.alpha * acc
+                } else {
+                    p.alpha * acc + p.beta * *cv
+                };
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn dims() -> Dims {
         Dims {
