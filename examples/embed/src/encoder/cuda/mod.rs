@@ -15,7 +15,9 @@
 //!
 //! Everything runs on one stream of the worker; a request copies its word pieces in and its
 //! sentence vectors out, and synchronises once. [`plan`] holds the arithmetic (tested on any
-//! machine), [`launch`] the unsafe calls.
+//! machine), [`launch`] the unsafe calls. The sequence of operations, [`forward`], is generic
+//! over [`Exec`]: on the GPU that is the kernels and cuBLAS, in the tests an emulation of them
+//! on the host (`emulate.rs`), checked against a direct BERT.
 
 pub mod launch;
 pub mod plan;
