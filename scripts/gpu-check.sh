@@ -6,7 +6,7 @@
 #     cargo build --release --bin zygote && cargo build --release -p zygote-runtime --example cuda_roundtrip
 #     scripts/gpu-check.sh [--workers N] [--model-mib MIB | --model PATH] [--device D]
 #                          [--entry NAME] [--http PATH] [--port P] [--bin DIR] [--out DIR]
-#                          [--skip-service] [--skip-baseline]
+#                          [--skip-service] [--skip-baseline] [--embed-model DIR]
 #
 # and it prints, for a model of at least 1 GiB (without --model: a synthetic BF16 one, 1100 MiB
 # on disk and twice that as the f32 compute copy on the device):
@@ -15,6 +15,11 @@
 #      and its import part (context, map, digest), the digest check (a wrong digest is
 #      refused), VRAM per importer, and with VMM: importers still verified after kill -9 of the
 #      owner, a new importer served from the kept fds, and a new owner adopting the weights;
+#   1c. when target/release/examples/cuda_reference is built (cargo build --release --example
+#      cuda_reference -p zygote-embed) and --embed-model (default models/all-MiniLM-L6-v2)
+#      holds the model: the example app's CUDA encoder on the fixture sentences
+#      (examples/embed/tests/fixtures/minilm_reference.json), its minimum cosine to
+#      sentence-transformers' vectors and to the host encoder's (must be >= 0.9999);
 #   2. the service: `zygote start --backend cuda --ipc vmm` with N workers; VRAM of the whole
 #      service, start → all serving, kill -9 of the owner (workers keep serving: same pids, no
 #      restarts, and HTTP answers when --http names a path the entry serves), the owner back,
@@ -40,6 +45,7 @@ bin=target/release
 out=bench-out/gpu-check
 skip_service=0
 skip_baseline=0
+embed_model=models/all-MiniLM-L6-v2
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) workers=$2; shift 2 ;;
@@ -53,7 +59,8 @@ while [ $# -gt 0 ]; do
         --out) out=$2; shift 2 ;;
         --skip-service) skip_service=1; shift ;;
         --skip-baseline) skip_baseline=1; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        --embed-model) embed_model=$2; shift 2 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -97,6 +104,19 @@ rt_vmm=${PIPESTATUS[0]}
 echo "== 1b. cuda_roundtrip, legacy IPC (2 importers)"
 "$roundtrip" --model "$model" --children 2 --ipc legacy --device "$device" 2>"$out/roundtrip-legacy.log" | tee "$out/roundtrip-legacy.txt"
 rt_legacy=${PIPESTATUS[0]}
+embed_ref="skipped"
+if [ -x "$bin/examples/cuda_reference" ] && [ -s "$embed_model/model.safetensors" ]; then
+    echo "== 1c. the example app's CUDA encoder against sentence-transformers ($embed_model)"
+    "$bin/examples/cuda_reference" --model "$embed_model" --device "$device" \
+        --fixture examples/embed/tests/fixtures/minilm_reference.json \
+        2>"$out/cuda-reference.log" | tee "$out/cuda-reference.txt"
+    rc=${PIPESTATUS[0]}
+    embed_ref="exit $rc, $(grep -o 'min cosine to the fixture, batches of 16: *[0-9.]*' "$out/cuda-reference.txt" | grep -o '[0-9.]*$' || echo '-')"
+    note "CUDA encoder vs sentence-transformers: $embed_ref"
+    [ "$rc" = 0 ] || embed_ref="failed ($embed_ref)"
+else
+    echo "== 1c. skipped: build target/release/examples/cuda_reference and put the model in $embed_model"
+fi
 set -e
 if [ "${GPU_CHECK_DRY_RUN:-0}" = 0 ] && grep -q "CUDA is unavailable" "$out/roundtrip-vmm.txt"; then
     echo "CUDA is not usable from this process (see above); nothing was measured" >&2
@@ -236,7 +256,7 @@ width = max(len(k) for k, _ in rows)
 for k, v in rows:
     print(f"{k:<{width}}  {v}")
 EOF
-if [ "$rt_vmm" != 0 ] || [ "$rt_legacy" != 0 ] || [ "$svc_ok" = failed ]; then
+if [ "$rt_vmm" != 0 ] || [ "$rt_legacy" != 0 ] || [ "$svc_ok" = failed ] || [[ "$embed_ref" == failed* ]]; then
     echo "GPU check FAILED (see $out)" >&2
     exit 1
 fi

@@ -33,8 +33,10 @@ pub enum EmbedError {
     TensorDtype { name: String, dtype: String },
     #[error("tensor {name} is not f32 (aligned) in the compute copy")]
     NotF32 { name: String },
-    #[error("the weights are on the {backend} backend, which this app cannot compute on yet")]
-    UnsupportedBackend { backend: String },
+    #[error("CUDA is not usable for the encoder: {0}")]
+    CudaUnavailable(String),
+    #[error("CUDA encoder: {call} failed: {message}")]
+    Cuda { call: &'static str, message: String },
     #[error("tokenizing a text failed: {0}")]
     Tokenize(String),
     #[error("model: {0}")]

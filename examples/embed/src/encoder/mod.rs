@@ -6,14 +6,15 @@
 //!
 //! - [`host::HostEncoder`] borrows `&[f32]` slices of the owner's shared read-only mapping
 //!   ([`zygote_runtime::backend::host::HostWeights`]) and multiplies with the `gemm` crate.
-//! - a CUDA encoder (not written yet) would bind the same [`crate::spec::BertTensors`] table to
-//!   the imported device pointers, with cuBLAS for the products; [`for_weights`] is where it
-//!   slots in.
+//! - [`cuda::CudaEncoder`] binds the same [`crate::spec::BertTensors`] table to the imported
+//!   device pointers ([`zygote_runtime::backend::cuda::CudaWeights`]), with cuBLAS for the
+//!   products and small NVRTC kernels for the rest.
 //!
 //! Batches are packed, not padded: a [`TokenBatch`] lays the texts of a request one after another,
 //! every linear layer runs once over all of their rows, and attention runs within each text's
 //! own rows. That is what padding plus an attention mask computes, without the padded rows.
 
+pub mod cuda;
 mod gemm;
 pub mod host;
 
@@ -41,8 +42,6 @@ pub fn for_weights<'w>(
 ) -> Result<Box<dyn SentenceEncoder + 'w>, EmbedError> {
     match weights {
         Weights::Host(w) => Ok(Box::new(host::HostEncoder::new(spec, w)?)),
-        Weights::Cuda(_) => Err(EmbedError::UnsupportedBackend {
-            backend: "cuda".into(),
-        }),
+        Weights::Cuda(w) => Ok(Box::new(cuda::CudaEncoder::new(spec, w)?)),
     }
 }
