@@ -1,1 +1,91 @@
-fn main() {}
+//! `zygote`: the command line. `zygote start` runs a supervised service; `zygote spawn`,
+//! `status`, `stop` and `reload` talk to a running one; `zygote __zygote` is the zygote
+//! process itself (started by `zygote start`). See README.md.
+
+mod cli;
+mod commands;
+mod entries;
+mod fetch;
+mod paths;
+mod supervisor;
+mod zygote_main;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::cli::{Cli, Command, StartArgs};
+
+fn start(args: StartArgs) -> anyhow::Result<i32> {
+    let model = match args.model {
+        Some(m) => m,
+        None => {
+            let dir = paths::default_model_dir();
+            fetch::ensure(&dir)
+                .with_context(|| format!("fetching the default model into {}", dir.display()))?;
+            dir
+        }
+    };
+    let entry = args.entry.unwrap_or_else(|| {
+        if args.command.is_empty() {
+            "app".into()
+        } else {
+            "exec".into()
+        }
+    });
+    if entry == "exec" && args.command.is_empty() {
+        anyhow::bail!("--entry exec needs a command after --");
+    }
+    let cfg = supervisor::Config {
+        runtime_dir: paths::runtime_dir(&args.runtime_dir),
+        model,
+        workers: args.workers,
+        listen: args.listen,
+        backend: args.backend,
+        ipc: args.ipc,
+        devices: args.devices,
+        entry,
+        command: args.command,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        graceful_timeout: Duration::from_secs(args.graceful_timeout),
+        allow_uids: args.allow_uid,
+    };
+    supervisor::run(cfg)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let tag = match &cli.command {
+        Command::Start(_) => "supervisor",
+        Command::Zygote(_) => "zygote",
+        Command::AttachIdle => "worker",
+        _ => "zygote-cli",
+    };
+    zygote_runtime::logging::init(tag);
+    let result = match cli.command {
+        Command::Start(a) => start(a),
+        Command::Spawn(a) => commands::spawn(a),
+        Command::Status(a) => commands::status(a),
+        Command::Stop(a) => commands::stop(&paths::runtime_dir(&a.runtime_dir)),
+        Command::Reload(a) => commands::reload(&paths::runtime_dir(&a.runtime_dir)),
+        Command::FetchModel(a) => {
+            fetch::ensure(&a.dest.unwrap_or_else(paths::default_model_dir)).map(|()| 0)
+        }
+        Command::Zygote(a) => zygote_main::main(a),
+        Command::AttachIdle => zygote_runtime::Worker::attach()
+            .context("attaching to the zygote runtime")
+            .map(|w| {
+                zygote_runtime::logging::set_tag(&format!("worker {}", w.id()));
+                entries::idle(w)
+            }),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("zygote: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -51,9 +51,18 @@ impl ZygoteClient {
     pub fn connect(path: &Path, client: &str) -> Result<Self, ProtocolError> {
         let stream = UnixStream::connect(path)?;
         stream.set_nonblocking(true)?;
-        let mut c = Self { stream, reader: FrameReader::default(), next_id: 1, events: VecDeque::new(), hello: None };
+        let mut c = Self {
+            stream,
+            reader: FrameReader::default(),
+            next_id: 1,
+            events: VecDeque::new(),
+            hello: None,
+        };
         let id = c.id();
-        c.send(&Request::Hello { id, client: client.to_string() })?;
+        c.send(&Request::Hello {
+            id,
+            client: client.to_string(),
+        })?;
         let answer = c.answer(id)?;
         match answer {
             Response::Hello { .. } => {
@@ -94,7 +103,12 @@ impl ZygoteClient {
                     if answer_id(&resp) == Some(id) && !is_event(&resp) {
                         return Ok(resp);
                     }
-                    if let Response::Error { id: None, code, message } = resp {
+                    if let Response::Error {
+                        id: None,
+                        code,
+                        message,
+                    } = resp
+                    {
                         return Err(ProtocolError::Remote { code, message });
                     }
                     self.events.push_back(resp);
@@ -255,7 +269,10 @@ fn is_event(r: &Response) -> bool {
 }
 
 fn unexpected(expected: &'static str, got: &Response) -> ProtocolError {
-    ProtocolError::Unexpected { expected, received: format!("{got:?}") }
+    ProtocolError::Unexpected {
+        expected,
+        received: format!("{got:?}"),
+    }
 }
 
 fn wait_writable(stream: &UnixStream) -> Result<(), ProtocolError> {
@@ -270,7 +287,10 @@ fn wait_writable(stream: &UnixStream) -> Result<(), ProtocolError> {
 }
 
 /// Writes all of `bytes` to a non-blocking stream, waiting while its buffer is full.
-pub fn write_all_nonblocking(mut stream: &UnixStream, mut bytes: &[u8]) -> Result<(), ProtocolError> {
+pub fn write_all_nonblocking(
+    mut stream: &UnixStream,
+    mut bytes: &[u8],
+) -> Result<(), ProtocolError> {
     use std::io::Write;
     while !bytes.is_empty() {
         match stream.write(bytes) {

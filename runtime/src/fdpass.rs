@@ -34,7 +34,10 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         }
     };
     if fd < 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "received a negative fd"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "received a negative fd",
+        ));
     }
     // SAFETY: `recvmsg` with SCM_RIGHTS installed `fd` in this process's table just now and
     // nothing else refers to it, so we are its sole owner.
@@ -58,11 +61,13 @@ mod tests {
     #[test]
     fn an_fd_arrives_cloexec_and_usable() {
         let (a, b) = UnixStream::pair().unwrap();
-        let mut file = std::fs::File::from(nix::sys::memfd::memfd_create(
-            c"fdpass-test",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .unwrap());
+        let mut file = std::fs::File::from(
+            nix::sys::memfd::memfd_create(
+                c"fdpass-test",
+                nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+            )
+            .unwrap(),
+        );
         file.write_all(b"hello").unwrap();
         send_fd(a.as_fd(), file.as_fd()).unwrap();
         let got = recv_fd(b.as_fd()).unwrap();

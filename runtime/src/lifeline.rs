@@ -41,7 +41,14 @@ extern "C" fn on_sigio(_: libc::c_int) {
     let mut byte = 0u8;
     // SAFETY: recv and _exit are async-signal-safe; `byte` is a valid 1-byte buffer on this
     // handler's stack; MSG_PEEK leaves any message in place for the app to read.
-    let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
     if n == 0 {
         // SAFETY: _exit is async-signal-safe and ends the process without running any code
         // of the interrupted app.
@@ -53,7 +60,11 @@ extern "C" fn on_sigio(_: libc::c_int) {
 /// checks once right away (the supervisor may already be gone).
 pub fn install_handler(fd: BorrowedFd<'_>) -> nix::Result<()> {
     CONTROL_FD.store(fd.as_raw_fd(), Ordering::Relaxed);
-    let action = SigAction::new(SigHandler::Handler(on_sigio), SaFlags::SA_RESTART, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_sigio),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     // SAFETY: the handler only calls async-signal-safe functions (recv, _exit) and reads an
     // atomic; it stays valid for the life of the process.
     unsafe { sigaction(Signal::SIGIO, &action) }?;

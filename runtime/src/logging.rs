@@ -26,7 +26,9 @@ impl Log for Logger {
             return;
         }
         let tag = TAG.lock().map(|t| t.clone()).unwrap_or_default();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let secs = now.as_secs();
         let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
         let level = match record.level() {

@@ -103,7 +103,10 @@ pub enum ModelError {
     #[error("model {path}: not found")]
     NotFound { path: PathBuf },
     #[error("model {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("model {path}: invalid safetensors: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("model memory: {0}")]
@@ -125,7 +128,11 @@ pub struct Model {
 impl Model {
     /// Resolves `path` (a file, or a directory holding `model.safetensors`).
     pub fn resolve_path(path: &Path) -> Result<PathBuf, ModelError> {
-        let p = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
+        let p = if path.is_dir() {
+            path.join("model.safetensors")
+        } else {
+            path.to_path_buf()
+        };
         if !p.exists() {
             return Err(ModelError::NotFound { path: p });
         }
@@ -135,7 +142,10 @@ impl Model {
     /// Loads, validates and seals a model file, and computes its digest.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let file_path = Self::resolve_path(path)?;
-        let bytes = std::fs::read(&file_path).map_err(|source| ModelError::Io { path: file_path.clone(), source })?;
+        let bytes = std::fs::read(&file_path).map_err(|source| ModelError::Io {
+            path: file_path.clone(),
+            source,
+        })?;
         let mut w = crate::shm::MemfdWriter::create("zygote-model", bytes.len())?;
         w.as_mut_slice().copy_from_slice(&bytes);
         let memfd = w.seal()?;
@@ -151,10 +161,24 @@ impl Model {
 
     fn from_sealed(path: PathBuf, memfd: SealedMemfd, digest: String) -> Result<Self, ModelError> {
         let map = memfd.map()?;
-        let (tensors, metadata) =
-            parse_header(&map).map_err(|reason| ModelError::Invalid { path: path.clone(), reason })?;
-        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(Self { path, memfd, map, tensors, by_name, metadata, digest })
+        let (tensors, metadata) = parse_header(&map).map_err(|reason| ModelError::Invalid {
+            path: path.clone(),
+            reason,
+        })?;
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            path,
+            memfd,
+            map,
+            tensors,
+            by_name,
+            metadata,
+            digest,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -196,7 +220,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Vec<TensorInfo>, BTreeMap<String, S
         return Err("shorter than the 8-byte header length".into());
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    let header = bytes.get(8..8 + n).ok_or("header length past end of file")?;
+    let header = bytes
+        .get(8..8 + n)
+        .ok_or("header length past end of file")?;
     let json: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
     let obj = json.as_object().ok_or("header is not an object")?;
     let data_start = 8 + n;
@@ -211,11 +237,26 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Vec<TensorInfo>, BTreeMap<String, S
             }
             continue;
         }
-        let dtype = Dtype::parse(v["dtype"].as_str().unwrap_or("")).map_err(|d| format!("{name}: dtype {d}"))?;
-        let shape: Vec<usize> = v["shape"].as_array().ok_or("shape")?.iter().map(|d| d.as_u64().unwrap_or(0) as usize).collect();
+        let dtype = Dtype::parse(v["dtype"].as_str().unwrap_or(""))
+            .map_err(|d| format!("{name}: dtype {d}"))?;
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .ok_or("shape")?
+            .iter()
+            .map(|d| d.as_u64().unwrap_or(0) as usize)
+            .collect();
         let off = v["data_offsets"].as_array().ok_or("offsets")?;
-        let (a, b) = (off[0].as_u64().unwrap_or(0) as usize, off[1].as_u64().unwrap_or(0) as usize);
-        tensors.push(TensorInfo { name: name.clone(), dtype, shape, offset: data_start + a, len: b - a });
+        let (a, b) = (
+            off[0].as_u64().unwrap_or(0) as usize,
+            off[1].as_u64().unwrap_or(0) as usize,
+        );
+        tensors.push(TensorInfo {
+            name: name.clone(),
+            dtype,
+            shape,
+            offset: data_start + a,
+            len: b - a,
+        });
     }
     tensors.sort_by_key(|t| t.offset);
     Ok((tensors, metadata))

@@ -33,11 +33,19 @@ pub fn pss_of_mapping(pid: i32, needle: &str) -> Option<u64> {
     let mut inside = false;
     for line in text.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) && !first.ends_with(':') {
+        if first.contains('-')
+            && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit())
+            && !first.ends_with(':')
+        {
             inside = line.contains(needle);
         } else if inside {
             if let Some(v) = line.strip_prefix("Pss:") {
-                total += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
             }
         }
     }
@@ -55,7 +63,9 @@ pub fn open_fds(pid: i32) -> std::io::Result<Vec<(i32, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
         out.push((fd, target));
     }

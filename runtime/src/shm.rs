@@ -23,7 +23,11 @@ pub enum ShmError {
     #[error("memfd_create({name}) failed: {source}")]
     Create { name: String, source: nix::Error },
     #[error("sizing memfd {name} to {len} bytes failed: {source}")]
-    Resize { name: String, len: usize, source: std::io::Error },
+    Resize {
+        name: String,
+        len: usize,
+        source: std::io::Error,
+    },
     #[error("mapping {len} bytes failed: {source}")]
     Map { len: usize, source: nix::Error },
     #[error("sealing the memfd failed: {source}")]
@@ -53,13 +57,27 @@ impl MemfdWriter {
     /// Creates a memfd of `len` bytes (zero-filled) with a writable shared mapping.
     pub fn create(name: &str, len: usize) -> Result<Self, ShmError> {
         let cname = CString::new(name).unwrap_or_else(|_| CString::from(c"zygote"));
-        let fd = memfd_create(cname.as_c_str(), MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)
-            .map_err(|source| ShmError::Create { name: name.to_string(), source })?;
+        let fd = memfd_create(
+            cname.as_c_str(),
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .map_err(|source| ShmError::Create {
+            name: name.to_string(),
+            source,
+        })?;
         let file = File::from(fd);
         file.set_len(len as u64)
-            .map_err(|source| ShmError::Resize { name: name.to_string(), len, source })?;
+            .map_err(|source| ShmError::Resize {
+                name: name.to_string(),
+                len,
+                source,
+            })?;
         let fd = OwnedFd::from(file);
-        let map = if len == 0 { None } else { Some(Mapping::new(fd.as_fd(), len, true)?) };
+        let map = if len == 0 {
+            None
+        } else {
+            Some(Mapping::new(fd.as_fd(), len, true)?)
+        };
         Ok(Self { fd, map, len })
     }
 
@@ -74,8 +92,12 @@ impl MemfdWriter {
     /// Unmaps the writable view and seals the memfd.
     pub fn seal(mut self) -> Result<SealedMemfd, ShmError> {
         drop(self.map.take());
-        fcntl(self.fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|source| ShmError::Seal { source })?;
-        Ok(SealedMemfd { fd: self.fd, len: self.len })
+        fcntl(self.fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(required_seals()))
+            .map_err(|source| ShmError::Seal { source })?;
+        Ok(SealedMemfd {
+            fd: self.fd,
+            len: self.len,
+        })
     }
 }
 
@@ -89,19 +111,26 @@ pub struct SealedMemfd {
 impl SealedMemfd {
     /// Adopts an fd received from another process after checking its seals and size.
     pub fn from_fd(fd: OwnedFd, expected_len: Option<u64>) -> Result<Self, ShmError> {
-        let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|source| ShmError::Seal { source })?;
+        let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS)
+            .map_err(|source| ShmError::Seal { source })?;
         let need = required_seals().bits();
         if seals & need != need {
             return Err(ShmError::NotSealed { seals });
         }
         let file = File::from(fd);
-        let actual = file.metadata().map_err(|source| ShmError::Stat { source })?.len();
+        let actual = file
+            .metadata()
+            .map_err(|source| ShmError::Stat { source })?
+            .len();
         if let Some(expected) = expected_len {
             if expected != actual {
                 return Err(ShmError::Size { expected, actual });
             }
         }
-        Ok(Self { fd: OwnedFd::from(file), len: actual as usize })
+        Ok(Self {
+            fd: OwnedFd::from(file),
+            len: actual as usize,
+        })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -146,18 +175,31 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn empty() -> Self {
-        Self { ptr: NonNull::dangling(), len: 0 }
+        Self {
+            ptr: NonNull::dangling(),
+            len: 0,
+        }
     }
 
     fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<Self, ShmError> {
-        let size = std::num::NonZeroUsize::new(len).ok_or(ShmError::Map { len, source: nix::Error::EINVAL })?;
-        let prot = if writable { ProtFlags::PROT_READ | ProtFlags::PROT_WRITE } else { ProtFlags::PROT_READ };
+        let size = std::num::NonZeroUsize::new(len).ok_or(ShmError::Map {
+            len,
+            source: nix::Error::EINVAL,
+        })?;
+        let prot = if writable {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
         // SAFETY: we map a fresh region (no address hint, so nothing existing is replaced) of a
         // memfd that is at least `len` bytes long (its creator sized it, or `from_fd` measured
         // it and the seals forbid shrinking); the region is unmapped exactly once, in `Drop`.
         let ptr = unsafe { mmap(None, size, prot, MapFlags::MAP_SHARED, fd, 0) }
             .map_err(|source| ShmError::Map { len, source })?;
-        Ok(Self { ptr: ptr.cast(), len })
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -233,7 +275,14 @@ mod tests {
 
     #[test]
     fn an_unsealed_memfd_is_refused() {
-        let fd = memfd_create(c"unsealed", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING).unwrap();
-        assert!(matches!(SealedMemfd::from_fd(fd, None), Err(ShmError::NotSealed { .. })));
+        let fd = memfd_create(
+            c"unsealed",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        assert!(matches!(
+            SealedMemfd::from_fd(fd, None),
+            Err(ShmError::NotSealed { .. })
+        ));
     }
 }

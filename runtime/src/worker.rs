@@ -69,7 +69,11 @@ pub enum WorkerError {
     #[error("model: {0}")]
     Model(#[from] ModelError),
     #[error("could not reach the owner at {path} within {waited:?}: {source}")]
-    OwnerUnreachable { path: PathBuf, waited: Duration, source: std::io::Error },
+    OwnerUnreachable {
+        path: PathBuf,
+        waited: Duration,
+        source: std::io::Error,
+    },
     #[error("owner protocol: {0}")]
     Owner(ProtocolError),
     #[error("control channel: {0}")]
@@ -99,7 +103,8 @@ impl Worker {
     /// Attaches an exec'd program: reads [`ATTACH_ENV`] and adopts fds 3, 4 and the listeners.
     pub fn attach() -> Result<Self, WorkerError> {
         let raw = std::env::var(ATTACH_ENV).map_err(|_| WorkerError::NotAttached)?;
-        let info: AttachInfo = serde_json::from_str(&raw).map_err(|e| WorkerError::BadAttachInfo(e.to_string()))?;
+        let info: AttachInfo =
+            serde_json::from_str(&raw).map_err(|e| WorkerError::BadAttachInfo(e.to_string()))?;
         // Children of this process must not believe they are attached too.
         std::env::remove_var(ATTACH_ENV);
         for fd in [CONTROL_FD, MODEL_FD] {
@@ -133,9 +138,17 @@ impl Worker {
         let control = UnixStream::from(control);
         crate::lifeline::install_handler(control.as_fd())
             .map_err(|e| WorkerError::Control(ProtocolError::Io(e.into())))?;
-        control.set_nonblocking(true).map_err(|e| WorkerError::Control(ProtocolError::Io(e)))?;
+        control
+            .set_nonblocking(true)
+            .map_err(|e| WorkerError::Control(ProtocolError::Io(e)))?;
         let model = Model::from_memfd(model_fd, &info.model_path, &info.model_digest)?;
-        Ok(Self { info, control, reader: FrameReader::default(), model, listeners })
+        Ok(Self {
+            info,
+            control,
+            reader: FrameReader::default(),
+            model,
+            listeners,
+        })
     }
 
     pub fn info(&self) -> &AttachInfo {
@@ -158,7 +171,10 @@ impl Worker {
 
     /// Takes the listeners (TCP listeners as the supervisor bound them).
     pub fn take_listeners(&mut self) -> Vec<std::net::TcpListener> {
-        self.listeners.drain(..).map(std::net::TcpListener::from).collect()
+        self.listeners
+            .drain(..)
+            .map(std::net::TcpListener::from)
+            .collect()
     }
 
     /// Asks the owner for the weights, waiting up to `timeout` for it to be up, then verifies
@@ -170,26 +186,41 @@ impl Worker {
             match UnixStream::connect(&path) {
                 Ok(s) => break s,
                 Err(source) if start.elapsed() >= timeout => {
-                    return Err(WorkerError::OwnerUnreachable { path, waited: start.elapsed(), source })
+                    return Err(WorkerError::OwnerUnreachable {
+                        path,
+                        waited: start.elapsed(),
+                        source,
+                    })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         };
-        let req = OwnerRequest::Import { id: 1, worker: self.info.worker, model_digest: self.model.digest().to_string() };
+        let req = OwnerRequest::Import {
+            id: 1,
+            worker: self.info.worker,
+            model_digest: self.model.digest().to_string(),
+        };
         frame::write_frame(&mut stream, &req).map_err(WorkerError::Owner)?;
-        let answer: OwnerResponse = frame::read_frame(&mut stream, Some(timeout.max(Duration::from_secs(1))))
-            .map_err(WorkerError::Owner)?
-            .ok_or(WorkerError::Owner(ProtocolError::Truncated))?;
+        let answer: OwnerResponse =
+            frame::read_frame(&mut stream, Some(timeout.max(Duration::from_secs(1))))
+                .map_err(WorkerError::Owner)?
+                .ok_or(WorkerError::Owner(ProtocolError::Truncated))?;
         match answer {
             OwnerResponse::Manifest { manifest, fds, .. } => {
                 let mut handles = Vec::with_capacity(fds as usize);
                 for _ in 0..fds {
-                    frame::wait_readable(stream.as_fd(), frame::READ_DEADLINE).map_err(WorkerError::Owner)?;
-                    handles.push(fdpass::recv_fd(stream.as_fd()).map_err(|e| WorkerError::Owner(ProtocolError::Io(e)))?);
+                    frame::wait_readable(stream.as_fd(), frame::READ_DEADLINE)
+                        .map_err(WorkerError::Owner)?;
+                    handles.push(
+                        fdpass::recv_fd(stream.as_fd())
+                            .map_err(|e| WorkerError::Owner(ProtocolError::Io(e)))?,
+                    );
                 }
                 Ok(backend::import(manifest, handles, &self.model)?)
             }
-            OwnerResponse::Error { code, message, .. } => Err(WorkerError::Owner(ProtocolError::Remote { code, message })),
+            OwnerResponse::Error { code, message, .. } => {
+                Err(WorkerError::Owner(ProtocolError::Remote { code, message }))
+            }
         }
     }
 
@@ -207,7 +238,11 @@ impl Worker {
     /// Tells the supervisor this worker serves.
     pub fn ready(&mut self, generation: Option<u64>, detail: &str) -> Result<(), WorkerError> {
         let pid = std::process::id() as i32;
-        self.send(&ChildMessage::Ready { pid, generation, detail: detail.to_string() })
+        self.send(&ChildMessage::Ready {
+            pid,
+            generation,
+            detail: detail.to_string(),
+        })
     }
 
     /// Tells the supervisor this worker is alive.
@@ -228,7 +263,11 @@ impl Worker {
 
     /// Reads one pending message from the supervisor, if any, without blocking.
     pub fn poll_control(&mut self) -> Result<Option<ParentMessage>, WorkerError> {
-        match self.reader.read(&mut self.control).map_err(WorkerError::Control)? {
+        match self
+            .reader
+            .read(&mut self.control)
+            .map_err(WorkerError::Control)?
+        {
             ReadEvent::Frame(body) => Ok(Some(frame::decode(&body).map_err(WorkerError::Control)?)),
             ReadEvent::WouldBlock => Ok(None),
             ReadEvent::Eof => Err(WorkerError::Orphaned),

@@ -1,14 +1,20 @@
 //! The host backend: one f32 compute copy of the weights in a sealed memfd, shared read-only by
 //! every worker.
 //!
-//! The owner widens f16/bf16 tensors to f32 (f32 and every other dtype are copied as they are)
-//! into one memfd, each tensor at a 64-byte-aligned offset, seals it and exports it with the
-//! digest of its bytes. A worker receives the memfd, checks its seals and size, maps it
-//! read-only and recomputes the digest before it reports ready. However many workers there are,
-//! the compute copy is in memory once.
+//! When the model needs no conversion (every tensor already in its compute dtype, f32 tensors
+//! 4-byte aligned in the file), the compute copy *is* the zygote's sealed model memfd: the
+//! owner exports a duplicate of that fd with the tensors at their file offsets, and the weights
+//! are in memory exactly once. Otherwise the owner widens f16/bf16 tensors to f32 (every other
+//! dtype is copied as it is) into a new memfd, each tensor at a 64-byte-aligned offset, seals
+//! it and exports it with the digest of its bytes.
+//!
+//! A worker receives the memfd, checks its seals and size, maps it read-only and verifies its
+//! contents before it reports ready: by recomputing the digest, or, when the memfd is the very
+//! model memfd the worker inherited from the zygote (same inode, sealed), by that identity.
+//! However many workers there are, the compute copy is in memory once.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::{ArenaInfo, BackendError, DeviceBackend, Export, Manifest, TensorLayout};
 use crate::model::{Dtype, Model};
@@ -104,6 +110,9 @@ impl DeviceBackend for HostBackend {
     }
 
     fn export(&mut self, model: &Model, generation: u64) -> Result<Export, BackendError> {
+        if let Some(export) = export_in_place(model, generation)? {
+            return Ok(export);
+        }
         let (layouts, total) = plan(model);
         let mut writer = MemfdWriter::create(MEMFD_NAME, total as usize)?;
         {
@@ -124,11 +133,81 @@ impl DeviceBackend for HostBackend {
             model_digest: model.digest().to_string(),
             content_digest,
             device: None,
-            arenas: vec![ArenaInfo { size: total, used: total, legacy_handle: Vec::new() }],
+            arenas: vec![ArenaInfo {
+                size: total,
+                used: total,
+                legacy_handle: Vec::new(),
+            }],
             tensors: layouts,
         };
-        let fd = sealed.try_clone_fd().map_err(|e| BackendError::Manifest(format!("dup of the weights memfd failed: {e}")))?;
-        Ok(Export { manifest, fds: vec![fd] })
+        let fd = sealed
+            .try_clone_fd()
+            .map_err(|e| BackendError::Manifest(format!("dup of the weights memfd failed: {e}")))?;
+        Ok(Export {
+            manifest,
+            fds: vec![fd],
+        })
+    }
+}
+
+/// Whether the model's own bytes can serve as the compute copy.
+pub fn usable_in_place(model: &Model) -> bool {
+    model
+        .tensors()
+        .iter()
+        .all(|t| compute_dtype(t.dtype) == t.dtype && t.offset % t.dtype.size().max(1) == 0)
+}
+
+/// Exports the model memfd itself when no tensor needs converting.
+fn export_in_place(model: &Model, generation: u64) -> Result<Option<Export>, BackendError> {
+    if !usable_in_place(model) {
+        return Ok(None);
+    }
+    let layouts = model
+        .tensors()
+        .iter()
+        .map(|t| TensorLayout {
+            name: t.name.clone(),
+            dtype: t.dtype.as_str().to_string(),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            arena: 0,
+            offset: t.offset as u64,
+            len: t.len as u64,
+        })
+        .collect();
+    let fd = model
+        .memfd()
+        .try_clone_to_owned()
+        .map_err(|e| BackendError::Manifest(format!("dup of the model memfd failed: {e}")))?;
+    let manifest = Manifest {
+        generation,
+        backend: "host".into(),
+        ipc: "memfd".into(),
+        model_digest: model.digest().to_string(),
+        // The arena is the whole model file, so its digest is the model's.
+        content_digest: model.digest().to_string(),
+        device: None,
+        arenas: vec![ArenaInfo {
+            size: model.len(),
+            used: model.len(),
+            legacy_handle: Vec::new(),
+        }],
+        tensors: layouts,
+    };
+    Ok(Some(Export {
+        manifest,
+        fds: vec![fd],
+    }))
+}
+
+/// Whether two fds refer to the same file (device and inode).
+fn same_file(a: std::os::fd::BorrowedFd<'_>, b: std::os::fd::BorrowedFd<'_>) -> bool {
+    match (
+        nix::sys::stat::fstat(a.as_raw_fd()),
+        nix::sys::stat::fstat(b.as_raw_fd()),
+    ) {
+        (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+        _ => false,
     }
 }
 
@@ -192,20 +271,45 @@ impl HostWeights {
     }
 }
 
-/// Worker side: adopt the memfd, check seals and size, map, verify the digest.
-pub fn import(manifest: Manifest, mut fds: Vec<OwnedFd>) -> Result<HostWeights, BackendError> {
+/// Worker side: adopt the memfd, check seals and size, map, verify the contents.
+pub fn import(
+    manifest: Manifest,
+    mut fds: Vec<OwnedFd>,
+    model: &Model,
+) -> Result<HostWeights, BackendError> {
     if fds.len() != 1 || manifest.arenas.len() != 1 {
-        return Err(BackendError::Handles { expected: 1, received: fds.len() });
+        return Err(BackendError::Handles {
+            expected: 1,
+            received: fds.len(),
+        });
     }
     let fd = fds.remove(0);
     let memfd = SealedMemfd::from_fd(fd, Some(manifest.arenas[0].size))?;
     let map = memfd.map()?;
-    let actual = super::digest_bytes(&[&map]);
-    if actual != manifest.content_digest {
-        return Err(BackendError::Digest { what: "weights", expected: manifest.content_digest.clone(), actual });
+    // The model memfd itself is sealed and its digest known: identity is proof enough.
+    let verified_by_identity =
+        same_file(memfd.fd(), model.memfd()) && manifest.content_digest == model.digest();
+    if !verified_by_identity {
+        let actual = super::digest_bytes(&[&map]);
+        if actual != manifest.content_digest {
+            return Err(BackendError::Digest {
+                what: "weights",
+                expected: manifest.content_digest.clone(),
+                actual,
+            });
+        }
     }
-    let by_name = manifest.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-    Ok(HostWeights { manifest, map, by_name })
+    let by_name = manifest
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    Ok(HostWeights {
+        manifest,
+        map,
+        by_name,
+    })
 }
 
 #[cfg(test)]
@@ -214,7 +318,14 @@ mod tests {
 
     #[test]
     fn f16_widening_is_exact() {
-        for (bits, want) in [(0x3c00u16, 1.0f32), (0xc000, -2.0), (0x0000, 0.0), (0x7bff, 65504.0), (0x0001, 5.960_464_5e-8), (0x3555, 0.333_251_95)] {
+        for (bits, want) in [
+            (0x3c00u16, 1.0f32),
+            (0xc000, -2.0),
+            (0x0000, 0.0),
+            (0x7bff, 65504.0),
+            (0x0001, 5.960_464_5e-8),
+            (0x3555, 0.333_251_95),
+        ] {
             assert_eq!(f16_to_f32(bits), want, "{bits:#x}");
         }
         assert!(f16_to_f32(0x7c00).is_infinite());

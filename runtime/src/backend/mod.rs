@@ -41,7 +41,9 @@ impl std::str::FromStr for BackendChoice {
             "auto" => Ok(Self::Auto),
             "host" => Ok(Self::Host),
             "cuda" => Ok(Self::Cuda),
-            other => Err(format!("unknown backend {other:?} (expected auto, host or cuda)")),
+            other => Err(format!(
+                "unknown backend {other:?} (expected auto, host or cuda)"
+            )),
         }
     }
 }
@@ -72,7 +74,9 @@ impl std::str::FromStr for IpcChoice {
             "auto" => Ok(Self::Auto),
             "vmm" => Ok(Self::Vmm),
             "legacy" => Ok(Self::Legacy),
-            other => Err(format!("unknown ipc mode {other:?} (expected auto, vmm or legacy)")),
+            other => Err(format!(
+                "unknown ipc mode {other:?} (expected auto, vmm or legacy)"
+            )),
         }
     }
 }
@@ -161,13 +165,21 @@ pub enum BackendError {
     #[error("manifest check failed: {0}")]
     Manifest(String),
     #[error("digest mismatch for {what}: expected {expected}, computed {actual}")]
-    Digest { what: &'static str, expected: String, actual: String },
+    Digest {
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error("expected {expected} handle fds, received {received}")]
     Handles { expected: usize, received: usize },
     #[error("shared memory: {0}")]
     Shm(#[from] crate::shm::ShmError),
     #[error("device {ordinal} has UUID {actual}, but the weights live on {expected}")]
-    DeviceMismatch { ordinal: u32, expected: String, actual: String },
+    DeviceMismatch {
+        ordinal: u32,
+        expected: String,
+        actual: String,
+    },
 }
 
 /// The owner's side of a backend.
@@ -233,7 +245,10 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
     let mut spans: Vec<(u32, u64, u64, &str)> = Vec::with_capacity(manifest.tensors.len());
     for t in &manifest.tensors {
         let Some(info) = model.tensor(&t.name) else {
-            return Err(BackendError::Manifest(format!("tensor {} is not in the model", t.name)));
+            return Err(BackendError::Manifest(format!(
+                "tensor {} is not in the model",
+                t.name
+            )));
         };
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
         if shape != t.shape {
@@ -243,9 +258,14 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
             )));
         }
         let Some(arena) = manifest.arenas.get(t.arena as usize) else {
-            return Err(BackendError::Manifest(format!("tensor {}: arena {} does not exist", t.name, t.arena)));
+            return Err(BackendError::Manifest(format!(
+                "tensor {}: arena {} does not exist",
+                t.name, t.arena
+            )));
         };
-        let end = t.offset.checked_add(t.len).ok_or_else(|| BackendError::Manifest(format!("tensor {}: offset overflows", t.name)))?;
+        let end = t.offset.checked_add(t.len).ok_or_else(|| {
+            BackendError::Manifest(format!("tensor {}: offset overflows", t.name))
+        })?;
         if end > arena.used || arena.used > arena.size {
             return Err(BackendError::Manifest(format!(
                 "tensor {}: bytes {}..{} outside arena {} ({} used of {})",
@@ -253,7 +273,9 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
             )));
         }
         let elem = crate::model::Dtype::parse(&t.dtype)
-            .map_err(|_| BackendError::Manifest(format!("tensor {}: unknown dtype {}", t.name, t.dtype)))?
+            .map_err(|_| {
+                BackendError::Manifest(format!("tensor {}: unknown dtype {}", t.name, t.dtype))
+            })?
             .size() as u64;
         let count: u64 = t.shape.iter().product();
         if count * elem != t.len {
@@ -267,7 +289,10 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
     spans.sort();
     for w in spans.windows(2) {
         if w[0].0 == w[1].0 && w[1].1 < w[0].2 {
-            return Err(BackendError::Manifest(format!("tensors {} and {} overlap", w[0].3, w[1].3)));
+            return Err(BackendError::Manifest(format!(
+                "tensors {} and {} overlap",
+                w[0].3, w[1].3
+            )));
         }
     }
     Ok(())
@@ -275,10 +300,14 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
 
 /// Imports what an owner sent: checks the manifest against `model`, maps the arenas and
 /// verifies their contents, dispatching on `manifest.backend`.
-pub fn import(manifest: Manifest, fds: Vec<OwnedFd>, model: &Model) -> Result<Weights, BackendError> {
+pub fn import(
+    manifest: Manifest,
+    fds: Vec<OwnedFd>,
+    model: &Model,
+) -> Result<Weights, BackendError> {
     check_manifest(&manifest, model)?;
     match manifest.backend.as_str() {
-        "host" => host::import(manifest, fds).map(Weights::Host),
+        "host" => host::import(manifest, fds, model).map(Weights::Host),
         "cuda" => cuda::import(manifest, fds).map(Weights::Cuda),
         other => Err(BackendError::Manifest(format!("unknown backend {other:?}"))),
     }

@@ -30,14 +30,21 @@ pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Encodes `msg` as a frame: length prefix, then the CBOR map with `"v"` added.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
-    let value = serde_cbor::value::to_value(msg).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let value =
+        serde_cbor::value::to_value(msg).map_err(|e| ProtocolError::Encode(e.to_string()))?;
     let Value::Map(mut map) = value else {
-        return Err(ProtocolError::Encode("a message must serialise to a map".into()));
+        return Err(ProtocolError::Encode(
+            "a message must serialise to a map".into(),
+        ));
     };
     map.insert(Value::Text("v".into()), Value::Integer(VERSION.into()));
-    let body = serde_cbor::to_vec(&Value::Map(map)).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let body =
+        serde_cbor::to_vec(&Value::Map(map)).map_err(|e| ProtocolError::Encode(e.to_string()))?;
     if body.len() > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge { len: body.len(), max: MAX_FRAME });
+        return Err(ProtocolError::FrameTooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
     }
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -52,7 +59,10 @@ pub fn check_len(header: [u8; 4]) -> Result<usize, ProtocolError> {
         return Err(ProtocolError::Malformed("empty frame".into()));
     }
     if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME });
+        return Err(ProtocolError::FrameTooLarge {
+            len,
+            max: MAX_FRAME,
+        });
     }
     Ok(len)
 }
@@ -60,17 +70,25 @@ pub fn check_len(header: [u8; 4]) -> Result<usize, ProtocolError> {
 /// Decodes a frame body: checks the version first, then parses the message, refusing
 /// unknown fields and unknown message types.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    let value: Value = serde_cbor::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let value: Value =
+        serde_cbor::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     let Value::Map(mut map) = value else {
-        return Err(ProtocolError::Malformed("a frame must hold a CBOR map".into()));
+        return Err(ProtocolError::Malformed(
+            "a frame must hold a CBOR map".into(),
+        ));
     };
     match map.remove(&Value::Text("v".into())) {
         Some(Value::Integer(v)) if v == VERSION as i128 => {}
         Some(Value::Integer(v)) => return Err(ProtocolError::Version { got: v.to_string() }),
-        Some(other) => return Err(ProtocolError::Version { got: format!("{other:?}") }),
+        Some(other) => {
+            return Err(ProtocolError::Version {
+                got: format!("{other:?}"),
+            })
+        }
         None => return Err(ProtocolError::Version { got: "none".into() }),
     }
-    serde_cbor::value::from_value(Value::Map(map)).map_err(|e| ProtocolError::Invalid(e.to_string()))
+    serde_cbor::value::from_value(Value::Map(map))
+        .map_err(|e| ProtocolError::Invalid(e.to_string()))
 }
 
 /// Writes one frame to a blocking stream.
@@ -82,7 +100,10 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Pro
 /// Reads one frame from a blocking stream, waiting at most `timeout` in total (`None`: wait
 /// for ever for the first byte, then [`READ_DEADLINE`] for the rest). `Ok(None)` is a clean
 /// end of stream before any byte of a frame.
-pub fn read_frame<S, T>(stream: &mut S, timeout: Option<Duration>) -> Result<Option<T>, ProtocolError>
+pub fn read_frame<S, T>(
+    stream: &mut S,
+    timeout: Option<Duration>,
+) -> Result<Option<T>, ProtocolError>
 where
     S: Read + AsFd,
     T: DeserializeOwned,
@@ -118,7 +139,11 @@ fn read_exact_until<S: Read + AsFd>(
         if let Some(deadline) = deadline {
             let now = Instant::now();
             if now >= deadline {
-                return Err(if got == 0 && eof_ok_at_start { ProtocolError::TimedOut } else { ProtocolError::Truncated });
+                return Err(if got == 0 && eof_ok_at_start {
+                    ProtocolError::TimedOut
+                } else {
+                    ProtocolError::Truncated
+                });
             }
             wait_readable(stream.as_fd(), deadline - now)?;
         }
@@ -135,12 +160,18 @@ fn read_exact_until<S: Read + AsFd>(
 }
 
 /// Waits until `fd` is readable or `timeout` passes (then `TimedOut`).
-pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> Result<(), ProtocolError> {
+pub fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: Duration,
+) -> Result<(), ProtocolError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     loop {
-        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(0) => return Err(ProtocolError::TimedOut),
             Ok(_) => return Ok(()),
             Err(nix::errno::Errno::EINTR) => continue,
@@ -195,7 +226,9 @@ impl FrameReader {
                             self.body_got = 0;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEvent::WouldBlock),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(ReadEvent::WouldBlock)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(ProtocolError::Io(e)),
                 }
@@ -212,7 +245,9 @@ impl FrameReader {
                             return Ok(ReadEvent::Frame(done));
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEvent::WouldBlock),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(ReadEvent::WouldBlock)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(ProtocolError::Io(e)),
                 }
@@ -272,14 +307,24 @@ mod tests {
     fn oversized_frames_are_refused_before_allocating() {
         let err = check_len(((MAX_FRAME + 1) as u32).to_be_bytes()).unwrap_err();
         assert!(matches!(err, ProtocolError::FrameTooLarge { .. }));
-        assert!(matches!(check_len([0, 0, 0, 0]), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            check_len([0, 0, 0, 0]),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 
     #[test]
     fn wrong_versions_and_unknown_fields_are_refused() {
-        let v2 = raw_map(&[("v", Value::Integer(2)), ("type", Value::Text("status".into())), ("id", Value::Integer(1))]);
+        let v2 = raw_map(&[
+            ("v", Value::Integer(2)),
+            ("type", Value::Text("status".into())),
+            ("id", Value::Integer(1)),
+        ]);
         let body = serde_cbor::to_vec(&v2).unwrap();
-        assert!(matches!(decode::<Request>(&body), Err(ProtocolError::Version { .. })));
+        assert!(matches!(
+            decode::<Request>(&body),
+            Err(ProtocolError::Version { .. })
+        ));
         let extra = raw_map(&[
             ("v", Value::Integer(1)),
             ("type", Value::Text("status".into())),
@@ -287,11 +332,25 @@ mod tests {
             ("path", Value::Text("/bin/sh".into())),
         ]);
         let body = serde_cbor::to_vec(&extra).unwrap();
-        assert!(matches!(decode::<Request>(&body), Err(ProtocolError::Invalid(_))), "{:?}", decode::<Request>(&body));
-        let unknown = raw_map(&[("v", Value::Integer(1)), ("type", Value::Text("exec".into())), ("id", Value::Integer(1))]);
+        assert!(
+            matches!(decode::<Request>(&body), Err(ProtocolError::Invalid(_))),
+            "{:?}",
+            decode::<Request>(&body)
+        );
+        let unknown = raw_map(&[
+            ("v", Value::Integer(1)),
+            ("type", Value::Text("exec".into())),
+            ("id", Value::Integer(1)),
+        ]);
         let body = serde_cbor::to_vec(&unknown).unwrap();
-        assert!(matches!(decode::<Request>(&body), Err(ProtocolError::Invalid(_))));
-        assert!(matches!(decode::<Request>(&[0xff, 0x00]), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            decode::<Request>(&body),
+            Err(ProtocolError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode::<Request>(&[0xff, 0x00]),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -302,10 +361,14 @@ mod tests {
         all.extend_from_slice(&b);
         let mut cursor = std::io::Cursor::new(all);
         let mut reader = FrameReader::default();
-        let ReadEvent::Frame(body) = reader.read(&mut cursor).unwrap() else { panic!() };
+        let ReadEvent::Frame(body) = reader.read(&mut cursor).unwrap() else {
+            panic!()
+        };
         assert_eq!(decode::<Request>(&body).unwrap(), Request::Status { id: 1 });
         assert_eq!(cursor.position() as usize, a.len());
-        let ReadEvent::Frame(body) = reader.read(&mut cursor).unwrap() else { panic!() };
+        let ReadEvent::Frame(body) = reader.read(&mut cursor).unwrap() else {
+            panic!()
+        };
         assert_eq!(decode::<Request>(&body).unwrap(), Request::Status { id: 2 });
         assert!(matches!(reader.read(&mut cursor).unwrap(), ReadEvent::Eof));
     }

@@ -31,14 +31,20 @@ pub enum ProtocolError {
     TimedOut,
     #[error("frame is not valid CBOR: {0}")]
     Malformed(String),
-    #[error("unsupported protocol version {got} (this side speaks {})", frame::VERSION)]
+    #[error(
+        "unsupported protocol version {got} (this side speaks {})",
+        frame::VERSION
+    )]
     Version { got: String },
     #[error("invalid message: {0}")]
     Invalid(String),
     #[error("could not encode a message: {0}")]
     Encode(String),
     #[error("expected {expected}, received {received}")]
-    Unexpected { expected: &'static str, received: String },
+    Unexpected {
+        expected: &'static str,
+        received: String,
+    },
     #[error("expected {expected} file descriptors: {reason}")]
     FdCount { expected: usize, reason: String },
     #[error("the peer answered with error {code:?}: {message}")]
@@ -139,17 +145,46 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    Hello { id: u64, server: String, pid: i32, entries: Vec<EntryInfo>, limits: Limits },
+    Hello {
+        id: u64,
+        server: String,
+        pid: i32,
+        entries: Vec<EntryInfo>,
+        limits: Limits,
+    },
     /// The child exists. Followed by one fd: its pidfd.
-    Spawned { id: u64, pid: i32 },
+    Spawned {
+        id: u64,
+        pid: i32,
+    },
     /// The child failed before its entry ran; `exited` follows.
-    ChildError { id: u64, pid: i32, stage: String, message: String },
+    ChildError {
+        id: u64,
+        pid: i32,
+        stage: String,
+        message: String,
+    },
     /// The child ended. `status` is the exit code, or minus the signal number.
-    Exited { id: u64, pid: i32, code: Option<i32>, signal: Option<i32>, status: i32 },
-    Ok { id: u64 },
-    Status { id: u64, status: ZygoteStatus },
+    Exited {
+        id: u64,
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+        status: i32,
+    },
+    Ok {
+        id: u64,
+    },
+    Status {
+        id: u64,
+        status: ZygoteStatus,
+    },
     /// A request failed. `id` is absent when the request could not be read.
-    Error { id: Option<u64>, code: ErrorCode, message: String },
+    Error {
+        id: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// What `status` reports about a zygote.
@@ -181,7 +216,11 @@ pub struct ChildInfo {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OwnerRequest {
     /// Ask for the current weights. `model_digest` must match the owner's model.
-    Import { id: u64, worker: u32, model_digest: String },
+    Import {
+        id: u64,
+        worker: u32,
+        model_digest: String,
+    },
 }
 
 /// An owner's answers.
@@ -189,8 +228,16 @@ pub enum OwnerRequest {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OwnerResponse {
     /// The weights. Followed by `fds` fds, in the order of `manifest.arenas`.
-    Manifest { id: u64, manifest: Manifest, fds: u32 },
-    Error { id: Option<u64>, code: ErrorCode, message: String },
+    Manifest {
+        id: u64,
+        manifest: Manifest,
+        fds: u32,
+    },
+    Error {
+        id: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// What a child tells its supervisor over the control channel.
@@ -198,7 +245,11 @@ pub enum OwnerResponse {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ChildMessage {
     /// The child serves. `generation` is the weights generation it imported, if any.
-    Ready { pid: i32, generation: Option<u64>, detail: String },
+    Ready {
+        pid: i32,
+        generation: Option<u64>,
+        detail: String,
+    },
     /// The child is alive; `served` counts requests answered so far.
     Heartbeat { served: u64 },
     /// The child stopped accepting and will exit when its in-flight work is done.
@@ -217,20 +268,35 @@ pub enum ParentMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminRequest {
-    Status { id: u64 },
+    Status {
+        id: u64,
+    },
     /// Drain and stop the whole service, as SIGTERM does.
-    Stop { id: u64 },
+    Stop {
+        id: u64,
+    },
     /// Roll the workers, as SIGHUP does.
-    Reload { id: u64 },
+    Reload {
+        id: u64,
+    },
 }
 
 /// A running `zygote start`'s answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminResponse {
-    Status { id: u64, service: ServiceStatus },
-    Ok { id: u64 },
-    Error { id: Option<u64>, code: ErrorCode, message: String },
+    Status {
+        id: u64,
+        service: ServiceStatus,
+    },
+    Ok {
+        id: u64,
+    },
+    Error {
+        id: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// The state of a whole service, as `zygote status` shows it.

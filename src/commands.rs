@@ -1,0 +1,196 @@
+//! The client commands: `zygote spawn` (a one-child supervisor over the zygote socket),
+//! `zygote status`, `zygote stop` and `zygote reload` (requests to a running `zygote start`).
+
+use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use zygote_runtime::client::{SpawnFds, ZygoteClient};
+use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
+use zygote_runtime::protocol::{
+    AdminRequest, AdminResponse, ChildMessage, ProcessStatus, Response, ServiceStatus,
+};
+
+use crate::cli::{SpawnArgs, StatusArgs};
+use crate::paths;
+
+/// `zygote spawn`: returns the exit code to exit with (the child's code, or 128 + signal).
+pub fn spawn(args: SpawnArgs) -> anyhow::Result<i32> {
+    let dir = paths::runtime_dir(&args.runtime_dir);
+    let sock = dir.join(zygote_server::server::SOCKET_NAME);
+    let mut client = ZygoteClient::connect(&sock, "zygote spawn")
+        .with_context(|| format!("connecting to {}", sock.display()))?;
+    let listeners: Vec<TcpListener> = args
+        .listen
+        .iter()
+        .map(|a| TcpListener::bind(a).with_context(|| format!("binding {a}")))
+        .collect::<anyhow::Result<_>>()?;
+    let (mine, theirs) = UnixStream::pair().context("socketpair for the control channel")?;
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let fds = SpawnFds {
+        stdin: stdin.as_fd(),
+        stdout: stdout.as_fd(),
+        stderr: stderr.as_fd(),
+        control: theirs.as_fd(),
+        listeners: listeners.iter().map(|l| l.as_fd()).collect(),
+    };
+    let spawned = client.spawn(&args.entry, args.worker, &args.args, args.device, &fds)?;
+    drop(theirs);
+    drop(listeners);
+    println!("pid {}", spawned.pid);
+    mine.set_nonblocking(true)?;
+    let mut reader = FrameReader::default();
+    let mut control_open = true;
+    loop {
+        if control_open {
+            loop {
+                match reader.read(&mut &mine) {
+                    Ok(ReadEvent::Frame(body)) => match frame::decode::<ChildMessage>(&body) {
+                        Ok(ChildMessage::Ready { detail, .. }) => println!("ready {detail}"),
+                        Ok(ChildMessage::Draining { .. }) => println!("draining"),
+                        Ok(ChildMessage::Heartbeat { .. }) => {}
+                        Err(e) => log::warn!("bad control message: {e}"),
+                    },
+                    Ok(ReadEvent::WouldBlock) => break,
+                    Ok(ReadEvent::Eof) | Err(_) => {
+                        control_open = false;
+                        break;
+                    }
+                }
+            }
+        }
+        match client.next_event(Some(Duration::from_millis(200))) {
+            Ok(Response::Exited {
+                pid, code, signal, ..
+            }) if pid == spawned.pid => {
+                return Ok(match (code, signal) {
+                    (Some(c), _) => {
+                        println!("exited with code {c}");
+                        c
+                    }
+                    (_, Some(s)) => {
+                        println!("killed by signal {s}");
+                        128 + s
+                    }
+                    _ => {
+                        println!("exited with an unknown status");
+                        1
+                    }
+                });
+            }
+            Ok(Response::ChildError { stage, message, .. }) => {
+                eprintln!("child failed before its entry ({stage}): {message}")
+            }
+            Ok(_) => {}
+            Err(zygote_runtime::protocol::ProtocolError::TimedOut) => {}
+            Err(e) => bail!("lost the zygote before pid {} exited: {e}", spawned.pid),
+        }
+    }
+}
+
+/// Sends one request to a running `zygote start`.
+pub fn admin(dir: &Path, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
+    let sock = dir.join(paths::SUPERVISOR_SOCKET);
+    let mut stream = UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "no service is running in {} (connecting to {})",
+            dir.display(),
+            sock.display()
+        )
+    })?;
+    frame::write_frame(&mut stream, req)?;
+    let resp: AdminResponse = frame::read_frame(&mut stream, Some(Duration::from_secs(30)))?
+        .context("the supervisor closed the connection")?;
+    if let AdminResponse::Error { code, message, .. } = &resp {
+        bail!("the supervisor refused: {code:?}: {message}");
+    }
+    Ok(resp)
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<i32> {
+    let dir = paths::runtime_dir(&args.runtime_dir);
+    let AdminResponse::Status { service, .. } = admin(&dir, &AdminRequest::Status { id: 1 })?
+    else {
+        bail!("unexpected answer to status");
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&service)?);
+    } else {
+        print!("{}", render(&service));
+    }
+    Ok(0)
+}
+
+fn kib(v: Option<u64>) -> String {
+    v.map(|k| format!("{:.1}M", k as f64 / 1024.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The status table.
+pub fn render(s: &ServiceStatus) -> String {
+    let mut out = format!(
+        "model {}  backend {}{}  listen {}  up {:.0}s\n",
+        s.model,
+        s.backend,
+        s.ipc
+            .as_ref()
+            .map(|i| format!(" ({i})"))
+            .unwrap_or_default(),
+        s.listen.join(","),
+        s.uptime_ms as f64 / 1000.0
+    );
+    out.push_str(&format!(
+        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>9}{:>9}\n",
+        "ROLE", "SLOT", "PID", "STATE", "RESTARTS", "PSS", "RSS", "AGE", "SERVED"
+    ));
+    let mut total = 0;
+    for p in &s.processes {
+        total += p.pss_kib.unwrap_or(0);
+        out.push_str(&row(p));
+    }
+    out.push_str(&format!("total PSS {}\n", kib(Some(total))));
+    out
+}
+
+fn row(p: &ProcessStatus) -> String {
+    format!(
+        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>8.0}s{:>9}\n",
+        p.role,
+        p.slot.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+        p.pid,
+        p.state,
+        p.restarts,
+        kib(p.pss_kib),
+        kib(p.rss_kib),
+        p.age_ms as f64 / 1000.0,
+        p.served
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into())
+    )
+}
+
+pub fn stop(dir: &Path) -> anyhow::Result<i32> {
+    admin(dir, &AdminRequest::Stop { id: 1 })?;
+    // Wait for the supervisor to finish draining: its socket goes away when it exits.
+    let sock = dir.join(paths::SUPERVISOR_SOCKET);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while UnixStream::connect(&sock).is_ok() {
+        if std::time::Instant::now() > deadline {
+            bail!("the service in {} did not stop within 120 s", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("stopped");
+    Ok(0)
+}
+
+pub fn reload(dir: &Path) -> anyhow::Result<i32> {
+    admin(dir, &AdminRequest::Reload { id: 1 })?;
+    println!("rolling the workers");
+    Ok(0)
+}

@@ -1,0 +1,107 @@
+//! The native entries compiled into the `zygote` binary, and the allowlist a zygote starts with.
+//!
+//! | entry | what it runs |
+//! |---|---|
+//! | `owner` | builds and exports the weights ([`zygote_server::owner`]) |
+//! | `app` | the example embeddings service ([`zygote_embed::serve`]) |
+//! | `idle` | attaches, maps the model, reports ready and waits: the smallest worker, used to measure spawns |
+//! | `probe` | like `idle`, but first imports the owner's weights and reads every page of them: a worker whose memory is all weights, used to measure sharing |
+//! | `exec` | the program given after `--` to `zygote start`, exec'd with the attach information |
+
+use std::path::PathBuf;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use zygote_runtime::protocol::ParentMessage;
+use zygote_runtime::{Worker, WorkerError};
+use zygote_server::{Entry, EntryTable};
+
+/// The allowlist: the native entries, plus `exec` when a command was given.
+pub fn table(command: &[String]) -> EntryTable {
+    let mut t = EntryTable::new();
+    t.insert("owner", Entry::Native(zygote_server::owner::run));
+    t.insert("app", Entry::Native(zygote_embed::serve));
+    t.insert("idle", Entry::Native(idle));
+    t.insert("probe", Entry::Native(probe));
+    if let Some((program, args)) = command.split_first() {
+        t.insert(
+            "exec",
+            Entry::Exec {
+                program: PathBuf::from(program),
+                args: args.to_vec(),
+            },
+        );
+    }
+    t
+}
+
+/// The `idle` entry: touches the model's header (so the mapping is really in use), reports
+/// ready, then heartbeats until drained or orphaned.
+pub fn idle(mut worker: Worker) -> i32 {
+    let tensors = worker.model().tensors().len();
+    let first = worker.model().bytes().first().copied().unwrap_or(0);
+    let detail = format!("idle: {tensors} tensors mapped (first byte {first:#04x})");
+    if worker.ready(None, &detail).is_err() {
+        return 1;
+    }
+    wait_for_drain(worker)
+}
+
+/// The `probe` entry: imports the weights, reads one byte of every page of them (so every
+/// page is mapped into this process), reports ready, then waits like `idle`.
+pub fn probe(mut worker: Worker) -> i32 {
+    let weights = match worker.import_weights(std::time::Duration::from_secs(60)) {
+        Ok(w) => w,
+        Err(e) => {
+            log::error!("importing the weights: {e}");
+            return 1;
+        }
+    };
+    let Some(host) = weights.as_host() else {
+        log::error!(
+            "the probe entry reads host weights; these are {}",
+            weights.manifest().backend
+        );
+        return 1;
+    };
+    let bytes = host.mapping().as_slice();
+    let sum = bytes
+        .iter()
+        .step_by(4096)
+        .fold(0u64, |acc, &b| acc.wrapping_add(b as u64));
+    let m = weights.manifest();
+    let detail = format!(
+        "probe: generation {} ipc {} {} bytes read (page checksum {sum})",
+        m.generation,
+        m.ipc,
+        bytes.len()
+    );
+    if worker.ready(Some(m.generation), &detail).is_err() {
+        return 1;
+    }
+    wait_for_drain(worker)
+}
+
+/// Heartbeats until drained or orphaned.
+fn wait_for_drain(mut worker: Worker) -> i32 {
+    loop {
+        let mut fds = [PollFd::new(worker.control_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                log::error!("poll: {e}");
+                return 1;
+            }
+        }
+        match worker.poll_control() {
+            Ok(Some(ParentMessage::Drain { .. })) | Err(WorkerError::Orphaned) => return 0,
+            Ok(None) => {}
+            Err(e) => {
+                log::error!("control channel: {e}");
+                return 1;
+            }
+        }
+        if let Err(WorkerError::Orphaned) = worker.heartbeat(0) {
+            return 0;
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `zygote __zygote`: the zygote process, exec'd by `zygote start` (or by another supervisor).
+//!
+//! It loads and validates the model, writes `ready PID` on stdout (its supervisor's start
+//! signal; stdout then points to /dev/null), and serves the zygote socket until shut down.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use anyhow::Context;
+use zygote_runtime::Model;
+use zygote_server::ServerConfig;
+
+use crate::cli::ZygoteArgs;
+
+fn announce_ready(socket: &Path) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready {} {}", std::process::id(), socket.display());
+    let _ = out.flush();
+    drop(out);
+    // Nothing else should go to the supervisor's pipe; and a closed pipe must not matter later.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+}
+
+pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
+    // A fresh session (a terminal's Ctrl-C goes to the supervisor, which drains) and a clean
+    // signal mask (the supervisor blocks the signals it reads with signalfd).
+    let _ = nix::unistd::setsid();
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+    .context("resetting the signal mask")?;
+    let started = std::time::Instant::now();
+    let model = Model::load(&args.model)
+        .with_context(|| format!("loading the model {}", args.model.display()))?;
+    log::info!(
+        "model {} loaded and validated in {} ms: {} tensors, {} bytes, {}",
+        model.path().display(),
+        started.elapsed().as_millis(),
+        model.tensors().len(),
+        model.len(),
+        model.digest()
+    );
+    let cfg = ServerConfig {
+        runtime_dir: args.runtime_dir.clone(),
+        model,
+        entries: crate::entries::table(&args.command),
+        allow_uids: args.allow_uid.clone(),
+        backend: args.backend.to_string(),
+        on_ready: Some(announce_ready),
+    };
+    Ok(zygote_server::run(cfg)?)
+}
