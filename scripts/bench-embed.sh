@@ -10,6 +10,11 @@
 #     --trials K          worker kills per configuration (default: 3)
 #     --only python|zygote   measure one side only
 #     --preload           also measure the baseline with gunicorn --preload
+#     --torch-threads "1 default"
+#                         baseline variants: torch intra-op threads per worker.
+#                         "default" is the seed as written (one per core in every
+#                         worker: oversubscribed, far slower with several workers
+#                         on 2 cores); "1" is the tuned deployment. Default: both.
 #     --out DIR           where logs and results go (default: bench-out/embed-DATE)
 #     --quiet-wait S      before each measured load, wait up to S s for the
 #                         machine to be idle (default: 60; 0: don't)
@@ -40,6 +45,7 @@ helpers="$repo/scripts/bench-embed"
 ctl=(python3 "$helpers/embedctl.py")
 
 workers_list="2 4"; duration=20; warmup=5; trials=3; only=""; preload=0; quiet_wait=60
+torch_threads="1 default"
 out="$repo/bench-out/embed-$(date +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -49,6 +55,7 @@ while [[ $# -gt 0 ]]; do
         --trials) trials="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
         --preload) preload=1; shift ;;
+        --torch-threads) torch_threads="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --quiet-wait) quiet_wait="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -150,10 +157,9 @@ run_wrk() { # URL CONNS SECONDS OUTFILE
         -s "$helpers/embed.lua" "$url" -- "$bodies" > "$file" 2>&1 || say "wrk exited $? (see $file)"
 }
 
-# measure SERVICE WORKERS PGID URL [RUNTIME_DIR] [NOTE]: load, PSS, restarts -> results.jsonl
+# measure SERVICE WORKERS PGID URL [RUNTIME_DIR] [NOTE] [TAG]: load, PSS, restarts -> results.jsonl
 measure() {
-    local service="$1" n="$2" pg="$3" url="$4" rdir="${5:-}" note="${6:-}" tag ready
-    tag="$service-w$n${note:+-$note}"
+    local service="$1" n="$2" pg="$3" url="$4" rdir="${5:-}" note="${6:-}" tag="${7:-$1-w$2}"
     local conns=$((2 * n))
     say "$tag: warm-up ${warmup}s"
     run_wrk "$url" "$conns" "$warmup" "$out/$tag.warmup.txt"
@@ -210,14 +216,17 @@ PY
 port_seq=0
 next_port() { port_seq=$((port_seq + 1)); echo $((base_port + port_seq)); }
 
-bench_python() { # WORKERS [--preload]
-    local n="$1" flag="${2:-}" port note="" tag
+bench_python() { # WORKERS THREADS [--preload]
+    local n="$1" threads="$2" flag="${3:-}" port note tag
     port="$(next_port)"
-    [[ "$flag" == --preload ]] && note="preload"
-    tag="python-w$n${note:+-$note}"
+    note="torch threads $threads"
+    [[ "$threads" == default ]] && note="torch threads default"
+    [[ "$flag" == --preload ]] && note="$note, preload"
+    tag="python-w$n-t$threads${flag:+-preload}"
     say "$tag: starting gunicorn on 127.0.0.1:$port"
-    local t0; t0="$(date +%s.%N)"
-    BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag.log" 2>&1 &
+    local t0 tt=""; t0="$(date +%s.%N)"
+    [[ "$threads" != default ]] && tt="$threads"
+    TORCH_THREADS="$tt" BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag.log" 2>&1 &
     local pg=$!
     started+=("$pg")
     if ! "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
@@ -225,7 +234,7 @@ bench_python() { # WORKERS [--preload]
         say "$tag: not ready; see $out/$tag.log"; stop_group "$pg"; return 0
     fi
     say "$tag: ready $(cat "$out/$tag.ready.json")"
-    measure python "$n" "$pg" "http://127.0.0.1:$port" "" "$note"
+    measure python "$n" "$pg" "http://127.0.0.1:$port" "" "$note" "$tag"
     stop_group "$pg"
 }
 
@@ -254,8 +263,10 @@ bench_zygote() { # WORKERS
 
 for n in $workers_list; do
     if [[ $need_python == 1 ]]; then
-        bench_python "$n"
-        if [[ $preload == 1 ]]; then bench_python "$n" --preload; fi
+        for t in $torch_threads; do
+            bench_python "$n" "$t"
+            if [[ $preload == 1 ]]; then bench_python "$n" "$t" --preload; fi
+        done
     fi
     if [[ $need_zygote == 1 ]]; then bench_zygote "$n"; fi
 done

@@ -245,17 +245,23 @@ def restart_zygote(args, host, port):
         os.kill(vpid, signal.SIGKILL)
         deadline = t0 + args.timeout
         new_pid, serving_at = None, None
+        poll_ms = None
         while time.time() < deadline:
             if serving_at is None:
-                for w in zygote_workers(zygote_status(args.zygote, args.runtime_dir)):
+                asked = time.time()
+                workers = zygote_workers(zygote_status(args.zygote, args.runtime_dir))
+                for w in workers:
                     if (w.get("slot") == slot and w["pid"] != vpid
                             and w.get("state") == "serving"):
                         new_pid, serving_at = w["pid"], time.time()
+                        # the worker turned serving at most this long before serving_at
+                        poll_ms = round((serving_at - asked) * 1000, 1)
             if serving_at is not None:
                 answered = watch.first_answer(new_pid) if header else None
                 if answered is not None or not header:
                     r = {"victim": vpid, "slot": slot, "new_pid": new_pid,
-                         "status_serving_ms": round((serving_at - t0) * 1000, 1)}
+                         "status_serving_ms": round((serving_at - t0) * 1000, 1),
+                         "status_call_ms": poll_ms}
                     if answered is not None:
                         r["serving_ms"] = round((answered - t0) * 1000, 1)
                         r["method"] = "first answer from the new pid"
@@ -436,6 +442,34 @@ def cmd_report(args):
         note = f" ({r['note']})" if r.get("note") else ""
         out.append(f"| {r['service']}{note} | {r['workers']} | {perf} | {pss} | {rst} "
                    f"| {ready} | {cpu} |")
+    # Against the target: zygote compared with the best baseline variant
+    # (highest req/s, lowest PSS, fastest restart) at the same worker count.
+    def rps(r):
+        w = r.get("wrk") or {}
+        return w["requests"] / (w["duration_us"] / 1e6) if w else None
+
+    lines = []
+    for n in sorted({r["workers"] for r in rows}):
+        z = [r for r in rows if r["workers"] == n and r["service"] == "zygote"]
+        py = [r for r in rows if r["workers"] == n and r["service"] == "python"]
+        if not z or not py:
+            continue
+        z = z[0]
+        parts = []
+        best_rps = max((rps(r) for r in py if rps(r)), default=None)
+        if rps(z) and best_rps:
+            parts.append(f"throughput {rps(z) / best_rps:.2f}x the best baseline ({best_rps:.1f} req/s)")
+        best_pss = min((r["pss"]["total"]["pss_kib"] for r in py if r.get("pss")), default=None)
+        if z.get("pss") and best_pss:
+            parts.append(f"PSS {z['pss']['total']['pss_kib'] / best_pss:.3f} of the smallest baseline "
+                         f"(1/{best_pss / z['pss']['total']['pss_kib']:.1f})")
+        best_rs = min((r["restart"]["median_ms"] for r in py if r.get("restart")), default=None)
+        if z.get("restart") and best_rs:
+            parts.append(f"restart {z['restart']['median_ms']:.0f} ms vs {best_rs / 1000:.1f} s")
+        if parts:
+            lines.append(f"- {n} workers: " + "; ".join(parts))
+    if lines:
+        out += ["", "zygote against the Python baseline:"] + lines
     print("\n".join(out))
     return 0
 
