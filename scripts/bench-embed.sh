@@ -213,12 +213,14 @@ PY
 }
 
 # ------------------------------------------------------------ services
+# A new port for each service, so none meets the last one's TIME_WAIT sockets.
+# (Sets $port; a $(...) subshell would lose the counter.)
 port_seq=0
-next_port() { port_seq=$((port_seq + 1)); echo $((base_port + port_seq)); }
+next_port() { port_seq=$((port_seq + 1)); port=$((base_port + port_seq)); }
 
 bench_python() { # WORKERS THREADS [--preload]
     local n="$1" threads="$2" flag="${3:-}" port note tag
-    port="$(next_port)"
+    next_port
     note="torch threads $threads"
     [[ "$threads" == default ]] && note="torch threads default"
     [[ "$flag" == --preload ]] && note="$note, preload"
@@ -240,7 +242,7 @@ bench_python() { # WORKERS THREADS [--preload]
 
 bench_zygote() { # WORKERS
     local n="$1" port rdir tag="zygote-w$1"
-    port="$(next_port)"
+    next_port
     rdir="$(mktemp -d "$out/rt-$tag.XXXX")"   # mode 0700
     zygote_dirs+=("$rdir")
     local args=(start --workers "$n" --listen "127.0.0.1:$port" --runtime-dir "$rdir")
