@@ -9,12 +9,17 @@
 #     --warmup S          unmeasured load before it (default: 5)
 #     --trials K          worker kills per configuration (default: 3)
 #     --only python|zygote   measure one side only
-#     --preload           also measure the baseline with gunicorn --preload
-#     --torch-threads "1 default"
-#                         baseline variants: torch intra-op threads per worker.
-#                         "default" is the seed as written (one per core in every
-#                         worker: oversubscribed, far slower with several workers
-#                         on 2 cores); "1" is the tuned deployment. Default: both.
+#     --baselines "seed t1 t1-preload"
+#                         the Python variants to measure (default: all three):
+#                         seed        as seed 002 is written: no --preload, torch
+#                                     with one thread per core in every worker
+#                                     (oversubscribed with several workers on 2 cores)
+#                         t1          the same with one torch thread per worker
+#                                     (TORCH_THREADS=1): the tuned deployment
+#                         t1-preload  t1 with gunicorn --preload: the model loaded
+#                                     once in the master and shared copy-on-write
+#                                     (works on CPU; on CUDA it is what fails in
+#                                     seeds 000 and 002). seed-preload also exists.
 #     --out DIR           where logs and results go (default: bench-out/embed-DATE)
 #     --quiet-wait S      before each measured load, wait up to S s for the
 #                         machine to be idle (default: 60; 0: don't)
@@ -44,8 +49,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 helpers="$repo/scripts/bench-embed"
 ctl=(python3 "$helpers/embedctl.py")
 
-workers_list="2 4"; duration=20; warmup=5; trials=3; only=""; preload=0; quiet_wait=60
-torch_threads="1 default"
+workers_list="2 4"; duration=20; warmup=5; trials=3; only=""; quiet_wait=60
+baselines="seed t1 t1-preload"
 out="$repo/bench-out/embed-$(date +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -54,8 +59,7 @@ while [[ $# -gt 0 ]]; do
         --warmup) warmup="$2"; shift 2 ;;
         --trials) trials="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
-        --preload) preload=1; shift ;;
-        --torch-threads) torch_threads="$2"; shift 2 ;;
+        --baselines) baselines="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --quiet-wait) quiet_wait="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -78,17 +82,40 @@ say() { echo "bench-embed: $*" >&2; }
 # pid is its process group id and its children share it).
 started=()
 zygote_dirs=()
+helper_pids=()
+# Run a helper (wrk, embedctl.py) in the background and wait for it: bash
+# runs a signal trap only once the foreground command returns, while `wait`
+# is cut short by one, so Ctrl-C or a TERM stops the run at once.
+run() {
+    "$@" &
+    local p=$! rc=0
+    helper_pids+=("$p")
+    wait "$p" || rc=$?
+    forget "$p"
+    return "$rc"
+}
+# Drop a reaped helper's pid, so that cleanup never signals a reused pid.
+forget() {
+    local keep=() q
+    for q in "${helper_pids[@]+"${helper_pids[@]}"}"; do
+        if [[ "$q" != "$1" ]]; then keep+=("$q"); fi
+    done
+    helper_pids=("${keep[@]+"${keep[@]}"}")
+}
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    local d pg
-    for d in "${zygote_dirs[@]}"; do
+    local d pg p
+    for p in "${helper_pids[@]+"${helper_pids[@]}"}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for d in "${zygote_dirs[@]+"${zygote_dirs[@]}"}"; do
         [[ -S "$d/zygote.sock" || -d "$d" ]] && timeout 10 "$zbin" stop --runtime-dir "$d" >/dev/null 2>&1 || true
     done
-    for pg in "${started[@]}"; do
+    for pg in "${started[@]+"${started[@]}"}"; do
         kill -TERM -- "-$pg" 2>/dev/null || true
     done
-    for pg in "${started[@]}"; do
+    for pg in "${started[@]+"${started[@]}"}"; do
         for _ in $(seq 1 50); do kill -0 -- "-$pg" 2>/dev/null || break; sleep 0.1; done
         kill -KILL -- "-$pg" 2>/dev/null || true
     done
@@ -153,7 +180,7 @@ bodies="$out/bodies.jsonl"
 run_wrk() { # URL CONNS SECONDS OUTFILE
     local url="$1" conns="$2" secs="$3" file="$4" threads=2
     (( conns < threads )) && threads="$conns"
-    timeout $((secs + 30)) wrk -t "$threads" -c "$conns" -d "${secs}s" --timeout 10s \
+    run timeout $((secs + 30)) wrk -t "$threads" -c "$conns" -d "${secs}s" --timeout 10s \
         -s "$helpers/embed.lua" "$url" -- "$bodies" > "$file" 2>&1 || say "wrk exited $? (see $file)"
 }
 
@@ -165,13 +192,15 @@ measure() {
     run_wrk "$url" "$conns" "$warmup" "$out/$tag.warmup.txt"
     if [[ "$quiet_wait" != 0 ]]; then
         say "$tag: waiting up to ${quiet_wait}s for other work on the machine to settle"
-        "${ctl[@]}" idle-wait --max "$quiet_wait" > "$out/$tag.idle.json" || true
+        run "${ctl[@]}" idle-wait --max "$quiet_wait" > "$out/$tag.idle.json" || true
     fi
     say "$tag: load ${duration}s, $conns connections"
     "${ctl[@]}" cpu-monitor --seconds "$duration" "$pg" > "$out/$tag.cpu.json" &
     local mon=$!
     run_wrk "$url" "$conns" "$duration" "$out/$tag.wrk.txt"
+    helper_pids+=("$mon")
     wait "$mon" || true
+    forget "$mon"
     say "$tag: $(grep -h '^Requests/sec' "$out/$tag.wrk.txt" || true); CPU $(cat "$out/$tag.cpu.json")"
     local pids="$pg"
     if [[ -n "$rdir" ]]; then
@@ -184,10 +213,10 @@ measure() {
     say "$tag: PSS $(tail -1 "$out/$tag.pss.txt")"
     say "$tag: $trials worker kills"
     if [[ -n "$rdir" ]]; then
-        "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 60 \
+        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 60 \
             --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
     else
-        "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 \
+        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 \
             --gunicorn-master "$pg" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
     fi
     python3 - "$service" "$n" "$note" "$out/$tag" >> "$results" <<'PY'
@@ -218,20 +247,24 @@ PY
 port_seq=0
 next_port() { port_seq=$((port_seq + 1)); port=$((base_port + port_seq)); }
 
-bench_python() { # WORKERS THREADS [--preload]
-    local n="$1" threads="$2" flag="${3:-}" port note tag
+bench_python() { # WORKERS VARIANT (seed, t1, t1-preload, seed-preload)
+    local n="$1" variant="$2" threads flag="" port note tag
+    case "$variant" in
+        seed) threads=default; note="seed: torch threads default" ;;
+        seed-preload) threads=default; flag=--preload; note="seed + preload" ;;
+        t1) threads=1; note="1 torch thread per worker" ;;
+        t1-preload) threads=1; flag=--preload; note="1 torch thread, preload" ;;
+        *) say "unknown baseline variant $variant"; return 0 ;;
+    esac
     next_port
-    note="torch threads $threads"
-    [[ "$threads" == default ]] && note="torch threads default"
-    [[ "$flag" == --preload ]] && note="$note, preload"
-    tag="python-w$n-t$threads${flag:+-preload}"
+    tag="python-w$n-$variant"
     say "$tag: starting gunicorn on 127.0.0.1:$port"
     local t0 tt=""; t0="$(date +%s.%N)"
     [[ "$threads" != default ]] && tt="$threads"
     TORCH_THREADS="$tt" BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag.log" 2>&1 &
     local pg=$!
     started+=("$pg")
-    if ! "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
+    if ! run "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
             --timeout 180 > "$out/$tag.ready.json"; then
         say "$tag: not ready; see $out/$tag.log"; stop_group "$pg"; return 0
     fi
@@ -254,7 +287,7 @@ bench_zygote() { # WORKERS
     setsid "$zbin" "${args[@]}" > "$out/$tag.log" 2>&1 &
     local pg=$!
     started+=("$pg")
-    if ! "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
+    if ! run "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
             --timeout 120 --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag.ready.json"; then
         say "$tag: not ready; see $out/$tag.log"; stop_group "$pg" "$rdir"; return 0
     fi
@@ -265,10 +298,7 @@ bench_zygote() { # WORKERS
 
 for n in $workers_list; do
     if [[ $need_python == 1 ]]; then
-        for t in $torch_threads; do
-            bench_python "$n" "$t"
-            if [[ $preload == 1 ]]; then bench_python "$n" "$t" --preload; fi
-        done
+        for v in $baselines; do bench_python "$n" "$v"; done
     fi
     if [[ $need_zygote == 1 ]]; then bench_zygote "$n"; fi
 done
