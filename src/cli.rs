@@ -131,6 +131,10 @@ pub struct ZygoteArgs {
     pub backend: BackendChoice,
     #[arg(long = "allow-uid")]
     pub allow_uid: Vec<u32>,
+    /// End (SIGKILL) when the thread that started this process exits: `zygote start` passes
+    /// it, so a zygote never outlives its supervisor.
+    #[arg(long)]
+    pub die_with_parent: bool,
     /// The exec entry's program and arguments.
     #[arg(last = true)]
     pub command: Vec<String>,

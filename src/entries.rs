@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use zygote_runtime::backend::Weights;
 use zygote_runtime::protocol::ParentMessage;
 use zygote_runtime::{Worker, WorkerError};
 use zygote_server::{Entry, EntryTable};
@@ -56,25 +57,35 @@ pub fn probe(mut worker: Worker) -> i32 {
             return 1;
         }
     };
-    let Some(host) = weights.as_host() else {
-        log::error!(
-            "the probe entry reads host weights; these are {}",
-            weights.manifest().backend
-        );
-        return 1;
-    };
-    let bytes = host.mapping().as_slice();
-    let sum = bytes
-        .iter()
-        .step_by(4096)
-        .fold(0u64, |acc, &b| acc.wrapping_add(b as u64));
     let m = weights.manifest();
-    let detail = format!(
-        "probe: generation {} ipc {} {} bytes read (page checksum {sum})",
-        m.generation,
-        m.ipc,
-        bytes.len()
-    );
+    let detail = match &weights {
+        Weights::Host(host) => {
+            let bytes = host.mapping().as_slice();
+            let sum = bytes
+                .iter()
+                .step_by(4096)
+                .fold(0u64, |acc, &b| acc.wrapping_add(b as u64));
+            format!(
+                "probe: generation {} backend host ipc {} {} bytes read (page checksum {sum})",
+                m.generation,
+                m.ipc,
+                bytes.len()
+            )
+        }
+        Weights::Cuda(cuda) => {
+            // The import already read every arena back to check its digest.
+            let t = cuda.timings();
+            format!(
+                "probe: generation {} backend cuda ipc {} read_only {} context_ms {} map_ms {} digest_ms {}",
+                m.generation,
+                m.ipc,
+                cuda.read_only(),
+                t.context.as_millis(),
+                t.map.as_millis(),
+                t.digest.as_millis()
+            )
+        }
+    };
     if worker.ready(Some(m.generation), &detail).is_err() {
         return 1;
     }

@@ -25,6 +25,18 @@ fn announce_ready(socket: &Path) {
 }
 
 pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
+    if args.die_with_parent {
+        // The zygote is its supervisor's child and ends with it, like every other process the
+        // supervisor started (the workers end when their control channels close); otherwise
+        // an orphaned zygote would go on holding the model and its socket. Its own children
+        // are not tied to it: the death signal is not inherited across fork.
+        let parent = nix::unistd::getppid();
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .context("PR_SET_PDEATHSIG")?;
+        if nix::unistd::getppid() != parent {
+            anyhow::bail!("the process that started the zygote (pid {parent}) is gone");
+        }
+    }
     // A fresh session (a terminal's Ctrl-C goes to the supervisor, which drains) and a clean
     // signal mask (the supervisor blocks the signals it reads with signalfd).
     let _ = nix::unistd::setsid();

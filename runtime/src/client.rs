@@ -191,6 +191,64 @@ impl ZygoteClient {
         }
     }
 
+    /// Leaves the handles of an exported generation with the zygote.
+    pub fn keep_weights(
+        &mut self,
+        device: u32,
+        manifest: &crate::backend::Manifest,
+        fds: &[OwnedFd],
+    ) -> Result<(), ProtocolError> {
+        let id = self.id();
+        self.send(&Request::KeepWeights {
+            id,
+            device,
+            manifest: manifest.clone(),
+            fds: fds.len() as u32,
+        })?;
+        for fd in fds {
+            loop {
+                match fdpass::send_fd(self.stream.as_fd(), fd.as_fd()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        wait_writable(&self.stream)?
+                    }
+                    other => break other?,
+                }
+            }
+        }
+        self.expect_ok(id)
+    }
+
+    /// Fetches what the zygote keeps for `device`: `Ok(None)` when it keeps nothing.
+    pub fn fetch_weights(
+        &mut self,
+        device: u32,
+    ) -> Result<Option<(crate::backend::Manifest, Vec<OwnedFd>)>, ProtocolError> {
+        let id = self.id();
+        self.send(&Request::FetchWeights { id, device })?;
+        match self.answer(id)? {
+            Response::Weights { manifest, fds, .. } => {
+                let mut got = Vec::with_capacity(fds as usize);
+                for _ in 0..fds {
+                    got.push(loop {
+                        match fdpass::recv_fd(self.stream.as_fd()) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                frame::wait_readable(self.stream.as_fd(), frame::READ_DEADLINE)?;
+                            }
+                            other => break other?,
+                        }
+                    });
+                }
+                Ok(Some((manifest, got)))
+            }
+            Response::Error {
+                code: crate::protocol::ErrorCode::Unavailable,
+                ..
+            } => Ok(None),
+            Response::Error { code, message, .. } => Err(ProtocolError::Remote { code, message }),
+            other => Err(unexpected("weights", &other)),
+        }
+    }
+
     /// Asks the zygote to exit.
     pub fn shutdown(&mut self) -> Result<(), ProtocolError> {
         let id = self.id();
@@ -259,6 +317,7 @@ fn answer_id(r: &Response) -> Option<u64> {
         | Response::ChildError { id, .. }
         | Response::Exited { id, .. }
         | Response::Ok { id }
+        | Response::Weights { id, .. }
         | Response::Status { id, .. } => Some(*id),
         Response::Error { id, .. } => *id,
     }

@@ -32,6 +32,7 @@ pub mod model;
 pub mod procfs;
 pub mod protocol;
 pub mod shm;
+pub mod synth;
 pub mod worker;
 
 pub use model::{Model, ModelError};

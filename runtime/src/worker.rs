@@ -35,6 +35,8 @@ pub const CONTROL_FD: i32 = 3;
 pub const MODEL_FD: i32 = 4;
 /// The first listener's fd in every child.
 pub const FIRST_LISTENER_FD: i32 = 5;
+/// The zygote socket's name in the runtime directory.
+pub const ZYGOTE_SOCKET: &str = "zygote.sock";
 /// The environment variable holding [`AttachInfo`] as JSON.
 pub const ATTACH_ENV: &str = "ZYGOTE_ATTACH";
 
@@ -180,19 +182,30 @@ impl Worker {
     /// Asks the owner for the weights, waiting up to `timeout` for it to be up, then verifies
     /// them against the model (manifest, digest) before returning.
     pub fn import_weights(&self, timeout: Duration) -> Result<Weights, WorkerError> {
-        let path = owner_socket(&self.info.runtime_dir, self.info.device.unwrap_or(0));
+        let device = self.info.device.unwrap_or(0);
+        let path = owner_socket(&self.info.runtime_dir, device);
         let start = Instant::now();
         let mut stream = loop {
             match UnixStream::connect(&path) {
                 Ok(s) => break s,
-                Err(source) if start.elapsed() >= timeout => {
-                    return Err(WorkerError::OwnerUnreachable {
-                        path,
-                        waited: start.elapsed(),
-                        source,
-                    })
+                Err(source) => {
+                    // No owner is up: the zygote may keep the last generation's handles.
+                    if let Some((manifest, fds)) = self.fetch_kept(device) {
+                        log::info!(
+                            "no owner is up; importing generation {} kept by the zygote",
+                            manifest.generation
+                        );
+                        return Ok(backend::import(manifest, fds, &self.model)?);
+                    }
+                    if start.elapsed() >= timeout {
+                        return Err(WorkerError::OwnerUnreachable {
+                            path,
+                            waited: start.elapsed(),
+                            source,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         };
         let req = OwnerRequest::Import {
@@ -222,6 +235,13 @@ impl Worker {
                 Err(WorkerError::Owner(ProtocolError::Remote { code, message }))
             }
         }
+    }
+
+    /// What the zygote keeps for `device`, if it is reachable and keeps anything.
+    fn fetch_kept(&self, device: u32) -> Option<(backend::Manifest, Vec<OwnedFd>)> {
+        let socket = self.info.runtime_dir.join(ZYGOTE_SOCKET);
+        let mut client = crate::client::ZygoteClient::connect(&socket, "worker").ok()?;
+        client.fetch_weights(device).ok().flatten()
     }
 
     fn send(&mut self, msg: &ChildMessage) -> Result<(), WorkerError> {

@@ -150,6 +150,7 @@ struct Supervisor {
     tokens: HashMap<Token, Tok>,
     next_token: usize,
     exits: HashMap<i32, String>,
+    awaiting_status: HashMap<i32, Role>,
     generation: u64,
     phase: Phase,
     started: Instant,
@@ -215,6 +216,7 @@ pub fn run(cfg: Config) -> anyhow::Result<i32> {
         tokens: HashMap::new(),
         next_token: FIRST_DYNAMIC,
         exits: HashMap::new(),
+        awaiting_status: HashMap::new(),
         generation: 0,
         phase: Phase::Starting,
         started: Instant::now(),
@@ -494,6 +496,11 @@ impl Supervisor {
                 if let Role::Owner(_) = role {
                     self.ipc = field(&detail, "ipc");
                     self.backend_name = field(&detail, "backend");
+                    let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
+                    if restarted && self.ipc.as_deref() == Some("legacy") {
+                        // Legacy IPC memory died with the old owner: workers must re-import.
+                        self.roll("the owner restarted with legacy CUDA IPC");
+                    }
                 }
                 if let Some(s) = self.slots.get_mut(&role) {
                     s.failures_before_ready = 0;
@@ -578,10 +585,11 @@ impl Supervisor {
         // Orphans (their zygote died) are ours to reap; the zygote reports the others.
         self.reap();
         self.drain_zygote_events();
-        let status = self
-            .exits
-            .remove(&pid)
-            .unwrap_or_else(|| "status pending".into());
+        let status = self.exits.remove(&pid).unwrap_or_else(|| {
+            // The zygote's `exited` is on its way; log the status when it arrives.
+            self.awaiting_status.insert(pid, p.role);
+            "status to follow".into()
+        });
         let lived = p.started.elapsed();
         let role = p.role;
         match p.state {
@@ -649,11 +657,25 @@ impl Supervisor {
         }
     }
 
+    /// Keeps a child's exit status for `on_exit`, or logs it if `on_exit` already ran.
+    fn record_exit(&mut self, pid: i32, status: String) {
+        match self.awaiting_status.remove(&pid) {
+            Some(role) => log::info!("{role} (pid {pid}) exit status: {status}"),
+            None => {
+                // A `child_error` comes before the `exited` of the same child: keep both.
+                self.exits
+                    .entry(pid)
+                    .and_modify(|s| *s = format!("{s}; {status}"))
+                    .or_insert(status);
+            }
+        }
+    }
+
     fn reaped(&mut self, pid: i32, status: String) {
         if self.zygote.as_ref().is_some_and(|z| z.pid == pid) {
             self.on_zygote_death(status);
         } else {
-            self.exits.insert(pid, status);
+            self.record_exit(pid, status);
         }
     }
 
@@ -726,7 +748,7 @@ impl Supervisor {
                         (_, Some(s)) => format!("signal {s}"),
                         _ => "unknown status".into(),
                     };
-                    self.exits.insert(pid, s);
+                    self.record_exit(pid, s);
                 }
                 Response::ChildError {
                     pid,
@@ -735,7 +757,7 @@ impl Supervisor {
                     ..
                 } => {
                     log::error!("pid {pid} failed before its entry ran ({stage}): {message}");
-                    self.exits.insert(pid, format!("{stage} failed: {message}"));
+                    self.record_exit(pid, format!("{stage} failed: {message}"));
                 }
                 other => log::debug!("zygote said {other:?}"),
             }

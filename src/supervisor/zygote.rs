@@ -66,6 +66,8 @@ pub fn start(spec: &ZygoteSpec) -> Result<ZygoteProc, StartError> {
         .arg("--model")
         .arg(&spec.model);
     cmd.arg("--backend").arg(spec.backend.to_string());
+    // The zygote ends with us (it is one of the children that must not outlive the service).
+    cmd.arg("--die-with-parent");
     for uid in &spec.allow_uids {
         cmd.arg("--allow-uid").arg(uid.to_string());
     }

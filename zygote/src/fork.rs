@@ -298,12 +298,58 @@ fn reset_signals() -> Result<(), String> {
         // library reserves) just fail with EINVAL, which we ignore.
         unsafe { libc::signal(sig, libc::SIG_DFL) };
     }
+    // The C library refuses the signals it reserves for itself (32 and 33 with glibc), but a
+    // disposition of SIG_IGN on them is inherited like any other: glibc's posix_spawn sets
+    // them ignored in a child of a multi-threaded parent, and exec keeps that. Reset them
+    // with the system call itself.
+    for sig in 32..libc::SIGRTMIN() {
+        reset_reserved_signal(sig)?;
+    }
     nix::sys::signal::sigprocmask(
         nix::sys::signal::SigmaskHow::SIG_SETMASK,
         Some(&nix::sys::signal::SigSet::empty()),
         None,
     )
     .map_err(|e| format!("sigprocmask: {e}"))
+}
+
+/// The kernel's `struct sigaction` (`include/uapi/asm-generic/signal.h`; x86_64 and aarch64
+/// both define `SA_RESTORER`, so both have the `restorer` field).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Sets `sig` to SIG_DFL with `rt_sigaction(2)`, bypassing the C library's wrapper.
+fn reset_reserved_signal(sig: i32) -> Result<(), String> {
+    let action = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: `action` is a valid kernel sigaction that lives across the call; the old action
+    // is not asked for (null); the size is that of the kernel's sigset_t (8 bytes). SIG_DFL
+    // installs no handler code, so no restorer is needed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &action as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+    if rc < 0 {
+        return Err(format!(
+            "rt_sigaction({sig}, SIG_DFL): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Sets `comm` (15 bytes) and rewrites the argument area that `ps` shows.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use zygote_runtime::backend::{BackendChoice, DeviceBackend, Export, IpcChoice};
+use zygote_runtime::client::ZygoteClient;
 use zygote_runtime::protocol::frame;
 use zygote_runtime::protocol::{
     ErrorCode, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError,
@@ -78,7 +79,7 @@ pub fn run(mut worker: Worker) -> i32 {
             return 3;
         }
     };
-    let export = match backend.export(worker.model(), opts.generation) {
+    let export = match obtain(backend.as_mut(), &worker, device, opts.generation) {
         Ok(e) => e,
         Err(e) => {
             log::error!("building the weights failed: {e}");
@@ -100,18 +101,67 @@ pub fn run(mut worker: Worker) -> i32 {
         "backend={} ipc={} generation={} bytes={} built_ms={}",
         backend.name(),
         backend.ipc(),
-        opts.generation,
+        export.manifest.generation,
         export.manifest.arenas.iter().map(|a| a.used).sum::<u64>(),
         built.as_millis()
     );
     log::info!("weights ready: {detail}; serving {}", path.display());
-    if let Err(e) = worker.ready(Some(opts.generation), &detail) {
+    if let Err(e) = worker.ready(Some(export.manifest.generation), &detail) {
         log::error!("reporting ready failed: {e}");
         return 6;
     }
     let code = serve(&mut worker, &listener, &export);
     let _ = std::fs::remove_file(&path);
     code
+}
+
+/// Adopts the generation the zygote keeps for `device` when the backend can (a restarted
+/// owner: no upload), else exports a new one and leaves its handles with the zygote, so that
+/// they outlive this process.
+fn obtain(
+    backend: &mut dyn DeviceBackend,
+    worker: &Worker,
+    device: u32,
+    generation: u64,
+) -> Result<Export, zygote_runtime::backend::BackendError> {
+    let socket = worker
+        .info()
+        .runtime_dir
+        .join(zygote_runtime::worker::ZYGOTE_SOCKET);
+    let mut zygote = match ZygoteClient::connect(&socket, "owner") {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!(
+                "the zygote is not reachable ({e}); the weights will not outlive this owner"
+            );
+            None
+        }
+    };
+    if let Some(kept) = zygote
+        .as_mut()
+        .and_then(|z| z.fetch_weights(device).ok().flatten())
+    {
+        let (manifest, fds) = kept;
+        let generation = manifest.generation;
+        match backend.adopt(manifest, fds, worker.model()) {
+            Ok(Some(export)) => {
+                log::info!("adopted generation {generation} kept by the zygote (no rebuild)");
+                return Ok(export);
+            }
+            Ok(None) => log::info!("generation {generation} cannot be adopted; building anew"),
+            Err(e) => log::warn!("adopting generation {generation} failed ({e}); building anew"),
+        }
+    }
+    let export = backend.export(worker.model(), generation)?;
+    // Legacy CUDA handles die with this process: keeping them would only mislead.
+    if export.manifest.ipc != "legacy" {
+        if let Some(z) = zygote.as_mut() {
+            if let Err(e) = z.keep_weights(device, &export.manifest, &export.fds) {
+                log::warn!("leaving the weights with the zygote failed: {e}");
+            }
+        }
+    }
+    Ok(export)
 }
 
 fn serve(worker: &mut Worker, listener: &UnixListener, export: &Export) -> i32 {

@@ -20,6 +20,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use zygote_runtime::backend::Manifest;
 use zygote_runtime::fdpass;
 use zygote_runtime::model::Model;
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
@@ -40,8 +41,10 @@ pub const MAX_ARG_LEN: u32 = 4096;
 pub const MAX_CONNECTIONS: u32 = 64;
 /// Most live children.
 pub const MAX_CHILDREN: u32 = 1024;
+/// Most fds one `keep_weights` may carry (one per arena).
+pub const MAX_KEPT_FDS: u32 = 64;
 /// The name of the socket in the runtime directory.
-pub const SOCKET_NAME: &str = "zygote.sock";
+pub const SOCKET_NAME: &str = zygote_runtime::worker::ZYGOTE_SOCKET;
 
 const LISTENER: Token = Token(0);
 const FIRST_DYNAMIC: usize = 1;
@@ -80,6 +83,10 @@ enum Out {
 #[derive(Debug)]
 struct PendingSpawn {
     id: u64,
+    /// Fds announced: 4 + listeners for a spawn, the arena count for `keep_weights`.
+    need: usize,
+    /// Set for `keep_weights`: the device and manifest the fds belong to.
+    keep: Option<(u32, Manifest)>,
     entry: String,
     worker: u32,
     args: Vec<String>,
@@ -125,6 +132,8 @@ struct Server {
     listener: UnixListener,
     conns: HashMap<Token, Conn>,
     children: HashMap<Pid, Child>,
+    /// Exported handles kept per device (see `keep_weights`).
+    kept: std::collections::BTreeMap<u32, (Manifest, Vec<OwnedFd>)>,
     tokens: HashMap<Token, Slot>,
     next_token: usize,
     shutting_down: bool,
@@ -197,6 +206,7 @@ pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
         listener,
         conns: HashMap::new(),
         children: HashMap::new(),
+        kept: std::collections::BTreeMap::new(),
         tokens: HashMap::new(),
         next_token: FIRST_DYNAMIC,
         shutting_down: false,
@@ -354,14 +364,14 @@ impl Server {
                 return;
             }
             if let Some(p) = conn.pending.as_mut() {
-                let need = 4 + p.listeners as usize;
+                let need = p.need;
                 while p.fds.len() < need {
                     match fdpass::recv_fd(conn.stream.as_fd()) {
                         Ok(fd) => p.fds.push(fd),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                         Err(e) => {
                             let msg = format!(
-                                "spawn {} announced {need} fds, fd {} did not arrive: {e}",
+                                "request {} announced {need} fds, fd {} did not arrive: {e}",
                                 p.id,
                                 p.fds.len() + 1
                             );
@@ -372,7 +382,11 @@ impl Server {
                     }
                 }
                 let p = conn.pending.take().expect("checked above");
-                self.spawn(t, p);
+                if p.keep.is_some() {
+                    self.keep(t, p);
+                } else {
+                    self.spawn(t, p);
+                }
                 continue;
             }
             let event = conn.reader.read(&mut conn.stream);
@@ -436,6 +450,8 @@ impl Server {
                 if let Some(conn) = self.conns.get_mut(&t) {
                     conn.pending = Some(PendingSpawn {
                         id,
+                        need: 4 + listeners as usize,
+                        keep: None,
                         entry,
                         worker,
                         args,
@@ -500,6 +516,11 @@ impl Server {
                         })
                         .collect(),
                     connections: self.conns.len() as u32,
+                    kept: self
+                        .kept
+                        .iter()
+                        .map(|(d, (m, _))| (*d, m.generation, m.ipc.clone()))
+                        .collect(),
                 };
                 self.send(t, &Response::Status { id, status });
             }
@@ -508,7 +529,93 @@ impl Server {
                 self.send(t, &Response::Ok { id });
                 self.shutting_down = true;
             }
+            Request::KeepWeights {
+                id,
+                device,
+                manifest,
+                fds,
+            } => {
+                if fds as usize != manifest.arenas.len() || fds > MAX_KEPT_FDS {
+                    let msg = format!(
+                        "keep_weights announces {fds} fds for {} arenas (at most {MAX_KEPT_FDS})",
+                        manifest.arenas.len()
+                    );
+                    self.fail(t, Some(id), ErrorCode::BadFdCount, msg, true);
+                    return;
+                }
+                if let Some(conn) = self.conns.get_mut(&t) {
+                    conn.pending = Some(PendingSpawn {
+                        id,
+                        need: fds as usize,
+                        keep: Some((device, manifest)),
+                        entry: String::new(),
+                        worker: 0,
+                        args: Vec::new(),
+                        listeners: 0,
+                        device: Some(device),
+                        fds: Vec::new(),
+                        since: Instant::now(),
+                    });
+                }
+            }
+            Request::FetchWeights { id, device } => {
+                let Some((manifest, fds)) = self.kept.get(&device) else {
+                    // An ordinary answer (a first owner asks too), not a client error.
+                    let message = format!("no weights are kept for device {device}");
+                    let code = ErrorCode::Unavailable;
+                    self.send(
+                        t,
+                        &Response::Error {
+                            id: Some(id),
+                            code,
+                            message,
+                        },
+                    );
+                    return;
+                };
+                let dups: Result<Vec<OwnedFd>, _> = fds.iter().map(|f| f.try_clone()).collect();
+                match dups {
+                    Ok(dups) => {
+                        let resp = Response::Weights {
+                            id,
+                            manifest: manifest.clone(),
+                            fds: dups.len() as u32,
+                        };
+                        self.send(t, &resp);
+                        if let Some(conn) = self.conns.get_mut(&t) {
+                            conn.out.extend(dups.into_iter().map(Out::Fd));
+                        }
+                        self.flush(t);
+                    }
+                    Err(e) => {
+                        let msg = format!("dup of a kept fd failed: {e}");
+                        self.fail(t, Some(id), ErrorCode::Internal, msg, false)
+                    }
+                }
+            }
         }
+    }
+
+    /// Keeps an owner's exported handles: holding an fd needs no CUDA, and it keeps the
+    /// memory alive while no owner is up.
+    fn keep(&mut self, t: Token, p: PendingSpawn) {
+        let Some((device, manifest)) = p.keep else {
+            return;
+        };
+        log::info!(
+            "keeping generation {} of device {device} ({} {}, {} handles)",
+            manifest.generation,
+            manifest.backend,
+            manifest.ipc,
+            p.fds.len()
+        );
+        if let Some((old, _)) = self.kept.insert(device, (manifest, p.fds)) {
+            log::info!(
+                "released the kept generation {} of device {device}",
+                old.generation
+            );
+        }
+        self.send(t, &Response::Ok { id: p.id });
     }
 
     fn spawn(&mut self, t: Token, p: PendingSpawn) {
@@ -857,9 +964,9 @@ impl Server {
                         Some(p.id),
                         ErrorCode::BadFdCount,
                         format!(
-                            "spawn {} announced {} fds, {} arrived before the deadline",
+                            "request {} announced {} fds, {} arrived before the deadline",
                             p.id,
-                            4 + p.listeners,
+                            p.need,
                             p.fds.len()
                         ),
                     ));

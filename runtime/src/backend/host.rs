@@ -148,6 +148,27 @@ impl DeviceBackend for HostBackend {
             fds: vec![fd],
         })
     }
+
+    fn adopt(
+        &mut self,
+        manifest: Manifest,
+        fds: Vec<OwnedFd>,
+        model: &Model,
+    ) -> Result<Option<Export>, BackendError> {
+        if manifest.backend != "host" {
+            return Ok(None);
+        }
+        super::check_manifest(&manifest, model)?;
+        // The same checks a worker makes: seals, size, contents.
+        let dup = fds
+            .first()
+            .map(|f| f.try_clone())
+            .transpose()
+            .map_err(|e| BackendError::Manifest(format!("dup of a kept memfd failed: {e}")))?;
+        let weights = import(manifest.clone(), dup.into_iter().collect(), model)?;
+        drop(weights);
+        Ok(Some(Export { manifest, fds }))
+    }
 }
 
 /// Whether the model's own bytes can serve as the compute copy.

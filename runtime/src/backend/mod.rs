@@ -93,7 +93,7 @@ impl std::fmt::Display for IpcChoice {
 
 /// The description of one exported generation of weights: enough for a worker to map them and
 /// to check that they are the weights of its model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Increases by one with every export by any owner of this service.
@@ -180,6 +180,14 @@ pub enum BackendError {
         expected: String,
         actual: String,
     },
+    #[error("--ipc {requested} is not possible on device {ordinal}: {reason}")]
+    IpcUnsupported {
+        requested: String,
+        ordinal: u32,
+        reason: String,
+    },
+    #[error("tensor {tensor}: {reason}")]
+    View { tensor: String, reason: String },
 }
 
 /// The owner's side of a backend.
@@ -190,6 +198,18 @@ pub trait DeviceBackend {
     fn ipc(&self) -> &'static str;
     /// Builds the compute copy of `model` and exports it as `generation`.
     fn export(&mut self, model: &Model, generation: u64) -> Result<Export, BackendError>;
+    /// Takes over a generation exported by an earlier owner (kept by the zygote while no owner
+    /// was up), verifying it, instead of building the weights again. `Ok(None)`: this backend or
+    /// this generation's IPC cannot be adopted; build anew.
+    fn adopt(
+        &mut self,
+        manifest: Manifest,
+        fds: Vec<OwnedFd>,
+        model: &Model,
+    ) -> Result<Option<Export>, BackendError> {
+        let _ = (manifest, fds, model);
+        Ok(None)
+    }
 }
 
 /// Weights a worker imported, ready for its app.

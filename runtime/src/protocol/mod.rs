@@ -139,6 +139,18 @@ pub enum Request {
     Status { id: u64 },
     /// Ask the zygote to exit. Its children keep running (they belong to their requesters).
     Shutdown { id: u64 },
+    /// An owner leaves the zygote a copy of the handles of the generation it exported for
+    /// `device` (holding an fd needs no CUDA). Followed by `fds` fds in the order of
+    /// `manifest.arenas`. Replaces what was kept for that device.
+    KeepWeights {
+        id: u64,
+        device: u32,
+        manifest: Manifest,
+        fds: u32,
+    },
+    /// Ask for what is kept for `device`: a worker while no owner is up, or a new owner that
+    /// adopts the generation instead of building it again.
+    FetchWeights { id: u64, device: u32 },
 }
 
 /// The zygote's answers.
@@ -179,6 +191,12 @@ pub enum Response {
         id: u64,
         status: ZygoteStatus,
     },
+    /// What is kept for a device. Followed by `fds` fds in the order of `manifest.arenas`.
+    Weights {
+        id: u64,
+        manifest: Manifest,
+        fds: u32,
+    },
     /// A request failed. `id` is absent when the request could not be read.
     Error {
         id: Option<u64>,
@@ -199,6 +217,9 @@ pub struct ZygoteStatus {
     pub backend: String,
     pub children: Vec<ChildInfo>,
     pub connections: u32,
+    /// Generations kept per device: `(device, generation, ipc)`.
+    #[serde(default)]
+    pub kept: Vec<(u32, u64, String)>,
 }
 
 /// One live child of the zygote.

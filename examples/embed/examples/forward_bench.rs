@@ -1,0 +1,66 @@
+//! Throughput of the host forward pass, single-threaded: sentences per second for short
+//! (about 10 word pieces) and longer (about 60) texts, one text per call and eight per call.
+//! Tokenisation is included, as in a request.
+//!
+//! `cargo run --release -p zygote-embed --example forward_bench [MODEL_DIR] [SECONDS] [CASE]`
+//! (default model directory: `models/all-MiniLM-L6-v2`, default 3 s per case; CASE, e.g.
+//! `short/1`, runs one case only, for profiling).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use zygote_embed::{build_app, import_host_weights, ModelSpec};
+
+const SHORT: &str = "The quick brown fox jumps over the lazy dog.";
+const LONG: &str =
+    "Sentence embeddings map a text to a vector, so that texts with similar meanings \
+    end up close together; search engines, clustering and deduplication all rely on them, and a \
+    small model such as this one computes them quickly on an ordinary processor core.";
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = args.next().map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2")
+    });
+    let seconds: f64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3.0);
+    let only = args.next();
+    let spec = ModelSpec::load(&dir)?;
+    let (_model, weights) = import_host_weights(&dir.join("model.safetensors"))?;
+    let mut app = build_app(&spec, &weights)?;
+
+    println!(
+        "{:<8} {:>6} {:>7} {:>12} {:>12}",
+        "text", "tokens", "batch", "sentences/s", "ms/call"
+    );
+    for (label, text) in [("short", SHORT), ("long", LONG)] {
+        for batch in [1usize, 8] {
+            if only
+                .as_ref()
+                .is_some_and(|o| *o != format!("{label}/{batch}"))
+            {
+                continue;
+            }
+            let texts = vec![text; batch];
+            let (_, tokens) = app.embed(&texts)?;
+            // Warm the buffers and caches first.
+            for _ in 0..3 {
+                app.embed(&texts)?;
+            }
+            let budget = Duration::from_secs_f64(seconds);
+            let start = Instant::now();
+            let mut calls = 0u64;
+            while start.elapsed() < budget {
+                app.embed(&texts)?;
+                calls += 1;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            println!(
+                "{label:<8} {:>6} {batch:>7} {:>12.1} {:>12.2}",
+                tokens / batch,
+                (calls as usize * batch) as f64 / elapsed,
+                elapsed * 1e3 / calls as f64
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,518 @@
+//! The BERT forward pass on the CPU, over the owner's shared f32 weights.
+//!
+//! Every weight is a `&[f32]` borrowed from the read-only mapping the worker imported; nothing
+//! of it is copied. Linear layers compute `x · Wᵀ + b` with the `gemm` crate over strided views
+//! ([`super::gemm`]), so the transposed weight is a view, not a copy. Per-request activations
+//! live in [`Scratch`], allocated once and grown to the largest chunk seen, so a steady stream of
+//! requests allocates nothing in the forward pass.
+//!
+//! Activations are stored feature-major: a chunk of `R` word pieces is `[features][R]`
+//! (element `(t, f)` at `f * R + t`), the column-major form of the usual `[R, features]`. With
+//! that layout the weight is the product's right-hand side, read in place along its rows, and
+//! the activations are the small left-hand side that the kernel wants column-major: for the
+//! few word pieces of a short text this is about twice as fast as the row-major layout, which
+//! makes the kernel repack every weight on every call.
+//!
+//! The arithmetic follows Hugging Face's `BertModel` in eval mode, then sentence-transformers'
+//! pooling and normalisation: embeddings (word + position + token type), LayerNorm, N × (self
+//! attention, add & LayerNorm, GELU feed-forward, add & LayerNorm), pooling over each text's
+//! tokens, L2 normalisation. One worker is one thread; parallelism comes from running one
+//! worker per core.
+
+use zygote_runtime::backend::host::HostWeights;
+
+use super::gemm::{matmul, Mat, MatMut};
+use super::SentenceEncoder;
+use crate::error::EmbedError;
+use crate::spec::{BertTensors, LayerTensors, ModelSpec, Pooling};
+use crate::tokenize::TokenBatch;
+
+/// Rows (word pieces of all texts) computed together, by default. Larger chunks gain little
+/// once a matrix product has a few hundred rows, and the activations of a chunk are this
+/// worker's private memory: 512 rows of MiniLM are about 8 MiB.
+pub const DEFAULT_MAX_ROWS: usize = 512;
+
+/// Dimensions of the model, copied out of the config once.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+    inter: usize,
+    max_positions: usize,
+    eps: f32,
+}
+
+/// Activations of one chunk of `R` rows, feature-major, reused from request to request.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Hidden states, `[hidden][R]`.
+    x: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output before its projection, `[hidden][R]`.
+    ctx: Vec<f32>,
+    /// A sublayer's output before add & norm, `[hidden][R]`.
+    tmp: Vec<f32>,
+    /// The feed-forward's inner activations, `[intermediate][R]`.
+    inter: Vec<f32>,
+    /// Attention scores of one head of one text, `[len][len]` (query-major).
+    scores: Vec<f32>,
+    /// Per-row statistics of LayerNorm, `[R]`.
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+fn ensure(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+}
+
+/// The CPU encoder, borrowing the weights for its whole life.
+#[derive(Debug)]
+pub struct HostEncoder<'w> {
+    t: BertTensors<&'w [f32]>,
+    dims: Dims,
+    pooling: Pooling,
+    normalize: bool,
+    max_rows: usize,
+    scratch: Scratch,
+}
+
+impl<'w> HostEncoder<'w> {
+    /// Binds every tensor of `spec`'s encoder in `weights` (checking names and shapes).
+    pub fn new(spec: &ModelSpec, weights: &'w HostWeights) -> Result<Self, EmbedError> {
+        let t = BertTensors::bind(
+            &spec.config,
+            |name| weights.tensor(name).is_some(),
+            |name, shape| {
+                let Some(tensor) = weights.tensor(name) else {
+                    return Ok(None);
+                };
+                if tensor.shape != shape {
+                    return Err(EmbedError::TensorShape {
+                        name: name.into(),
+                        expected: shape.to_vec(),
+                        actual: tensor.shape.to_vec(),
+                    });
+                }
+                tensor
+                    .as_f32()
+                    .map(Some)
+                    .ok_or_else(|| EmbedError::NotF32 { name: name.into() })
+            },
+        )?;
+        let c = &spec.config;
+        Ok(Self {
+            t,
+            dims: Dims {
+                hidden: c.hidden_size,
+                heads: c.num_attention_heads,
+                head_dim: c.head_dim(),
+                inter: c.intermediate_size,
+                max_positions: c.max_position_embeddings,
+                eps: c.layer_norm_eps as f32,
+            },
+            pooling: spec.pooling,
+            normalize: spec.normalize,
+            max_rows: DEFAULT_MAX_ROWS.max(spec.max_seq_length),
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Sets the rows computed together. A text longer than this is still computed whole, alone.
+    pub fn with_max_rows(mut self, rows: usize) -> Self {
+        self.max_rows = rows.max(1);
+        self
+    }
+
+    /// Runs texts `first..last` of `batch` and appends their vectors to `out`.
+    fn run_chunk(&mut self, batch: &TokenBatch, first: usize, last: usize, out: &mut Vec<f32>) {
+        let d = self.dims;
+        let h = d.hidden;
+        let r0 = batch.span(first).start;
+        let rows = batch.span(last - 1).end - r0;
+        let s = &mut self.scratch;
+        for buf in [
+            &mut s.x, &mut s.q, &mut s.k, &mut s.v, &mut s.ctx, &mut s.tmp,
+        ] {
+            ensure(buf, rows * h);
+        }
+        ensure(&mut s.inter, rows * d.inter);
+        ensure(&mut s.mean, rows);
+        ensure(&mut s.inv_std, rows);
+
+        // Embeddings: word + position + token type.
+        for i in first..last {
+            let span = batch.span(i);
+            for (pos, r) in span.clone().enumerate() {
+                let (id, ty) = (batch.ids[r] as usize, batch.type_ids[r] as usize);
+                let word = &self.t.word[id * h..(id + 1) * h];
+                let posv = &self.t.position[pos * h..(pos + 1) * h];
+                let tyv = &self.t.token_type[ty * h..(ty + 1) * h];
+                let t = r - r0;
+                for f in 0..h {
+                    s.x[f * rows + t] = word[f] + posv[f] + tyv[f];
+                }
+            }
+        }
+        layer_norm(
+            &mut s.x[..rows * h],
+            rows,
+            self.t.emb_ln_w,
+            self.t.emb_ln_b,
+            d.eps,
+            &mut s.mean,
+            &mut s.inv_std,
+        );
+
+        for layer in &self.t.layers {
+            encoder_layer(layer, d, batch, first, last, r0, rows, s);
+        }
+
+        for i in first..last {
+            let span = batch.span(i);
+            let start = out.len();
+            out.resize(start + h, 0.0);
+            let v = &mut out[start..];
+            pool(
+                self.pooling,
+                &s.x[..rows * h],
+                rows,
+                (span.start - r0)..(span.end - r0),
+                v,
+            );
+            if self.normalize {
+                l2_normalize(v);
+            }
+        }
+    }
+}
+
+impl SentenceEncoder for HostEncoder<'_> {
+    fn backend(&self) -> &'static str {
+        "host"
+    }
+
+    fn dim(&self) -> usize {
+        self.dims.hidden
+    }
+
+    fn embed(&mut self, batch: &TokenBatch, out: &mut Vec<f32>) -> Result<(), EmbedError> {
+        out.clear();
+        out.reserve(batch.len() * self.dims.hidden);
+        // What a TextEncoder produces always passes; a batch built by hand must not index past
+        // the tables.
+        if let Some(&len) = batch
+            .lens()
+            .iter()
+            .find(|&&l| l == 0 || l > self.dims.max_positions)
+        {
+            return Err(EmbedError::Tokenize(format!(
+                "a text of {len} word pieces (expected 1..={})",
+                self.dims.max_positions
+            )));
+        }
+        let vocab = self.t.word.len() / self.dims.hidden;
+        let types = self.t.token_type.len() / self.dims.hidden;
+        if batch.ids.iter().any(|&id| id as usize >= vocab)
+            || batch.type_ids.iter().any(|&t| t as usize >= types)
+        {
+            return Err(EmbedError::Tokenize(
+                "a token id is outside the model's tables".into(),
+            ));
+        }
+        // Chunks of whole texts, each at most max_rows rows (or one text, if longer).
+        let mut first = 0;
+        while first < batch.len() {
+            let mut last = first + 1;
+            let mut rows = batch.lens()[first];
+            while last < batch.len() && rows + batch.lens()[last] <= self.max_rows {
+                rows += batch.lens()[last];
+                last += 1;
+            }
+            self.run_chunk(batch, first, last, out);
+            first = last;
+        }
+        Ok(())
+    }
+}
+
+/// `y = x · Wᵀ + b` for `rows` rows, feature-major: `x` is `[in][rows]`, `y` is `[out][rows]`,
+/// and `W` is `[out, in]` row-major as torch stores it.
+fn linear(x: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
+    let out_dim = b.len();
+    let in_dim = w.len() / out_dim;
+    let y = &mut y[..out_dim * rows];
+    for (line, &bias) in y.chunks_exact_mut(rows).zip(b) {
+        line.fill(bias);
+    }
+    // Wᵀ is a view of the shared weight with swapped strides, never a copy.
+    matmul(
+        MatMut::col_major(y, rows, out_dim),
+        Mat::col_major(x, rows, in_dim),
+        Mat::row_major(w, out_dim, in_dim).t(),
+        1.0,
+        true,
+    );
+}
+
+/// One encoder layer over rows `r0..r0 + rows` (texts `first..last`), in place on `s.x`.
+#[allow(clippy::too_many_arguments)]
+fn encoder_layer(
+    l: &LayerTensors<&[f32]>,
+    d: Dims,
+    batch: &TokenBatch,
+    first: usize,
+    last: usize,
+    r0: usize,
+    rows: usize,
+    s: &mut Scratch,
+) {
+    let n = rows * d.hidden;
+    linear(&s.x, rows, l.query_w, l.query_b, &mut s.q);
+    linear(&s.x, rows, l.key_w, l.key_b, &mut s.k);
+    linear(&s.x, rows, l.value_w, l.value_b, &mut s.v);
+
+    let scale = 1.0 / (d.head_dim as f32).sqrt();
+    for i in first..last {
+        let span = batch.span(i);
+        let (start, len) = (span.start - r0, span.len());
+        ensure(&mut s.scores, len * len);
+        for head in 0..d.heads {
+            // This head's features of this text's rows: [len, head_dim], column-major.
+            let off = head * d.head_dim * rows + start;
+            let (q, k, v) = (
+                head_view(&s.q[..n], off, len, d, rows),
+                head_view(&s.k[..n], off, len, d, rows),
+                head_view(&s.v[..n], off, len, d, rows),
+            );
+            let scores = &mut s.scores[..len * len];
+            matmul(MatMut::row_major(scores, len, len), q, k.t(), scale, false);
+            for row in scores.chunks_exact_mut(len) {
+                softmax(row);
+            }
+            let ctx = MatMut::new(&mut s.ctx[off..n], len, d.head_dim, 1, rows);
+            matmul(ctx, Mat::row_major(&*scores, len, len), v, 1.0, false);
+        }
+    }
+
+    linear(&s.ctx, rows, l.attn_out_w, l.attn_out_b, &mut s.tmp);
+    add(&mut s.x[..n], &s.tmp[..n]);
+    layer_norm(
+        &mut s.x[..n],
+        rows,
+        l.attn_ln_w,
+        l.attn_ln_b,
+        d.eps,
+        &mut s.mean,
+        &mut s.inv_std,
+    );
+
+    linear(&s.x, rows, l.inter_w, l.inter_b, &mut s.inter);
+    for v in &mut s.inter[..rows * d.inter] {
+        *v = gelu(*v);
+    }
+    linear(&s.inter, rows, l.out_w, l.out_b, &mut s.tmp);
+    add(&mut s.x[..n], &s.tmp[..n]);
+    layer_norm(
+        &mut s.x[..n],
+        rows,
+        l.out_ln_w,
+        l.out_ln_b,
+        d.eps,
+        &mut s.mean,
+        &mut s.inv_std,
+    );
+}
+
+/// One head's features of one text's rows, from `off` on: `[len, head_dim]`, column-major in a
+/// feature-major buffer of `rows` rows.
+fn head_view(buf: &[f32], off: usize, len: usize, d: Dims, rows: usize) -> Mat<'_> {
+    Mat::new(&buf[off..], len, d.head_dim, 1, rows)
+}
+
+/// BERT's GELU, the exact (erf) form: `x · Φ(x)`.
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The error function, as a rational approximation (Eigen's `generic_fast_erf_float`, also
+/// what PyTorch's vectorised CPU kernels use): within a few ulp of the exact erf in f32, and
+/// branch-free, so the GELU loop vectorises.
+fn erf(x: f32) -> f32 {
+    // Beyond ±4, erf is ±1 in f32.
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p + -2.101_024e-6;
+    p = x2 * p + -5.692_506_4e-5;
+    p = x2 * p + -7.349_906e-4;
+    p = x2 * p + -2.954_6e-3;
+    p = x2 * p + -1.609_603_3e-2;
+    p *= x;
+    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
+    q = x2 * q + -1.682_827e-3;
+    q = x2 * q + -7.373_329e-3;
+    q = x2 * q + -1.426_474e-2;
+    p / q
+}
+
+/// Numerically stable softmax in place.
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `x += y`.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// LayerNorm of every row of a feature-major `[features][rows]` matrix, in place (biased
+/// variance, eps inside the root, as torch). The loops run along rows, so they vectorise.
+fn layer_norm(
+    x: &mut [f32],
+    rows: usize,
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    mean: &mut [f32],
+    inv_std: &mut [f32],
+) {
+    let features = w.len();
+    let (mean, inv_std) = (&mut mean[..rows], &mut inv_std[..rows]);
+    mean.fill(0.0);
+    for line in x.chunks_exact(rows) {
+        add(mean, line);
+    }
+    let inv_n = 1.0 / features as f32;
+    for m in mean.iter_mut() {
+        *m *= inv_n;
+    }
+    inv_std.fill(0.0);
+    for line in x.chunks_exact(rows) {
+        for ((acc, v), m) in inv_std.iter_mut().zip(line).zip(&*mean) {
+            *acc += (v - m) * (v - m);
+        }
+    }
+    for v in inv_std.iter_mut() {
+        *v = 1.0 / (*v * inv_n + eps).sqrt();
+    }
+    for ((line, &g), &beta) in x.chunks_exact_mut(rows).zip(w).zip(b) {
+        for ((v, m), is) in line.iter_mut().zip(&*mean).zip(&*inv_std) {
+            *v = (*v - m) * is * g + beta;
+        }
+    }
+}
+
+/// Pools rows `span` of a feature-major `[features][rows]` matrix into `out` (`[features]`).
+fn pool(mode: Pooling, x: &[f32], rows: usize, span: std::ops::Range<usize>, out: &mut [f32]) {
+    let len = span.len() as f32;
+    for (o, line) in out.iter_mut().zip(x.chunks_exact(rows)) {
+        let vals = &line[span.clone()];
+        *o = match mode {
+            Pooling::Cls => vals[0],
+            Pooling::Max => vals.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            Pooling::Mean => vals.iter().sum::<f32>() / len,
+            Pooling::MeanSqrtLen => vals.iter().sum::<f32>() / len.sqrt(),
+        };
+    }
+}
+
+/// Divides by the Euclidean norm (at least 1e-12, as torch's `F.normalize`).
+fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    for x in v.iter_mut() {
+        *x /= norm;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_uses_the_torch_layout() {
+        // W = [[1, 2], [3, 4], [5, 6]] is [out=3, in=2]; x rows are [1, 1] and [0, 2], stored
+        // feature-major as [[1, 0], [1, 2]].
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [0.5, 0.0, -1.0];
+        let x = [1.0, 0.0, 1.0, 2.0];
+        let mut y = [0.0; 6];
+        linear(&x, 2, &w, &b, &mut y);
+        // Rows [3.5, 7, 10] and [4.5, 8, 11], feature-major.
+        assert_eq!(y, [3.5, 4.5, 7.0, 8.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn softmax_and_norms() {
+        let mut r = [1000.0, 1000.0];
+        softmax(&mut r);
+        assert_eq!(r, [0.5, 0.5]);
+        // Two rows, [1, 3] and [4, 8], feature-major; both normalise to [-1, 1].
+        let mut x = [1.0, 4.0, 3.0, 8.0];
+        let (mut m, mut s) = ([0.0; 2], [0.0; 2]);
+        layer_norm(&mut x, 2, &[1.0, 2.0], &[0.0, 1.0], 0.0, &mut m, &mut s);
+        assert_eq!(x, [-1.0, -1.0, 3.0, 3.0]);
+        let mut v = [3.0, 4.0];
+        l2_normalize(&mut v);
+        assert_eq!(v, [0.6, 0.8]);
+        let mut zero = [0.0, 0.0];
+        l2_normalize(&mut zero);
+        assert_eq!(zero, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn erf_is_close_to_the_exact_one() {
+        let mut worst = 0.0f32;
+        for i in -60_000..=60_000 {
+            let x = i as f32 * 1e-4;
+            worst = worst.max((erf(x) - libm::erff(x)).abs());
+        }
+        assert!(worst < 5e-7, "largest error {worst}");
+        assert!((erf(10.0) - 1.0).abs() < 2e-7 && (erf(-10.0) + 1.0).abs() < 2e-7);
+        assert_eq!(erf(0.0), 0.0);
+    }
+
+    #[test]
+    fn gelu_matches_known_values() {
+        // torch.nn.functional.gelu(torch.tensor([-3., -1., 0., 1., 3.]))
+        for (x, want) in [
+            (-3.0, -0.004_049_7),
+            (-1.0, -0.158_655_26),
+            (0.0, 0.0),
+            (1.0, 0.841_344_7),
+            (3.0, 2.995_950_3),
+        ] {
+            assert!((gelu(x) - want).abs() < 1e-6, "gelu({x}) = {}", gelu(x));
+        }
+    }
+
+    #[test]
+    fn pooling_modes() {
+        // Three rows of two features, feature-major; pool rows 1..3: [-2, 3] and [4, 5].
+        let x = [9.0, -2.0, 4.0, 9.0, 3.0, 5.0];
+        let mut out = [0.0; 2];
+        pool(Pooling::Mean, &x, 3, 1..3, &mut out);
+        assert_eq!(out, [1.0, 4.0]);
+        pool(Pooling::Cls, &x, 3, 1..3, &mut out);
+        assert_eq!(out, [-2.0, 3.0]);
+        pool(Pooling::Max, &x, 3, 1..3, &mut out);
+        assert_eq!(out, [4.0, 5.0]);
+        pool(Pooling::MeanSqrtLen, &x, 3, 1..3, &mut out);
+        assert_eq!(out, [2.0 / 2f32.sqrt(), 8.0 / 2f32.sqrt()]);
+    }
+}

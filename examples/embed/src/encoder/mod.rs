@@ -1,0 +1,48 @@
+//! The forward pass: word pieces in, one sentence vector per text out.
+//!
+//! [`SentenceEncoder`] is the boundary between the HTTP side of the app and the arithmetic.
+//! Each backend of the runtime gets its own implementation over the weights a worker imported,
+//! and none of them copies the weights:
+//!
+//! - [`host::HostEncoder`] borrows `&[f32]` slices of the owner's shared read-only mapping
+//!   ([`zygote_runtime::backend::host::HostWeights`]) and multiplies with the `gemm` crate.
+//! - a CUDA encoder (not written yet) would bind the same [`crate::spec::BertTensors`] table to
+//!   the imported device pointers, with cuBLAS for the products; [`for_weights`] is where it
+//!   slots in.
+//!
+//! Batches are packed, not padded: a [`TokenBatch`] lays the texts of a request one after another,
+//! every linear layer runs once over all of their rows, and attention runs within each text's
+//! own rows. That is what padding plus an attention mask computes, without the padded rows.
+
+mod gemm;
+pub mod host;
+
+use zygote_runtime::backend::Weights;
+
+use crate::error::EmbedError;
+use crate::spec::ModelSpec;
+use crate::tokenize::TokenBatch;
+
+/// A forward pass over imported weights.
+pub trait SentenceEncoder {
+    /// Which backend computes (`"host"`, `"cuda"`), for logs and the ready message.
+    fn backend(&self) -> &'static str;
+    /// The width of a sentence vector.
+    fn dim(&self) -> usize;
+    /// Embeds every text of `batch`, pooled (and normalised when the model says so). `out` is
+    /// cleared, then holds `batch.len() * dim()` floats, text after text.
+    fn embed(&mut self, batch: &TokenBatch, out: &mut Vec<f32>) -> Result<(), EmbedError>;
+}
+
+/// The encoder for the weights a worker imported, borrowing them.
+pub fn for_weights<'w>(
+    spec: &ModelSpec,
+    weights: &'w Weights,
+) -> Result<Box<dyn SentenceEncoder + 'w>, EmbedError> {
+    match weights {
+        Weights::Host(w) => Ok(Box::new(host::HostEncoder::new(spec, w)?)),
+        Weights::Cuda(_) => Err(EmbedError::UnsupportedBackend {
+            backend: "cuda".into(),
+        }),
+    }
+}

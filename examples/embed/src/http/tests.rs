@@ -1,0 +1,631 @@
+//! Tests of the request parser and of the event loop, the latter on real sockets: a listener on
+//! 127.0.0.1:0, clients in the test thread, the loop in a thread of its own, and a control
+//! channel that speaks the runtime's real frames over a Unix socket pair.
+
+use std::io::{Read, Write};
+use std::net::TcpStream as StdStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
+
+use super::*;
+use crate::testutil::Rng;
+
+fn limits() -> Limits {
+    Limits {
+        max_header_bytes: 1024,
+        max_body: 4096,
+        ..Limits::default()
+    }
+}
+
+fn complete(raw: &str) -> Head {
+    match parse(raw.as_bytes(), &limits()) {
+        Parsed::Complete(h) => h,
+        other => panic!("{raw:?}: {other:?}"),
+    }
+}
+
+fn rejected(raw: &[u8]) -> u16 {
+    match parse(raw, &limits()) {
+        Parsed::Reject { status, .. } => status,
+        other => panic!("{:?}: {other:?}", String::from_utf8_lossy(raw)),
+    }
+}
+
+#[test]
+fn parses_requests() {
+    let h = complete("GET /healthz?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (h.method.as_str(), h.path.as_str(), h.keep_alive, h.body_len),
+        ("GET", "/healthz", true, 0)
+    );
+    let raw = "POST /embed HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhelloGET / HTTP/1.1\r\n";
+    let h = complete(raw);
+    assert_eq!((h.body_len, h.keep_alive), (5, false));
+    assert_eq!(&raw[h.head_len..h.head_len + h.body_len], "hello");
+    assert!(!complete("GET / HTTP/1.0\r\n\r\n").keep_alive);
+    assert!(complete("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+}
+
+#[test]
+fn waits_for_the_rest() {
+    let l = limits();
+    assert_eq!(
+        parse(b"GET / HTT", &l),
+        Parsed::Incomplete {
+            expect_continue: false
+        }
+    );
+    assert_eq!(
+        parse(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", &l),
+        Parsed::Incomplete {
+            expect_continue: false
+        }
+    );
+    assert_eq!(
+        parse(
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
+            &l
+        ),
+        Parsed::Incomplete {
+            expect_continue: true
+        }
+    );
+}
+
+#[test]
+fn rejects_what_it_does_not_take() {
+    assert_eq!(
+        rejected(b"POST / HTTP/1.1\r\nContent-Length: 4097\r\n\r\n"),
+        413
+    );
+    assert_eq!(
+        rejected(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+        400
+    );
+    assert_eq!(
+        rejected(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+        400
+    );
+    assert_eq!(
+        rejected(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        501
+    );
+    assert_eq!(rejected(b"POST / HTTP/1.1\r\nExpect: magic\r\n\r\n"), 417);
+    assert_eq!(rejected(b"\x00\x01garbage\r\n\r\n"), 400);
+    assert_eq!(rejected(b"GET / HTTP/2.0\r\n\r\n"), 505);
+    let many: String = (0..MAX_HEADERS + 1)
+        .map(|i| format!("X-{i}: y\r\n"))
+        .collect();
+    assert_eq!(
+        rejected(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
+        431
+    );
+    let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
+    assert_eq!(rejected(long.as_bytes()), 431);
+}
+
+#[test]
+fn random_bytes_never_panic_the_parser() {
+    let mut rng = Rng::new(1);
+    let l = limits();
+    let valid = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+    for _ in 0..20_000 {
+        let _ = parse(&rng.bytes(300), &l);
+        // Mutations of a valid request get further into the parser.
+        let mut m = valid.to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let i = rng.below(m.len());
+            m[i] = rng.next() as u8;
+        }
+        m.truncate(rng.below(m.len() + 1));
+        let _ = parse(&m, &l);
+    }
+}
+
+/// Answers every request with what it saw: method, path, body length and batch size.
+struct Echo;
+
+impl Service for Echo {
+    fn handle_batch(&mut self, reqs: &[Request<'_>], draining: bool) -> Vec<Response> {
+        reqs.iter()
+            .map(|r| {
+                let body = format!(
+                    "{} {} {} batch={} draining={draining}",
+                    r.method,
+                    r.path,
+                    r.body.len(),
+                    reqs.len()
+                );
+                Response::json(200, body.into_bytes())
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    heartbeats: u64,
+    draining: Vec<u32>,
+}
+
+/// The worker's end of a real control channel (the runtime's frames over a socket pair).
+struct TestControl {
+    sock: UnixStream,
+    reader: FrameReader,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Control for TestControl {
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.sock.as_raw_fd())
+    }
+    fn poll(&mut self) -> Result<Option<ParentMessage>, WorkerError> {
+        match self
+            .reader
+            .read(&mut self.sock)
+            .map_err(WorkerError::Control)?
+        {
+            ReadEvent::Frame(body) => Ok(Some(frame::decode(&body).map_err(WorkerError::Control)?)),
+            ReadEvent::WouldBlock => Ok(None),
+            ReadEvent::Eof => Err(WorkerError::Orphaned),
+        }
+    }
+    fn heartbeat(&mut self, _served: u64) -> Result<(), WorkerError> {
+        self.seen.lock().unwrap().heartbeats += 1;
+        Ok(())
+    }
+    fn draining(&mut self, in_flight: u32) -> Result<(), WorkerError> {
+        self.seen.lock().unwrap().draining.push(in_flight);
+        Ok(())
+    }
+}
+
+/// A running loop. Dropping it closes the control channel (the loop ends as orphaned) and
+/// waits for the thread, with a deadline.
+struct Running {
+    addr: std::net::SocketAddr,
+    supervisor: Option<UnixStream>,
+    seen: Arc<Mutex<Seen>>,
+    done: mpsc::Receiver<io::Result<Exit>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+impl Running {
+    fn start(limits: Limits) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(listener, limits, |_| {})
+    }
+
+    /// Starts the loop on `listener`, after `before(addr)` ran (to queue connections first).
+    fn start_on(
+        listener: std::net::TcpListener,
+        limits: Limits,
+        before: impl FnOnce(std::net::SocketAddr),
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
+        before(addr);
+        let (worker_end, supervisor) = UnixStream::pair().unwrap();
+        worker_end.set_nonblocking(true).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut control = TestControl {
+            sock: worker_end,
+            reader: FrameReader::default(),
+            seen: seen.clone(),
+        };
+        let (tx, done) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let _ = tx.send(run(vec![listener], &mut control, &mut Echo, &limits));
+        });
+        Self {
+            addr,
+            supervisor: Some(supervisor),
+            seen,
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    fn connect(&self) -> StdStream {
+        let s = StdStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    }
+
+    fn drain(&mut self, deadline_ms: u64) {
+        let msg = frame::encode(&ParentMessage::Drain { deadline_ms }).unwrap();
+        self.supervisor.as_mut().unwrap().write_all(&msg).unwrap();
+    }
+
+    /// Waits until `cond` holds on what the control channel saw.
+    fn wait_seen(&self, what: &str, cond: impl Fn(&Seen) -> bool) {
+        let start = Instant::now();
+        while !cond(&self.seen.lock().unwrap()) {
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn exit(&mut self) -> Exit {
+        let exit = self
+            .done
+            .recv_timeout(DEADLINE)
+            .expect("the loop did not end")
+            .expect("the loop failed");
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        exit
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.supervisor.take();
+        if self.thread.is_some() {
+            let _ = self.done.recv_timeout(DEADLINE);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// A parsed answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    close: bool,
+    body: String,
+}
+
+/// Reads one answer (status line, headers, Content-Length body) from `s`, skipping a
+/// `100 Continue`.
+fn read_answer(s: &mut StdStream, pending: &mut Vec<u8>) -> Answer {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = resp.parse(pending) {
+            let status = resp.code.unwrap();
+            let len: usize = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                .unwrap_or(0);
+            let close = resp
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("connection") && h.value == b"close");
+            if status == 100 {
+                pending.drain(..n);
+                continue;
+            }
+            if pending.len() >= n + len {
+                let body = String::from_utf8_lossy(&pending[n..n + len]).into_owned();
+                pending.drain(..n + len);
+                return Answer {
+                    status,
+                    close,
+                    body,
+                };
+            }
+        }
+        let got = s.read(&mut chunk).expect("reading the answer");
+        assert!(
+            got > 0,
+            "connection closed before a whole answer; have {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&chunk[..got]);
+    }
+}
+
+fn roundtrip(s: &mut StdStream, raw: &[u8]) -> Answer {
+    s.write_all(raw).unwrap();
+    read_answer(s, &mut Vec::new())
+}
+
+/// Whether the server closed `s` (EOF, or a reset) within the deadline.
+fn closed_by_server(s: &mut StdStream) -> bool {
+    let mut b = [0u8; 64];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+const GET: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+
+fn post(body: &str) -> Vec<u8> {
+    format!(
+        "POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn keep_alive_and_pipelining() {
+    let rt = Running::start(limits());
+    let mut c = rt.connect();
+    let a = roundtrip(&mut c, GET);
+    assert_eq!(
+        (a.status, a.close, a.body.as_str()),
+        (200, false, "GET /healthz 0 batch=1 draining=false")
+    );
+    let a = roundtrip(&mut c, &post("{\"input\": 1}"));
+    assert_eq!(a.body, "POST /embed 12 batch=1 draining=false");
+    // Two requests in one write: both answered, in order.
+    let mut two = post("ab");
+    two.extend_from_slice(GET);
+    c.write_all(&two).unwrap();
+    let mut pending = Vec::new();
+    assert!(read_answer(&mut c, &mut pending)
+        .body
+        .starts_with("POST /embed 2 "));
+    assert!(read_answer(&mut c, &mut pending)
+        .body
+        .starts_with("GET /healthz 0 "));
+    // A request in pieces.
+    let raw = post("hello");
+    for piece in raw.chunks(7) {
+        c.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(read_answer(&mut c, &mut Vec::new())
+        .body
+        .starts_with("POST /embed 5 "));
+    // Connection: close is honoured.
+    let a = roundtrip(&mut c, b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(a.close);
+    assert!(closed_by_server(&mut c));
+}
+
+#[test]
+fn expect_continue_gets_a_100() {
+    let rt = Running::start(limits());
+    let mut c = rt.connect();
+    c.write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    c.write_all(b"abcd").unwrap();
+    let mut pending = buf[n..n].to_vec();
+    assert!(read_answer(&mut c, &mut pending)
+        .body
+        .starts_with("POST /embed 4 "));
+}
+
+#[test]
+fn requests_from_several_connections_are_batched() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut clients = Vec::new();
+    // Three clients connect and send before the loop polls: it finds all three requests at
+    // once and hands them to the service together.
+    let rt = Running::start_on(listener, limits(), |addr| {
+        for _ in 0..3 {
+            let mut s = StdStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            s.write_all(GET).unwrap();
+            clients.push(s);
+        }
+    });
+    let bodies: Vec<String> = clients
+        .iter_mut()
+        .map(|c| read_answer(c, &mut Vec::new()).body)
+        .collect();
+    assert!(bodies.iter().all(|b| b.contains("batch=3")), "{bodies:?}");
+    drop(rt);
+}
+
+#[test]
+fn oversized_and_malformed_requests_get_an_answer_then_close() {
+    let rt = Running::start(limits());
+    // Body over the limit: 413, even while the client keeps sending the body.
+    let mut c = rt.connect();
+    c.write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    let _ = c.write_all(&[b'x'; 30_000]);
+    let a = read_answer(&mut c, &mut Vec::new());
+    assert_eq!(a.status, 413);
+    assert!(a.close);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["error"]["code"], "body_too_large");
+    // Headers over the limit: 431.
+    let mut c = rt.connect();
+    let a = roundtrip(
+        &mut c,
+        format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(3000)).as_bytes(),
+    );
+    assert_eq!(a.status, 431);
+    // Not HTTP: 400.
+    let mut c = rt.connect();
+    let a = roundtrip(&mut c, b"\x16\x03\x01\x02\x00 hello\r\n\r\n");
+    assert_eq!(a.status, 400);
+    assert!(closed_by_server(&mut c));
+    // The server still serves.
+    assert_eq!(roundtrip(&mut rt.connect(), GET).status, 200);
+}
+
+#[test]
+fn slow_and_idle_connections_time_out() {
+    let rt = Running::start(Limits {
+        request_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(300),
+        ..limits()
+    });
+    // A request that never completes gets a 408.
+    let mut slow = rt.connect();
+    slow.write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+        .unwrap();
+    let start = Instant::now();
+    let a = read_answer(&mut slow, &mut Vec::new());
+    assert_eq!(a.status, 408);
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    // An idle keep-alive connection is closed.
+    let mut idle = rt.connect();
+    assert_eq!(roundtrip(&mut idle, GET).status, 200);
+    let start = Instant::now();
+    assert!(closed_by_server(&mut idle));
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "closed after {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn connection_limit_leaves_the_rest_queued() {
+    let rt = Running::start(Limits {
+        max_connections: 2,
+        ..limits()
+    });
+    let mut a = rt.connect();
+    let mut b = rt.connect();
+    assert_eq!(roundtrip(&mut a, GET).status, 200);
+    assert_eq!(roundtrip(&mut b, GET).status, 200);
+    // The third is left in the listen queue while two are open...
+    let mut c = rt.connect();
+    c.write_all(GET).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        c.read(&mut byte).is_err(),
+        "the third connection was served over the limit"
+    );
+    // ...and served once one closes.
+    drop(a);
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(read_answer(&mut c, &mut Vec::new()).status, 200);
+}
+
+#[test]
+fn heartbeats_flow() {
+    let rt = Running::start(Limits {
+        heartbeat: Duration::from_millis(20),
+        ..limits()
+    });
+    rt.wait_seen("three heartbeats", |s| s.heartbeats >= 3);
+}
+
+#[test]
+fn drain_finishes_accepted_work_and_exits() {
+    let mut rt = Running::start(limits());
+    // An idle keep-alive connection, a connection with half a request, one with nothing sent.
+    let mut idle = rt.connect();
+    assert_eq!(roundtrip(&mut idle, GET).status, 200);
+    let mut half = rt.connect();
+    half.write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+        .unwrap();
+    let mut quiet = rt.connect();
+    // Make sure the loop has read the half request before the drain.
+    let mut probe = rt.connect();
+    assert_eq!(roundtrip(&mut probe, GET).status, 200);
+
+    rt.drain(5_000);
+    rt.wait_seen("draining", |s| !s.draining.is_empty());
+    // The idle connection is closed.
+    assert!(closed_by_server(&mut idle));
+    // The half request is finished and answered with Connection: close.
+    half.write_all(b"cd").unwrap();
+    let a = read_answer(&mut half, &mut Vec::new());
+    assert_eq!((a.status, a.close), (200, true));
+    assert!(a.body.ends_with("draining=true"), "{}", a.body);
+    // The quiet one, accepted before the drain, may still send its request within the grace.
+    let a = roundtrip(&mut quiet, GET);
+    assert!(a.close);
+    drop(probe);
+    match rt.exit() {
+        Exit::Drained { served } => assert!(served >= 4, "served {served}"),
+        other => panic!("{other:?}"),
+    }
+    // The listener is gone from this worker: nobody accepts any more.
+    let in_flight = rt.seen.lock().unwrap().draining[0];
+    assert!(in_flight >= 2, "in flight at drain: {in_flight}");
+}
+
+#[test]
+fn drain_accepts_the_queue() {
+    // Connections that are in the listen queue when the drain starts are accepted and served.
+    let mut rt = Running::start(Limits {
+        max_connections: 1,
+        ..limits()
+    });
+    let mut first = rt.connect();
+    assert_eq!(roundtrip(&mut first, GET).status, 200);
+    let mut queued: Vec<StdStream> = (0..3)
+        .map(|_| {
+            let mut s = rt.connect();
+            s.write_all(GET).unwrap();
+            s
+        })
+        .collect();
+    rt.drain(5_000);
+    for q in &mut queued {
+        let a = read_answer(q, &mut Vec::new());
+        assert_eq!((a.status, a.close), (200, true));
+    }
+    assert!(closed_by_server(&mut first));
+    assert!(matches!(rt.exit(), Exit::Drained { .. }));
+}
+
+#[test]
+fn drain_gives_up_at_the_deadline() {
+    let mut rt = Running::start(Limits {
+        request_timeout: Duration::from_secs(60),
+        ..limits()
+    });
+    let mut stuck = rt.connect();
+    stuck
+        .write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 4\r\n\r\na")
+        .unwrap();
+    assert_eq!(roundtrip(&mut rt.connect(), GET).status, 200);
+    let start = Instant::now();
+    rt.drain(200);
+    match rt.exit() {
+        Exit::DrainTimedOut { abandoned } => assert_eq!(abandoned, 1),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_millis(180));
+}
+
+#[test]
+fn a_closed_control_channel_ends_the_loop() {
+    let mut rt = Running::start(limits());
+    assert_eq!(roundtrip(&mut rt.connect(), GET).status, 200);
+    rt.supervisor.take();
+    assert!(matches!(rt.exit(), Exit::Orphaned));
+}
+
+#[test]
+fn random_bytes_never_stop_the_server() {
+    let rt = Running::start(limits());
+    let mut rng = Rng::new(99);
+    for round in 0..200 {
+        let mut c = rt.connect();
+        let mut junk = rng.bytes(600);
+        if round % 3 == 0 {
+            // Start like a request, so that the header parser gets further.
+            let mut m = b"POST /embed HTTP/1.1\r\nContent-Length: 3\r\n".to_vec();
+            m.append(&mut junk);
+            junk = m;
+        }
+        let _ = c.write_all(&junk);
+        if round % 2 == 0 {
+            let _ = c.shutdown(Shutdown::Write);
+        }
+    }
+    assert_eq!(roundtrip(&mut rt.connect(), GET).status, 200);
+}

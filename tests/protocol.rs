@@ -1,0 +1,592 @@
+//! The zygote socket, spoken to directly: spawn and exit status (code and signal), the pidfd,
+//! who may connect, and every kind of bad frame — each answered with its typed error while
+//! another client keeps being served.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{spawn, wait_exited, wait_ready, wait_until, Zygote, ZygoteOptions};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use serde_cbor::Value;
+use zygote_runtime::client::ZygoteClient;
+use zygote_runtime::fdpass;
+use zygote_runtime::protocol::frame::{self, raw_map};
+use zygote_runtime::protocol::{ErrorCode, ProtocolError, Request, Response};
+
+const T: Duration = Duration::from_secs(10);
+
+/// The pidfd's own view of the process it refers to (`Pid:` in `/proc/self/fdinfo/N`).
+fn pidfd_target(fd: &impl AsRawFd) -> i32 {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .expect("reading the pidfd's fdinfo");
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Pid: line in the pidfd's fdinfo:\n{info}"))
+}
+
+fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).expect("poll") > 0
+}
+
+#[test]
+fn an_idle_child_runs_reports_ready_and_exits_0_when_its_control_channel_closes() {
+    let z = Zygote::start(&[]);
+    let mut c = z.client();
+    let mut kid = spawn(&z, &mut c, "idle", 3, &[]).expect("spawn of the idle entry");
+    let detail = wait_ready(&mut kid, T);
+    assert!(
+        detail.starts_with("idle:"),
+        "the idle entry reports itself in its ready detail: {detail:?}"
+    );
+    let status = c.status().expect("status");
+    let child = status
+        .children
+        .iter()
+        .find(|ch| ch.pid == kid.pid)
+        .unwrap_or_else(|| panic!("status lists the child {}: {status:?}", kid.pid));
+    assert_eq!(
+        (child.entry.as_str(), child.worker),
+        ("idle", 3),
+        "status names the child's entry and worker slot"
+    );
+    let pid = kid.pid;
+    drop(kid.control);
+    let (ev, _) = wait_exited(&mut c, pid, T);
+    assert_eq!(
+        ev,
+        Response::Exited {
+            id: exited_id(&ev),
+            pid,
+            code: Some(0),
+            signal: None,
+            status: 0
+        },
+        "a child whose supervisor closed its control channel ends with code 0, reported"
+    );
+    assert!(
+        !c.status()
+            .expect("status")
+            .children
+            .iter()
+            .any(|ch| ch.pid == pid),
+        "an exited child is no longer listed"
+    );
+}
+
+fn exited_id(ev: &Response) -> u64 {
+    match ev {
+        Response::Exited { id, .. } => *id,
+        other => panic!("not an exited event: {other:?}"),
+    }
+}
+
+#[test]
+fn the_exit_code_of_an_exec_entry_reaches_the_requester() {
+    let z = Zygote::start(&["/bin/sh", "-c", "exit 7"]);
+    let mut c = z.client();
+    let kid = spawn(&z, &mut c, "exec", 0, &[]).expect("spawn of the exec entry");
+    let (ev, before) = wait_exited(&mut c, kid.pid, T);
+    let Response::Exited {
+        code,
+        signal,
+        status,
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (code, signal, status),
+        (Some(7), None, 7),
+        "`sh -c 'exit 7'` is reported as code 7, status 7 (events before: {before:?})"
+    );
+    assert!(
+        before.is_empty(),
+        "a child that ran its program reports no child_error: {before:?}"
+    );
+}
+
+#[test]
+fn a_signal_request_ends_a_child_and_its_exit_reports_the_signal() {
+    let z = Zygote::start(&[]);
+    let mut c = z.client();
+    for (sig, name) in [(libc::SIGKILL, "SIGKILL"), (libc::SIGTERM, "SIGTERM")] {
+        let mut kid = spawn(&z, &mut c, "idle", 0, &[]).expect("spawn");
+        wait_ready(&mut kid, T);
+        c.signal(kid.pid, sig)
+            .unwrap_or_else(|e| panic!("signal request {name} refused: {e}"));
+        let (ev, _) = wait_exited(&mut c, kid.pid, T);
+        let Response::Exited {
+            code,
+            signal,
+            status,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            (code, signal, status),
+            (None, Some(sig), -sig),
+            "a child ended by {name} is reported with signal {sig} and status -{sig}"
+        );
+    }
+}
+
+#[test]
+fn the_pidfd_in_the_spawn_answer_refers_to_the_child() {
+    let z = Zygote::start(&[]);
+    let mut c = z.client();
+    let mut kid = spawn(&z, &mut c, "idle", 0, &[]).expect("spawn");
+    wait_ready(&mut kid, T);
+    assert_eq!(
+        pidfd_target(&kid.pidfd),
+        kid.pid,
+        "the pidfd's fdinfo names the spawned pid"
+    );
+    assert!(
+        !readable_now(kid.pidfd.as_fd()),
+        "a pidfd is not readable while its process lives"
+    );
+    zygote_server::fork::pidfd_send_signal(kid.pidfd.as_fd(), libc::SIGTERM)
+        .expect("pidfd_send_signal through the received pidfd");
+    let (ev, _) = wait_exited(&mut c, kid.pid, T);
+    assert!(
+        matches!(ev, Response::Exited { signal: Some(s), .. } if s == libc::SIGTERM),
+        "the signal sent through the pidfd ended that very child: {ev:?}"
+    );
+    wait_until(T, "the pidfd of an exited child is readable", || {
+        readable_now(kid.pidfd.as_fd())
+    });
+}
+
+#[test]
+fn a_signal_to_a_pid_that_is_not_a_child_is_refused() {
+    let z = Zygote::start(&[]);
+    let mut c = z.client();
+    let me = std::process::id() as i32;
+    for (pid, what) in [(1, "init"), (z.pid, "the zygote itself"), (me, "the test")] {
+        match c.signal(pid, libc::SIGTERM) {
+            Err(ProtocolError::Remote {
+                code: ErrorCode::NotChild,
+                ..
+            }) => {}
+            other => panic!("a signal to {what} (pid {pid}) is refused with not_child: {other:?}"),
+        }
+    }
+    let mut kid = spawn(&z, &mut c, "idle", 0, &[]).expect("spawn");
+    wait_ready(&mut kid, T);
+    for sig in [0, 65, -9] {
+        match c.signal(kid.pid, sig) {
+            Err(ProtocolError::Remote {
+                code: ErrorCode::BadSignal,
+                ..
+            }) => {}
+            other => panic!("signal number {sig} is refused with bad_signal: {other:?}"),
+        }
+    }
+    assert!(
+        c.status()
+            .expect("status")
+            .children
+            .iter()
+            .any(|ch| ch.pid == kid.pid),
+        "the child survived the refused signals"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who may connect.
+
+const HELPER_SOCKET_ENV: &str = "ZYGOTE_TEST_OTHER_UID_SOCKET";
+const NOBODY: u32 = 65534;
+
+/// Not a test of its own: the other-uid tests run this test binary again, as uid 65534, with
+/// only this function selected. It connects, says hello and prints the uid it ran as and the
+/// first answer, as JSON, on a line starting with `HELPER `.
+#[test]
+#[ignore = "helper run as another uid by the other-uid tests"]
+fn helper_other_uid_client() {
+    let Some(sock) = std::env::var_os(HELPER_SOCKET_ENV) else {
+        eprintln!("helper_other_uid_client only runs as a child of the other-uid tests");
+        return;
+    };
+    let uid = nix::unistd::getuid().as_raw();
+    let mut s = UnixStream::connect(&sock).expect("connecting to the zygote socket");
+    // A refused peer may find the connection closed already; the answer is still readable.
+    let _ = frame::write_frame(
+        &mut s,
+        &Request::Hello {
+            id: 1,
+            client: "another uid".into(),
+        },
+    );
+    let answer = match frame::read_frame::<_, Response>(&mut s, Some(Duration::from_secs(10))) {
+        Ok(Some(r)) => serde_json::to_string(&r).expect("a response is JSON"),
+        other => serde_json::json!({ "failed": format!("{other:?}") }).to_string(),
+    };
+    println!("HELPER {uid} {answer}");
+}
+
+/// Runs the helper as uid 65534 against `z`; returns the uid it ran as and its answer.
+fn connect_as_nobody(z: &Zygote) -> (u32, serde_json::Value) {
+    // Open the way to the socket for this test only, so the SO_PEERCRED check is what decides.
+    std::fs::set_permissions(&z.runtime_dir, std::fs::Permissions::from_mode(0o711))
+        .expect("chmod of the runtime dir");
+    std::fs::set_permissions(&z.socket, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod of the socket");
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = Command::new(exe)
+        .args([
+            "helper_other_uid_client",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_SOCKET_ENV, &z.socket)
+        .current_dir("/")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .expect("running the helper as uid 65534");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("HELPER ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| {
+            panic!(
+                "the helper printed no answer ({}):\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let (uid, json) = line.split_once(' ').expect("uid and answer");
+    (
+        uid.parse().expect("the helper's uid"),
+        serde_json::from_str(json).expect("the helper's answer is JSON"),
+    )
+}
+
+#[test]
+fn a_client_of_another_uid_is_refused_with_not_allowed() {
+    let z = Zygote::start(&[]);
+    let mut bystander = z.client();
+    let (uid, answer) = connect_as_nobody(&z);
+    assert_eq!(uid, NOBODY, "the helper ran as uid 65534");
+    assert_eq!(
+        (answer["type"].as_str(), answer["code"].as_str()),
+        (Some("error"), Some("not_allowed")),
+        "a peer of another uid gets an error with code not_allowed: {answer}"
+    );
+    bystander
+        .status()
+        .expect("the zygote keeps serving its own uid");
+}
+
+#[test]
+fn allow_uid_admits_that_uid() {
+    let z = Zygote::start_with(ZygoteOptions {
+        args: vec!["--allow-uid".into(), NOBODY.to_string()],
+        ..ZygoteOptions::default()
+    });
+    let (uid, answer) = connect_as_nobody(&z);
+    assert_eq!(uid, NOBODY, "the helper ran as uid 65534");
+    assert_eq!(
+        (answer["type"].as_str(), answer["pid"].as_i64()),
+        (Some("hello"), Some(z.pid as i64)),
+        "an allowed uid gets the zygote's hello: {answer}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad frames.
+
+/// A frame: the 4-byte big-endian length, then `body`.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+fn cbor_frame(entries: &[(&str, Value)]) -> Vec<u8> {
+    framed(&serde_cbor::to_vec(&raw_map(entries)).expect("CBOR"))
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn int(i: i64) -> Value {
+    Value::Integer(i.into())
+}
+
+fn spawn_frame(id: i64, entry: &str, listeners: i64) -> Vec<u8> {
+    cbor_frame(&[
+        ("v", int(1)),
+        ("type", text("spawn")),
+        ("id", int(id)),
+        ("entry", text(entry)),
+        ("worker", int(0)),
+        ("listeners", int(listeners)),
+    ])
+}
+
+fn send_fds(s: &UnixStream, n: usize) {
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    for _ in 0..n {
+        fdpass::send_fd(s.as_fd(), null.as_fd()).expect("sending an fd");
+    }
+}
+
+/// Proves the zygote still serves `c`: a status, then a whole child life (spawn, ready, exit).
+fn still_serves(z: &Zygote, c: &mut ZygoteClient, case: &str) {
+    c.status()
+        .unwrap_or_else(|e| panic!("{case}: the other client's status failed: {e}"));
+    let mut kid = spawn(z, c, "idle", 1, &[])
+        .unwrap_or_else(|e| panic!("{case}: the other client's spawn failed: {e}"));
+    wait_ready(&mut kid, T);
+    let pid = kid.pid;
+    drop(kid.control);
+    wait_exited(c, pid, T);
+}
+
+/// Starts a zygote and a client that stays connected, opens a raw connection, lets `send`
+/// misbehave on it, and checks the answer: an `error` with `code` (and `id`, when given),
+/// then either the end of the connection (`closes`) or a normal answer to a good request on
+/// the same connection. The other client is served throughout, and the zygote ends up
+/// holding no more fds than before (none of the failed request's fds is kept).
+fn bad_frame(
+    case: &str,
+    code: ErrorCode,
+    id: Option<u64>,
+    closes: bool,
+    send: impl FnOnce(&mut UnixStream),
+) {
+    let z = Zygote::start(&[]);
+    let mut other = z.client();
+    still_serves(&z, &mut other, case);
+    let baseline = zygote_runtime::procfs::open_fds(z.pid).expect("the zygote's fds");
+    let mut raw = z.raw();
+    send(&mut raw);
+    // The read deadline is 5 s; an answer gets twice that.
+    let answer = frame::read_frame::<_, Response>(&mut raw, Some(Duration::from_secs(12)));
+    match &answer {
+        Ok(Some(Response::Error {
+            id: got_id,
+            code: got,
+            message,
+        })) => {
+            assert_eq!(*got, code, "{case}: the error code ({message})");
+            if id.is_some() {
+                assert_eq!(*got_id, id, "{case}: the error repeats the request's id");
+            }
+            assert!(!message.is_empty(), "{case}: the error says what was wrong");
+        }
+        other => panic!("{case}: expected an error answer with code {code:?}, got {other:?}"),
+    }
+    if closes {
+        match frame::read_frame::<_, Response>(&mut raw, Some(T)) {
+            Ok(None) | Err(ProtocolError::Io(_)) => {}
+            other => panic!("{case}: the zygote closes the connection after the error: {other:?}"),
+        }
+    } else {
+        frame::write_frame(&mut raw, &Request::Status { id: 77 }).expect("a good request");
+        match frame::read_frame::<_, Response>(&mut raw, Some(T)) {
+            Ok(Some(Response::Status { id: 77, .. })) => {}
+            other => panic!("{case}: the same connection is still served: {other:?}"),
+        }
+    }
+    drop(raw);
+    still_serves(&z, &mut other, case);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let now = zygote_runtime::procfs::open_fds(z.pid).expect("the zygote's fds");
+        // At most as many: the pidfd of the child that just exited may close only after
+        // its `exited` was sent.
+        if now.len() <= baseline.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{case}: the zygote holds no more fds than before within {T:?}: \
+             before {baseline:?}, now {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn bad_frame_oversized_length() {
+    bad_frame("oversized", ErrorCode::FrameTooLarge, None, true, |s| {
+        let len = (frame::MAX_FRAME as u32 + 1).to_be_bytes();
+        s.write_all(&len).expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_zero_length() {
+    bad_frame("zero length", ErrorCode::BadCbor, None, true, |s| {
+        s.write_all(&[0, 0, 0, 0]).expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_truncated_then_closed() {
+    bad_frame("truncated", ErrorCode::Truncated, None, true, |s| {
+        let whole = cbor_frame(&[("v", int(1)), ("type", text("status")), ("id", int(1))]);
+        s.write_all(&whole[..whole.len() / 2]).expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+}
+
+#[test]
+fn bad_frame_truncated_past_the_read_deadline() {
+    bad_frame("stalled", ErrorCode::ReadTimeout, None, true, |s| {
+        let whole = cbor_frame(&[("v", int(1)), ("type", text("status")), ("id", int(1))]);
+        s.write_all(&whole[..whole.len() / 2]).expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_malformed_cbor() {
+    bad_frame("malformed CBOR", ErrorCode::BadCbor, None, false, |s| {
+        s.write_all(&framed(&[0xff, 0x00, 0x13])).expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_cbor_that_is_not_a_map() {
+    bad_frame("not a map", ErrorCode::BadCbor, None, false, |s| {
+        s.write_all(&framed(&serde_cbor::to_vec(&int(5)).expect("CBOR")))
+            .expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_unknown_version() {
+    bad_frame("version 2", ErrorCode::BadVersion, Some(9), false, |s| {
+        s.write_all(&cbor_frame(&[
+            ("v", int(2)),
+            ("type", text("status")),
+            ("id", int(9)),
+        ]))
+        .expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_missing_version() {
+    bad_frame("no version", ErrorCode::BadVersion, Some(9), false, |s| {
+        s.write_all(&cbor_frame(&[("type", text("status")), ("id", int(9))]))
+            .expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_unknown_message_type() {
+    bad_frame("unknown type", ErrorCode::BadRequest, Some(4), false, |s| {
+        s.write_all(&cbor_frame(&[
+            ("v", int(1)),
+            ("type", text("exec")),
+            ("id", int(4)),
+        ]))
+        .expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_unknown_field_a_spawn_carrying_a_path() {
+    bad_frame(
+        "unknown field",
+        ErrorCode::BadRequest,
+        Some(5),
+        false,
+        |s| {
+            s.write_all(&cbor_frame(&[
+                ("v", int(1)),
+                ("type", text("spawn")),
+                ("id", int(5)),
+                ("entry", text("idle")),
+                ("worker", int(0)),
+                ("listeners", int(0)),
+                ("path", text("/bin/sh")),
+            ]))
+            .expect("write");
+        },
+    );
+}
+
+#[test]
+fn bad_frame_wrong_field_type() {
+    bad_frame("wrong type", ErrorCode::BadRequest, Some(6), false, |s| {
+        s.write_all(&cbor_frame(&[
+            ("v", int(1)),
+            ("type", text("signal")),
+            ("id", int(6)),
+            ("pid", text("1")),
+            ("signal", int(9)),
+        ]))
+        .expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_unknown_entry() {
+    bad_frame(
+        "unknown entry",
+        ErrorCode::UnknownEntry,
+        Some(8),
+        false,
+        |s| {
+            s.write_all(&spawn_frame(8, "no-such-entry", 0))
+                .expect("write");
+            send_fds(s, 4);
+        },
+    );
+}
+
+#[test]
+fn bad_frame_fewer_fds_than_announced_then_another_frame() {
+    bad_frame(
+        "wrong fd count",
+        ErrorCode::BadFdCount,
+        Some(3),
+        true,
+        |s| {
+            // One listener announced: 5 fds are due, 4 come, then a frame.
+            s.write_all(&spawn_frame(3, "idle", 1)).expect("write");
+            send_fds(s, 4);
+            s.write_all(&cbor_frame(&[
+                ("v", int(1)),
+                ("type", text("status")),
+                ("id", int(10)),
+            ]))
+            .expect("write");
+        },
+    );
+}
+
+#[test]
+fn bad_frame_fewer_fds_than_announced_then_silence() {
+    bad_frame("missing fd", ErrorCode::BadFdCount, Some(3), true, |s| {
+        s.write_all(&spawn_frame(3, "idle", 1)).expect("write");
+        send_fds(s, 4);
+    });
+}
+
+#[test]
+fn bad_frame_too_many_listeners() {
+    bad_frame("17 listeners", ErrorCode::Limit, Some(2), true, |s| {
+        s.write_all(&spawn_frame(2, "idle", 17)).expect("write");
+    });
+}

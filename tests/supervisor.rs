@@ -1,0 +1,386 @@
+//! `zygote start`, the supervisor: it replaces what dies (worker, owner, zygote) without
+//! disturbing the rest, stops on a crash loop, kills workers that stop heartbeating, rolls
+//! on SIGHUP, drains on SIGTERM, and refuses bad model files before serving anything.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    alive, proc_status_field, procs_of, run_start, settled, wait_gone, wait_until, Proc, Service,
+    ServiceOptions, TempDir, CHANGE_TIMEOUT,
+};
+use nix::sys::signal::Signal;
+
+/// The worker of `slot` that serves, from a status.
+fn serving_in(procs: &[Proc], slot: u32) -> Option<&Proc> {
+    procs
+        .iter()
+        .find(|p| p.slot == Some(slot) && p.state == "serving")
+}
+
+fn ppid(pid: i32) -> i32 {
+    proc_status_field(pid, "PPid")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no PPid for pid {pid}"))
+}
+
+#[test]
+fn a_killed_worker_is_replaced_in_its_slot() {
+    let svc = Service::idle(2);
+    let before = svc.procs("worker");
+    let (victim, other) = (before[0].pid, before[1].pid);
+    common::signal(victim, Signal::SIGKILL);
+    let after = wait_until_settled(&svc, "worker 0 is replaced", |s| {
+        procs_of(s, "worker").iter().all(|p| p.pid != victim)
+    });
+    let w0 = serving_in(&after, 0).expect("slot 0 serves");
+    assert_ne!(w0.pid, victim, "slot 0 is served by a new pid");
+    assert_eq!(w0.restarts, 1, "slot 0 counts one restart");
+    let w1 = serving_in(&after, 1).expect("slot 1 serves");
+    assert_eq!((w1.pid, w1.restarts), (other, 0), "slot 1 is untouched");
+}
+
+/// Waits until the service is settled (owner and every worker serving) and `cond` holds;
+/// returns the workers.
+fn wait_until_settled(
+    svc: &Service,
+    what: &str,
+    cond: impl Fn(&zygote_runtime::protocol::ServiceStatus) -> bool,
+) -> Vec<Proc> {
+    common::wait_for(CHANGE_TIMEOUT, what, || {
+        let s = svc.try_status()?;
+        (settled(&s, svc.workers) && cond(&s)).then(|| procs_of(&s, "worker"))
+    })
+}
+
+#[test]
+fn a_killed_owner_is_restarted_and_the_workers_are_unaffected() {
+    // probe workers import the weights from the owner, so a new one proves the new owner
+    // serves them.
+    let svc = Service::start(ServiceOptions {
+        workers: 2,
+        entry: Some("probe".into()),
+        ..ServiceOptions::default()
+    });
+    let workers: Vec<i32> = svc.pids_of("worker");
+    let owner = svc.pids_of("owner")[0];
+    common::signal(owner, Signal::SIGKILL);
+    wait_until_settled(&svc, "a new owner serves", |s| {
+        procs_of(s, "owner")
+            .iter()
+            .any(|o| o.pid != owner && o.state == "serving" && o.restarts == 1)
+    });
+    assert_eq!(
+        svc.pids_of("worker"),
+        workers,
+        "the workers kept serving under the same pids while the owner restarted"
+    );
+    common::signal(workers[1], Signal::SIGKILL);
+    let after = wait_until_settled(
+        &svc,
+        "worker 1 is replaced after the owner's restart",
+        |s| procs_of(s, "worker").iter().all(|p| p.pid != workers[1]),
+    );
+    assert!(
+        serving_in(&after, 1).is_some_and(|w| w.pid != workers[1]),
+        "a new worker imported the weights from the new owner and serves: {after:?}"
+    );
+}
+
+#[test]
+fn when_the_zygote_dies_the_workers_keep_serving_and_a_new_zygote_spawns() {
+    let svc = Service::start(ServiceOptions {
+        workers: 2,
+        args: vec!["--timeout".into(), "2".into()],
+        ..ServiceOptions::default()
+    });
+    let workers = svc.pids_of("worker");
+    let owner = svc.pids_of("owner")[0];
+    let zygote = svc.zygote_pid();
+    common::signal(zygote, Signal::SIGKILL);
+    let z = common::wait_for(CHANGE_TIMEOUT, "a new zygote runs", || {
+        let s = svc.try_status()?;
+        procs_of(&s, "zygote")
+            .into_iter()
+            .find(|z| z.pid > 0 && z.pid != zygote)
+    });
+    assert_eq!(z.restarts, 1, "the zygote counts one restart");
+    for pid in workers.iter().chain([&owner]) {
+        assert_eq!(
+            ppid(*pid),
+            svc.pid(),
+            "pid {pid}, orphaned by the zygote, is now the supervisor's (its subreaper)"
+        );
+    }
+    // Serving means heartbeating: a worker whose heartbeats stopped reaching the supervisor
+    // would be killed after --timeout 2.
+    wait_until(
+        CHANGE_TIMEOUT,
+        "the new zygote has been up for 3 s (longer than --timeout)",
+        || {
+            svc.try_status().is_some_and(|s| {
+                procs_of(&s, "zygote")
+                    .iter()
+                    .any(|p| p.pid == z.pid && p.age_ms >= 3000)
+            })
+        },
+    );
+    let s = svc.status();
+    assert!(
+        settled(&s, 2),
+        "the owner and both workers serve: {:?}",
+        s.processes
+    );
+    assert_eq!(
+        svc.pids_of("worker"),
+        workers,
+        "the workers kept their pids through the zygote's death"
+    );
+    common::signal(workers[0], Signal::SIGKILL);
+    let after = wait_until_settled(&svc, "worker 0 is replaced by the new zygote", |s| {
+        procs_of(s, "worker").iter().all(|p| p.pid != workers[0])
+    });
+    let new = serving_in(&after, 0).expect("slot 0 serves");
+    assert_eq!(
+        ppid(new.pid),
+        z.pid,
+        "the replacement of worker 0 was forked by the new zygote"
+    );
+}
+
+#[test]
+fn a_crash_loop_stops_the_service_with_an_error() {
+    let dir = TempDir::new("crash");
+    let model = common::tiny_model(dir.path());
+    let done = run_start(
+        &[
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--workers",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--",
+            "/bin/false",
+        ],
+        &dir.path().join("rt"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        !done.status.success(),
+        "zygote start exits non-zero on a crash loop: {}\n{}",
+        done.status,
+        done.output
+    );
+    assert!(
+        done.output.contains("crash loop"),
+        "the error says `crash loop`:\n{}",
+        done.output
+    );
+    assert_eq!(
+        done.leftovers,
+        Vec::<i32>::new(),
+        "nothing the service started outlives it"
+    );
+}
+
+#[test]
+fn a_worker_that_misses_its_heartbeats_is_killed_and_replaced() {
+    let svc = Service::start(ServiceOptions {
+        workers: 2,
+        args: vec!["--timeout".into(), "2".into()],
+        ..ServiceOptions::default()
+    });
+    let before = svc.pids_of("worker");
+    common::signal(before[0], Signal::SIGSTOP);
+    let after = wait_until_settled(&svc, "the stopped worker 0 is replaced", |s| {
+        procs_of(s, "worker").iter().all(|p| p.pid != before[0])
+    });
+    wait_gone(
+        &[("stopped worker".into(), before[0])],
+        CHANGE_TIMEOUT,
+        "the stopped worker is killed",
+    );
+    assert_eq!(
+        serving_in(&after, 1).map(|w| w.pid),
+        Some(before[1]),
+        "the heartbeating worker 1 is left alone"
+    );
+}
+
+#[test]
+fn sigterm_drains_stops_everything_and_exits_0() {
+    let mut svc = Service::idle(2);
+    let started: Vec<(String, i32)> = svc
+        .status()
+        .processes
+        .iter()
+        .filter(|p| p.role != "supervisor")
+        .map(|p| (p.role.clone(), p.pid))
+        .collect();
+    svc.signal(Signal::SIGTERM);
+    let status = svc.wait_exit(CHANGE_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "zygote start exits 0 after SIGTERM\n{}",
+        svc.log_tail()
+    );
+    wait_gone(&started, CHANGE_TIMEOUT, "SIGTERM stops every process");
+    assert!(
+        svc.leftovers().is_empty(),
+        "nothing the service started is left"
+    );
+    let sockets: Vec<_> = std::fs::read_dir(&svc.runtime_dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !sockets
+            .iter()
+            .any(|n| n == "zygote.sock" || n == "supervisor.sock"),
+        "the zygote and supervisor sockets are removed: {sockets:?}"
+    );
+}
+
+/// `(ready line index of the replacement, exit line index of the old pid)` from the log, for
+/// every `spawned pid NEW to replace pid OLD`.
+fn roll_order(log: &str) -> Vec<(i32, i32, Option<usize>, Option<usize>)> {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut out = Vec::new();
+    for l in &lines {
+        let Some(rest) = l.split("spawned pid ").nth(1) else {
+            continue;
+        };
+        let Some((new, old)) = rest.split_once(" to replace pid ") else {
+            continue;
+        };
+        let (Ok(new), Ok(old)) = (new.trim().parse::<i32>(), old.trim().parse::<i32>()) else {
+            continue;
+        };
+        let ready = lines
+            .iter()
+            .position(|l| l.contains(&format!("(pid {new}) ready")));
+        let exited = lines
+            .iter()
+            .position(|l| l.contains(&format!("(pid {old}) exited")));
+        out.push((new, old, ready, exited));
+    }
+    out
+}
+
+#[test]
+fn sighup_rolls_every_worker_the_new_ready_before_the_old_exits() {
+    let svc = Service::idle(3);
+    let old = svc.pids_of("worker");
+    let zygote = svc.zygote_pid();
+    svc.signal(Signal::SIGHUP);
+    let mut samples = 0;
+    common::wait_for(CHANGE_TIMEOUT, "every worker is replaced", || {
+        let s = svc.try_status()?;
+        let workers = procs_of(&s, "worker");
+        samples += 1;
+        for slot in 0..3 {
+            assert!(
+                serving_in(&workers, slot).is_some(),
+                "during the roll slot {slot} always has a serving worker: {workers:?}"
+            );
+        }
+        (settled(&s, 3) && workers.iter().all(|w| !old.contains(&w.pid))).then_some(())
+    });
+    assert!(samples > 0, "the roll was observed");
+    wait_gone(
+        &old.iter()
+            .map(|p| ("old worker".to_string(), *p))
+            .collect::<Vec<_>>(),
+        CHANGE_TIMEOUT,
+        "the old workers exit after draining",
+    );
+    assert_eq!(svc.zygote_pid(), zygote, "a roll keeps the zygote");
+    // The order, as the supervisor logged it: each replacement ready before its old worker
+    // exited.
+    let log = std::fs::read_to_string(&svc.log).expect("the service log");
+    let order = roll_order(&log);
+    assert_eq!(
+        order
+            .iter()
+            .map(|o| o.1)
+            .collect::<std::collections::BTreeSet<_>>(),
+        old.iter().copied().collect(),
+        "the log names one replacement per old worker: {order:?}"
+    );
+    for (new, old, ready, exited) in order {
+        match (ready, exited) {
+            (Some(r), Some(e)) => assert!(
+                r < e,
+                "pid {new} was ready (log line {r}) before pid {old} exited (log line {e})"
+            ),
+            _ => panic!("the log shows pid {new} ready and pid {old} exited: {ready:?} {exited:?}"),
+        }
+    }
+    assert!(alive(svc.pid()), "the supervisor keeps running");
+}
+
+#[test]
+fn each_bad_model_file_is_refused_before_anything_serves() {
+    let dir = TempDir::new("badmodels");
+    let files = dir.path().join("models");
+    std::fs::create_dir(&files).expect("mkdir");
+    let cases = zygote_runtime::synth::corrupt_case_files(&files).expect("writing the cases");
+    assert!(
+        cases.len() >= 10,
+        "the corrupt cases are many: {}",
+        cases.len()
+    );
+    for (i, case) in cases.iter().enumerate() {
+        let rt = dir.path().join(format!("rt-{i}"));
+        let done = run_start(
+            &[
+                "--model",
+                case.path.to_str().expect("utf-8 path"),
+                "--workers",
+                "1",
+                "--entry",
+                "idle",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &rt,
+            Duration::from_secs(30),
+        );
+        assert!(
+            !done.status.success(),
+            "{}: zygote start refuses the model: {}\n{}",
+            case.name,
+            done.status,
+            done.output
+        );
+        assert!(
+            done.output.contains(case.expect),
+            "{}: the error says {:?}:\n{}",
+            case.name,
+            case.expect,
+            done.output
+        );
+        assert!(
+            !done.output.contains("spawned"),
+            "{}: nothing was spawned:\n{}",
+            case.name,
+            done.output
+        );
+        for sock in ["zygote.sock", "supervisor.sock", "owner-0.sock"] {
+            assert!(
+                !Path::new(&rt).join(sock).exists(),
+                "{}: no {sock} is left behind",
+                case.name
+            );
+        }
+        assert!(
+            done.leftovers.is_empty(),
+            "{}: no process is left behind: {:?}",
+            case.name,
+            done.leftovers
+        );
+    }
+}

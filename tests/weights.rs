@@ -1,0 +1,135 @@
+//! The weights outlive their owner: an owner leaves its exported handles with the zygote, a
+//! worker started while no owner is up imports that kept generation, and the next owner adopts
+//! it instead of building the weights again. Driven through the protocol on a bare zygote, so
+//! the "no owner is up" window is as long as the test wants it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    spawn, synthetic_model, wait_exited, wait_ready, wait_until, TempDir, Zygote, ZygoteOptions,
+};
+use zygote_runtime::model::Dtype;
+
+const READY: Duration = Duration::from_secs(30);
+
+#[test]
+fn a_kept_generation_serves_workers_while_no_owner_is_up_and_is_adopted_by_the_next_owner() {
+    let dir = TempDir::new("kept");
+    // f16: the owner builds an f32 copy of its own, so what is kept is not the model memfd.
+    let model = synthetic_model(dir.path(), 4 << 20, Dtype::F16);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+
+    assert!(
+        client.status().expect("status").kept.is_empty(),
+        "nothing is kept before an owner ran"
+    );
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    let detail = wait_ready(&mut owner, READY);
+    assert!(
+        detail.contains("generation=1"),
+        "the first owner exports generation 1: {detail}"
+    );
+    let kept = client.status().expect("status").kept;
+    assert_eq!(
+        kept,
+        vec![(0, 1, "memfd".to_string())],
+        "the zygote keeps the owner's generation"
+    );
+
+    // The owner goes away (its supervisor closes its control channel).
+    let owner_pid = owner.pid;
+    drop(owner);
+    wait_exited(&mut client, owner_pid, Duration::from_secs(10));
+
+    // A worker starting now finds no owner and imports what the zygote kept, verified.
+    let mut worker = spawn(&z, &mut client, "probe", 0, &[]).expect("spawn probe");
+    let detail = wait_ready(&mut worker, READY);
+    assert!(
+        detail.contains("generation 1"),
+        "the worker imported generation 1: {detail}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the worker's log line about the kept generation",
+        || {
+            z.log_tail()
+                .contains("no owner is up; importing generation 1 kept by the zygote")
+        },
+    );
+
+    // The next owner adopts generation 1 rather than building a generation of its own.
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn second owner");
+    let detail = wait_ready(&mut owner, READY);
+    assert!(
+        detail.contains("generation=1"),
+        "the second owner serves the adopted generation: {detail}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the owner's log line about the adoption",
+        || {
+            z.log_tail()
+                .contains("adopted generation 1 kept by the zygote (no rebuild)")
+        },
+    );
+
+    // And a worker served by the new owner gets the same generation.
+    let mut second = spawn(&z, &mut client, "probe", 1, &[]).expect("spawn second probe");
+    let detail = wait_ready(&mut second, READY);
+    assert!(
+        detail.contains("generation 1"),
+        "the adopted generation reaches new workers: {detail}"
+    );
+}
+
+#[test]
+fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
+    use zygote_runtime::backend::{ArenaInfo, Manifest};
+    use zygote_runtime::protocol::{frame, ErrorCode, Request, Response};
+
+    let z = Zygote::start(&[]);
+    let mut raw = z.raw();
+    let manifest = Manifest {
+        generation: 9,
+        backend: "host".into(),
+        ipc: "memfd".into(),
+        model_digest: "xxh3-128:0".into(),
+        content_digest: "xxh3-128:0".into(),
+        device: None,
+        arenas: vec![ArenaInfo {
+            size: 4096,
+            used: 4096,
+            legacy_handle: Vec::new(),
+        }],
+        tensors: Vec::new(),
+    };
+    // One arena, but two fds announced.
+    let req = Request::KeepWeights {
+        id: 3,
+        device: 0,
+        manifest,
+        fds: 2,
+    };
+    frame::write_frame(&mut raw, &req).expect("send");
+    let answer: Response = frame::read_frame(&mut raw, Some(Duration::from_secs(5)))
+        .expect("an answer")
+        .expect("a frame");
+    match answer {
+        Response::Error { id, code, .. } => {
+            assert_eq!(id, Some(3));
+            assert_eq!(code, ErrorCode::BadFdCount);
+        }
+        other => panic!("expected bad_fd_count, got {other:?}"),
+    }
+    let mut client = z.client();
+    assert!(
+        client.status().expect("status").kept.is_empty(),
+        "a refused keep_weights keeps nothing"
+    );
+}
