@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# Embeddings benchmark: the seed 002 Python service (gunicorn + Flask +
+# sentence-transformers) against zygote, same machine, same model
+# (all-MiniLM-L6-v2), same request mix, one run.
+#
+#   scripts/bench-embed.sh [options]
+#     --workers "2 4"     worker counts to measure (default: 2 4)
+#     --duration S        measured load per configuration (default: 20)
+#     --warmup S          unmeasured load before it (default: 5)
+#     --trials K          worker kills per configuration (default: 3)
+#     --only python|zygote   measure one side only
+#     --baselines "seed t1 t1-preload"
+#                         the Python variants to measure (default: all three):
+#                         seed        as seed 002 is written: no --preload, torch
+#                                     with one thread per core in every worker
+#                                     (oversubscribed with several workers on 2 cores)
+#                         t1          the same with one torch thread per worker
+#                                     (TORCH_THREADS=1): the tuned deployment
+#                         t1-preload  t1 with gunicorn --preload: the model loaded
+#                                     once in the master and shared copy-on-write
+#                                     (works on CPU; on CUDA it is what fails in
+#                                     seeds 000 and 002). seed-preload also exists.
+#     --out DIR           where logs and results go (default: bench-out/embed-DATE)
+#     --quiet-wait S      before each measured load, wait up to S s for the
+#                         machine to be idle (default: 60; 0: don't)
+#
+# Environment: ZYGOTE_BIN (default target/release/zygote), ZYGOTE_MODEL (model
+# directory given to `zygote start --model`; default: the directory the
+# baseline loads, so both serve the same files; empty: no --model flag),
+# ZYGOTE_ARGS (extra arguments for `zygote start`), BASELINE_VENV, BASE_PORT.
+#
+# For each service and worker count: requests/s and p50/p99 latency from wrk
+# (keep-alive connections, 2 x workers of them, one sentence per POST /embed,
+# cycling through scripts/bench-embed/sentences.txt); total PSS of every
+# process of the service (scripts/pss.py over the process tree: gunicorn
+# master + workers; zygote supervisor, zygote, owner and workers), taken after
+# the load; the time from `kill -9` of one worker to that worker slot
+# serving again (scripts/bench-embed/embedctl.py restart); and the CPU used
+# during the measured load by the service, by wrk and by anything else on the
+# machine (a busy machine distorts the figures: the "other" column shows it).
+# Prints a markdown table and writes it to OUT/table.md.
+#
+# Needs: scripts/baseline/setup.sh run once (venv + wrk). Every process this
+# script starts runs in its own session and is stopped on exit (trap); every
+# loop is bounded by a deadline.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+helpers="$repo/scripts/bench-embed"
+ctl=(python3 "$helpers/embedctl.py")
+
+workers_list="2 4"; duration=20; warmup=5; trials=3; only=""; quiet_wait=60
+baselines="seed t1 t1-preload"
+out="$repo/bench-out/embed-$(date +%Y%m%d-%H%M%S)"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --workers) workers_list="$2"; shift 2 ;;
+        --duration) duration="$2"; shift 2 ;;
+        --warmup) warmup="$2"; shift 2 ;;
+        --trials) trials="$2"; shift 2 ;;
+        --only) only="$2"; shift 2 ;;
+        --baselines) baselines="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        --quiet-wait) quiet_wait="$2"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench-embed.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+case "$only" in ""|python|zygote) ;; *) echo "bench-embed.sh: --only python|zygote" >&2; exit 2 ;; esac
+
+venv="${BASELINE_VENV:-$repo/.venv-baseline}"
+zbin="${ZYGOTE_BIN:-$repo/target/release/zygote}"
+base_port="${BASE_PORT:-18400}"
+mkdir -p "$out"
+results="$out/results.jsonl"
+: > "$results"
+
+say() { echo "bench-embed: $*" >&2; }
+
+# ------------------------------------------------------------ cleanup
+# pgids of the sessions we started (each service runs under setsid, so its
+# pid is its process group id and its children share it).
+started=()
+zygote_dirs=()
+helper_pids=()
+# Run a helper (wrk, embedctl.py) in the background and wait for it: bash
+# runs a signal trap only once the foreground command returns, while `wait`
+# is cut short by one, so Ctrl-C or a TERM stops the run at once.
+run() {
+    "$@" &
+    local p=$! rc=0
+    helper_pids+=("$p")
+    wait "$p" || rc=$?
+    forget "$p"
+    return "$rc"
+}
+# Drop a reaped helper's pid, so that cleanup never signals a reused pid.
+forget() {
+    local keep=() q
+    for q in "${helper_pids[@]+"${helper_pids[@]}"}"; do
+        if [[ "$q" != "$1" ]]; then keep+=("$q"); fi
+    done
+    helper_pids=("${keep[@]+"${keep[@]}"}")
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local d pg p
+    for p in "${helper_pids[@]+"${helper_pids[@]}"}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for d in "${zygote_dirs[@]+"${zygote_dirs[@]}"}"; do
+        [[ -S "$d/zygote.sock" || -d "$d" ]] && timeout 10 "$zbin" stop --runtime-dir "$d" >/dev/null 2>&1 || true
+    done
+    for pg in "${started[@]+"${started[@]}"}"; do
+        kill -TERM -- "-$pg" 2>/dev/null || true
+    done
+    for pg in "${started[@]+"${started[@]}"}"; do
+        for _ in $(seq 1 50); do kill -0 -- "-$pg" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL -- "-$pg" 2>/dev/null || true
+    done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Stop one service started by start_*: graceful first, bounded, then KILL.
+stop_group() {
+    local pg="$1" rdir="${2:-}"
+    if [[ -n "$rdir" ]]; then
+        timeout 20 "$zbin" stop --runtime-dir "$rdir" >/dev/null 2>&1 || say "zygote stop failed for $rdir"
+    else
+        kill -TERM "$pg" 2>/dev/null || true
+    fi
+    for _ in $(seq 1 150); do kill -0 -- "-$pg" 2>/dev/null || break; sleep 0.1; done
+    kill -TERM -- "-$pg" 2>/dev/null || true
+    sleep 0.5
+    kill -KILL -- "-$pg" 2>/dev/null || true
+    local keep=() p
+    for p in "${started[@]}"; do [[ "$p" != "$pg" ]] && keep+=("$p"); done
+    started=("${keep[@]+"${keep[@]}"}")
+}
+
+# ------------------------------------------------------------ checks
+need_python=1; need_zygote=1
+[[ "$only" == zygote ]] && need_python=0
+[[ "$only" == python ]] && need_zygote=0
+command -v wrk >/dev/null || { say "wrk not found: run scripts/baseline/setup.sh (or apt-get install wrk)"; exit 1; }
+if [[ $need_python == 1 && ! -x "$venv/bin/gunicorn" ]]; then
+    say "no baseline venv at $venv: run scripts/baseline/setup.sh"; exit 1
+fi
+if [[ $need_zygote == 1 && ! -x "$zbin" ]]; then
+    if [[ "$only" == zygote ]]; then say "no $zbin: cargo build --release"; exit 1; fi
+    say "no $zbin (cargo build --release): measuring the Python baseline only"
+    need_zygote=0
+fi
+model_dir="${ZYGOTE_MODEL-}"
+if [[ -z "${ZYGOTE_MODEL+set}" && -x "$venv/bin/python" ]]; then
+    model_dir="$("$venv/bin/python" "$repo/scripts/baseline/model_dir.py" 2>/dev/null || true)"
+fi
+
+bodies="$out/bodies.jsonl"
+"${ctl[@]}" bodies "$helpers/sentences.txt" "$bodies" >/dev/null
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+    echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
+    echo "load: wrk, $duration s measured after $warmup s warm-up, 2 x workers keep-alive connections, POST /embed one sentence each from scripts/bench-embed/sentences.txt"
+    if [[ $need_python == 1 ]]; then
+        echo "baseline: $("$venv/bin/python" -c 'from importlib.metadata import version as v; print("gunicorn", v("gunicorn"), "flask", v("flask"), "sentence-transformers", v("sentence-transformers"), "torch", v("torch"))')"
+    fi
+    if [[ $need_zygote == 1 ]]; then
+        echo "zygote: $zbin ($(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')), model ${model_dir:-default}"
+    fi
+} | tee "$out/env.txt" >&2
+
+# ------------------------------------------------------------ load
+run_wrk() { # URL CONNS SECONDS OUTFILE
+    local url="$1" conns="$2" secs="$3" file="$4" threads=2
+    (( conns < threads )) && threads="$conns"
+    run timeout $((secs + 30)) wrk -t "$threads" -c "$conns" -d "${secs}s" --timeout 10s \
+        -s "$helpers/embed.lua" "$url" -- "$bodies" > "$file" 2>&1 || say "wrk exited $? (see $file)"
+}
+
+# measure SERVICE WORKERS PGID URL [RUNTIME_DIR] [NOTE] [TAG]: load, PSS, restarts -> results.jsonl
+measure() {
+    local service="$1" n="$2" pg="$3" url="$4" rdir="${5:-}" note="${6:-}" tag="${7:-$1-w$2}"
+    local conns=$((2 * n))
+    say "$tag: warm-up ${warmup}s"
+    run_wrk "$url" "$conns" "$warmup" "$out/$tag.warmup.txt"
+    if [[ "$quiet_wait" != 0 ]]; then
+        say "$tag: waiting up to ${quiet_wait}s for other work on the machine to settle"
+        run "${ctl[@]}" idle-wait --max "$quiet_wait" > "$out/$tag.idle.json" || true
+    fi
+    say "$tag: load ${duration}s, $conns connections"
+    "${ctl[@]}" cpu-monitor --seconds "$duration" "$pg" > "$out/$tag.cpu.json" &
+    local mon=$!
+    run_wrk "$url" "$conns" "$duration" "$out/$tag.wrk.txt"
+    helper_pids+=("$mon")
+    wait "$mon" || true
+    forget "$mon"
+    say "$tag: $(grep -h '^Requests/sec' "$out/$tag.wrk.txt" || true); CPU $(cat "$out/$tag.cpu.json")"
+    local pids="$pg"
+    if [[ -n "$rdir" ]]; then
+        pids="$pg $("${ctl[@]}" zygote-pids --zygote "$zbin" --runtime-dir "$rdir" || true)"
+        timeout 10 "$zbin" status --runtime-dir "$rdir" --json > "$out/$tag.status.json" 2>&1 || true
+    fi
+    # shellcheck disable=SC2086
+    python3 "$repo/scripts/pss.py" --json $pids > "$out/$tag.pss.json"
+    python3 "$repo/scripts/pss.py" $pids > "$out/$tag.pss.txt" || true
+    say "$tag: PSS $(tail -1 "$out/$tag.pss.txt")"
+    say "$tag: $trials worker kills"
+    if [[ -n "$rdir" ]]; then
+        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 60 \
+            --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
+    else
+        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 \
+            --gunicorn-master "$pg" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
+    fi
+    python3 - "$service" "$n" "$note" "$out/$tag" >> "$results" <<'PY'
+import json, sys
+service, n, note, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+wrk = {}
+try:
+    for line in open(base + ".wrk.txt"):
+        if line.startswith("WRKJSON "):
+            wrk = json.loads(line[8:])
+except OSError:
+    pass
+print(json.dumps({"service": service, "workers": n, "note": note, "wrk": wrk,
+                  "pss": load(base + ".pss.json"), "restart": load(base + ".restart.json"),
+                  "ready": load(base + ".ready.json"), "cpu": load(base + ".cpu.json")}))
+PY
+}
+
+# ------------------------------------------------------------ services
+# A new port for each service, so none meets the last one's TIME_WAIT sockets.
+# (Sets $port; a $(...) subshell would lose the counter.)
+port_seq=0
+next_port() { port_seq=$((port_seq + 1)); port=$((base_port + port_seq)); }
+
+bench_python() { # WORKERS VARIANT (seed, t1, t1-preload, seed-preload)
+    local n="$1" variant="$2" threads flag="" port note tag
+    case "$variant" in
+        seed) threads=default; note="seed: torch threads default" ;;
+        seed-preload) threads=default; flag=--preload; note="seed + preload" ;;
+        t1) threads=1; note="1 torch thread per worker" ;;
+        t1-preload) threads=1; flag=--preload; note="1 torch thread, preload" ;;
+        *) say "unknown baseline variant $variant"; return 0 ;;
+    esac
+    next_port
+    tag="python-w$n-$variant"
+    say "$tag: starting gunicorn on 127.0.0.1:$port"
+    local t0 tt=""; t0="$(date +%s.%N)"
+    [[ "$threads" != default ]] && tt="$threads"
+    TORCH_THREADS="$tt" BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag.log" 2>&1 &
+    local pg=$!
+    started+=("$pg")
+    if ! run "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
+            --timeout 180 > "$out/$tag.ready.json"; then
+        say "$tag: not ready; see $out/$tag.log"; stop_group "$pg"; return 0
+    fi
+    say "$tag: ready $(cat "$out/$tag.ready.json")"
+    measure python "$n" "$pg" "http://127.0.0.1:$port" "" "$note" "$tag"
+    stop_group "$pg"
+}
+
+bench_zygote() { # WORKERS
+    local n="$1" port rdir tag="zygote-w$1"
+    next_port
+    rdir="$(mktemp -d "$out/rt-$tag.XXXX")"   # mode 0700
+    zygote_dirs+=("$rdir")
+    local args=(start --workers "$n" --listen "127.0.0.1:$port" --runtime-dir "$rdir")
+    [[ -n "$model_dir" ]] && args+=(--model "$model_dir")
+    # shellcheck disable=SC2206
+    [[ -n "${ZYGOTE_ARGS:-}" ]] && args+=(${ZYGOTE_ARGS})
+    say "$tag: $zbin ${args[*]}"
+    local t0; t0="$(date +%s.%N)"
+    setsid "$zbin" "${args[@]}" > "$out/$tag.log" 2>&1 &
+    local pg=$!
+    started+=("$pg")
+    if ! run "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
+            --timeout 120 --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag.ready.json"; then
+        say "$tag: not ready; see $out/$tag.log"; stop_group "$pg" "$rdir"; return 0
+    fi
+    say "$tag: ready $(cat "$out/$tag.ready.json")"
+    measure zygote "$n" "$pg" "http://127.0.0.1:$port" "$rdir"
+    stop_group "$pg" "$rdir"
+}
+
+for n in $workers_list; do
+    if [[ $need_python == 1 ]]; then
+        for v in $baselines; do bench_python "$n" "$v"; done
+    fi
+    if [[ $need_zygote == 1 ]]; then bench_zygote "$n"; fi
+done
+
+"${ctl[@]}" report "$results" | tee "$out/table.md"
+say "logs and raw results in $out"

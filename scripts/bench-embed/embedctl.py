@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""Measurement steps of scripts/bench-embed.sh (standard library only).
+
+    embedctl.py bodies SENTENCES OUT
+    embedctl.py wait-ready --url URL --workers N --since EPOCH --timeout S
+                           [--zygote BIN --runtime-dir DIR]
+    embedctl.py restart --url URL --trials K --timeout S
+                        (--gunicorn-master PID | --zygote BIN --runtime-dir DIR)
+    embedctl.py zygote-pids --zygote BIN --runtime-dir DIR
+    embedctl.py idle-wait --max S [--threshold CORES]
+    embedctl.py cpu-monitor --seconds S PID...
+    embedctl.py report RESULTS.jsonl
+
+Every loop here is bounded by a deadline. Results go to stdout as one JSON
+object; progress goes to stderr.
+
+How a restarted worker is recognised: the baseline answers with an
+`X-Worker-Pid` header, so "serving again" is the first answer that carries
+the new worker's pid. For zygote, `zygote status --json` names the new pid of
+the slot and its state; "serving again" is the first answer that carries the
+new pid when the service sends the same header, and otherwise the moment the
+status shows the slot's new pid in state `serving` (the supervisor marks a
+worker serving only after its ready message, when its listener is live).
+"""
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+PID_HEADER = "X-Worker-Pid"
+PROBE_BODY = json.dumps({"input": ["Hello, world!"]})
+
+
+def log(msg):
+    print(f"embedctl: {msg}", file=sys.stderr, flush=True)
+
+
+def post_embed(host, port, body=PROBE_BODY, timeout=30.0):
+    """One POST /embed on a fresh connection: (status, pid header or None)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("POST", "/embed", body=body,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        pid = resp.getheader(PID_HEADER)
+        return resp.status, (int(pid) if pid and pid.isdigit() else None)
+    finally:
+        conn.close()
+
+
+def split_url(url):
+    rest = url.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    return host, int(port)
+
+
+def zygote_status(zbin, rdir):
+    out = subprocess.run([zbin, "status", "--runtime-dir", rdir, "--json"],
+                         capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        raise RuntimeError(f"zygote status failed ({out.returncode}): {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def zygote_workers(status):
+    return [p for p in status.get("processes", []) if p.get("role") == "worker"]
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(x) for x in f.read().split()}
+    except OSError:
+        return set()
+
+
+# ---------------------------------------------------------------- bodies
+
+def cmd_bodies(args):
+    with open(args.sentences, encoding="utf-8") as f:
+        sentences = [s.rstrip("\n") for s in f if s.strip()]
+    with open(args.out, "w", encoding="utf-8") as f:
+        for s in sentences:
+            f.write(json.dumps({"input": [s]}, ensure_ascii=False) + "\n")
+    print(json.dumps({"bodies": len(sentences), "file": args.out}))
+
+
+# ------------------------------------------------------------ wait-ready
+
+def cmd_wait_ready(args):
+    host, port = split_url(args.url)
+    deadline = args.since + args.timeout
+    seen, first_answer, lock = set(), [None], threading.Lock()
+    stop = threading.Event()
+    header_seen = [False]
+
+    def prober():
+        while not stop.is_set() and time.time() < deadline:
+            try:
+                status, pid = post_embed(host, port, timeout=max(1.0, deadline - time.time()))
+            except OSError:
+                time.sleep(0.05)
+                continue
+            if status != 200:
+                time.sleep(0.05)
+                continue
+            with lock:
+                if first_answer[0] is None:
+                    first_answer[0] = time.time()
+                if pid is not None:
+                    header_seen[0] = True
+                    seen.add(pid)
+
+    threads = [threading.Thread(target=prober, daemon=True) for _ in range(args.workers)]
+    for t in threads:
+        t.start()
+    ready_at = None
+    try:
+        while time.time() < deadline:
+            with lock:
+                have_first = first_answer[0] is not None
+                enough_pids = len(seen) >= args.workers
+                header = header_seen[0]
+            if args.zygote and have_first:
+                st = zygote_status(args.zygote, args.runtime_dir)
+                serving = [w for w in zygote_workers(st) if w.get("state") == "serving"]
+                if len(serving) >= args.workers and (enough_pids or not header):
+                    ready_at = time.time()
+                    break
+            elif not args.zygote and enough_pids:
+                ready_at = time.time()
+                break
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=35)
+    if ready_at is None:
+        log(f"not ready after {args.timeout} s: {len(seen)} worker pid(s) answered, "
+            f"first answer {'yes' if first_answer[0] else 'no'}")
+        print(json.dumps({"ready": False}))
+        return 1
+    print(json.dumps({
+        "ready": True,
+        "first_answer_s": round(first_answer[0] - args.since, 3),
+        "all_ready_s": round(ready_at - args.since, 3),
+        "pids_answered": sorted(seen),
+    }))
+    return 0
+
+
+# --------------------------------------------------------------- restart
+
+class AnswerWatch:
+    """Pollers that POST /embed on fresh connections and note answering pids."""
+
+    def __init__(self, host, port, threads=2, interval=0.01):
+        self.host, self.port, self.interval = host, port, interval
+        self.lock = threading.Lock()
+        self.first_by_pid = {}
+        self.header = False
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                status, pid = post_embed(self.host, self.port, timeout=5)
+            except OSError:
+                status, pid = None, None
+            now = time.time()
+            if status == 200 and pid is not None:
+                with self.lock:
+                    self.header = True
+                    self.first_by_pid.setdefault(pid, now)
+            self.stop.wait(self.interval)
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def first_answer(self, pid):
+        with self.lock:
+            return self.first_by_pid.get(pid)
+
+    def close(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+def restart_gunicorn(args, host, port):
+    master = args.gunicorn_master
+    old = children(master)
+    if not old:
+        raise RuntimeError(f"gunicorn master {master} has no workers")
+    victim = min(old)
+    watch = AnswerWatch(host, port).start()
+    try:
+        time.sleep(0.2)
+        t0 = time.time()
+        os.kill(victim, signal.SIGKILL)
+        deadline = t0 + args.timeout
+        new_pid, spawned_at = None, None
+        while time.time() < deadline:
+            if new_pid is None:
+                fresh = children(master) - old
+                if fresh:
+                    new_pid, spawned_at = min(fresh), time.time()
+            if new_pid is not None:
+                t = watch.first_answer(new_pid)
+                if t is not None:
+                    return {"victim": victim, "new_pid": new_pid,
+                            "respawned_ms": round((spawned_at - t0) * 1000, 1),
+                            "serving_ms": round((t - t0) * 1000, 1),
+                            "method": "first answer from the new pid"}
+            time.sleep(0.005)
+        raise RuntimeError(f"worker {victim} not replaced and answering within {args.timeout} s")
+    finally:
+        watch.close()
+
+
+def restart_zygote(args, host, port):
+    st = zygote_status(args.zygote, args.runtime_dir)
+    serving = sorted((w for w in zygote_workers(st) if w.get("state") == "serving"),
+                     key=lambda w: (w.get("slot") if w.get("slot") is not None else 1 << 30))
+    if not serving:
+        raise RuntimeError("no worker in state serving")
+    victim = serving[0]
+    slot, vpid = victim.get("slot"), victim["pid"]
+    watch = AnswerWatch(host, port).start()
+    try:
+        time.sleep(0.2)
+        header = watch.header
+        t0 = time.time()
+        os.kill(vpid, signal.SIGKILL)
+        deadline = t0 + args.timeout
+        new_pid, serving_at = None, None
+        poll_ms = None
+        while time.time() < deadline:
+            if serving_at is None:
+                asked = time.time()
+                workers = zygote_workers(zygote_status(args.zygote, args.runtime_dir))
+                for w in workers:
+                    if (w.get("slot") == slot and w["pid"] != vpid
+                            and w.get("state") == "serving"):
+                        new_pid, serving_at = w["pid"], time.time()
+                        # the worker turned serving at most this long before serving_at
+                        poll_ms = round((serving_at - asked) * 1000, 1)
+            if serving_at is not None:
+                answered = watch.first_answer(new_pid) if header else None
+                if answered is not None or not header:
+                    r = {"victim": vpid, "slot": slot, "new_pid": new_pid,
+                         "status_serving_ms": round((serving_at - t0) * 1000, 1),
+                         "status_call_ms": poll_ms}
+                    if answered is not None:
+                        r["serving_ms"] = round((answered - t0) * 1000, 1)
+                        r["method"] = "first answer from the new pid"
+                    else:
+                        r["serving_ms"] = r["status_serving_ms"]
+                        r["method"] = "zygote status: new pid in state serving"
+                    return r
+            time.sleep(0.002)
+        raise RuntimeError(f"worker slot {slot} (pid {vpid}) not serving again within {args.timeout} s")
+    finally:
+        watch.close()
+
+
+def cmd_restart(args):
+    host, port = split_url(args.url)
+    trials = []
+    for i in range(args.trials):
+        if args.gunicorn_master:
+            r = restart_gunicorn(args, host, port)
+        else:
+            r = restart_zygote(args, host, port)
+        log(f"restart trial {i + 1}/{args.trials}: {r}")
+        trials.append(r)
+        time.sleep(args.pause)
+    ms = [t["serving_ms"] for t in trials]
+    print(json.dumps({"trials": trials, "median_ms": statistics.median(ms),
+                      "max_ms": max(ms), "method": trials[0]["method"]}))
+    return 0
+
+
+def cmd_zygote_pids(args):
+    st = zygote_status(args.zygote, args.runtime_dir)
+    print(" ".join(str(p["pid"]) for p in st.get("processes", []) if p.get("pid")))
+    return 0
+
+
+# ------------------------------------------------------------ CPU share
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def busy_ticks():
+    """Busy jiffies of all CPUs together (everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    return sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)
+
+
+def proc_ticks(pid):
+    """utime + stime of PID in jiffies and its comm, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12]), comm
+
+
+def descendants(roots):
+    kids = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            kids.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(name))
+    out, stack = set(), list(roots)
+    while stack:
+        p = stack.pop()
+        if p not in out:
+            out.add(p)
+            stack.extend(kids.get(p, []))
+    return out
+
+
+def cmd_idle_wait(args):
+    """Wait (bounded) until the machine is nearly idle: other sessions' builds
+    or benchmarks on a 2-core machine would distort every figure."""
+    deadline = time.time() + args.max
+    while True:
+        b0 = busy_ticks()
+        time.sleep(1.0)
+        cores = (busy_ticks() - b0) / HZ
+        if cores <= args.threshold or time.time() >= deadline:
+            break
+    print(json.dumps({"idle": cores <= args.threshold, "busy_cores": round(cores, 2)}))
+    return 0
+
+
+def cmd_cpu_monitor(args):
+    """CPU used during a window, split into the service's process tree, wrk
+    and everything else (other work on the machine that competed with it)."""
+    start_busy, t0 = busy_ticks(), time.time()
+    first, last = {}, {}
+
+    def sample():
+        svc = descendants(args.pids)
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            r = proc_ticks(pid)
+            if r is None:
+                continue
+            ticks, comm = r
+            kind = "service" if pid in svc else "wrk" if comm == "wrk" else None
+            if kind:
+                first.setdefault(pid, (ticks, kind))
+                last[pid] = (ticks, kind)
+
+    deadline = t0 + args.seconds
+    sample()
+    while time.time() < deadline:
+        time.sleep(min(0.25, max(0.0, deadline - time.time())))
+        sample()
+    secs = time.time() - t0
+    total = (busy_ticks() - start_busy) / HZ
+    used = {"service": 0.0, "wrk": 0.0}
+    for pid, (ticks, kind) in last.items():
+        used[kind] += (ticks - first[pid][0]) / HZ
+    me = os.times()
+    own = me.user + me.system
+    other = max(0.0, total - used["service"] - used["wrk"] - own)
+    print(json.dumps({"seconds": round(secs, 2), "busy_cores": round(total / secs, 2),
+                      "service_cores": round(used["service"] / secs, 2),
+                      "wrk_cores": round(used["wrk"] / secs, 2),
+                      "other_cores": round(other / secs, 2)}))
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+def fmt_ms(us):
+    return f"{us / 1000:.1f}"
+
+
+def cmd_report(args):
+    rows = []
+    with open(args.results) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    out = [
+        "| service | workers | req/s | p50 ms | p99 ms | errors | total PSS MiB | processes "
+        "| kill → serving again (median, max) | start → all workers answering "
+        "| CPU cores: service / wrk / other |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for r in rows:
+        w = r.get("wrk") or {}
+        if w:
+            errs = sum(w.get(k, 0) for k in ("err_connect", "err_read", "err_write",
+                                             "err_status", "err_timeout"))
+            rps = w["requests"] / (w["duration_us"] / 1e6)
+            perf = f"{rps:.1f} | {fmt_ms(w['p50_us'])} | {fmt_ms(w['p99_us'])} | {errs}"
+        else:
+            perf = "– | – | – | –"
+        p = r.get("pss") or {}
+        pss = (f"{p['total']['pss_kib'] / 1024:.0f} | {p['count']}" if p else "– | –")
+        rs = r.get("restart") or {}
+        if rs:
+            unit = "ms" if rs["max_ms"] < 2000 else "s"
+            scale = 1 if unit == "ms" else 1000
+            rst = (f"{rs['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit}, "
+                   f"{rs['max_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} "
+                   f"({len(rs['trials'])} kills)")
+        else:
+            rst = "–"
+        rd = r.get("ready") or {}
+        ready = f"{rd['all_ready_s']:.1f} s" if rd.get("ready") else "–"
+        c = r.get("cpu") or {}
+        cpu = (f"{c['service_cores']:.2f} / {c['wrk_cores']:.2f} / {c['other_cores']:.2f}"
+               if c else "–")
+        note = f" ({r['note']})" if r.get("note") else ""
+        out.append(f"| {r['service']}{note} | {r['workers']} | {perf} | {pss} | {rst} "
+                   f"| {ready} | {cpu} |")
+    # Against the target: zygote compared with the best baseline variant
+    # (highest req/s, lowest PSS, fastest restart) at the same worker count.
+    def rps(r):
+        w = r.get("wrk") or {}
+        return w["requests"] / (w["duration_us"] / 1e6) if w else None
+
+    lines = []
+    for n in sorted({r["workers"] for r in rows}):
+        z = [r for r in rows if r["workers"] == n and r["service"] == "zygote"]
+        py = [r for r in rows if r["workers"] == n and r["service"] == "python"]
+        if not z or not py:
+            continue
+        z = z[0]
+        parts = []
+        best_rps = max((rps(r) for r in py if rps(r)), default=None)
+        if rps(z) and best_rps:
+            parts.append(f"throughput {rps(z) / best_rps:.2f}x the best baseline ({best_rps:.1f} req/s)")
+        best_pss = min((r["pss"]["total"]["pss_kib"] for r in py if r.get("pss")), default=None)
+        if z.get("pss") and best_pss:
+            parts.append(f"PSS {z['pss']['total']['pss_kib'] / best_pss:.3f} of the smallest baseline "
+                         f"(1/{best_pss / z['pss']['total']['pss_kib']:.1f})")
+        best_rs = min((r["restart"]["median_ms"] for r in py if r.get("restart")), default=None)
+        if z.get("restart") and best_rs:
+            parts.append(f"restart {z['restart']['median_ms']:.0f} ms vs {best_rs / 1000:.1f} s")
+        if parts:
+            lines.append(f"- {n} workers: " + "; ".join(parts))
+    if lines:
+        out += ["", "zygote against the Python baseline:"] + lines
+    print("\n".join(out))
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("bodies")
+    b.add_argument("sentences")
+    b.add_argument("out")
+    b.set_defaults(fn=cmd_bodies)
+
+    w = sub.add_parser("wait-ready")
+    w.add_argument("--url", required=True)
+    w.add_argument("--workers", type=int, required=True)
+    w.add_argument("--since", type=float, required=True, help="start time, seconds since the epoch")
+    w.add_argument("--timeout", type=float, default=180)
+    w.add_argument("--zygote")
+    w.add_argument("--runtime-dir")
+    w.set_defaults(fn=cmd_wait_ready)
+
+    r = sub.add_parser("restart")
+    r.add_argument("--url", required=True)
+    r.add_argument("--trials", type=int, default=3)
+    r.add_argument("--timeout", type=float, default=120, help="per kill")
+    r.add_argument("--pause", type=float, default=1.0, help="seconds between kills")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gunicorn-master", type=int)
+    g.add_argument("--zygote")
+    r.add_argument("--runtime-dir")
+    r.set_defaults(fn=cmd_restart)
+
+    z = sub.add_parser("zygote-pids")
+    z.add_argument("--zygote", required=True)
+    z.add_argument("--runtime-dir", required=True)
+    z.set_defaults(fn=cmd_zygote_pids)
+
+    iw = sub.add_parser("idle-wait")
+    iw.add_argument("--max", type=float, default=60, help="seconds to wait at most")
+    iw.add_argument("--threshold", type=float, default=0.15, help="busy CPU cores")
+    iw.set_defaults(fn=cmd_idle_wait)
+
+    cm = sub.add_parser("cpu-monitor")
+    cm.add_argument("--seconds", type=float, required=True)
+    cm.add_argument("pids", nargs="+", type=int)
+    cm.set_defaults(fn=cmd_cpu_monitor)
+
+    rep = sub.add_parser("report")
+    rep.add_argument("results")
+    rep.set_defaults(fn=cmd_report)
+
+    args = ap.parse_args()
+    try:
+        return args.fn(args)
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+        log(f"{args.cmd}: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
