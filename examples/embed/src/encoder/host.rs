@@ -205,25 +205,9 @@ impl SentenceEncoder for HostEncoder<'_> {
         out.reserve(batch.len() * self.dims.hidden);
         // What a TextEncoder produces always passes; a batch built by hand must not index past
         // the tables.
-        if let Some(&len) = batch
-            .lens()
-            .iter()
-            .find(|&&l| l == 0 || l > self.dims.max_positions)
-        {
-            return Err(EmbedError::Tokenize(format!(
-                "a text of {len} word pieces (expected 1..={})",
-                self.dims.max_positions
-            )));
-        }
         let vocab = self.t.word.len() / self.dims.hidden;
         let types = self.t.token_type.len() / self.dims.hidden;
-        if batch.ids.iter().any(|&id| id as usize >= vocab)
-            || batch.type_ids.iter().any(|&t| t as usize >= types)
-        {
-            return Err(EmbedError::Tokenize(
-                "a token id is outside the model's tables".into(),
-            ));
-        }
+        super::check_batch(batch, self.dims.max_positions, vocab, types)?;
         // Chunks of whole texts, each at most max_rows rows (or one text, if longer).
         let mut first = 0;
         while first < batch.len() {

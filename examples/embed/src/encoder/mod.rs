@@ -45,3 +45,26 @@ pub fn for_weights<'w>(
         Weights::Cuda(w) => Ok(Box::new(cuda::CudaEncoder::new(spec, w)?)),
     }
 }
+
+/// Refuses a batch that would index past the model's tables: a text of no word pieces or more
+/// than `max_positions`, an id of `vocab` or more, a type id of `types` or more.
+pub fn check_batch(
+    batch: &TokenBatch,
+    max_positions: usize,
+    vocab: usize,
+    types: usize,
+) -> Result<(), EmbedError> {
+    if let Some(&len) = batch.lens().iter().find(|&&l| l == 0 || l > max_positions) {
+        return Err(EmbedError::Tokenize(format!(
+            "a text of {len} word pieces (expected 1..={max_positions})"
+        )));
+    }
+    if batch.ids.iter().any(|&id| id as usize >= vocab)
+        || batch.type_ids.iter().any(|&t| t as usize >= types)
+    {
+        return Err(EmbedError::Tokenize(
+            "a token id is outside the model's tables".into(),
+        ));
+    }
+    Ok(())
+}

@@ -61,29 +61,6 @@ pub fn pool_mode(p: Pooling) -> i32 {
     }
 }
 
-/// Refuses a batch that would index past the model's tables: a text of no word pieces or more
-/// than `max_positions`, an id of `vocab` or more, a type id of `types` or more.
-pub fn check_batch(
-    batch: &TokenBatch,
-    max_positions: usize,
-    vocab: usize,
-    types: usize,
-) -> Result<(), EmbedError> {
-    if let Some(&len) = batch.lens().iter().find(|&&l| l == 0 || l > max_positions) {
-        return Err(EmbedError::Tokenize(format!(
-            "a text of {len} word pieces (expected 1..={max_positions})"
-        )));
-    }
-    if batch.ids.iter().any(|&id| id as usize >= vocab)
-        || batch.type_ids.iter().any(|&t| t as usize >= types)
-    {
-        return Err(EmbedError::Tokenize(
-            "a token id is outside the model's tables".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// The host side of a chunk's u32 buffer: word piece ids, type ids, positions within each
 /// text (`rows` each), then each text's first row (relative to the chunk), then each length.
 pub fn chunk_words(batch: &TokenBatch, texts: std::ops::Range<usize>, out: &mut Vec<u32>) {
@@ -551,7 +528,7 @@ impl SentenceEncoder for CudaEncoder<'_> {
     fn embed(&mut self, batch: &TokenBatch, out: &mut Vec<f32>) -> Result<(), EmbedError> {
         out.clear();
         out.reserve(batch.len() * self.dims.hidden);
-        check_batch(batch, self.dims.max_positions, self.vocab, self.types)?;
+        super::check_batch(batch, self.dims.max_positions, self.vocab, self.types)?;
         self.stream
             .context()
             .bind_to_thread()
@@ -566,6 +543,7 @@ impl SentenceEncoder for CudaEncoder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoder::check_batch;
 
     fn batch() -> TokenBatch {
         let mut b = TokenBatch::default();
