@@ -27,16 +27,12 @@
 //! values, wrapped in a [`ModelError`] that names the path.
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::CStr;
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-
-use nix::fcntl::{fcntl, FcntlArg};
-use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 
 use crate::shm::{Mapping, SealedMemfd, ShmError};
 
@@ -49,7 +45,6 @@ pub const MODEL_FILE_NAME: &str = "model.safetensors";
 
 /// Name of the model's memfd, as `/proc/PID/maps` shows it (`/memfd:zygote-model`).
 pub const MEMFD_NAME: &str = "zygote-model";
-const MEMFD_CNAME: &CStr = c"zygote-model";
 
 /// Element types of safetensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -455,20 +450,7 @@ fn copy_into_sealed_memfd(path: &Path) -> Result<SealedMemfd, ModelError> {
         });
     };
 
-    let fd = memfd_create(
-        MEMFD_CNAME,
-        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-    )
-    .map_err(|source| ShmError::Create {
-        name: MEMFD_NAME.to_string(),
-        source,
-    })?;
-    let mut out = File::from(fd);
-    out.set_len(expected).map_err(|source| ShmError::Resize {
-        name: MEMFD_NAME.to_string(),
-        len,
-        source,
-    })?;
+    let mut out = crate::shm::create_sized(MEMFD_NAME, len)?;
     // One byte more than expected: enough to notice a file that grew, without following a file
     // that keeps growing.
     let actual =
@@ -481,13 +463,7 @@ fn copy_into_sealed_memfd(path: &Path) -> Result<SealedMemfd, ModelError> {
             actual,
         });
     }
-    let fd = OwnedFd::from(out);
-    fcntl(
-        fd.as_raw_fd(),
-        FcntlArg::F_ADD_SEALS(crate::shm::required_seals()),
-    )
-    .map_err(|source| ShmError::Seal { source })?;
-    Ok(SealedMemfd::from_fd(fd, Some(expected))?)
+    Ok(SealedMemfd::seal(OwnedFd::from(out), Some(expected))?)
 }
 
 /// Parses and validates a whole safetensors file (`bytes` is the file, not just the header).
@@ -910,6 +886,10 @@ mod json {
 pub(crate) mod tests {
     use super::*;
     use crate::synth::{write_raw, write_safetensors};
+    use nix::fcntl::{fcntl, FcntlArg};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
 
     /// A directory under the system temp dir, removed on drop.
     #[derive(Debug)]
@@ -1513,7 +1493,6 @@ pub(crate) mod tests {
                 .starts_with(&format!("/memfd:{MEMFD_NAME}")),
             "{link:?}"
         );
-        assert_eq!(MEMFD_CNAME.to_str(), Ok(MEMFD_NAME));
     }
 
     #[test]

@@ -56,22 +56,7 @@ pub struct MemfdWriter {
 impl MemfdWriter {
     /// Creates a memfd of `len` bytes (zero-filled) with a writable shared mapping.
     pub fn create(name: &str, len: usize) -> Result<Self, ShmError> {
-        let cname = CString::new(name).unwrap_or_else(|_| CString::from(c"zygote"));
-        let fd = memfd_create(
-            cname.as_c_str(),
-            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-        )
-        .map_err(|source| ShmError::Create {
-            name: name.to_string(),
-            source,
-        })?;
-        let file = File::from(fd);
-        file.set_len(len as u64)
-            .map_err(|source| ShmError::Resize {
-                name: name.to_string(),
-                len,
-                source,
-            })?;
+        let file = create_sized(name, len)?;
         let fd = OwnedFd::from(file);
         let map = if len == 0 {
             None
@@ -92,13 +77,31 @@ impl MemfdWriter {
     /// Unmaps the writable view and seals the memfd.
     pub fn seal(mut self) -> Result<SealedMemfd, ShmError> {
         drop(self.map.take());
-        fcntl(self.fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(required_seals()))
-            .map_err(|source| ShmError::Seal { source })?;
-        Ok(SealedMemfd {
-            fd: self.fd,
-            len: self.len,
-        })
+        SealedMemfd::seal(self.fd, Some(self.len as u64))
     }
+}
+
+/// Creates an unsealed memfd named `name` of `len` zero bytes (`MFD_CLOEXEC`,
+/// `MFD_ALLOW_SEALING`), for a writer that fills it through the fd rather than a mapping
+/// (the model loader lets the kernel copy the file into it). Seal it with [`SealedMemfd::seal`].
+pub fn create_sized(name: &str, len: usize) -> Result<File, ShmError> {
+    let cname = CString::new(name).unwrap_or_else(|_| CString::from(c"zygote"));
+    let fd = memfd_create(
+        cname.as_c_str(),
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|source| ShmError::Create {
+        name: name.to_string(),
+        source,
+    })?;
+    let file = File::from(fd);
+    file.set_len(len as u64)
+        .map_err(|source| ShmError::Resize {
+            name: name.to_string(),
+            len,
+            source,
+        })?;
+    Ok(file)
 }
 
 /// A memfd whose contents can no longer change.
@@ -109,6 +112,14 @@ pub struct SealedMemfd {
 }
 
 impl SealedMemfd {
+    /// Seals a memfd this process filled (no writable mapping of it may remain) and checks its
+    /// size.
+    pub fn seal(fd: OwnedFd, expected_len: Option<u64>) -> Result<Self, ShmError> {
+        fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(required_seals()))
+            .map_err(|source| ShmError::Seal { source })?;
+        Self::from_fd(fd, expected_len)
+    }
+
     /// Adopts an fd received from another process after checking its seals and size.
     pub fn from_fd(fd: OwnedFd, expected_len: Option<u64>) -> Result<Self, ShmError> {
         let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS)
