@@ -35,6 +35,24 @@ pub fn table(command: &[String]) -> EntryTable {
     t
 }
 
+/// Prepares the native entries' shared state in the zygote before it forks anything (see
+/// [`zygote_embed::preload`]): only when workers run the native `app`, not a command after `--`.
+/// A model the app cannot serve is not the zygote's failure: its other entries still work, and
+/// each `app` worker refuses the model with the reason when it starts.
+pub fn preload(model: &zygote_runtime::Model, command: &[String]) {
+    if !command.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    match zygote_embed::preload(model) {
+        Ok(()) => log::info!(
+            "preloaded the app's model spec and tokenizer in {} ms",
+            started.elapsed().as_millis()
+        ),
+        Err(e) => log::info!("the app entry cannot serve this model ({e}); not preloaded"),
+    }
+}
+
 /// A command name without a `/` is looked up in `PATH` once, when the zygote starts (the
 /// child then execs that exact file, as a shell would).
 pub fn resolve_program(program: &str) -> PathBuf {

@@ -1,6 +1,7 @@
 //! `zygote __zygote`: the zygote process, exec'd by `zygote start` (or by another supervisor).
 //!
-//! It loads and validates the model, writes `ready PID` on stdout (its supervisor's start
+//! It loads and validates the model, preloads the example app's tokenizer (see
+//! [`crate::entries::preload`]), writes `ready PID` on stdout (its supervisor's start
 //! signal; stdout then points to /dev/null), and serves the zygote socket until shut down.
 
 use std::io::Write;
@@ -67,6 +68,7 @@ pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
             );
         }
     }
+    crate::entries::preload(&model, &args.command);
     let cfg = ServerConfig {
         runtime_dir: args.runtime_dir.clone(),
         model,

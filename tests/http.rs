@@ -97,6 +97,34 @@ fn the_app_answers_health_readiness_and_embeddings() {
     get_ok(addr, "/healthz").expect("GET /healthz");
     get_ok(addr, "/readyz").expect("GET /readyz");
     embed(addr, 3, 8).expect("POST /embed with 3 texts");
+
+    // Every answer names the worker that made it.
+    let r = http(addr, "GET", "/healthz", None, REQUEST_TIMEOUT).expect("GET /healthz");
+    let workers: Vec<i32> = procs_of(&svc.status(), "worker")
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    let pid: i32 = r
+        .header("X-Worker-Pid")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric X-Worker-Pid in {:?}", r.headers));
+    assert!(
+        workers.contains(&pid),
+        "X-Worker-Pid {pid} is one of the workers {workers:?}"
+    );
+
+    // The zygote preloaded the app's tokenizer before forking, and is still single-threaded.
+    let zygote = svc.zygote_pid();
+    assert_eq!(
+        zygote_runtime::procfs::thread_count(zygote).expect("the zygote's tasks"),
+        1,
+        "the zygote has a single thread after preloading the app"
+    );
+    let log = std::fs::read_to_string(&svc.log).expect("the service log");
+    assert!(
+        log.contains("preloaded the app's model spec and tokenizer"),
+        "the zygote logged the preload:\n{log}"
+    );
 }
 
 /// A client that keeps sending requests (alternately `/healthz` and a small `/embed`) from

@@ -14,13 +14,15 @@
 Every loop here is bounded by a deadline. Results go to stdout as one JSON
 object; progress goes to stderr.
 
-How a restarted worker is recognised: the baseline answers with an
-`X-Worker-Pid` header, so "serving again" is the first answer that carries
-the new worker's pid. For zygote, `zygote status --json` names the new pid of
-the slot and its state; "serving again" is the first answer that carries the
-new pid when the service sends the same header, and otherwise the moment the
-status shows the slot's new pid in state `serving` (the supervisor marks a
-worker serving only after its ready message, when its listener is live).
+How a restarted worker is recognised: both services answer with an
+`X-Worker-Pid` header, so "serving again" is the first answer that carries a
+pid that was not a worker before the kill (the replacement), seen by two
+threads that POST /embed on fresh connections every 2 ms. For gunicorn the
+new pid is also read from the master's children; for zygote from
+`zygote status --json` once it answered (to record its slot). A zygote app
+without the header falls back to polling the status until the slot's new pid
+is in state `serving` (the supervisor marks a worker serving only after its
+ready message, when its listener is live).
 """
 
 import argparse
@@ -162,7 +164,7 @@ def cmd_wait_ready(args):
 class AnswerWatch:
     """Pollers that POST /embed on fresh connections and note answering pids."""
 
-    def __init__(self, host, port, threads=2, interval=0.01):
+    def __init__(self, host, port, threads=2, interval=0.002):
         self.host, self.port, self.interval = host, port, interval
         self.lock = threading.Lock()
         self.first_by_pid = {}
@@ -191,6 +193,11 @@ class AnswerWatch:
     def first_answer(self, pid):
         with self.lock:
             return self.first_by_pid.get(pid)
+
+    def first_answers_except(self, pids):
+        """{pid: time of its first answer} for the answering pids not in `pids`."""
+        with self.lock:
+            return {p: t for p, t in self.first_by_pid.items() if p not in pids}
 
     def close(self):
         self.stop.set()
@@ -231,12 +238,14 @@ def restart_gunicorn(args, host, port):
 
 def restart_zygote(args, host, port):
     st = zygote_status(args.zygote, args.runtime_dir)
-    serving = sorted((w for w in zygote_workers(st) if w.get("state") == "serving"),
+    workers = zygote_workers(st)
+    serving = sorted((w for w in workers if w.get("state") == "serving"),
                      key=lambda w: (w.get("slot") if w.get("slot") is not None else 1 << 30))
     if not serving:
         raise RuntimeError("no worker in state serving")
     victim = serving[0]
     slot, vpid = victim.get("slot"), victim["pid"]
+    known = {w["pid"] for w in workers}
     watch = AnswerWatch(host, port).start()
     try:
         time.sleep(0.2)
@@ -244,31 +253,35 @@ def restart_zygote(args, host, port):
         t0 = time.time()
         os.kill(vpid, signal.SIGKILL)
         deadline = t0 + args.timeout
-        new_pid, serving_at = None, None
-        poll_ms = None
+        if header:
+            # The answers name their worker: the first answer from a pid that was not a worker
+            # before the kill is the replacement serving. Nothing else runs meanwhile (polling
+            # `zygote status` would start a process every few ms beside the restarting worker).
+            while time.time() < deadline:
+                fresh = watch.first_answers_except(known)
+                if fresh:
+                    new_pid, answered = min(fresh.items(), key=lambda kv: kv[1])
+                    st = zygote_status(args.zygote, args.runtime_dir)
+                    w = next((w for w in zygote_workers(st) if w["pid"] == new_pid), {})
+                    return {"victim": vpid, "slot": slot, "new_pid": new_pid,
+                            "new_slot": w.get("slot"),
+                            "serving_ms": round((answered - t0) * 1000, 1),
+                            "method": "first answer from the new pid"}
+                time.sleep(0.002)
+            raise RuntimeError(f"no answer from a new worker within {args.timeout} s "
+                               f"after killing pid {vpid}")
+        # No pid header: the new pid in the victim's slot turning "serving" in `zygote status`.
         while time.time() < deadline:
-            if serving_at is None:
-                asked = time.time()
-                workers = zygote_workers(zygote_status(args.zygote, args.runtime_dir))
-                for w in workers:
-                    if (w.get("slot") == slot and w["pid"] != vpid
-                            and w.get("state") == "serving"):
-                        new_pid, serving_at = w["pid"], time.time()
-                        # the worker turned serving at most this long before serving_at
-                        poll_ms = round((serving_at - asked) * 1000, 1)
-            if serving_at is not None:
-                answered = watch.first_answer(new_pid) if header else None
-                if answered is not None or not header:
-                    r = {"victim": vpid, "slot": slot, "new_pid": new_pid,
-                         "status_serving_ms": round((serving_at - t0) * 1000, 1),
-                         "status_call_ms": poll_ms}
-                    if answered is not None:
-                        r["serving_ms"] = round((answered - t0) * 1000, 1)
-                        r["method"] = "first answer from the new pid"
-                    else:
-                        r["serving_ms"] = r["status_serving_ms"]
-                        r["method"] = "zygote status: new pid in state serving"
-                    return r
+            asked = time.time()
+            for w in zygote_workers(zygote_status(args.zygote, args.runtime_dir)):
+                if (w.get("slot") == slot and w["pid"] != vpid
+                        and w.get("state") == "serving"):
+                    serving_at = time.time()
+                    return {"victim": vpid, "slot": slot, "new_pid": w["pid"],
+                            "serving_ms": round((serving_at - t0) * 1000, 1),
+                            # the worker turned serving at most this long before
+                            "status_call_ms": round((serving_at - asked) * 1000, 1),
+                            "method": "zygote status: new pid in state serving"}
             time.sleep(0.002)
         raise RuntimeError(f"worker slot {slot} (pid {vpid}) not serving again within {args.timeout} s")
     finally:

@@ -125,16 +125,20 @@ impl Response {
         Self::json(status, body.to_string().into_bytes())
     }
 
-    /// Serialises the answer (status line, headers, body unless `head_only`).
+    /// Serialises the answer (status line, headers, body unless `head_only`). Every answer
+    /// names the worker process that made it (`X-Worker-Pid`), so a client or a benchmark can
+    /// see how load spreads and when a restarted worker answers first.
     fn write_to(&self, out: &mut Vec<u8>, close: bool, head_only: bool) {
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\
+             X-Worker-Pid: {}\r\n",
             self.status,
             reason(self.status),
             self.content_type,
             self.body.len(),
-            if close { "close" } else { "keep-alive" }
+            if close { "close" } else { "keep-alive" },
+            std::process::id()
         );
         if let Some(allow) = self.allow {
             let _ = write!(out, "Allow: {allow}\r\n");

@@ -16,6 +16,12 @@
 //! ([`zygote_runtime::Worker::import_weights`]); build the forward pass over them without copying
 //! them ([`encoder`]); load the tokenizer ([`tokenize`]); take its listeners; report ready; serve
 //! ([`http`], [`api`]) until the supervisor drains it or goes away.
+//!
+//! The zygote binary calls [`preload`] once before it forks anything: the model directory's
+//! spec and the tokenizer (parsing `tokenizer.json` is most of a worker's start-up, tens of
+//! milliseconds) are then already in every forked worker's memory, shared copy-on-write, as
+//! gunicorn's `--preload` shares an app. Nothing there starts a thread or touches a device, so
+//! the zygote stays single-threaded and CUDA-free. An exec'd worker loads them itself.
 
 pub mod api;
 pub mod encoder;
@@ -27,11 +33,14 @@ pub mod tokenize;
 #[cfg(test)]
 mod testutil;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use zygote_runtime::backend::{self, DeviceBackend, Weights};
 use zygote_runtime::{Model, Worker};
+
+use tokenize::TextEncoder;
 
 pub use api::{ApiLimits, App};
 pub use error::EmbedError;
@@ -60,10 +69,9 @@ fn model_dir(model_path: &Path) -> &Path {
 
 /// The worker's life: set up, report ready, serve until drained. Returns the exit code.
 pub fn serve(mut worker: Worker) -> i32 {
-    let spec = match ModelSpec::load(model_dir(worker.model().path()))
-        .and_then(|spec| spec::check_model_file(&spec.config, worker.model()).map(|()| spec))
-    {
-        Ok(s) => s,
+    let started = std::time::Instant::now();
+    let (spec, tokenizer, preloaded) = match prepare(worker.model()) {
+        Ok(p) => p,
         Err(e) => {
             log::error!("incompatible model: {e}");
             return EXIT_SETUP;
@@ -76,7 +84,7 @@ pub fn serve(mut worker: Worker) -> i32 {
             return EXIT_SETUP;
         }
     };
-    let mut app = match build_app(&spec, &weights) {
+    let mut app = match build_app_with(&spec, tokenizer, &weights) {
         Ok(a) => a,
         Err(e) => {
             log::error!("cannot build the model over the weights: {e}");
@@ -101,8 +109,15 @@ pub fn serve(mut worker: Worker) -> i32 {
         return EXIT_FAILURE;
     }
     log::info!(
-        "serving {detail} on {} listener(s), weights generation {generation}",
-        listeners.len()
+        "serving {detail} on {} listener(s), weights generation {generation}; set up in {} ms \
+         (tokenizer {})",
+        listeners.len(),
+        started.elapsed().as_millis(),
+        if preloaded {
+            "preloaded by the zygote"
+        } else {
+            "loaded here"
+        }
     );
     match http::run(listeners, &mut worker, &mut app, &http::Limits::default()) {
         Ok(http::Exit::Drained { served }) => {
@@ -128,10 +143,66 @@ pub fn serve(mut worker: Worker) -> i32 {
     }
 }
 
+/// What [`preload`] prepared in the zygote, for the model file at `model_path`.
+struct Preloaded {
+    model_path: PathBuf,
+    spec: ModelSpec,
+    tokenizer: TextEncoder,
+}
+
+/// Filled in the zygote before any fork; each forked worker takes it from its own copy.
+static PRELOADED: Mutex<Option<Preloaded>> = Mutex::new(None);
+
+/// Prepares, in the zygote and before it forks, what every worker of this app would otherwise
+/// build at its start: the model directory's spec, checked against the model file, and the
+/// tokenizer. An error means workers of this app will refuse the model (each says why when it
+/// starts); the zygote serves its other entries regardless.
+pub fn preload(model: &Model) -> Result<(), EmbedError> {
+    let (spec, tokenizer) = load_for(model)?;
+    let mut slot = PRELOADED.lock().unwrap_or_else(|e| e.into_inner());
+    *slot = Some(Preloaded {
+        model_path: model.path().to_path_buf(),
+        spec,
+        tokenizer,
+    });
+    Ok(())
+}
+
+/// The spec and tokenizer for `model`: the preloaded ones when the zygote prepared them for this
+/// same model file, else loaded now. The flag says which.
+fn prepare(model: &Model) -> Result<(ModelSpec, TextEncoder, bool), EmbedError> {
+    let taken = PRELOADED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .filter(|p| p.model_path == model.path());
+    match taken {
+        Some(p) => Ok((p.spec, p.tokenizer, true)),
+        None => load_for(model).map(|(spec, tokenizer)| (spec, tokenizer, false)),
+    }
+}
+
+/// Reads the model directory beside `model`'s file, checks the file against it, and loads the
+/// tokenizer.
+fn load_for(model: &Model) -> Result<(ModelSpec, TextEncoder), EmbedError> {
+    let spec = ModelSpec::load(model_dir(model.path()))?;
+    spec::check_model_file(&spec.config, model)?;
+    let tokenizer = TextEncoder::load(&spec)?;
+    Ok((spec, tokenizer))
+}
+
 /// Builds the app over imported weights: tokenizer and the backend's encoder, which borrows
 /// the weights.
 pub fn build_app<'w>(spec: &ModelSpec, weights: &'w Weights) -> Result<App<'w>, EmbedError> {
-    let tokenizer = tokenize::TextEncoder::load(spec)?;
+    build_app_with(spec, TextEncoder::load(spec)?, weights)
+}
+
+/// [`build_app`] with a tokenizer already loaded.
+pub fn build_app_with<'w>(
+    spec: &ModelSpec,
+    tokenizer: TextEncoder,
+    weights: &'w Weights,
+) -> Result<App<'w>, EmbedError> {
     let encoder = encoder::for_weights(spec, weights)?;
     Ok(App::new(
         encoder,
