@@ -5,11 +5,19 @@
 //! passed them to each worker). The sockets are non-blocking, so when several workers wake for
 //! one connection, one `accept` wins and the others get `WouldBlock`.
 //!
+//! A worker accepts at most one connection per listener in each turn of its loop. Clients such
+//! as load balancers and benchmarks open many keep-alive connections at once and keep them;
+//! were the first worker awake to take the whole burst, it would serve them all on one core
+//! while the other workers idled. Taking one at a time lets the idle workers, whose turns are
+//! short, take their share while a busy one computes.
+//!
 //! A request is handled when all of it has arrived; the [`Service`] computes the answer in the
-//! loop's thread (one worker is one core's worth of compute). Every request that is complete
-//! when the loop gets to it goes to the service in one batch: requests that arrived on several
-//! connections while the previous batch was computed are computed together, which is how a
-//! worker under load makes its matrix products wide without making anyone wait on purpose.
+//! loop's thread (one worker is one core's worth of compute). Each turn of the loop first
+//! collects what arrived on every connection, then hands every complete request to the service
+//! in one batch: requests that arrived on several connections while the previous batch was
+//! computed are computed together, which is how a worker under load makes its matrix products
+//! wide without making anyone wait on purpose, and no connection waits more than one batch
+//! behind another.
 //! Keep-alive and pipelining are supported; a connection handles one request at a time and
 //! reads the next only after the previous answer is written, so its buffers stay bounded. Everything has a limit ([`Limits`]):
 //! header bytes, body bytes, connections, and the time a request may take to arrive (slowloris),
@@ -601,37 +609,64 @@ struct Server<'a> {
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
     open: usize,
-    /// A connection was left in the queue because of the connection limit.
-    accept_paused: bool,
+    /// Per listener: connections may be queued on it (it was reported readable and the last
+    /// `accept` did not say `WouldBlock`).
+    acceptable: Vec<bool>,
     limits: &'a Limits,
     served: u64,
 }
 
 impl Server<'_> {
-    fn accept_all(&mut self, ignore_limit: bool) {
-        self.accept_paused = false;
+    /// Accepts at most one connection from each listener that may have one queued, within the
+    /// connection limit.
+    fn accept_round(&mut self) {
         for li in 0..self.listeners.len() {
-            loop {
-                if !ignore_limit && self.open >= self.limits.max_connections {
-                    self.accept_paused = true;
-                    break;
-                }
-                match self.listeners[li].accept() {
-                    Ok((stream, _)) => self.add(stream),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                        ) => {}
-                    Err(e) => {
-                        // EMFILE and friends: leave the connection to the other workers.
-                        log::warn!("accept failed: {e}");
-                        self.accept_paused = true;
-                        break;
-                    }
-                }
+            if self.open >= self.limits.max_connections {
+                return;
             }
+            if self.acceptable[li] {
+                self.acceptable[li] = self.accept_one(li);
+            }
+        }
+    }
+
+    /// Whether a turn of the loop has something to do at once: a connection to accept or a
+    /// request to answer.
+    fn has_work(&self) -> bool {
+        (self.open < self.limits.max_connections && self.acceptable.iter().any(|&a| a))
+            || self.conns.iter().flatten().any(|c| c.pending.is_some())
+    }
+
+    /// One `accept` on listener `li`; returns whether more connections may be queued.
+    fn accept_one(&mut self, li: usize) -> bool {
+        match self.listeners[li].accept() {
+            Ok((stream, _)) => {
+                self.add(stream);
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                true
+            }
+            Err(e) => {
+                // EMFILE and friends: leave the connection to the other workers; the sweep
+                // tries this listener again.
+                log::warn!("accept failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Accepts every queued connection, regardless of the limit (the drain takes what was
+    /// already queued before it lets go of the listeners).
+    fn accept_all(&mut self) {
+        for li in 0..self.listeners.len() {
+            while self.accept_one(li) {}
         }
     }
 
@@ -673,45 +708,49 @@ impl Server<'_> {
         }
     }
 
-    /// Answers every pending request, in batches, until none is left (answering one may
-    /// uncover the next request pipelined behind it).
-    fn serve_pending(&mut self, service: &mut dyn Service, draining: bool) {
-        loop {
-            let slots: Vec<usize> = (0..self.conns.len())
-                .filter(|&i| self.conns[i].as_ref().is_some_and(|c| c.pending.is_some()))
-                .collect();
-            if slots.is_empty() {
-                return;
+    /// Answers, in one batch, every request that is complete now. Answering one may uncover
+    /// the next request pipelined behind it: that one waits for the next turn of the loop, with
+    /// whatever arrived on other connections meanwhile (serving it at once could starve them).
+    fn serve_batch(&mut self, service: &mut dyn Service, draining: bool) {
+        let slots: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| self.conns[i].as_ref().is_some_and(|c| c.pending.is_some()))
+            .collect();
+        if slots.is_empty() {
+            return;
+        }
+        let reqs: Vec<Request<'_>> = slots
+            .iter()
+            .filter_map(|&i| self.conns[i].as_ref().and_then(Conn::request))
+            .collect();
+        let mut resps = service.handle_batch(&reqs, draining);
+        drop(reqs);
+        if resps.len() != slots.len() {
+            log::error!(
+                "the service answered {} of {} requests",
+                resps.len(),
+                slots.len()
+            );
+            resps.resize(
+                slots.len(),
+                Response::error(500, "internal_error", "no answer was computed", None),
+            );
+        }
+        for (&slot, resp) in slots.iter().zip(&resps) {
+            if let Some(c) = self.conns[slot].as_mut() {
+                c.answer(resp, draining);
+                self.served += 1;
             }
-            let reqs: Vec<Request<'_>> = slots
-                .iter()
-                .filter_map(|&i| self.conns[i].as_ref().and_then(Conn::request))
-                .collect();
-            let mut resps = service.handle_batch(&reqs, draining);
-            drop(reqs);
-            if resps.len() != slots.len() {
-                log::error!(
-                    "the service answered {} of {} requests",
-                    resps.len(),
-                    slots.len()
-                );
-                resps.resize(
-                    slots.len(),
-                    Response::error(500, "internal_error", "no answer was computed", None),
-                );
-            }
-            for (&slot, resp) in slots.iter().zip(&resps) {
-                if let Some(c) = self.conns[slot].as_mut() {
-                    c.answer(resp, draining);
-                    self.served += 1;
-                }
-                self.drive(slot);
-            }
+            self.drive(slot);
         }
     }
 
     fn sweep(&mut self, drain: Option<&Drain>) {
         let now = Instant::now();
+        // A listener whose accept failed (EMFILE) is tried again; one that is really empty
+        // just answers WouldBlock.
+        if drain.is_none() {
+            self.acceptable.fill(true);
+        }
         for slot in 0..self.conns.len() {
             let Some(c) = self.conns[slot].as_mut() else {
                 continue;
@@ -765,7 +804,7 @@ pub fn run(
         conns: Vec::new(),
         free: Vec::new(),
         open: 0,
-        accept_paused: false,
+        acceptable: Vec::new(),
         limits,
         served: 0,
     };
@@ -775,7 +814,7 @@ pub fn run(
     let mut next_sweep = Instant::now() + SWEEP;
     // Connections may have queued before this worker started polling; edge-triggered
     // registration would not report them until the next one arrives.
-    s.accept_all(false);
+    s.acceptable = vec![true; s.listeners.len()];
 
     loop {
         let now = Instant::now();
@@ -791,10 +830,12 @@ pub fn run(
         if let Some(d) = &drain {
             wake = wake.min(d.deadline);
         }
-        match s
-            .poll
-            .poll(&mut events, Some(wake.saturating_duration_since(now)))
-        {
+        let timeout = if s.has_work() {
+            Duration::ZERO
+        } else {
+            wake.saturating_duration_since(now)
+        };
+        match s.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             // SIGIO from the control channel's lifeline interrupts epoll_wait.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -816,21 +857,21 @@ pub fn run(
                     }
                 }
             } else if t < FIRST_CONN {
-                if drain.is_none() {
-                    s.accept_all(false);
+                if let Some(a) = s.acceptable.get_mut(t) {
+                    *a = drain.is_none();
                 }
             } else {
                 s.drive(t - FIRST_CONN);
             }
         }
-        s.serve_pending(service, drain.is_some());
+        if drain.is_none() {
+            s.accept_round();
+        }
+        s.serve_batch(service, drain.is_some());
         let now = Instant::now();
         if now >= next_sweep || drain.is_some() {
             s.sweep(drain.as_ref());
             next_sweep = now + SWEEP;
-        }
-        if s.accept_paused && drain.is_none() && s.open < limits.max_connections {
-            s.accept_all(false);
         }
         if now >= next_heartbeat {
             match control.heartbeat(s.served) {
@@ -855,7 +896,8 @@ fn start_drain(
         started: now,
         deadline: now + Duration::from_millis(deadline_ms),
     };
-    s.accept_all(true);
+    s.accept_all();
+    s.acceptable.clear();
     for mut l in s.listeners.drain(..) {
         let _ = s.poll.registry().deregister(&mut l);
     }
@@ -864,7 +906,7 @@ fn start_drain(
     for slot in 0..s.conns.len() {
         s.drive(slot);
     }
-    s.serve_pending(service, true);
+    s.serve_batch(service, true);
     let in_flight = s.in_flight();
     log::info!("draining: {in_flight} connection(s) in flight, deadline in {deadline_ms} ms");
     match control.draining(in_flight as u32) {

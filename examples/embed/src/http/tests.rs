@@ -129,10 +129,21 @@ fn random_bytes_never_panic_the_parser() {
 }
 
 /// Answers every request with what it saw: method, path, body length and batch size.
-struct Echo;
+/// Answers with what it saw; a batch with a request for `/slow` takes [`SLOW`], like a long
+/// computation. Answers from a loop other than the first name it (`worker=NAME`).
+struct Echo {
+    name: &'static str,
+}
+
+/// The time a batch with a `/slow` request takes.
+const SLOW: Duration = Duration::from_millis(200);
 
 impl Service for Echo {
     fn handle_batch(&mut self, reqs: &[Request<'_>], draining: bool) -> Vec<Response> {
+        if reqs.iter().any(|r| r.path == "/slow") {
+            std::thread::sleep(SLOW);
+        }
+        let name = self.name;
         reqs.iter()
             .map(|r| {
                 let body = format!(
@@ -142,6 +153,11 @@ impl Service for Echo {
                     r.body.len(),
                     reqs.len()
                 );
+                let body = if name.is_empty() {
+                    body
+                } else {
+                    format!("{body} worker={name}")
+                };
                 Response::json(200, body.into_bytes())
             })
             .collect()
@@ -210,6 +226,16 @@ impl Running {
         limits: Limits,
         before: impl FnOnce(std::net::SocketAddr),
     ) -> Self {
+        Self::start_named(listener, limits, before, "")
+    }
+
+    /// [`Running::start_on`] with an [`Echo`] that names itself `name` in its answers.
+    fn start_named(
+        listener: std::net::TcpListener,
+        limits: Limits,
+        before: impl FnOnce(std::net::SocketAddr),
+        name: &'static str,
+    ) -> Self {
         let addr = listener.local_addr().unwrap();
         before(addr);
         let (worker_end, supervisor) = UnixStream::pair().unwrap();
@@ -222,7 +248,8 @@ impl Running {
         };
         let (tx, done) = mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let _ = tx.send(run(vec![listener], &mut control, &mut Echo, &limits));
+            let mut echo = Echo { name };
+            let _ = tx.send(run(vec![listener], &mut control, &mut echo, &limits));
         });
         Self {
             addr,
@@ -408,25 +435,88 @@ fn expect_continue_gets_a_100() {
 }
 
 #[test]
-fn requests_from_several_connections_are_batched() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut clients = Vec::new();
-    // Three clients connect and send before the loop polls: it finds all three requests at
-    // once and hands them to the service together.
-    let rt = Running::start_on(listener, limits(), |addr| {
-        for _ in 0..3 {
-            let mut s = StdStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(DEADLINE)).unwrap();
-            s.write_all(GET).unwrap();
-            clients.push(s);
-        }
-    });
+fn requests_that_arrive_during_a_batch_are_computed_together() {
+    let rt = Running::start(limits());
+    let mut clients: Vec<StdStream> = (0..3).map(|_| rt.connect()).collect();
+    // Every connection is accepted and served once first.
+    for c in &mut clients {
+        c.write_all(GET).unwrap();
+        assert_eq!(read_answer(c, &mut Vec::new()).status, 200);
+    }
+    // Client 0's request makes a slow batch; the other two arrive while it is computed and
+    // are handed to the service together in the next one (or all three in one, had the loop
+    // not polled between the writes).
+    clients[0]
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    for c in &mut clients[1..] {
+        c.write_all(GET).unwrap();
+    }
     let bodies: Vec<String> = clients
         .iter_mut()
         .map(|c| read_answer(c, &mut Vec::new()).body)
         .collect();
-    assert!(bodies.iter().all(|b| b.contains("batch=3")), "{bodies:?}");
+    assert!(
+        bodies[1..].iter().all(|b| !b.contains("batch=1")),
+        "{bodies:?}"
+    );
     drop(rt);
+}
+
+#[test]
+fn a_pipelined_request_does_not_jump_ahead_of_other_connections() {
+    let rt = Running::start(limits());
+    let mut a = rt.connect();
+    let mut b = rt.connect();
+    // Both connections are accepted and served once first.
+    for c in [&mut a, &mut b] {
+        c.write_all(GET).unwrap();
+        assert_eq!(read_answer(c, &mut Vec::new()).status, 200);
+    }
+    // A pipelines two slow requests; B sends one while A's first is computed. B's request
+    // must go into the very next batch, beside A's second, not wait behind it.
+    a.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    b.write_all(GET).unwrap();
+    let from_b = read_answer(&mut b, &mut Vec::new()).body;
+    assert!(from_b.contains("batch=2"), "B's answer: {from_b}");
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        assert_eq!(read_answer(&mut a, &mut pending).status, 200);
+    }
+    drop(rt);
+}
+
+#[test]
+fn a_burst_of_connections_is_shared_between_workers() {
+    // Two loops on one listener, as two workers; four clients connect one after the other, as
+    // a load generator does, each sending a request that keeps its worker busy as soon as it
+    // is connected. A worker accepts one connection per turn of its loop, so it finds the
+    // first request (and starts computing) after at most a couple of accepts, and the other
+    // worker takes the rest of the burst meanwhile.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = listener.try_clone().unwrap();
+    let a = Running::start_named(listener, limits(), |_| {}, "a");
+    let b = Running::start_named(other, limits(), |_| {}, "b");
+    let mut clients: Vec<StdStream> = (0..4)
+        .map(|_| {
+            let mut c = a.connect();
+            c.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    let bodies: Vec<String> = clients
+        .iter_mut()
+        .map(|c| read_answer(c, &mut Vec::new()).body)
+        .collect();
+    for w in ["worker=a", "worker=b"] {
+        assert!(
+            bodies.iter().any(|b| b.contains(w)),
+            "{w} served some of the burst: {bodies:?}"
+        );
+    }
+    drop((a, b));
 }
 
 #[test]
