@@ -1,5 +1,5 @@
 //! Throughput of the host forward pass, single-threaded: sentences per second for short
-//! (about 10 word pieces) and longer (about 60) texts, one text per call and eight per call.
+//! (about 10 word pieces) and longer (about 60) texts, one, two, four and eight texts per call.
 //! Tokenisation is included, as in a request.
 //!
 //! `cargo run --release -p zygote-embed --example forward_bench [MODEL_DIR] [SECONDS] [CASE]`
@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         "text", "tokens", "batch", "sentences/s", "ms/call"
     );
     for (label, text) in [("short", SHORT), ("long", LONG)] {
-        for batch in [1usize, 8] {
+        for batch in [1usize, 2, 4, 8] {
             if only
                 .as_ref()
                 .is_some_and(|o| *o != format!("{label}/{batch}"))

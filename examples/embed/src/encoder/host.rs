@@ -21,7 +21,7 @@
 
 use zygote_runtime::backend::host::HostWeights;
 
-use super::gemm::{matmul, Mat, MatMut};
+use super::gemm::{self, matmul, Mat, MatMut};
 use super::SentenceEncoder;
 use crate::error::EmbedError;
 use crate::spec::{BertTensors, LayerTensors, ModelSpec, Pooling};
@@ -59,6 +59,8 @@ struct Scratch {
     inter: Vec<f32>,
     /// Attention scores of one head of one text, `[len][len]` (query-major).
     scores: Vec<f32>,
+    /// A linear layer's input turned token-major, `[R][in]`, for the few-row kernel.
+    xt: Vec<f32>,
     /// Per-row statistics of LayerNorm, `[R]`.
     mean: Vec<f32>,
     inv_std: Vec<f32>,
@@ -225,15 +227,30 @@ impl SentenceEncoder for HostEncoder<'_> {
 }
 
 /// `y = x · Wᵀ + b` for `rows` rows, feature-major: `x` is `[in][rows]`, `y` is `[out][rows]`,
-/// and `W` is `[out, in]` row-major as torch stores it.
-fn linear(x: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
+/// and `W` is `[out, in]` row-major as torch stores it. Few rows (short texts, small batches)
+/// of a narrow input go to the packing-free kernel over a token-major copy of `x` made in `xt`
+/// (a few KiB); the rest go to the `gemm` crate, which reads `Wᵀ` as a view of the shared weight with swapped
+/// strides. Neither copies the weight.
+fn linear(x: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32], xt: &mut Vec<f32>) {
     let out_dim = b.len();
     let in_dim = w.len() / out_dim;
     let y = &mut y[..out_dim * rows];
+    if rows <= gemm::DOT_KERNEL_MAX_ROWS
+        && in_dim <= gemm::DOT_KERNEL_MAX_IN
+        && gemm::dot_kernel_available()
+    {
+        ensure(xt, rows * in_dim);
+        for (k, line) in x[..in_dim * rows].chunks_exact(rows).enumerate() {
+            for (r, &v) in line.iter().enumerate() {
+                xt[r * in_dim + k] = v;
+            }
+        }
+        gemm::linear_rows(&xt[..rows * in_dim], rows, w, b, y);
+        return;
+    }
     for (line, &bias) in y.chunks_exact_mut(rows).zip(b) {
         line.fill(bias);
     }
-    // Wᵀ is a view of the shared weight with swapped strides, never a copy.
     matmul(
         MatMut::col_major(y, rows, out_dim),
         Mat::col_major(x, rows, in_dim),
@@ -256,9 +273,9 @@ fn encoder_layer(
     s: &mut Scratch,
 ) {
     let n = rows * d.hidden;
-    linear(&s.x, rows, l.query_w, l.query_b, &mut s.q);
-    linear(&s.x, rows, l.key_w, l.key_b, &mut s.k);
-    linear(&s.x, rows, l.value_w, l.value_b, &mut s.v);
+    linear(&s.x, rows, l.query_w, l.query_b, &mut s.q, &mut s.xt);
+    linear(&s.x, rows, l.key_w, l.key_b, &mut s.k, &mut s.xt);
+    linear(&s.x, rows, l.value_w, l.value_b, &mut s.v, &mut s.xt);
 
     let scale = 1.0 / (d.head_dim as f32).sqrt();
     for i in first..last {
@@ -283,7 +300,14 @@ fn encoder_layer(
         }
     }
 
-    linear(&s.ctx, rows, l.attn_out_w, l.attn_out_b, &mut s.tmp);
+    linear(
+        &s.ctx,
+        rows,
+        l.attn_out_w,
+        l.attn_out_b,
+        &mut s.tmp,
+        &mut s.xt,
+    );
     add(&mut s.x[..n], &s.tmp[..n]);
     layer_norm(
         &mut s.x[..n],
@@ -295,11 +319,11 @@ fn encoder_layer(
         &mut s.inv_std,
     );
 
-    linear(&s.x, rows, l.inter_w, l.inter_b, &mut s.inter);
+    linear(&s.x, rows, l.inter_w, l.inter_b, &mut s.inter, &mut s.xt);
     for v in &mut s.inter[..rows * d.inter] {
         *v = gelu(*v);
     }
-    linear(&s.inter, rows, l.out_w, l.out_b, &mut s.tmp);
+    linear(&s.inter, rows, l.out_w, l.out_b, &mut s.tmp, &mut s.xt);
     add(&mut s.x[..n], &s.tmp[..n]);
     layer_norm(
         &mut s.x[..n],
@@ -436,9 +460,39 @@ mod tests {
         let b = [0.5, 0.0, -1.0];
         let x = [1.0, 0.0, 1.0, 2.0];
         let mut y = [0.0; 6];
-        linear(&x, 2, &w, &b, &mut y);
+        linear(&x, 2, &w, &b, &mut y, &mut Vec::new());
         // Rows [3.5, 7, 10] and [4.5, 8, 11], feature-major.
         assert_eq!(y, [3.5, 4.5, 7.0, 8.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn linear_agrees_on_both_sides_of_the_kernel_switch() {
+        // Rows just under, at and over the few-row kernel's limit, against a plain sum.
+        let (inp, out) = (40, 7);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7) % 23) as f32 * 0.1 - 1.0)
+            .collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.25).collect();
+        for rows in [1, gemm::DOT_KERNEL_MAX_ROWS, gemm::DOT_KERNEL_MAX_ROWS + 1] {
+            let x: Vec<f32> = (0..inp * rows)
+                .map(|i| ((i * 5) % 17) as f32 * 0.2 - 1.5)
+                .collect();
+            let mut y = vec![0.0; out * rows];
+            linear(&x, rows, &w, &b, &mut y, &mut Vec::new());
+            for o in 0..out {
+                for r in 0..rows {
+                    let want = b[o]
+                        + (0..inp)
+                            .map(|k| w[o * inp + k] * x[k * rows + r])
+                            .sum::<f32>();
+                    let got = y[o * rows + r];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "rows {rows}: y[{o}][{r}] = {got}, not {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
