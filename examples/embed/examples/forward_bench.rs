@@ -1,6 +1,7 @@
 //! Throughput of the host forward pass, single-threaded: sentences per second for short
-//! (about 10 word pieces) and longer (about 60) texts, one, two, four and eight texts per call.
-//! Tokenisation is included, as in a request.
+//! (about 10 word pieces) and longer (about 60) texts, one, two, four and eight texts per call,
+//! and for `mix`, the served benchmark's sentences (`scripts/bench-embed/sentences.txt`) taken in
+//! turn. Tokenisation is included, as in a request.
 //!
 //! `cargo run --release -p zygote-embed --example forward_bench [MODEL_DIR] [SECONDS] [CASE]`
 //! (default model directory: `models/all-MiniLM-L6-v2`, default 3 s per case; CASE, e.g.
@@ -32,7 +33,13 @@ fn main() -> anyhow::Result<()> {
         "{:<8} {:>6} {:>7} {:>12} {:>12}",
         "text", "tokens", "batch", "sentences/s", "ms/call"
     );
-    for (label, text) in [("short", SHORT), ("long", LONG)] {
+    let mix_file =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-embed/sentences.txt");
+    let mix_text = std::fs::read_to_string(&mix_file)?;
+    let mix: Vec<&str> = mix_text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let cases: [(&str, Vec<&str>); 3] =
+        [("short", vec![SHORT]), ("long", vec![LONG]), ("mix", mix)];
+    for (label, pool) in &cases {
         for batch in [1usize, 2, 4, 8] {
             if only
                 .as_ref()
@@ -40,24 +47,30 @@ fn main() -> anyhow::Result<()> {
             {
                 continue;
             }
-            let texts = vec![text; batch];
-            let (_, tokens) = app.embed(&texts)?;
-            // Warm the buffers and caches first.
-            for _ in 0..3 {
-                app.embed(&texts)?;
+            // Each call takes the next `batch` texts of the pool, cycling.
+            let mut next = 0usize;
+            let mut take = || {
+                let texts: Vec<&str> = (0..batch).map(|i| pool[(next + i) % pool.len()]).collect();
+                next = (next + batch) % pool.len();
+                texts
+            };
+            // Warm the buffers and caches first (a whole cycle of the pool).
+            for _ in 0..pool.len().max(3) {
+                app.embed(&take())?;
             }
             let budget = Duration::from_secs_f64(seconds);
             let start = Instant::now();
-            let mut calls = 0u64;
+            let (mut calls, mut tokens) = (0u64, 0usize);
             while start.elapsed() < budget {
-                app.embed(&texts)?;
+                tokens += app.embed(&take())?.1;
                 calls += 1;
             }
             let elapsed = start.elapsed().as_secs_f64();
+            let texts = calls as usize * batch;
             println!(
                 "{label:<8} {:>6} {batch:>7} {:>12.1} {:>12.2}",
-                tokens / batch,
-                (calls as usize * batch) as f64 / elapsed,
+                tokens / texts,
+                texts as f64 / elapsed,
                 elapsed * 1e3 / calls as f64
             );
         }

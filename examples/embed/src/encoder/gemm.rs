@@ -187,17 +187,13 @@ pub fn matmul(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, scale: f32, accumulate: boo
     }
 }
 
-/// Rows up to which [`linear_rows`] beats the `gemm` crate on this model's shapes, measured
-/// with `examples/forward_bench.rs` on an AVX2 core: one short text (12 rows) 172 texts/s
-/// against 148 with the crate alone, whose 16-row kernel wastes a quarter of its work there;
-/// from two texts (24 rows) on, the crate's packing and cache blocking win (202 against 190).
-pub const DOT_KERNEL_MAX_ROWS: usize = 12;
-
-/// Inputs up to which [`linear_rows`] beats the `gemm` crate: a tile's twelve token rows must
-/// stay in a 32 KiB L1 (12 × 512 × 4 bytes = 24 KiB) while the weight row streams past them.
-/// The feed-forward's second product (1536 inputs) ran at 38 GFLOP/s with its token rows read
-/// from L2, against 70 for 384 inputs; it goes to the crate.
-pub const DOT_KERNEL_MAX_IN: usize = 512;
+/// Rows up to which [`linear_rows`] beats the `gemm` crate on this model's shapes. Measured
+/// with `examples/linear_bench.rs` on an AVX2 core (Zen 3), weights from memory as in a forward
+/// pass: at 17 rows (one text of the benchmark's mix) 59-62 GFLOP/s against 38-47 for the
+/// crate, whose 16- and 8-row kernels compute 24 rows there; at 36 rows 65-69 against 58-67;
+/// from 48 rows on the crate wins (75-88 against 64-73), its packing and cache blocking paid
+/// back by the larger product.
+pub const DOT_KERNEL_MAX_ROWS: usize = 40;
 
 /// Whether [`linear_rows`] runs its AVX2/FMA kernel on this processor (checked once).
 pub fn dot_kernel_available() -> bool {
@@ -221,10 +217,10 @@ pub fn dot_kernel_available() -> bool {
 ///
 /// Both operands run contiguously along `k`, so each output is a dot product of two
 /// contiguous lines and nothing is packed: the weights stream through once per call, which is
-/// what few-row products are bound by. On AVX2/FMA processors a register tile of one weight
-/// row by up to twelve token rows keeps twelve 8-lane sums (see [`dot_kernel_available`]);
-/// elsewhere a plain loop computes the same. Panics when the slices do not hold the shapes (a bug in the
-/// caller).
+/// what few-row products are bound by, and no row is padded. On AVX2/FMA processors a
+/// register tile of three weight rows by up to four token rows keeps twelve 8-lane sums (see
+/// [`dot_kernel_available`]); elsewhere a plain loop computes the same. Panics when the slices
+/// do not hold the shapes (a bug in the caller).
 pub fn linear_rows(xt: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     let out = b.len();
     assert!(out > 0, "a linear layer has outputs");
@@ -262,16 +258,27 @@ mod dot_avx2 {
     //! The AVX2/FMA kernel of [`super::linear_rows`]. Every function here reads through raw
     //! pointers; each one's contract says what the caller has checked.
     //!
-    //! A tile is one weight row against up to [`R`] token rows: per 8 lanes of `k`, one load of
-    //! the weight and one fused multiply-add per token row (its load folded into the FMA). The
-    //! weight is thus read as a single sequential stream, once per group of token rows (from
-    //! memory for the first group, from L1 for the others), while the token rows stay in L1/L2.
+    //! A tile is [`NR`] weight rows against up to [`MR`] token rows: per 8 lanes of `k`, three
+    //! weight loads kept in registers, one load per token row and one fused multiply-add per
+    //! (token row, weight row) pair: 7 loads for 12 FMAs, so the FMA units, not the load ports,
+    //! set the pace. Weight rows are the outer loop: a triple of weight rows (18 KiB at 1536
+    //! inputs) stays in L1 while every group of token rows passes it, so the weights stream
+    //! from memory once per call, and the token rows (a few KiB to a few hundred) are re-read
+    //! from L1 or L2. The encoder's 42 MiB of weights do not fit a 32 MiB last-level cache, so
+    //! each call's weights come from memory; the next triple is prefetched while this one is
+    //! computed, a slice per group of token rows, which took one short text's products from
+    //! 34 to 60 GFLOP/s.
 
     use std::arch::x86_64::*;
 
-    /// Token rows per tile: twelve accumulators and the weight register leave room for the
-    /// compiler's temporaries among the sixteen vector registers.
-    const R: usize = 12;
+    /// Token rows per tile.
+    const MR: usize = 4;
+    /// Weight rows per tile: 4 × 3 accumulators and 3 weight registers fill 15 of the sixteen
+    /// vector registers.
+    const NR: usize = 3;
+    /// Weight triples between the one computed and the one prefetched (1: the next; two and
+    /// three ahead measured slower).
+    const PF_DIST: usize = 1;
 
     /// Computes every output.
     ///
@@ -280,47 +287,76 @@ mod dot_avx2 {
     /// `y.len() >= b.len() * rows`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
-        // Split the rows into groups of at most R, as even as possible.
-        let groups = rows.div_ceil(R);
-        for o in 0..b.len() {
+        let out = b.len();
+        // Token rows in groups of at most MR, as even as possible: a tile of 3 rows does more
+        // work per load than one of 1.
+        let groups = rows.div_ceil(MR);
+        let mut o = 0;
+        while o < out {
+            let n = (out - o).min(NR);
+            // The weight rows PF_DIST triples ahead, asked for a slice per group, so that they
+            // come from memory while this triple is computed, with few misses in flight at once.
+            let pf_first = (o + PF_DIST * NR).min(out) * inp;
+            let pf_last = (o + (PF_DIST + 1) * NR).min(out) * inp;
+            let lines = (pf_last - pf_first).div_ceil(16);
+            let pf_per_step = lines.div_ceil(groups * (inp / 8).max(1));
+            let pf_lines = |g: usize| {
+                let a = pf_first + (lines * g / groups) * 16;
+                let z = pf_first + (lines * (g + 1) / groups) * 16;
+                (w.as_ptr().wrapping_add(a), (z - a) / 16)
+            };
             let mut r = 0;
             for g in 0..groups {
-                let n = (rows - r) / (groups - g);
-                let f: Tile = match n {
-                    12 => tile::<12>,
-                    11 => tile::<11>,
-                    10 => tile::<10>,
-                    9 => tile::<9>,
-                    8 => tile::<8>,
-                    7 => tile::<7>,
-                    6 => tile::<6>,
-                    5 => tile::<5>,
-                    4 => tile::<4>,
-                    3 => tile::<3>,
-                    2 => tile::<2>,
-                    _ => tile::<1>,
+                let m = (rows - r) / (groups - g);
+                let f: Tile = match (m, n) {
+                    (4, 3) => tile::<4, 3>,
+                    (3, 3) => tile::<3, 3>,
+                    (2, 3) => tile::<2, 3>,
+                    (1, 3) => tile::<1, 3>,
+                    (4, 2) => tile::<4, 2>,
+                    (3, 2) => tile::<3, 2>,
+                    (2, 2) => tile::<2, 2>,
+                    (1, 2) => tile::<1, 2>,
+                    (4, _) => tile::<4, 1>,
+                    (3, _) => tile::<3, 1>,
+                    (2, _) => tile::<2, 1>,
+                    _ => tile::<1, 1>,
                 };
-                // SAFETY: o < b.len() and r + n <= rows, so the tile's weight row, token rows
-                // and outputs lie inside the slices by this function's contract; AVX2 and FMA
-                // are available (same contract).
-                unsafe { f(xt, rows, inp, w, b, y, o, r) };
-                r += n;
+                // SAFETY: o + n <= b.len() and r + m <= rows, so the tile's weight rows, token
+                // rows and outputs lie inside the slices by this function's contract; AVX2 and
+                // FMA are available (same contract).
+                unsafe { f(xt, rows, inp, w, b, y, o, r, pf_lines(g), pf_per_step) };
+                r += m;
             }
+            o += n;
         }
     }
 
-    /// A [`tile`] of some width.
-    type Tile = unsafe fn(&[f32], usize, usize, &[f32], &[f32], &mut [f32], usize, usize);
+    /// A [`tile`] of some shape.
+    type Tile = unsafe fn(
+        &[f32],
+        usize,
+        usize,
+        &[f32],
+        &[f32],
+        &mut [f32],
+        usize,
+        usize,
+        (*const f32, usize),
+        usize,
+    );
 
-    /// One tile: output `o` for token rows `r..r+N`.
+    /// One tile: outputs `o..o+N` for token rows `r..r+M` (`M <= 4`). Along the way it asks for
+    /// the `pf_lines` 64-byte lines from `pf` on, at most `pf_per_step` per step of `k` (a
+    /// prefetch never faults, so `pf` needs no contract; the caller points it into `w`).
     ///
     /// # Safety
-    /// AVX2 and FMA are available; `(o + 1) * inp <= w.len()`, `o < b.len()`,
-    /// `(r + N) * inp <= xt.len()`, and `o * rows + r + N <= y.len()`.
+    /// AVX2 and FMA are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`,
+    /// `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    unsafe fn tile<const N: usize>(
+    unsafe fn tile<const M: usize, const N: usize>(
         xt: &[f32],
         rows: usize,
         inp: usize,
@@ -329,70 +365,73 @@ mod dot_avx2 {
         y: &mut [f32],
         o: usize,
         r: usize,
+        (pf, pf_lines): (*const f32, usize),
+        pf_per_step: usize,
     ) {
-        let wp = w.as_ptr();
-        let xp = xt.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); N];
+        let wp = w.as_ptr().wrapping_add(o * inp);
+        let mut pf_done = 0;
+        let xp = xt.as_ptr().wrapping_add(r * inp);
+        let mut acc = [[_mm256_setzero_ps(); N]; M];
         let full = inp - inp % 8;
         let mut k = 0;
         while k < full {
-            let wk = wp.wrapping_add(o * inp + k);
-            // SAFETY: wk + 8 = w + o * inp + k + 8 <= w + (o + 1) * inp <= w + w.len(), as
-            // k + 8 <= inp.
-            let wv = unsafe { _mm256_loadu_ps(wk) };
-            for (j, a) in acc.iter_mut().enumerate() {
-                let xk = xp.wrapping_add((r + j) * inp + k);
-                // SAFETY: xk + 8 <= xt + (r + N) * inp <= xt + xt.len().
-                let xv = unsafe { _mm256_loadu_ps(xk) };
-                *a = _mm256_fmadd_ps(wv, xv, *a);
+            let mut wv = [_mm256_setzero_ps(); N];
+            for (n, v) in wv.iter_mut().enumerate() {
+                // SAFETY: wp + n * inp + k + 8 <= w + (o + n + 1) * inp <= w + w.len(), as
+                // k + 8 <= inp and o + N <= b.len() = w.len() / inp.
+                *v = unsafe { _mm256_loadu_ps(wp.wrapping_add(n * inp + k)) };
+            }
+            for _ in 0..pf_per_step {
+                if pf_done < pf_lines {
+                    // A prefetch never faults, and `wrapping_add` makes no claim on the address.
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(pf_done * 16).cast());
+                    pf_done += 1;
+                }
+            }
+            for (m, line) in acc.iter_mut().enumerate() {
+                // SAFETY: xp + m * inp + k + 8 <= xt + (r + M) * inp <= xt + xt.len().
+                let xv = unsafe { _mm256_loadu_ps(xp.wrapping_add(m * inp + k)) };
+                for (a, wn) in line.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(*wn, xv, *a);
+                }
             }
             k += 8;
         }
-        let mut sums = [0.0f32; N];
-        let mut j = 0;
-        while j + 8 <= N {
-            let v = hsum8(&acc[j..j + 8]);
-            let dst = sums[j..j + 8].as_mut_ptr();
-            // SAFETY: dst points at 8 elements of `sums` (the slice above has them).
-            unsafe { _mm256_storeu_ps(dst, v) };
-            j += 8;
-        }
-        for (s, &a) in sums[j..].iter_mut().zip(&acc[j..]) {
-            *s = hsum(a);
-        }
-        let line = &mut y[o * rows + r..o * rows + r + N];
-        let wtail = &w[o * inp + full..(o + 1) * inp];
-        for (jj, (out, s)) in line.iter_mut().zip(sums).enumerate() {
-            let xtail = &xt[(r + jj) * inp + full..(r + jj + 1) * inp];
-            let tail: f32 = wtail.iter().zip(xtail).map(|(p, q)| p * q).sum();
-            *out = b[o] + s + tail;
+        let zero = _mm256_setzero_ps();
+        for n in 0..N {
+            // The M sums of weight row o + n, one per lane of a 4-lane vector, plus its bias.
+            let pick = |m: usize| if m < M { acc[m][n] } else { zero };
+            let v = _mm_add_ps(
+                hsum4(pick(0), pick(1), pick(2), pick(3)),
+                _mm_set1_ps(b[o + n]),
+            );
+            let line = &mut y[(o + n) * rows + r..][..M];
+            if M == 4 {
+                // SAFETY: `line` holds M = 4 floats.
+                unsafe { _mm_storeu_ps(line.as_mut_ptr(), v) };
+            } else {
+                let mut sums = [0.0f32; 4];
+                // SAFETY: `sums` holds 4 floats.
+                unsafe { _mm_storeu_ps(sums.as_mut_ptr(), v) };
+                line.copy_from_slice(&sums[..M]);
+            }
+            if full < inp {
+                let wtail = &w[(o + n) * inp + full..(o + n + 1) * inp];
+                for (m, out) in line.iter_mut().enumerate() {
+                    let xtail = &xt[(r + m) * inp + full..(r + m + 1) * inp];
+                    *out += wtail.iter().zip(xtail).map(|(p, q)| p * q).sum::<f32>();
+                }
+            }
         }
     }
 
-    /// The lane sums of eight vectors, as one vector: lane `i` is the sum of `v[i]`.
+    /// The lane sums of four vectors, as one 4-lane vector: lane `i` is the sum of the `i`th.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn hsum8(v: &[__m256]) -> __m256 {
-        let t0 = _mm256_hadd_ps(v[0], v[1]);
-        let t1 = _mm256_hadd_ps(v[2], v[3]);
-        let t2 = _mm256_hadd_ps(v[4], v[5]);
-        let t3 = _mm256_hadd_ps(v[6], v[7]);
-        // Per 128-bit half: [s0 s1 s2 s3] of that half's lanes, then of v4..v7.
-        let u0 = _mm256_hadd_ps(t0, t1);
-        let u1 = _mm256_hadd_ps(t2, t3);
-        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
-        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
-        _mm256_add_ps(lo, hi)
-    }
-
-    /// The sum of a vector's eight lanes.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
+    fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        // Per 128-bit half: [a b c d] partial sums of that half's lanes.
+        let t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t))
     }
 }
 
@@ -482,7 +521,7 @@ mod tests {
         // input widths with and without a tail past the last 8 lanes.
         for inp in [1, 7, 8, 9, 16, 33] {
             for out in 1..=7 {
-                for rows in 1..=9 {
+                for rows in 1..=13 {
                     let w: Vec<f32> = (0..out * inp)
                         .map(|i| ((i * 13) % 29) as f32 * 0.125 - 1.5)
                         .collect();

@@ -227,18 +227,15 @@ impl SentenceEncoder for HostEncoder<'_> {
 }
 
 /// `y = x · Wᵀ + b` for `rows` rows, feature-major: `x` is `[in][rows]`, `y` is `[out][rows]`,
-/// and `W` is `[out, in]` row-major as torch stores it. Few rows (a short text alone) of a
-/// narrow input go to the packing-free kernel over a token-major copy of `x` made in `xt` (a
-/// few KiB); the rest go to the `gemm` crate, which reads `Wᵀ` as a view of the shared weight
-/// with swapped strides. Neither copies the weight.
+/// and `W` is `[out, in]` row-major as torch stores it. Few rows (one to a couple of texts,
+/// up to [`gemm::DOT_KERNEL_MAX_ROWS`]) go to the packing-free kernel over a token-major copy
+/// of `x` made in `xt` (a few KiB); the rest go to the `gemm` crate, which reads `Wᵀ` as a
+/// view of the shared weight with swapped strides. Neither copies the weight.
 fn linear(x: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32], xt: &mut Vec<f32>) {
     let out_dim = b.len();
     let in_dim = w.len() / out_dim;
     let y = &mut y[..out_dim * rows];
-    if rows <= gemm::DOT_KERNEL_MAX_ROWS
-        && in_dim <= gemm::DOT_KERNEL_MAX_IN
-        && gemm::dot_kernel_available()
-    {
+    if rows <= gemm::DOT_KERNEL_MAX_ROWS && gemm::dot_kernel_available() {
         ensure(xt, rows * in_dim);
         for (k, line) in x[..in_dim * rows].chunks_exact(rows).enumerate() {
             for (r, &v) in line.iter().enumerate() {

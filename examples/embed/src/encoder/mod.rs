@@ -15,7 +15,7 @@
 //! own rows. That is what padding plus an attention mask computes, without the padded rows.
 
 pub mod cuda;
-mod gemm;
+pub mod gemm;
 pub mod host;
 
 use zygote_runtime::backend::Weights;

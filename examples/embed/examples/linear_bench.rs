@@ -1,0 +1,82 @@
+//! Throughput of one linear layer `y = x · Wᵀ + b` on one core, by kernel: the packing-free
+//! tile of `encoder::gemm::linear_rows` against the `gemm` crate, for the shapes of
+//! all-MiniLM-L6-v2 and the row counts of one to a few texts. The weights are either one
+//! matrix used again and again (`hot`, in cache) or a pool of 64 MiB of distinct matrices
+//! taken in turn (`cold`, from memory, as in a forward pass whose 42 MiB of encoder weights do
+//! not fit the last-level cache). Prints GFLOP/s.
+//!
+//! `cargo run --release -p zygote-embed --example linear_bench [SECONDS_PER_CASE] [CASE]`
+//! (CASE, e.g. `17/384/1536/cold`, runs one case only, for profiling).
+
+use std::time::{Duration, Instant};
+
+use zygote_embed::encoder::gemm::{linear_rows, matmul, Mat, MatMut};
+
+fn main() {
+    let seconds: f64 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().expect("seconds"))
+        .unwrap_or(0.5);
+    let only = std::env::args().nth(2);
+    println!(
+        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10}",
+        "rows", "in", "out", "cache", "tile", "gemm"
+    );
+    for (inp, out) in [(384, 384), (384, 1536), (1536, 384)] {
+        let per = inp * out;
+        let pool = (64 << 20) / 4 / per;
+        let wbuf: Vec<f32> = (0..pool * per + 32)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let shift: usize = std::env::var("W_SHIFT")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(6);
+        let lead = (64 - wbuf.as_ptr() as usize % 64) % 64 / 4;
+        let w = &wbuf[lead + shift..][..pool * per];
+        let b = vec![0.1f32; out];
+        for rows in [4usize, 8, 12, 13, 17, 24, 36, 48, 96] {
+            let xbuf: Vec<f32> = (0..rows * inp + 32)
+                .map(|i| ((i * 31) % 97) as f32 * 1e-2)
+                .collect();
+            let xshift: usize = std::env::var("X_SHIFT")
+                .map(|v| v.parse().unwrap())
+                .unwrap_or(0);
+            let xlead = (64 - xbuf.as_ptr() as usize % 64) % 64 / 4;
+            let x = &xbuf[xlead + xshift..][..rows * inp];
+            let mut y = vec![0.0f32; rows * out];
+            for (cache, mats) in [("hot", 1usize), ("cold", pool)] {
+                if only
+                    .as_ref()
+                    .is_some_and(|o| *o != format!("{rows}/{inp}/{out}/{cache}"))
+                {
+                    continue;
+                }
+                let flops = 2.0 * (rows * inp * out) as f64;
+                let run = |f: &mut dyn FnMut(&[f32])| {
+                    let budget = Duration::from_secs_f64(seconds);
+                    let start = Instant::now();
+                    let mut calls = 0usize;
+                    while start.elapsed() < budget {
+                        f(&w[(calls % mats) * per..][..per]);
+                        calls += 1;
+                    }
+                    calls as f64 * flops / start.elapsed().as_secs_f64() / 1e9
+                };
+                let tile = run(&mut |wm| linear_rows(&x, rows, wm, &b, &mut y));
+                let crate_ = run(&mut |wm| {
+                    for (line, &bias) in y.chunks_exact_mut(rows).zip(&b) {
+                        line.fill(bias);
+                    }
+                    matmul(
+                        MatMut::col_major(&mut y, rows, out),
+                        Mat::col_major(&x, rows, inp),
+                        Mat::row_major(wm, out, inp).t(),
+                        1.0,
+                        true,
+                    );
+                });
+                println!("{rows:>5} {inp:>5} {out:>5} {cache:>5} {tile:>10.1} {crate_:>10.1}");
+            }
+        }
+    }
+}
