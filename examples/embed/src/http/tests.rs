@@ -133,6 +133,8 @@ fn random_bytes_never_panic_the_parser() {
 /// computation. Answers from a loop other than the first name it (`worker=NAME`).
 struct Echo {
     name: &'static str,
+    /// Every batch's paths, recorded when the batch starts.
+    seen: Arc<Mutex<Seen>>,
 }
 
 /// The time a batch with a `/slow` request takes.
@@ -140,6 +142,11 @@ const SLOW: Duration = Duration::from_millis(200);
 
 impl Service for Echo {
     fn handle_batch(&mut self, reqs: &[Request<'_>], draining: bool) -> Vec<Response> {
+        self.seen
+            .lock()
+            .unwrap()
+            .batches
+            .push(reqs.iter().map(|r| r.path.to_string()).collect());
         if reqs.iter().any(|r| r.path == "/slow") {
             std::thread::sleep(SLOW);
         }
@@ -168,6 +175,8 @@ impl Service for Echo {
 struct Seen {
     heartbeats: u64,
     draining: Vec<u32>,
+    /// The paths of every batch the service was handed, in order.
+    batches: Vec<Vec<String>>,
 }
 
 /// The worker's end of a real control channel (the runtime's frames over a socket pair).
@@ -247,8 +256,12 @@ impl Running {
             seen: seen.clone(),
         };
         let (tx, done) = mpsc::channel();
+        let echo_seen = seen.clone();
         let thread = std::thread::spawn(move || {
-            let mut echo = Echo { name };
+            let mut echo = Echo {
+                name,
+                seen: echo_seen,
+            };
             let _ = tx.send(run(vec![listener], &mut control, &mut echo, &limits));
         });
         Self {
@@ -460,6 +473,88 @@ fn requests_that_arrive_during_a_batch_are_computed_together() {
         bodies[1..].iter().all(|b| !b.contains("batch=1")),
         "{bodies:?}"
     );
+    drop(rt);
+}
+
+/// Two connections, each served once, then: A's slow request is being computed when B's
+/// request arrives. Returns both, with the time A's slow answer was read.
+fn slow_a_then_b(rt: &Running) -> (StdStream, StdStream, Instant) {
+    let mut a = rt.connect();
+    let mut b = rt.connect();
+    for c in [&mut a, &mut b] {
+        c.write_all(GET).unwrap();
+        assert_eq!(read_answer(c, &mut Vec::new()).status, 200);
+    }
+    a.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    rt.wait_seen("the slow batch", |s| {
+        s.batches
+            .last()
+            .is_some_and(|b| b.iter().any(|p| p == "/slow"))
+    });
+    b.write_all(GET).unwrap();
+    assert!(read_answer(&mut a, &mut Vec::new())
+        .body
+        .contains("/slow 0 batch=1"));
+    (a, b, Instant::now())
+}
+
+#[test]
+fn a_waiting_request_is_held_for_the_connection_just_answered() {
+    // B's request waits while A's slow one is computed. A's client sends its next request as
+    // soon as it has the answer; the loop holds B's request for it (up to batch_wait), and
+    // both go to the service in one batch.
+    let rt = Running::start(Limits {
+        batch_wait: Duration::from_secs(2),
+        ..limits()
+    });
+    let (mut a, mut b, _) = slow_a_then_b(&rt);
+    a.write_all(GET).unwrap();
+    assert!(read_answer(&mut a, &mut Vec::new())
+        .body
+        .contains("batch=2"));
+    assert!(read_answer(&mut b, &mut Vec::new())
+        .body
+        .contains("batch=2"));
+    drop(rt);
+}
+
+#[test]
+fn the_hold_ends_at_batch_wait() {
+    // Same, but A's client sends nothing more: B's request is answered alone once batch_wait
+    // has passed, not later.
+    let wait = Duration::from_millis(300);
+    let rt = Running::start(Limits {
+        batch_wait: wait,
+        ..limits()
+    });
+    let (_a, mut b, answered_a) = slow_a_then_b(&rt);
+    let body = read_answer(&mut b, &mut Vec::new()).body;
+    let held = answered_a.elapsed();
+    assert!(body.contains("batch=1"), "{body}");
+    // A's answer was written before the hold began, so the hold is at most `wait` (plus the
+    // scheduling of a loaded machine); and it did happen.
+    assert!(held >= wait / 2, "held {held:?}");
+    assert!(held < wait + DEADLINE / 2, "held {held:?}");
+    drop(rt);
+}
+
+#[test]
+fn a_lone_client_is_never_held() {
+    // With nobody else waiting, a client's next request is computed at once, however long
+    // batch_wait is.
+    let rt = Running::start(Limits {
+        batch_wait: DEADLINE * 10,
+        ..limits()
+    });
+    let mut c = rt.connect();
+    for _ in 0..5 {
+        assert_eq!(roundtrip(&mut c, GET).status, 200);
+    }
+    // And a new connection's request, with the first one just answered, waits for nothing
+    // when the first client closes.
+    drop(c);
+    assert_eq!(roundtrip(&mut rt.connect(), GET).status, 200);
     drop(rt);
 }
 
