@@ -253,6 +253,55 @@ pub fn linear_rows(xt: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32])
     }
 }
 
+/// `dst[c][r] = src[r][c]`: the transpose of a `rows × cols` row-major matrix into a
+/// `cols × rows` one. The encoder turns its feature-major activations token-major with it
+/// before [`linear_rows`]; on AVX2 processors whole 8 × 8 blocks move through registers
+/// (a plain loop of strided stores cost about 5% of a short text's forward pass). Panics when
+/// the slices are too short (a bug in the caller).
+pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    assert!(
+        src.len() >= rows * cols && dst.len() >= rows * cols,
+        "transpose: {rows}x{cols} from {} values into {}",
+        src.len(),
+        dst.len()
+    );
+    let (rb, cb) = (rows - rows % 8, cols - cols % 8);
+    #[cfg(target_arch = "x86_64")]
+    if dot_kernel_available() {
+        for r in (0..rb).step_by(8) {
+            for c in (0..cb).step_by(8) {
+                // SAFETY: AVX2 is available (checked just above); r + 8 <= rows and
+                // c + 8 <= cols, and both slices hold rows × cols values (asserted above), so
+                // the block's rows and columns lie inside them.
+                unsafe { dot_avx2::transpose8(src, cols, dst, rows, r, c) };
+            }
+        }
+    } else {
+        transpose_plain(src, rows, cols, dst, 0..rb, 0..cb);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    transpose_plain(src, rows, cols, dst, 0..rb, 0..cb);
+    // The edges: the last columns of the blocked rows, then the last rows.
+    transpose_plain(src, rows, cols, dst, 0..rb, cb..cols);
+    transpose_plain(src, rows, cols, dst, rb..rows, 0..cols);
+}
+
+/// [`transpose`] of the rows `rs` and columns `cs`, one value at a time.
+fn transpose_plain(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    rs: std::ops::Range<usize>,
+    cs: std::ops::Range<usize>,
+) {
+    for r in rs {
+        for c in cs.clone() {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod dot_avx2 {
     //! The AVX2/FMA kernel of [`super::linear_rows`]. Every function here reads through raw
@@ -425,6 +474,61 @@ mod dot_avx2 {
         }
     }
 
+    /// The 8 × 8 block at row `r`, column `c` of `src` (`cols` wide), transposed into `dst`
+    /// (`rows` wide) at row `c`, column `r`.
+    ///
+    /// # Safety
+    /// AVX2 is available; `(r + 8) * cols <= src.len()` with `c + 8 <= cols`, and
+    /// `(c + 8) * rows <= dst.len()` with `r + 8 <= rows`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose8(
+        src: &[f32],
+        cols: usize,
+        dst: &mut [f32],
+        rows: usize,
+        r: usize,
+        c: usize,
+    ) {
+        let sp = src.as_ptr().wrapping_add(r * cols + c);
+        let mut v = [_mm256_setzero_ps(); 8];
+        for (i, line) in v.iter_mut().enumerate() {
+            // SAFETY: row r + i < r + 8 of src, columns c..c + 8 <= cols: inside src.
+            *line = unsafe { _mm256_loadu_ps(sp.wrapping_add(i * cols)) };
+        }
+        // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        let dp = dst.as_mut_ptr().wrapping_add(c * rows + r);
+        for (j, line) in out.iter().enumerate() {
+            // SAFETY: row c + j < c + 8 of dst, columns r..r + 8 <= rows: inside dst.
+            unsafe { _mm256_storeu_ps(dp.wrapping_add(j * rows), *line) };
+        }
+    }
+
     /// The lane sums of four vectors, as one 4-lane vector: lane `i` is the sum of the `i`th.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -544,6 +648,33 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_value() {
+        // Block-aligned, ragged on either side, and smaller than a block.
+        for (rows, cols) in [
+            (8, 8),
+            (16, 24),
+            (17, 384),
+            (3, 40),
+            (9, 13),
+            (1, 1),
+            (5, 3),
+        ] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut dst = vec![f32::NAN; rows * cols];
+            transpose(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
                 }
             }
         }

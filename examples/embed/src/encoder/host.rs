@@ -237,11 +237,7 @@ fn linear(x: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32], xt: &mut 
     let y = &mut y[..out_dim * rows];
     if rows <= gemm::DOT_KERNEL_MAX_ROWS && gemm::dot_kernel_available() {
         ensure(xt, rows * in_dim);
-        for (k, line) in x[..in_dim * rows].chunks_exact(rows).enumerate() {
-            for (r, &v) in line.iter().enumerate() {
-                xt[r * in_dim + k] = v;
-            }
-        }
+        gemm::transpose(&x[..in_dim * rows], in_dim, rows, xt);
         gemm::linear_rows(&xt[..rows * in_dim], rows, w, b, y);
         return;
     }
