@@ -348,7 +348,7 @@ mod dot_avx2 {
             let pf_first = (o + PF_DIST * NR).min(out) * inp;
             let pf_last = (o + (PF_DIST + 1) * NR).min(out) * inp;
             let lines = (pf_last - pf_first).div_ceil(16);
-            let pf_per_step = lines.div_ceil(groups * (inp / 8).max(1));
+            let pf_per_step = lines.div_ceil(groups * (inp / 16).max(1));
             let pf_lines = |g: usize| {
                 let a = pf_first + (lines * g / groups) * 16;
                 let z = pf_first + (lines * (g + 1) / groups) * 16;
@@ -422,20 +422,13 @@ mod dot_avx2 {
         let xp = xt.as_ptr().wrapping_add(r * inp);
         let mut acc = [[_mm256_setzero_ps(); N]; M];
         let full = inp - inp % 8;
-        let mut k = 0;
-        while k < full {
+        // One step: 8 lanes of k for every (token row, weight row) pair.
+        let step = |k: usize, acc: &mut [[__m256; N]; M]| {
             let mut wv = [_mm256_setzero_ps(); N];
             for (n, v) in wv.iter_mut().enumerate() {
                 // SAFETY: wp + n * inp + k + 8 <= w + (o + n + 1) * inp <= w + w.len(), as
                 // k + 8 <= inp and o + N <= b.len() = w.len() / inp.
                 *v = unsafe { _mm256_loadu_ps(wp.wrapping_add(n * inp + k)) };
-            }
-            for _ in 0..pf_per_step {
-                if pf_done < pf_lines {
-                    // A prefetch never faults, and `wrapping_add` makes no claim on the address.
-                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(pf_done * 16).cast());
-                    pf_done += 1;
-                }
             }
             for (m, line) in acc.iter_mut().enumerate() {
                 // SAFETY: xp + m * inp + k + 8 <= xt + (r + M) * inp <= xt + xt.len().
@@ -444,7 +437,23 @@ mod dot_avx2 {
                     *a = _mm256_fmadd_ps(*wn, xv, *a);
                 }
             }
-            k += 8;
+        };
+        let mut k = 0;
+        // Two steps per turn, with the prefetches of a 64-byte line's worth of both.
+        while k + 16 <= full {
+            step(k, &mut acc);
+            step(k + 8, &mut acc);
+            for _ in 0..pf_per_step {
+                if pf_done < pf_lines {
+                    // A prefetch never faults, and `wrapping_add` makes no claim on the address.
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(pf_done * 16).cast());
+                    pf_done += 1;
+                }
+            }
+            k += 16;
+        }
+        if k < full {
+            step(k, &mut acc);
         }
         let zero = _mm256_setzero_ps();
         for n in 0..N {
