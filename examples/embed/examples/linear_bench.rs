@@ -22,7 +22,7 @@ fn main() {
         "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10}",
         "rows", "in", "out", "cache", "tile", "gemm"
     );
-    for (inp, out) in [(384, 384), (384, 1536), (1536, 384)] {
+    for (inp, out) in [(384, 48), (384, 384), (384, 1536), (1536, 384)] {
         let per = inp * out;
         let pool = (64 << 20) / 4 / per;
         let wbuf: Vec<f32> = (0..pool * per + 32)

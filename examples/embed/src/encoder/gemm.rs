@@ -189,10 +189,10 @@ pub fn matmul(c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, scale: f32, accumulate: boo
 
 /// Rows up to which [`linear_rows`] beats the `gemm` crate on this model's shapes. Measured
 /// with `examples/linear_bench.rs` on an AVX2 core (Zen 3), weights from memory as in a forward
-/// pass: at 17 rows (one text of the benchmark's mix) 59-62 GFLOP/s against 38-47 for the
-/// crate, whose 16- and 8-row kernels compute 24 rows there; at 36 rows 65-69 against 58-67;
-/// from 48 rows on the crate wins (75-88 against 64-73), its packing and cache blocking paid
-/// back by the larger product.
+/// pass: at 17 rows (one text of the benchmark's mix) 61-74 GFLOP/s against 37-44 for the
+/// crate, whose 16- and 8-row kernels compute 24 rows there; at 36 rows 70-82 against 56-63;
+/// at 48 rows the crate wins on the 1536-wide input (84 against 71) and from 96 rows on all
+/// three shapes, its packing and cache blocking paid back by the larger product.
 pub const DOT_KERNEL_MAX_ROWS: usize = 40;
 
 /// Whether [`linear_rows`] runs its AVX2/FMA kernel on this processor (checked once).
@@ -357,20 +357,7 @@ mod dot_avx2 {
             let mut r = 0;
             for g in 0..groups {
                 let m = (rows - r) / (groups - g);
-                let f: Tile = match (m, n) {
-                    (4, 3) => tile::<4, 3>,
-                    (3, 3) => tile::<3, 3>,
-                    (2, 3) => tile::<2, 3>,
-                    (1, 3) => tile::<1, 3>,
-                    (4, 2) => tile::<4, 2>,
-                    (3, 2) => tile::<3, 2>,
-                    (2, 2) => tile::<2, 2>,
-                    (1, 2) => tile::<1, 2>,
-                    (4, _) => tile::<4, 1>,
-                    (3, _) => tile::<3, 1>,
-                    (2, _) => tile::<2, 1>,
-                    _ => tile::<1, 1>,
-                };
+                let f = pick_tile(m, n, inp);
                 // SAFETY: o + n <= b.len() and r + m <= rows, so the tile's weight rows, token
                 // rows and outputs lie inside the slices by this function's contract; AVX2 and
                 // FMA are available (same contract).
@@ -378,6 +365,37 @@ mod dot_avx2 {
                 r += m;
             }
             o += n;
+        }
+    }
+
+    /// The tile for `m` token rows, `n` weight rows and `inp` inputs: specialised for the input
+    /// widths of BERT-base-like models (the row offsets become constants, which frees the
+    /// registers that would hold seven row pointers), generic otherwise.
+    fn pick_tile(m: usize, n: usize, inp: usize) -> Tile {
+        macro_rules! by_shape {
+            ($w:literal) => {
+                match (m, n) {
+                    (4, 3) => tile::<4, 3, $w>,
+                    (3, 3) => tile::<3, 3, $w>,
+                    (2, 3) => tile::<2, 3, $w>,
+                    (1, 3) => tile::<1, 3, $w>,
+                    (4, 2) => tile::<4, 2, $w>,
+                    (3, 2) => tile::<3, 2, $w>,
+                    (2, 2) => tile::<2, 2, $w>,
+                    (1, 2) => tile::<1, 2, $w>,
+                    (4, _) => tile::<4, 1, $w>,
+                    (3, _) => tile::<3, 1, $w>,
+                    (2, _) => tile::<2, 1, $w>,
+                    _ => tile::<1, 1, $w>,
+                }
+            };
+        }
+        match inp {
+            384 => by_shape!(384),
+            1536 => by_shape!(1536),
+            768 => by_shape!(768),
+            3072 => by_shape!(3072),
+            _ => by_shape!(0),
         }
     }
 
@@ -395,7 +413,7 @@ mod dot_avx2 {
         usize,
     );
 
-    /// One tile: outputs `o..o+N` for token rows `r..r+M` (`M <= 4`). Along the way it asks for
+    /// One tile: outputs `o..o+N` for token rows `r..r+M` (`M <= 4`); `INP` is 0 or `inp`. Along the way it asks for
     /// the `pf_lines` 64-byte lines from `pf` on, at most `pf_per_step` per step of `k` (a
     /// prefetch never faults, so `pf` needs no contract; the caller points it into `w`).
     ///
@@ -405,7 +423,7 @@ mod dot_avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    unsafe fn tile<const M: usize, const N: usize>(
+    unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
         xt: &[f32],
         rows: usize,
         inp: usize,
@@ -417,6 +435,8 @@ mod dot_avx2 {
         (pf, pf_lines): (*const f32, usize),
         pf_per_step: usize,
     ) {
+        // INP, when not 0, is `inp` known at compile time.
+        let inp = if INP != 0 { INP } else { inp };
         let wp = w.as_ptr().wrapping_add(o * inp);
         let mut pf_done = 0;
         let xp = xt.as_ptr().wrapping_add(r * inp);
@@ -653,6 +673,39 @@ mod tests {
                             let got = y[o * rows + r];
                             assert!(
                                 (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                                "in {inp} out {out} rows {rows}: y[{o}][{r}] = {got}, not {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_rows_matches_a_plain_sum_at_the_specialised_widths() {
+        // The tiles compiled for BERT's input widths, on every tile shape and edge.
+        for inp in [384, 768, 1536, 3072] {
+            for out in [1, 2, 3, 4, 7] {
+                for rows in [1, 2, 3, 4, 5, 13] {
+                    let w: Vec<f32> = (0..out * inp)
+                        .map(|i| ((i * 13) % 29) as f32 * 0.0625 - 0.875)
+                        .collect();
+                    let b: Vec<f32> = (0..out).map(|i| 0.5 - i as f32).collect();
+                    let xt: Vec<f32> = (0..rows * inp)
+                        .map(|i| ((i * 11) % 19) as f32 * 0.125 - 1.0)
+                        .collect();
+                    let mut y = vec![f32::NAN; out * rows];
+                    linear_rows(&xt, rows, &w, &b, &mut y);
+                    for o in 0..out {
+                        for r in 0..rows {
+                            let want = b[o]
+                                + (0..inp)
+                                    .map(|k| w[o * inp + k] as f64 * xt[r * inp + k] as f64)
+                                    .sum::<f64>() as f32;
+                            let got = y[o * rows + r];
+                            assert!(
+                                (got - want).abs() <= 1e-3 * want.abs().max(1.0),
                                 "in {inp} out {out} rows {rows}: y[{o}][{r}] = {got}, not {want}"
                             );
                         }
