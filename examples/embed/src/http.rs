@@ -741,6 +741,7 @@ impl Server<'_> {
     /// Answers, in one batch, every request that is complete now. Answering one may uncover
     /// the next request pipelined behind it: that one waits for the next turn of the loop, with
     /// whatever arrived on other connections meanwhile (serving it at once could starve them).
+    /// The connections answered become the ones [`Server::holding`] waits for.
     fn serve_batch(&mut self, service: &mut dyn Service, draining: bool) {
         let slots: Vec<usize> = (0..self.conns.len())
             .filter(|&i| self.conns[i].as_ref().is_some_and(|c| c.pending.is_some()))
