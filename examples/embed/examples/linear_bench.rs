@@ -3,7 +3,8 @@
 //! all-MiniLM-L6-v2 and the row counts of one to a few texts. The weights are either one
 //! matrix used again and again (`hot`, in cache) or a pool of 64 MiB of distinct matrices
 //! taken in turn (`cold`, from memory, as in a forward pass whose 42 MiB of encoder weights do
-//! not fit the last-level cache). Prints GFLOP/s.
+//! not fit the last-level cache). The 384 × 48 shape, whose weight fits L2, shows the tile's
+//! ceiling. Prints GFLOP/s.
 //!
 //! `cargo run --release -p zygote-embed --example linear_bench [SECONDS_PER_CASE] [CASE]`
 //! (CASE, e.g. `17/384/1536/cold`, runs one case only, for profiling).
@@ -25,24 +26,14 @@ fn main() {
     for (inp, out) in [(384, 48), (384, 384), (384, 1536), (1536, 384)] {
         let per = inp * out;
         let pool = (64 << 20) / 4 / per;
-        let wbuf: Vec<f32> = (0..pool * per + 32)
+        let w: Vec<f32> = (0..pool * per)
             .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
-        let shift: usize = std::env::var("W_SHIFT")
-            .map(|v| v.parse().unwrap())
-            .unwrap_or(6);
-        let lead = (64 - wbuf.as_ptr() as usize % 64) % 64 / 4;
-        let w = &wbuf[lead + shift..][..pool * per];
         let b = vec![0.1f32; out];
         for rows in [4usize, 8, 12, 13, 17, 24, 36, 48, 96] {
-            let xbuf: Vec<f32> = (0..rows * inp + 32)
+            let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 31) % 97) as f32 * 1e-2)
                 .collect();
-            let xshift: usize = std::env::var("X_SHIFT")
-                .map(|v| v.parse().unwrap())
-                .unwrap_or(0);
-            let xlead = (64 - xbuf.as_ptr() as usize % 64) % 64 / 4;
-            let x = &xbuf[xlead + xshift..][..rows * inp];
             let mut y = vec![0.0f32; rows * out];
             for (cache, mats) in [("hot", 1usize), ("cold", pool)] {
                 if only
