@@ -1,6 +1,7 @@
 //! Matrix products of the host encoder: a bounds-checked, safe face over the `gemm` crate's
-//! sgemm, and a packing-free kernel for the few-row linear layers of short texts
-//! ([`linear_rows`]). This module is the app's one `unsafe` leaf.
+//! sgemm, a packing-free kernel for the linear layers of one to a couple of texts
+//! ([`linear_rows`], up to [`DOT_KERNEL_MAX_ROWS`] rows), and the transpose that feeds it
+//! ([`transpose`]). This module is the app's one `unsafe` leaf.
 //!
 //! `gemm` takes raw pointers and strides, which is what lets the encoder multiply by a
 //! transposed weight without copying it: torch stores a linear layer's weight as `[out, in]`
@@ -648,6 +649,28 @@ mod tests {
         assert_eq!(c, a);
     }
 
+    /// Runs [`linear_rows`] for `rows` token rows of `xt` against the `out` weight rows of `w`
+    /// (biases `0.5 - o`) and compares every output with a plain sum, within `tol` relative.
+    fn check_linear_rows(w: &[f32], xt: &[f32], out: usize, rows: usize, tol: f32) {
+        let inp = w.len() / out;
+        let b: Vec<f32> = (0..out).map(|i| 0.5 - i as f32).collect();
+        let mut y = vec![f32::NAN; out * rows];
+        linear_rows(xt, rows, w, &b, &mut y);
+        for o in 0..out {
+            for r in 0..rows {
+                let want = b[o]
+                    + (0..inp)
+                        .map(|k| w[o * inp + k] as f64 * xt[r * inp + k] as f64)
+                        .sum::<f64>() as f32;
+                let got = y[o * rows + r];
+                assert!(
+                    (got - want).abs() <= tol * want.abs().max(1.0),
+                    "in {inp} out {out} rows {rows}: y[{o}][{r}] = {got}, not {want}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn linear_rows_matches_a_plain_sum_on_every_edge() {
         // Every tile shape and edge: outputs not a multiple of 3, rows not a multiple of 4, and
@@ -658,25 +681,10 @@ mod tests {
                     let w: Vec<f32> = (0..out * inp)
                         .map(|i| ((i * 13) % 29) as f32 * 0.125 - 1.5)
                         .collect();
-                    let b: Vec<f32> = (0..out).map(|i| 0.5 - i as f32).collect();
                     let xt: Vec<f32> = (0..rows * inp)
                         .map(|i| ((i * 11) % 19) as f32 * 0.25 - 2.0)
                         .collect();
-                    let mut y = vec![f32::NAN; out * rows];
-                    linear_rows(&xt, rows, &w, &b, &mut y);
-                    for o in 0..out {
-                        for r in 0..rows {
-                            let want = b[o]
-                                + (0..inp)
-                                    .map(|k| w[o * inp + k] * xt[r * inp + k])
-                                    .sum::<f32>();
-                            let got = y[o * rows + r];
-                            assert!(
-                                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                                "in {inp} out {out} rows {rows}: y[{o}][{r}] = {got}, not {want}"
-                            );
-                        }
-                    }
+                    check_linear_rows(&w, &xt, out, rows, 1e-4);
                 }
             }
         }
@@ -691,25 +699,10 @@ mod tests {
                     let w: Vec<f32> = (0..out * inp)
                         .map(|i| ((i * 13) % 29) as f32 * 0.0625 - 0.875)
                         .collect();
-                    let b: Vec<f32> = (0..out).map(|i| 0.5 - i as f32).collect();
                     let xt: Vec<f32> = (0..rows * inp)
                         .map(|i| ((i * 11) % 19) as f32 * 0.125 - 1.0)
                         .collect();
-                    let mut y = vec![f32::NAN; out * rows];
-                    linear_rows(&xt, rows, &w, &b, &mut y);
-                    for o in 0..out {
-                        for r in 0..rows {
-                            let want = b[o]
-                                + (0..inp)
-                                    .map(|k| w[o * inp + k] as f64 * xt[r * inp + k] as f64)
-                                    .sum::<f64>() as f32;
-                            let got = y[o * rows + r];
-                            assert!(
-                                (got - want).abs() <= 1e-3 * want.abs().max(1.0),
-                                "in {inp} out {out} rows {rows}: y[{o}][{r}] = {got}, not {want}"
-                            );
-                        }
-                    }
+                    check_linear_rows(&w, &xt, out, rows, 1e-3);
                 }
             }
         }
