@@ -213,10 +213,10 @@ measure() {
     say "$tag: PSS $(tail -1 "$out/$tag.pss.txt")"
     say "$tag: $trials worker kills"
     if [[ -n "$rdir" ]]; then
-        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 60 \
+        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 60 --pollers "$conns" \
             --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
     else
-        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 \
+        run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 --pollers "$conns" \
             --gunicorn-master "$pg" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
     fi
     python3 - "$service" "$n" "$note" "$out/$tag" >> "$results" <<'PY'

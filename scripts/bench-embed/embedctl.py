@@ -4,7 +4,7 @@
     embedctl.py bodies SENTENCES OUT
     embedctl.py wait-ready --url URL --workers N --since EPOCH --timeout S
                            [--zygote BIN --runtime-dir DIR]
-    embedctl.py restart --url URL --trials K --timeout S
+    embedctl.py restart --url URL --trials K --timeout S [--pollers P]
                         (--gunicorn-master PID | --zygote BIN --runtime-dir DIR)
     embedctl.py zygote-pids --zygote BIN --runtime-dir DIR
     embedctl.py idle-wait --max S [--threshold CORES]
@@ -16,8 +16,12 @@ object; progress goes to stderr.
 
 How a restarted worker is recognised: both services answer with an
 `X-Worker-Pid` header, so "serving again" is the first answer that carries a
-pid that was not a worker before the kill (the replacement), seen by two
-threads that POST /embed on fresh connections every 2 ms. For gunicorn the
+pid that was not a worker before the kill (the replacement), seen by P
+threads (--pollers, default 2) that POST /embed on fresh connections every
+2 ms. bench-embed.sh runs as many as its load has connections (2 per worker):
+with fewer, an idle replacement wins each fresh connection only against the
+other idle workers, and that accept lottery (not the restart) decides when
+it is first seen. For gunicorn the
 new pid is also read from the master's children; for zygote from
 `zygote status --json` once it answered (to record its slot). A zygote app
 without the header falls back to polling the status until the slot's new pid
@@ -211,7 +215,7 @@ def restart_gunicorn(args, host, port):
     if not old:
         raise RuntimeError(f"gunicorn master {master} has no workers")
     victim = min(old)
-    watch = AnswerWatch(host, port).start()
+    watch = AnswerWatch(host, port, threads=args.pollers).start()
     try:
         time.sleep(0.2)
         t0 = time.time()
@@ -246,7 +250,7 @@ def restart_zygote(args, host, port):
     victim = serving[0]
     slot, vpid = victim.get("slot"), victim["pid"]
     known = {w["pid"] for w in workers}
-    watch = AnswerWatch(host, port).start()
+    watch = AnswerWatch(host, port, threads=args.pollers).start()
     try:
         time.sleep(0.2)
         header = watch.header
@@ -264,7 +268,7 @@ def restart_zygote(args, host, port):
                     st = zygote_status(args.zygote, args.runtime_dir)
                     w = next((w for w in zygote_workers(st) if w["pid"] == new_pid), {})
                     return {"victim": vpid, "slot": slot, "new_pid": new_pid,
-                            "new_slot": w.get("slot"),
+                            "new_slot": w.get("slot"), "killed_at": round(t0, 3),
                             "serving_ms": round((answered - t0) * 1000, 1),
                             "method": "first answer from the new pid"}
                 time.sleep(0.002)
@@ -510,6 +514,8 @@ def main():
     r.add_argument("--trials", type=int, default=3)
     r.add_argument("--timeout", type=float, default=120, help="per kill")
     r.add_argument("--pause", type=float, default=1.0, help="seconds between kills")
+    r.add_argument("--pollers", type=int, default=2,
+                   help="threads posting on fresh connections during each kill")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--gunicorn-master", type=int)
     g.add_argument("--zygote")

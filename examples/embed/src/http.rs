@@ -625,6 +625,9 @@ struct Server<'a> {
     expected: Vec<usize>,
     /// Until when a waiting request may be held for them.
     gather_until: Option<Instant>,
+    /// When the loop began: the first answer is logged against it (a restarted worker's
+    /// warm-up, measured from its own side).
+    started: Instant,
 }
 
 impl Server<'_> {
@@ -753,8 +756,17 @@ impl Server<'_> {
             .iter()
             .filter_map(|&i| self.conns[i].as_ref().and_then(Conn::request))
             .collect();
+        let computing = Instant::now();
         let mut resps = service.handle_batch(&reqs, draining);
         drop(reqs);
+        if self.served == 0 {
+            log::info!(
+                "first answer {} ms after serving began ({} request(s) computed in {} ms)",
+                self.started.elapsed().as_millis(),
+                slots.len(),
+                computing.elapsed().as_millis()
+            );
+        }
         if resps.len() != slots.len() {
             log::error!(
                 "the service answered {} of {} requests",
@@ -856,6 +868,7 @@ pub fn run(
         served: 0,
         expected: Vec::new(),
         gather_until: None,
+        started: Instant::now(),
     };
     let mut events = Events::with_capacity(256);
     let mut drain: Option<Drain> = None;
