@@ -214,7 +214,7 @@ measure() {
     say "$tag: $trials worker kills"
     if [[ -n "$rdir" ]]; then
         run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 60 --pollers "$conns" \
-            --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
+            --zygote "$zbin" --runtime-dir "$rdir" --log "$out/$tag.log" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
     else
         run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 --pollers "$conns" \
             --gunicorn-master "$pg" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"

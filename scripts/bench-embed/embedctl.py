@@ -5,7 +5,7 @@
     embedctl.py wait-ready --url URL --workers N --since EPOCH --timeout S
                            [--zygote BIN --runtime-dir DIR]
     embedctl.py restart --url URL --trials K --timeout S [--pollers P]
-                        (--gunicorn-master PID | --zygote BIN --runtime-dir DIR)
+                        (--gunicorn-master PID | --zygote BIN --runtime-dir DIR [--log F])
     embedctl.py zygote-pids --zygote BIN --runtime-dir DIR
     embedctl.py idle-wait --max S [--threshold CORES]
     embedctl.py cpu-monitor --seconds S PID...
@@ -33,6 +33,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -240,6 +241,33 @@ def restart_gunicorn(args, host, port):
         watch.close()
 
 
+READY_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) .*\[supervisor \d+\] "
+                        r"worker \d+ \(pid (\d+)\) ready in ")
+
+
+def ready_in_log(path, pid, t0, wait=1.0):
+    """Milliseconds from `t0` (epoch seconds) to the supervisor's log line saying that worker
+    `pid` is ready (its listener live, its ready message received), or None. The log's times
+    are UTC times of day to the millisecond."""
+    deadline = time.time() + wait
+    while True:
+        try:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    m = READY_LINE.match(line)
+                    if m and int(m.group(4)) == pid:
+                        tod = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+                        ms = (tod - t0 % 86400) * 1000
+                        if ms < -43_200_000:  # the day turned between the kill and the line
+                            ms += 86_400_000
+                        return round(ms, 1)
+        except OSError:
+            return None
+        if time.time() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
 def restart_zygote(args, host, port):
     st = zygote_status(args.zygote, args.runtime_dir)
     workers = zygote_workers(st)
@@ -267,10 +295,13 @@ def restart_zygote(args, host, port):
                     new_pid, answered = min(fresh.items(), key=lambda kv: kv[1])
                     st = zygote_status(args.zygote, args.runtime_dir)
                     w = next((w for w in zygote_workers(st) if w["pid"] == new_pid), {})
-                    return {"victim": vpid, "slot": slot, "new_pid": new_pid,
-                            "new_slot": w.get("slot"), "killed_at": round(t0, 3),
-                            "serving_ms": round((answered - t0) * 1000, 1),
-                            "method": "first answer from the new pid"}
+                    trial = {"victim": vpid, "slot": slot, "new_pid": new_pid,
+                             "new_slot": w.get("slot"), "killed_at": round(t0, 3),
+                             "serving_ms": round((answered - t0) * 1000, 1),
+                             "method": "first answer from the new pid"}
+                    if args.log:
+                        trial["ready_ms"] = ready_in_log(args.log, new_pid, t0)
+                    return trial
                 time.sleep(0.002)
             raise RuntimeError(f"no answer from a new worker within {args.timeout} s "
                                f"after killing pid {vpid}")
@@ -304,8 +335,13 @@ def cmd_restart(args):
         trials.append(r)
         time.sleep(args.pause)
     ms = [t["serving_ms"] for t in trials]
-    print(json.dumps({"trials": trials, "median_ms": statistics.median(ms),
-                      "max_ms": max(ms), "method": trials[0]["method"]}))
+    summary = {"trials": trials, "median_ms": statistics.median(ms),
+               "max_ms": max(ms), "method": trials[0]["method"]}
+    ready = [t["ready_ms"] for t in trials if t.get("ready_ms") is not None]
+    if ready:
+        summary["ready_median_ms"] = statistics.median(ready)
+        summary["ready_max_ms"] = max(ready)
+    print(json.dumps(summary))
     return 0
 
 
@@ -427,7 +463,7 @@ def cmd_report(args):
                 rows.append(json.loads(line))
     out = [
         "| service | workers | req/s | p50 ms | p99 ms | errors | total PSS MiB | processes "
-        "| kill → serving again (median, max) | start → all workers answering "
+        "| kill → first answer of the replacement (median, max) | start → all workers answering "
         "| CPU cores: service / wrk / other |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
@@ -449,6 +485,8 @@ def cmd_report(args):
             rst = (f"{rs['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit}, "
                    f"{rs['max_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} "
                    f"({len(rs['trials'])} kills)")
+            if rs.get("ready_max_ms") is not None:
+                rst += f"; ready {rs['ready_median_ms']:.0f} ms, {rs['ready_max_ms']:.0f} ms"
         else:
             rst = "–"
         rd = r.get("ready") or {}
@@ -520,6 +558,8 @@ def main():
     g.add_argument("--gunicorn-master", type=int)
     g.add_argument("--zygote")
     r.add_argument("--runtime-dir")
+    r.add_argument("--log", help="the service's log (zygote: also report kill -> ready "
+                                 "from the supervisor's lines)")
     r.set_defaults(fn=cmd_restart)
 
     z = sub.add_parser("zygote-pids")

@@ -67,6 +67,36 @@ fn model_dir(model_path: &Path) -> &Path {
     }
 }
 
+/// Environment variable overriding [`http::Limits::batch_wait`], in microseconds.
+pub const BATCH_WAIT_ENV: &str = "ZYGOTE_EMBED_BATCH_WAIT_US";
+/// The largest hold [`BATCH_WAIT_ENV`] may set: beyond, a lone slow client would cost every
+/// batch more than a forward pass of one short text.
+const MAX_BATCH_WAIT_US: u64 = 20_000;
+
+/// The HTTP limits: the defaults, with the batch hold from [`BATCH_WAIT_ENV`] when it is set to
+/// a valid value (an invalid one is reported and the default kept, so a typo cannot stop every
+/// worker from starting).
+fn http_limits() -> http::Limits {
+    let mut limits = http::Limits::default();
+    if let Some(raw) = std::env::var_os(BATCH_WAIT_ENV) {
+        match parse_batch_wait(&raw) {
+            Some(wait) => limits.batch_wait = wait,
+            None => log::warn!(
+                "{BATCH_WAIT_ENV}={raw:?} is not a whole number of microseconds from 0 to \
+                 {MAX_BATCH_WAIT_US}; keeping the default batch hold of {} us",
+                limits.batch_wait.as_micros()
+            ),
+        }
+    }
+    limits
+}
+
+/// The hold a [`BATCH_WAIT_ENV`] value asks for, if it is valid.
+fn parse_batch_wait(raw: &std::ffi::OsStr) -> Option<Duration> {
+    let us = raw.to_str()?.trim().parse::<u64>().ok()?;
+    (us <= MAX_BATCH_WAIT_US).then(|| Duration::from_micros(us))
+}
+
 /// The worker's life: set up, report ready, serve until drained. Returns the exit code.
 pub fn serve(mut worker: Worker) -> i32 {
     let started = std::time::Instant::now();
@@ -119,7 +149,7 @@ pub fn serve(mut worker: Worker) -> i32 {
             "loaded here"
         }
     );
-    match http::run(listeners, &mut worker, &mut app, &http::Limits::default()) {
+    match http::run(listeners, &mut worker, &mut app, &http_limits()) {
         Ok(http::Exit::Drained { served }) => {
             log::info!("drained after {served} request(s)");
             EXIT_OK
@@ -220,4 +250,26 @@ pub fn import_host_weights(model_file: &Path) -> Result<(Model, Weights), EmbedE
     let export = backend::host::HostBackend.export(&model, 1)?;
     let weights = backend::import(export.manifest, export.fds, &model)?;
     Ok((model, weights))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn batch_wait_override_takes_microseconds_within_the_bound() {
+        assert_eq!(parse_batch_wait(OsStr::new("0")), Some(Duration::ZERO));
+        assert_eq!(
+            parse_batch_wait(OsStr::new(" 250 ")),
+            Some(Duration::from_micros(250))
+        );
+        assert_eq!(
+            parse_batch_wait(OsStr::new("20000")),
+            Some(Duration::from_millis(20))
+        );
+        for bad in ["20001", "-1", "1ms", "", "0.5"] {
+            assert_eq!(parse_batch_wait(OsStr::new(bad)), None, "{bad:?}");
+        }
+    }
 }

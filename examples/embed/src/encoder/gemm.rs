@@ -330,6 +330,36 @@ mod dot_avx2 {
     /// three ahead measured slower).
     const PF_DIST: usize = 1;
 
+    /// Groups of token rows planned on the stack: [`super::DOT_KERNEL_MAX_ROWS`] rows in
+    /// groups of [`MR`].
+    const MAX_GROUPS: usize = super::DOT_KERNEL_MAX_ROWS.div_ceil(MR);
+
+    /// One group of token rows, and its share of the prefetches of the next weight triple.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Group {
+        /// First token row.
+        r: usize,
+        /// Token rows (1 to [`MR`]).
+        m: usize,
+        /// First line, counted from the start of the prefetched rows, that this group asks for.
+        pf_first: usize,
+        /// Lines it asks for.
+        pf_lines: usize,
+        /// At most this many per step of `k`.
+        pf_per_step: usize,
+    }
+
+    /// Spreads `lines` 64-byte prefetch lines over the groups, in order.
+    fn share_prefetches(groups: &mut [Group], lines: usize, inp: usize) {
+        let n = groups.len();
+        let per_step = lines.div_ceil(n * (inp / 16).max(1));
+        for (g, group) in groups.iter_mut().enumerate() {
+            group.pf_first = lines * g / n;
+            group.pf_lines = lines * (g + 1) / n - group.pf_first;
+            group.pf_per_step = per_step;
+        }
+    }
+
     /// Computes every output.
     ///
     /// # Safety
@@ -338,70 +368,72 @@ mod dot_avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
         let out = b.len();
-        // Token rows in groups of at most MR, as even as possible: a tile of 3 rows does more
-        // work per load than one of 1.
-        let groups = rows.div_ceil(MR);
+        // Token rows in groups of at most MR, as even as possible (a tile of 3 rows does more
+        // work per load than one of 1), planned once for every weight triple.
+        let n_groups = rows.div_ceil(MR);
+        let mut plan = [Group::default(); MAX_GROUPS];
+        let mut more = Vec::new();
+        let groups: &mut [Group] = if n_groups <= MAX_GROUPS {
+            &mut plan[..n_groups]
+        } else {
+            // Beyond the rows the encoder gives this kernel (it still computes them right).
+            more.resize(n_groups, Group::default());
+            &mut more
+        };
+        let mut r = 0;
+        for (g, group) in groups.iter_mut().enumerate() {
+            group.r = r;
+            group.m = (rows - r) / (n_groups - g);
+            r += group.m;
+        }
+        let full_lines = (NR * inp).div_ceil(16);
+        share_prefetches(groups, full_lines, inp);
+        let full = pick_triple(NR, inp);
         let mut o = 0;
         while o < out {
             let n = (out - o).min(NR);
             // The weight rows PF_DIST triples ahead, asked for a slice per group, so that they
             // come from memory while this triple is computed, with few misses in flight at once.
-            let pf_first = (o + PF_DIST * NR).min(out) * inp;
-            let pf_last = (o + (PF_DIST + 1) * NR).min(out) * inp;
-            let lines = (pf_last - pf_first).div_ceil(16);
-            let pf_per_step = lines.div_ceil(groups * (inp / 16).max(1));
-            let pf_lines = |g: usize| {
-                let a = pf_first + (lines * g / groups) * 16;
-                let z = pf_first + (lines * (g + 1) / groups) * 16;
-                (w.as_ptr().wrapping_add(a), (z - a) / 16)
-            };
-            let mut r = 0;
-            for g in 0..groups {
-                let m = (rows - r) / (groups - g);
-                let f = pick_tile(m, n, inp);
-                // SAFETY: o + n <= b.len() and r + m <= rows, so the tile's weight rows, token
-                // rows and outputs lie inside the slices by this function's contract; AVX2 and
-                // FMA are available (same contract).
-                unsafe { f(xt, rows, inp, w, b, y, o, r, pf_lines(g), pf_per_step) };
-                r += m;
+            let pf_from = (o + PF_DIST * NR).min(out) * inp;
+            let pf_to = (o + (PF_DIST + 1) * NR).min(out) * inp;
+            let lines = (pf_to - pf_from).div_ceil(16);
+            if lines != full_lines {
+                // The last triples: fewer (or no) rows left to prefetch.
+                share_prefetches(groups, lines, inp);
             }
+            let f = if n == NR { full } else { pick_triple(n, inp) };
+            // SAFETY: o + n <= b.len() and every group's rows lie in 0..rows, so each tile's
+            // weight rows, token rows and outputs lie inside the slices by this function's
+            // contract; AVX2 and FMA are available (same contract).
+            unsafe { f(xt, rows, inp, w, b, y, o, groups, w.as_ptr().wrapping_add(pf_from)) };
             o += n;
         }
     }
 
-    /// The tile for `m` token rows, `n` weight rows and `inp` inputs: specialised for the input
-    /// widths of BERT-base-like models (the row offsets become constants, which frees the
-    /// registers that would hold seven row pointers), generic otherwise.
-    fn pick_tile(m: usize, n: usize, inp: usize) -> Tile {
-        macro_rules! by_shape {
+    /// A [`triple`] for `n` weight rows and `inp` inputs: specialised for the input widths of
+    /// BERT-base-like models (the row offsets become constants, which frees the registers that
+    /// would hold seven row pointers), generic otherwise.
+    fn pick_triple(n: usize, inp: usize) -> Triple {
+        macro_rules! by_rows {
             ($w:literal) => {
-                match (m, n) {
-                    (4, 3) => tile::<4, 3, $w>,
-                    (3, 3) => tile::<3, 3, $w>,
-                    (2, 3) => tile::<2, 3, $w>,
-                    (1, 3) => tile::<1, 3, $w>,
-                    (4, 2) => tile::<4, 2, $w>,
-                    (3, 2) => tile::<3, 2, $w>,
-                    (2, 2) => tile::<2, 2, $w>,
-                    (1, 2) => tile::<1, 2, $w>,
-                    (4, _) => tile::<4, 1, $w>,
-                    (3, _) => tile::<3, 1, $w>,
-                    (2, _) => tile::<2, 1, $w>,
-                    _ => tile::<1, 1, $w>,
+                match n {
+                    3 => triple::<3, $w>,
+                    2 => triple::<2, $w>,
+                    _ => triple::<1, $w>,
                 }
             };
         }
         match inp {
-            384 => by_shape!(384),
-            1536 => by_shape!(1536),
-            768 => by_shape!(768),
-            3072 => by_shape!(3072),
-            _ => by_shape!(0),
+            384 => by_rows!(384),
+            1536 => by_rows!(1536),
+            768 => by_rows!(768),
+            3072 => by_rows!(3072),
+            _ => by_rows!(0),
         }
     }
 
-    /// A [`tile`] of some shape.
-    type Tile = unsafe fn(
+    /// A [`triple`] of some shape.
+    type Triple = unsafe fn(
         &[f32],
         usize,
         usize,
@@ -409,10 +441,43 @@ mod dot_avx2 {
         &[f32],
         &mut [f32],
         usize,
-        usize,
-        (*const f32, usize),
-        usize,
+        &[Group],
+        *const f32,
     );
+
+    /// Outputs `o..o+N` for every group of token rows, one [`tile`] per group (inlined: one
+    /// call per weight triple, not one per tile). `pf` is where the next triple's rows start.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`, and for
+    /// every group `(r + m) * inp <= xt.len()`, `(o + N - 1) * rows + r + m <= y.len()`,
+    /// `1 <= m <= MR`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn triple<const N: usize, const INP: usize>(
+        xt: &[f32],
+        rows: usize,
+        inp: usize,
+        w: &[f32],
+        b: &[f32],
+        y: &mut [f32],
+        o: usize,
+        groups: &[Group],
+        pf: *const f32,
+    ) {
+        for g in groups {
+            let pf_slice = (pf.wrapping_add(g.pf_first * 16), g.pf_lines);
+            // SAFETY: this function's contract, for the group's rows.
+            unsafe {
+                match g.m {
+                    4 => tile::<4, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
+                    3 => tile::<3, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
+                    2 => tile::<2, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
+                    _ => tile::<1, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
+                }
+            }
+        }
+    }
 
     /// One tile: outputs `o..o+N` for token rows `r..r+M` (`M <= 4`); `INP` is 0 or `inp`. Along the way it asks for
     /// the `pf_lines` 64-byte lines from `pf` on, at most `pf_per_step` per step of `k` (a
