@@ -5,8 +5,11 @@
 #
 #   scripts/bench-embed.sh [options]
 #     --workers "2 4"     worker counts to measure (default: 2 4)
-#     --duration S        measured load per configuration (default: 20)
-#     --warmup S          unmeasured load before it (default: 5)
+#     --duration S        measured load per service and round (default: 10)
+#     --rounds R          rounds of measured load (default: 3); in each, every
+#                         service of the worker count is loaded in turn, the
+#                         order rotated one place per round
+#     --warmup S          unmeasured load once, after a service's start (default: 5)
 #     --trials K          worker kills per configuration (default: 3)
 #     --only python|zygote   measure one side only
 #     --baselines "seed t1 t1-preload"
@@ -29,13 +32,20 @@
 # baseline loads, so both serve the same files; empty: no --model flag),
 # ZYGOTE_ARGS (extra arguments for `zygote start`), BASELINE_VENV, BASE_PORT.
 #
-# For each service and worker count: requests/s and p50/p99 latency from wrk
-# (keep-alive connections, 2 x workers of them, one sentence per POST /embed,
-# cycling through scripts/bench-embed/sentences.txt); total PSS of every
+# For each worker count, every service is started (one after the other) and
+# stays up while the rounds alternate the load between them, so a drift of the
+# machine's speed (this shared machine's varies by several per cent within
+# minutes) weighs on each alike. For each service and worker count: requests/s
+# over all rounds, the median of the rounds' p50 latency and the highest of
+# their p99, from wrk (keep-alive connections, 2 x workers of them, one
+# sentence per POST /embed, cycling through scripts/bench-embed/sentences.txt),
+# and the spread of the rounds' requests/s; total PSS of every
 # process of the service (scripts/pss.py over the process tree: gunicorn
 # master + workers; zygote supervisor, zygote, owner and workers), taken after
-# the load; the time from `kill -9` of one worker to that worker slot
-# serving again (scripts/bench-embed/embedctl.py restart); and the CPU used
+# the load; the time from `kill -9` of one worker to the first answer of its
+# replacement, while as many clients as the load has connections post on fresh
+# connections (scripts/bench-embed/embedctl.py restart), and for zygote also to
+# the supervisor's log line saying the replacement is ready; and the CPU used
 # during the measured load by the service, by wrk and by anything else on the
 # machine (a busy machine distorts the figures: the "other" column shows it).
 # Prints a markdown table and writes it to OUT/table.md.
@@ -49,13 +59,14 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 helpers="$repo/scripts/bench-embed"
 ctl=(python3 "$helpers/embedctl.py")
 
-workers_list="2 4"; duration=20; warmup=5; trials=3; only=""; quiet_wait=60
+workers_list="2 4"; duration=10; rounds=3; warmup=5; trials=3; only=""; quiet_wait=60
 baselines="seed t1 t1-preload"
 out="$repo/bench-out/embed-$(date +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --workers) workers_list="$2"; shift 2 ;;
         --duration) duration="$2"; shift 2 ;;
+        --rounds) rounds="$2"; shift 2 ;;
         --warmup) warmup="$2"; shift 2 ;;
         --trials) trials="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
@@ -67,6 +78,9 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 case "$only" in ""|python|zygote) ;; *) echo "bench-embed.sh: --only python|zygote" >&2; exit 2 ;; esac
+for v in "$duration:--duration" "$rounds:--rounds" "$trials:--trials"; do
+    [[ "${v%%:*}" =~ ^[1-9][0-9]*$ ]] || { echo "bench-embed.sh: ${v#*:} takes a whole number above 0" >&2; exit 2; }
+done
 
 venv="${BASELINE_VENV:-$repo/.venv-baseline}"
 zbin="${ZYGOTE_BIN:-$repo/target/release/zygote}"
@@ -167,7 +181,7 @@ bodies="$out/bodies.jsonl"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
     echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
-    echo "load: wrk, $duration s measured after $warmup s warm-up, 2 x workers keep-alive connections, POST /embed one sentence each from scripts/bench-embed/sentences.txt"
+    echo "load: wrk, $rounds rounds of $duration s per service (after one $warmup s warm-up), 2 x workers keep-alive connections, POST /embed one sentence each from scripts/bench-embed/sentences.txt"
     if [[ $need_python == 1 ]]; then
         echo "baseline: $("$venv/bin/python" -c 'from importlib.metadata import version as v; print("gunicorn", v("gunicorn"), "flask", v("flask"), "sentence-transformers", v("sentence-transformers"), "torch", v("torch"))')"
     fi
@@ -184,24 +198,34 @@ run_wrk() { # URL CONNS SECONDS OUTFILE
         -s "$helpers/embed.lua" "$url" -- "$bodies" > "$file" 2>&1 || say "wrk exited $? (see $file)"
 }
 
-# measure SERVICE WORKERS PGID URL [RUNTIME_DIR] [NOTE] [TAG]: load, PSS, restarts -> results.jsonl
-measure() {
-    local service="$1" n="$2" pg="$3" url="$4" rdir="${5:-}" note="${6:-}" tag="${7:-$1-w$2}"
-    local conns=$((2 * n))
+# warm SERVICE-INDEX: unmeasured load, once, right after the service is ready.
+warm() {
+    local i="$1" tag="${svc_tag[$1]}"
+    [[ "$warmup" == 0 ]] && return 0
     say "$tag: warm-up ${warmup}s"
-    run_wrk "$url" "$conns" "$warmup" "$out/$tag.warmup.txt"
+    run_wrk "${svc_url[$i]}" "$((2 * svc_n[$i]))" "$warmup" "$out/$tag.warmup.txt"
+}
+
+# load_round SERVICE-INDEX ROUND: one measured load -> TAG.wrk.ROUND.txt, TAG.cpu.ROUND.json
+load_round() {
+    local i="$1" r="$2" tag="${svc_tag[$1]}" conns=$((2 * svc_n[$1]))
     if [[ "$quiet_wait" != 0 ]]; then
-        say "$tag: waiting up to ${quiet_wait}s for other work on the machine to settle"
-        run "${ctl[@]}" idle-wait --max "$quiet_wait" > "$out/$tag.idle.json" || true
+        run "${ctl[@]}" idle-wait --max "$quiet_wait" > "$out/$tag.idle.$r.json" || true
     fi
-    say "$tag: load ${duration}s, $conns connections"
-    "${ctl[@]}" cpu-monitor --seconds "$duration" "$pg" > "$out/$tag.cpu.json" &
+    say "$tag: round $r of $rounds: load ${duration}s, $conns connections"
+    "${ctl[@]}" cpu-monitor --seconds "$duration" "${svc_pg[$i]}" > "$out/$tag.cpu.$r.json" &
     local mon=$!
-    run_wrk "$url" "$conns" "$duration" "$out/$tag.wrk.txt"
     helper_pids+=("$mon")
+    run_wrk "${svc_url[$i]}" "$conns" "$duration" "$out/$tag.wrk.$r.txt"
     wait "$mon" || true
     forget "$mon"
-    say "$tag: $(grep -h '^Requests/sec' "$out/$tag.wrk.txt" || true); CPU $(cat "$out/$tag.cpu.json")"
+    say "$tag: $(grep -h '^Requests/sec' "$out/$tag.wrk.$r.txt" || true); CPU $(cat "$out/$tag.cpu.$r.json")"
+}
+
+# finish SERVICE-INDEX: PSS, worker kills, the results line (rounds merged) -> results.jsonl
+finish() {
+    local i="$1" tag="${svc_tag[$1]}" pg="${svc_pg[$1]}" url="${svc_url[$1]}" rdir="${svc_rdir[$1]}"
+    local conns=$((2 * svc_n[$1]))
     local pids="$pg"
     if [[ -n "$rdir" ]]; then
         pids="$pg $("${ctl[@]}" zygote-pids --zygote "$zbin" --runtime-dir "$rdir" || true)"
@@ -219,26 +243,8 @@ measure() {
         run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 --pollers "$conns" \
             --gunicorn-master "$pg" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
     fi
-    python3 - "$service" "$n" "$note" "$out/$tag" >> "$results" <<'PY'
-import json, sys
-service, n, note, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-def load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-wrk = {}
-try:
-    for line in open(base + ".wrk.txt"):
-        if line.startswith("WRKJSON "):
-            wrk = json.loads(line[8:])
-except OSError:
-    pass
-print(json.dumps({"service": service, "workers": n, "note": note, "wrk": wrk,
-                  "pss": load(base + ".pss.json"), "restart": load(base + ".restart.json"),
-                  "ready": load(base + ".ready.json"), "cpu": load(base + ".cpu.json")}))
-PY
+    "${ctl[@]}" merge --service "${svc_kind[$i]}" --workers "${svc_n[$i]}" --note "${svc_note[$i]}" \
+        --rounds "$rounds" "$out/$tag" >> "$results"
 }
 
 # ------------------------------------------------------------ services
@@ -247,7 +253,15 @@ PY
 port_seq=0
 next_port() { port_seq=$((port_seq + 1)); port=$((base_port + port_seq)); }
 
-bench_python() { # WORKERS VARIANT (seed, t1, t1-preload, seed-preload)
+# The services of the worker count being measured, by index: what they are, their process
+# group, URL, zygote runtime directory (empty for gunicorn) and note.
+svc_kind=(); svc_n=(); svc_tag=(); svc_pg=(); svc_url=(); svc_rdir=(); svc_note=()
+add_service() { # KIND WORKERS TAG PGID URL RUNTIME_DIR NOTE
+    svc_kind+=("$1"); svc_n+=("$2"); svc_tag+=("$3"); svc_pg+=("$4"); svc_url+=("$5")
+    svc_rdir+=("$6"); svc_note+=("$7")
+}
+
+start_python() { # WORKERS VARIANT (seed, t1, t1-preload, seed-preload)
     local n="$1" variant="$2" threads flag="" port note tag
     case "$variant" in
         seed) threads=default; note="seed: torch threads default" ;;
@@ -269,11 +283,10 @@ bench_python() { # WORKERS VARIANT (seed, t1, t1-preload, seed-preload)
         say "$tag: not ready; see $out/$tag.log"; stop_group "$pg"; return 0
     fi
     say "$tag: ready $(cat "$out/$tag.ready.json")"
-    measure python "$n" "$pg" "http://127.0.0.1:$port" "" "$note" "$tag"
-    stop_group "$pg"
+    add_service python "$n" "$tag" "$pg" "http://127.0.0.1:$port" "" "$note"
 }
 
-bench_zygote() { # WORKERS
+start_zygote() { # WORKERS
     local n="$1" port rdir tag="zygote-w$1"
     next_port
     rdir="$(mktemp -d "$out/rt-$tag.XXXX")"   # mode 0700
@@ -292,15 +305,29 @@ bench_zygote() { # WORKERS
         say "$tag: not ready; see $out/$tag.log"; stop_group "$pg" "$rdir"; return 0
     fi
     say "$tag: ready $(cat "$out/$tag.ready.json")"
-    measure zygote "$n" "$pg" "http://127.0.0.1:$port" "$rdir"
-    stop_group "$pg" "$rdir"
+    add_service zygote "$n" "$tag" "$pg" "http://127.0.0.1:$port" "$rdir" ""
 }
 
 for n in $workers_list; do
+    svc_kind=(); svc_n=(); svc_tag=(); svc_pg=(); svc_url=(); svc_rdir=(); svc_note=()
+    # Started one after the other (each start timed alone); all stay up, idle but for their
+    # own turns, so that the rounds below can alternate between them.
     if [[ $need_python == 1 ]]; then
-        for v in $baselines; do bench_python "$n" "$v"; done
+        for v in $baselines; do start_python "$n" "$v"; done
     fi
-    if [[ $need_zygote == 1 ]]; then bench_zygote "$n"; fi
+    if [[ $need_zygote == 1 ]]; then start_zygote "$n"; fi
+    count=${#svc_tag[@]}
+    (( count > 0 )) || continue
+    for ((i = 0; i < count; i++)); do warm "$i"; done
+    # Each round loads every service in turn, starting one further along each time: a drift
+    # of the machine's speed during the run then weighs on every service alike.
+    for ((r = 1; r <= rounds; r++)); do
+        for ((j = 0; j < count; j++)); do load_round "$(( (j + r - 1) % count ))" "$r"; done
+    done
+    for ((i = 0; i < count; i++)); do
+        finish "$i"
+        stop_group "${svc_pg[$i]}" "${svc_rdir[$i]}"
+    done
 done
 
 "${ctl[@]}" report "$results" | tee "$out/table.md"

@@ -6,6 +6,7 @@
                            [--zygote BIN --runtime-dir DIR]
     embedctl.py restart --url URL --trials K --timeout S [--pollers P]
                         (--gunicorn-master PID | --zygote BIN --runtime-dir DIR [--log F])
+    embedctl.py merge --service S --workers N [--note T] --rounds R OUT/TAG
     embedctl.py zygote-pids --zygote BIN --runtime-dir DIR
     embedctl.py idle-wait --max S [--threshold CORES]
     embedctl.py cpu-monitor --seconds S PID...
@@ -455,6 +456,66 @@ def fmt_ms(us):
     return f"{us / 1000:.1f}"
 
 
+def read_wrk(path):
+    """The WRKJSON summary line embed.lua prints, or {}."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("WRKJSON "):
+                    return json.loads(line[8:])
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+WRK_ERRORS = ("err_connect", "err_read", "err_write", "err_status", "err_timeout")
+
+
+def cmd_merge(args):
+    """One results line for a service: its rounds of load merged (requests and time summed,
+    the median of the rounds' p50, the highest p99, CPU averaged over the measured time), with
+    its PSS, restart and start-up figures."""
+    base = args.base
+    rounds, cpus = [], []
+    for r in range(1, args.rounds + 1):
+        w = read_wrk(f"{base}.wrk.{r}.txt")
+        if w and w.get("duration_us"):
+            rounds.append(w)
+        c = load_json(f"{base}.cpu.{r}.json")
+        if c:
+            cpus.append(c)
+    wrk = {}
+    if rounds:
+        wrk = {"requests": sum(w["requests"] for w in rounds),
+               "duration_us": sum(w["duration_us"] for w in rounds),
+               "p50_us": statistics.median(w["p50_us"] for w in rounds),
+               "p99_us": max(w["p99_us"] for w in rounds),
+               "max_us": max(w["max_us"] for w in rounds)}
+        for k in WRK_ERRORS:
+            wrk[k] = sum(w.get(k, 0) for w in rounds)
+    cpu = {}
+    secs = sum(c["seconds"] for c in cpus)
+    if secs > 0:
+        cpu = {"seconds": round(secs, 2)}
+        for k in ("busy_cores", "service_cores", "wrk_cores", "other_cores"):
+            cpu[k] = round(sum(c[k] * c["seconds"] for c in cpus) / secs, 2)
+    print(json.dumps({
+        "service": args.service, "workers": args.workers, "note": args.note, "wrk": wrk,
+        "rounds": [{"rps": round(w["requests"] / (w["duration_us"] / 1e6), 1),
+                    "p50_us": w["p50_us"], "p99_us": w["p99_us"]} for w in rounds],
+        "pss": load_json(base + ".pss.json"), "restart": load_json(base + ".restart.json"),
+        "ready": load_json(base + ".ready.json"), "cpu": cpu}))
+    return 0
+
+
 def cmd_report(args):
     rows = []
     with open(args.results) as f:
@@ -462,7 +523,7 @@ def cmd_report(args):
             if line.strip():
                 rows.append(json.loads(line))
     out = [
-        "| service | workers | req/s | p50 ms | p99 ms | errors | total PSS MiB | processes "
+        "| service | workers | req/s (rounds: lowest-highest) | p50 ms | p99 ms | errors | total PSS MiB | processes "
         "| kill → first answer of the replacement (median, max) | start → all workers answering "
         "| CPU cores: service / wrk / other |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
@@ -470,10 +531,13 @@ def cmd_report(args):
     for r in rows:
         w = r.get("wrk") or {}
         if w:
-            errs = sum(w.get(k, 0) for k in ("err_connect", "err_read", "err_write",
-                                             "err_status", "err_timeout"))
+            errs = sum(w.get(k, 0) for k in WRK_ERRORS)
             rps = w["requests"] / (w["duration_us"] / 1e6)
-            perf = f"{rps:.1f} | {fmt_ms(w['p50_us'])} | {fmt_ms(w['p99_us'])} | {errs}"
+            spread = [x["rps"] for x in r.get("rounds") or []]
+            rps_cell = f"{rps:.1f}"
+            if len(spread) > 1:
+                rps_cell += f" ({min(spread):.0f}-{max(spread):.0f})"
+            perf = f"{rps_cell} | {fmt_ms(w['p50_us'])} | {fmt_ms(w['p99_us'])} | {errs}"
         else:
             perf = "– | – | – | –"
         p = r.get("pss") or {}
@@ -546,6 +610,14 @@ def main():
     w.add_argument("--zygote")
     w.add_argument("--runtime-dir")
     w.set_defaults(fn=cmd_wait_ready)
+
+    mg = sub.add_parser("merge")
+    mg.add_argument("--service", required=True)
+    mg.add_argument("--workers", type=int, required=True)
+    mg.add_argument("--note", default="")
+    mg.add_argument("--rounds", type=int, required=True)
+    mg.add_argument("base", help="path prefix of the service's files (OUT/TAG)")
+    mg.set_defaults(fn=cmd_merge)
 
     r = sub.add_parser("restart")
     r.add_argument("--url", required=True)
