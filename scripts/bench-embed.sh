@@ -32,17 +32,21 @@
 # baseline loads, so both serve the same files; empty: no --model flag),
 # ZYGOTE_ARGS (extra arguments for `zygote start`), BASELINE_VENV, BASE_PORT.
 #
-# For each worker count, every service is started (one after the other) and
-# stays up while the rounds alternate the load between them, so a drift of the
-# machine's speed (this shared machine's varies by several per cent within
-# minutes) weighs on each alike. For each service and worker count: requests/s
+# For each worker count, in two phases. First each service alone: started
+# (the start-up time), warmed up, its PSS taken and workers killed (PSS splits
+# a shared library's pages between every process that maps it, so another
+# service up at the same time would lower it). Then every service is started
+# again, one after the other, and all stay up while the rounds alternate the
+# measured load between them, so a drift of the machine's speed (this shared
+# machine's varies by several per cent within minutes) weighs on each alike.
+# For each service and worker count: requests/s
 # over all rounds, the median of the rounds' p50 latency and the highest of
 # their p99, from wrk (keep-alive connections, 2 x workers of them, one
 # sentence per POST /embed, cycling through scripts/bench-embed/sentences.txt),
 # and the spread of the rounds' requests/s; total PSS of every
 # process of the service (scripts/pss.py over the process tree: gunicorn
 # master + workers; zygote supervisor, zygote, owner and workers), taken after
-# the load; the time from `kill -9` of one worker to the first answer of its
+# the warm-up; the time from `kill -9` of one worker to the first answer of its
 # replacement, while as many clients as the load has connections post on fresh
 # connections (scripts/bench-embed/embedctl.py restart), and for zygote also to
 # the supervisor's log line saying the replacement is ready; and the CPU used
@@ -198,12 +202,13 @@ run_wrk() { # URL CONNS SECONDS OUTFILE
         -s "$helpers/embed.lua" "$url" -- "$bodies" > "$file" 2>&1 || say "wrk exited $? (see $file)"
 }
 
-# warm SERVICE-INDEX: unmeasured load, once, right after the service is ready.
+# warm SERVICE-INDEX: unmeasured load, right after the service is ready.
+warm_seq=0
 warm() {
     local i="$1" tag="${svc_tag[$1]}"
     [[ "$warmup" == 0 ]] && return 0
     say "$tag: warm-up ${warmup}s"
-    run_wrk "${svc_url[$i]}" "$((2 * svc_n[$i]))" "$warmup" "$out/$tag.warmup.txt"
+    run_wrk "${svc_url[$i]}" "$((2 * svc_n[$i]))" "$warmup" "$out/$tag.warmup.$((++warm_seq)).txt"
 }
 
 # load_round SERVICE-INDEX ROUND: one measured load -> TAG.wrk.ROUND.txt, TAG.cpu.ROUND.json
@@ -222,8 +227,9 @@ load_round() {
     say "$tag: $(grep -h '^Requests/sec' "$out/$tag.wrk.$r.txt" || true); CPU $(cat "$out/$tag.cpu.$r.json")"
 }
 
-# finish SERVICE-INDEX: PSS, worker kills, the results line (rounds merged) -> results.jsonl
-finish() {
+# alone SERVICE-INDEX: PSS and worker kills, while the service is the only one up (the PSS of
+# shared library pages is split between every process that maps them, other services' too).
+alone() {
     local i="$1" tag="${svc_tag[$1]}" pg="${svc_pg[$1]}" url="${svc_url[$1]}" rdir="${svc_rdir[$1]}"
     local conns=$((2 * svc_n[$1]))
     local pids="$pg"
@@ -243,8 +249,6 @@ finish() {
         run "${ctl[@]}" restart --url "$url" --trials "$trials" --timeout 120 --pollers "$conns" \
             --gunicorn-master "$pg" > "$out/$tag.restart.json" || echo '{}' > "$out/$tag.restart.json"
     fi
-    "${ctl[@]}" merge --service "${svc_kind[$i]}" --workers "${svc_n[$i]}" --note "${svc_note[$i]}" \
-        --rounds "$rounds" "$out/$tag" >> "$results"
 }
 
 # ------------------------------------------------------------ services
@@ -261,8 +265,10 @@ add_service() { # KIND WORKERS TAG PGID URL RUNTIME_DIR NOTE
     svc_rdir+=("$6"); svc_note+=("$7")
 }
 
-start_python() { # WORKERS VARIANT (seed, t1, t1-preload, seed-preload)
-    local n="$1" variant="$2" threads flag="" port note tag
+# start_python WORKERS VARIANT [PHASE]: VARIANT is seed, t1, t1-preload or seed-preload; PHASE
+# (load) names the log and ready files of a second start.
+start_python() {
+    local n="$1" variant="$2" phase="${3:+.$3}" threads flag="" port note tag
     case "$variant" in
         seed) threads=default; note="seed: torch threads default" ;;
         seed-preload) threads=default; flag=--preload; note="seed + preload" ;;
@@ -275,21 +281,21 @@ start_python() { # WORKERS VARIANT (seed, t1, t1-preload, seed-preload)
     say "$tag: starting gunicorn on 127.0.0.1:$port"
     local t0 tt=""; t0="$(date +%s.%N)"
     [[ "$threads" != default ]] && tt="$threads"
-    TORCH_THREADS="$tt" BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag.log" 2>&1 &
+    TORCH_THREADS="$tt" BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag$phase.log" 2>&1 &
     local pg=$!
     started+=("$pg")
     if ! run "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
-            --timeout 180 > "$out/$tag.ready.json"; then
-        say "$tag: not ready; see $out/$tag.log"; stop_group "$pg"; return 0
+            --timeout 180 > "$out/$tag$phase.ready.json"; then
+        say "$tag: not ready; see $out/$tag$phase.log"; stop_group "$pg"; return 0
     fi
-    say "$tag: ready $(cat "$out/$tag.ready.json")"
+    say "$tag: ready $(cat "$out/$tag$phase.ready.json")"
     add_service python "$n" "$tag" "$pg" "http://127.0.0.1:$port" "" "$note"
 }
 
-start_zygote() { # WORKERS
-    local n="$1" port rdir tag="zygote-w$1"
+start_zygote() { # WORKERS [PHASE]
+    local n="$1" phase="${2:+.$2}" port rdir tag="zygote-w$1"
     next_port
-    rdir="$(mktemp -d "$out/rt-$tag.XXXX")"   # mode 0700
+    rdir="$(mktemp -d "$out/rt-$tag$phase.XXXX")"   # mode 0700
     zygote_dirs+=("$rdir")
     local args=(start --workers "$n" --listen "127.0.0.1:$port" --runtime-dir "$rdir")
     [[ -n "$model_dir" ]] && args+=(--model "$model_dir")
@@ -297,36 +303,61 @@ start_zygote() { # WORKERS
     [[ -n "${ZYGOTE_ARGS:-}" ]] && args+=(${ZYGOTE_ARGS})
     say "$tag: $zbin ${args[*]}"
     local t0; t0="$(date +%s.%N)"
-    setsid "$zbin" "${args[@]}" > "$out/$tag.log" 2>&1 &
+    setsid "$zbin" "${args[@]}" > "$out/$tag$phase.log" 2>&1 &
     local pg=$!
     started+=("$pg")
     if ! run "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
-            --timeout 120 --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag.ready.json"; then
-        say "$tag: not ready; see $out/$tag.log"; stop_group "$pg" "$rdir"; return 0
+            --timeout 120 --zygote "$zbin" --runtime-dir "$rdir" > "$out/$tag$phase.ready.json"; then
+        say "$tag: not ready; see $out/$tag$phase.log"; stop_group "$pg" "$rdir"; return 0
     fi
-    say "$tag: ready $(cat "$out/$tag.ready.json")"
+    say "$tag: ready $(cat "$out/$tag$phase.ready.json")"
     add_service zygote "$n" "$tag" "$pg" "http://127.0.0.1:$port" "$rdir" ""
 }
 
-for n in $workers_list; do
-    svc_kind=(); svc_n=(); svc_tag=(); svc_pg=(); svc_url=(); svc_rdir=(); svc_note=()
-    # Started one after the other (each start timed alone); all stay up, idle but for their
-    # own turns, so that the rounds below can alternate between them.
+reset_services() { svc_kind=(); svc_n=(); svc_tag=(); svc_pg=(); svc_url=(); svc_rdir=(); svc_note=(); }
+start_all() { # WORKERS [PHASE]
     if [[ $need_python == 1 ]]; then
-        for v in $baselines; do start_python "$n" "$v"; done
+        for v in $baselines; do start_python "$1" "$v" "${2:-}"; done
     fi
-    if [[ $need_zygote == 1 ]]; then start_zygote "$n"; fi
+    if [[ $need_zygote == 1 ]]; then start_zygote "$1" "${2:-}"; fi
+}
+
+for n in $workers_list; do
+    # Phase 1, each service alone: its start-up, then (after a warm-up) its PSS and the kills.
+    m_kind=(); m_tag=(); m_note=()
+    if [[ $need_python == 1 ]]; then
+        for v in $baselines; do
+            reset_services
+            start_python "$n" "$v"
+            (( ${#svc_tag[@]} > 0 )) || continue
+            warm 0; alone 0
+            m_kind+=("${svc_kind[0]}"); m_tag+=("${svc_tag[0]}"); m_note+=("${svc_note[0]}")
+            stop_group "${svc_pg[0]}" "${svc_rdir[0]}"
+        done
+    fi
+    if [[ $need_zygote == 1 ]]; then
+        reset_services
+        start_zygote "$n"
+        if (( ${#svc_tag[@]} > 0 )); then
+            warm 0; alone 0
+            m_kind+=("${svc_kind[0]}"); m_tag+=("${svc_tag[0]}"); m_note+=("${svc_note[0]}")
+            stop_group "${svc_pg[0]}" "${svc_rdir[0]}"
+        fi
+    fi
+    # Phase 2, every service up at once (started one after the other), idle but for its own
+    # turns: each round loads every service in turn, starting one further along each time, so
+    # a drift of the machine's speed during the run weighs on every service alike.
+    reset_services
+    start_all "$n" load
     count=${#svc_tag[@]}
-    (( count > 0 )) || continue
     for ((i = 0; i < count; i++)); do warm "$i"; done
-    # Each round loads every service in turn, starting one further along each time: a drift
-    # of the machine's speed during the run then weighs on every service alike.
     for ((r = 1; r <= rounds; r++)); do
         for ((j = 0; j < count; j++)); do load_round "$(( (j + r - 1) % count ))" "$r"; done
     done
-    for ((i = 0; i < count; i++)); do
-        finish "$i"
-        stop_group "${svc_pg[$i]}" "${svc_rdir[$i]}"
+    for ((i = 0; i < count; i++)); do stop_group "${svc_pg[$i]}" "${svc_rdir[$i]}"; done
+    for ((i = 0; i < ${#m_tag[@]}; i++)); do
+        "${ctl[@]}" merge --service "${m_kind[$i]}" --workers "$n" --note "${m_note[$i]}" \
+            --rounds "$rounds" "$out/${m_tag[$i]}" >> "$results"
     done
 done
 

@@ -1,10 +1,12 @@
 //! The BERT forward pass on the CPU, over the owner's shared f32 weights.
 //!
 //! Every weight is a `&[f32]` borrowed from the read-only mapping the worker imported; nothing
-//! of it is copied. Linear layers compute `x · Wᵀ + b` with the `gemm` crate over strided views
-//! ([`super::gemm`]), so the transposed weight is a view, not a copy. Per-request activations
-//! live in [`Scratch`], allocated once and grown to the largest chunk seen, so a steady stream of
-//! requests allocates nothing in the forward pass.
+//! of it is copied. Linear layers compute `x · Wᵀ + b` over the weight as torch stores it
+//! ([`super::gemm`]): up to [`super::gemm::DOT_KERNEL_MAX_ROWS`] word pieces with a packing-free
+//! register tile, more with the `gemm` crate over strided views, so the transposed weight is a
+//! view, not a copy. Per-request activations live in one scratch space per encoder, allocated
+//! once and grown to the largest chunk seen, so a steady stream of requests allocates nothing
+//! in the forward pass.
 //!
 //! Activations are stored feature-major: a chunk of `R` word pieces is `[features][R]`
 //! (element `(t, f)` at `f * R + t`), the column-major form of the usual `[R, features]`. With
