@@ -402,10 +402,11 @@ mod dot_avx2 {
                 share_prefetches(groups, lines, inp);
             }
             let f = if n == NR { full } else { pick_triple(n, inp) };
+            let pf = w.as_ptr().wrapping_add(pf_from);
             // SAFETY: o + n <= b.len() and every group's rows lie in 0..rows, so each tile's
             // weight rows, token rows and outputs lie inside the slices by this function's
-            // contract; AVX2 and FMA are available (same contract).
-            unsafe { f(xt, rows, inp, w, b, y, o, groups, w.as_ptr().wrapping_add(pf_from)) };
+            // contract; AVX2 and FMA are available (same contract). (`pf` is only prefetched.)
+            unsafe { f(xt, rows, inp, w, b, y, o, groups, pf) };
             o += n;
         }
     }
@@ -433,17 +434,8 @@ mod dot_avx2 {
     }
 
     /// A [`triple`] of some shape.
-    type Triple = unsafe fn(
-        &[f32],
-        usize,
-        usize,
-        &[f32],
-        &[f32],
-        &mut [f32],
-        usize,
-        &[Group],
-        *const f32,
-    );
+    type Triple =
+        unsafe fn(&[f32], usize, usize, &[f32], &[f32], &mut [f32], usize, &[Group], *const f32);
 
     /// Outputs `o..o+N` for every group of token rows, one [`tile`] per group (inlined: one
     /// call per weight triple, not one per tile). `pf` is where the next triple's rows start.
@@ -466,14 +458,15 @@ mod dot_avx2 {
         pf: *const f32,
     ) {
         for g in groups {
-            let pf_slice = (pf.wrapping_add(g.pf_first * 16), g.pf_lines);
+            let (r, per) = (g.r, g.pf_per_step);
+            let pf = (pf.wrapping_add(g.pf_first * 16), g.pf_lines);
             // SAFETY: this function's contract, for the group's rows.
             unsafe {
                 match g.m {
-                    4 => tile::<4, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
-                    3 => tile::<3, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
-                    2 => tile::<2, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
-                    _ => tile::<1, N, INP>(xt, rows, inp, w, b, y, o, g.r, pf_slice, g.pf_per_step),
+                    4 => tile::<4, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
+                    3 => tile::<3, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
+                    2 => tile::<2, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
+                    _ => tile::<1, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
                 }
             }
         }
