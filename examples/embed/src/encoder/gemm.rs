@@ -460,14 +460,16 @@ mod dot_avx2 {
         for g in groups {
             let (r, per) = (g.r, g.pf_per_step);
             let pf = (pf.wrapping_add(g.pf_first * 16), g.pf_lines);
-            // SAFETY: this function's contract, for the group's rows.
-            unsafe {
-                match g.m {
-                    4 => tile::<4, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
-                    3 => tile::<3, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
-                    2 => tile::<2, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
-                    _ => tile::<1, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per),
-                }
+            // Each arm is a direct call (inlined), not one through a pointer picked by `m`.
+            match g.m {
+                // SAFETY: this function's contract, for the group's four rows.
+                4 => unsafe { tile::<4, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
+                // SAFETY: this function's contract, for the group's three rows.
+                3 => unsafe { tile::<3, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
+                // SAFETY: this function's contract, for the group's two rows.
+                2 => unsafe { tile::<2, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
+                // SAFETY: this function's contract, for the group's one row (m >= 1).
+                _ => unsafe { tile::<1, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
             }
         }
     }
