@@ -330,6 +330,17 @@ mod dot_avx2 {
     /// three ahead measured slower).
     const PF_DIST: usize = 1;
 
+    /// The operands of one linear layer: `rows` token rows of `xt` (`[rows][inp]`), the weight
+    /// `w` (`[out][inp]`) and the bias `b` (`[out]`).
+    #[derive(Clone, Copy)]
+    struct Layer<'a> {
+        xt: &'a [f32],
+        rows: usize,
+        inp: usize,
+        w: &'a [f32],
+        b: &'a [f32],
+    }
+
     /// Groups of token rows planned on the stack: [`super::DOT_KERNEL_MAX_ROWS`] rows in
     /// groups of [`MR`].
     const MAX_GROUPS: usize = super::DOT_KERNEL_MAX_ROWS.div_ceil(MR);
@@ -389,6 +400,13 @@ mod dot_avx2 {
         let full_lines = (NR * inp).div_ceil(16);
         share_prefetches(groups, full_lines, inp);
         let full = pick_triple(NR, inp);
+        let layer = Layer {
+            xt,
+            rows,
+            inp,
+            w,
+            b,
+        };
         let mut o = 0;
         while o < out {
             let n = (out - o).min(NR);
@@ -406,7 +424,7 @@ mod dot_avx2 {
             // SAFETY: o + n <= b.len() and every group's rows lie in 0..rows, so each tile's
             // weight rows, token rows and outputs lie inside the slices by this function's
             // contract; AVX2 and FMA are available (same contract). (`pf` is only prefetched.)
-            unsafe { f(xt, rows, inp, w, b, y, o, groups, pf) };
+            unsafe { f(layer, y, o, groups, pf) };
             o += n;
         }
     }
@@ -434,8 +452,7 @@ mod dot_avx2 {
     }
 
     /// A [`triple`] of some shape.
-    type Triple =
-        unsafe fn(&[f32], usize, usize, &[f32], &[f32], &mut [f32], usize, &[Group], *const f32);
+    type Triple = unsafe fn(Layer<'_>, &mut [f32], usize, &[Group], *const f32);
 
     /// Outputs `o..o+N` for every group of token rows, one [`tile`] per group (inlined: one
     /// call per weight triple, not one per tile). `pf` is where the next triple's rows start.
@@ -445,31 +462,25 @@ mod dot_avx2 {
     /// every group `(r + m) * inp <= xt.len()`, `(o + N - 1) * rows + r + m <= y.len()`,
     /// `1 <= m <= MR`.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn triple<const N: usize, const INP: usize>(
-        xt: &[f32],
-        rows: usize,
-        inp: usize,
-        w: &[f32],
-        b: &[f32],
+        layer: Layer<'_>,
         y: &mut [f32],
         o: usize,
         groups: &[Group],
         pf: *const f32,
     ) {
         for g in groups {
-            let (r, per) = (g.r, g.pf_per_step);
             let pf = (pf.wrapping_add(g.pf_first * 16), g.pf_lines);
             // Each arm is a direct call (inlined), not one through a pointer picked by `m`.
             match g.m {
                 // SAFETY: this function's contract, for the group's four rows.
-                4 => unsafe { tile::<4, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
+                4 => unsafe { tile::<4, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
                 // SAFETY: this function's contract, for the group's three rows.
-                3 => unsafe { tile::<3, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
+                3 => unsafe { tile::<3, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
                 // SAFETY: this function's contract, for the group's two rows.
-                2 => unsafe { tile::<2, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
+                2 => unsafe { tile::<2, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
                 // SAFETY: this function's contract, for the group's one row (m >= 1).
-                _ => unsafe { tile::<1, N, INP>(xt, rows, inp, w, b, y, o, r, pf, per) },
+                _ => unsafe { tile::<1, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             }
         }
     }
@@ -482,14 +493,15 @@ mod dot_avx2 {
     /// AVX2 and FMA are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`,
     /// `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
-        xt: &[f32],
-        rows: usize,
-        inp: usize,
-        w: &[f32],
-        b: &[f32],
+        Layer {
+            xt,
+            rows,
+            inp,
+            w,
+            b,
+        }: Layer<'_>,
         y: &mut [f32],
         o: usize,
         r: usize,
