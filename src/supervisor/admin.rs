@@ -2,6 +2,7 @@
 //! `zygote reload` reach a running supervisor. One request per connection; same framing as
 //! every other socket; same-uid peers only.
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,6 +14,8 @@ use mio::{Interest, Registry, Token};
 use zygote_runtime::protocol::frame;
 use zygote_runtime::protocol::{AdminRequest, AdminResponse, ErrorCode};
 
+use super::effects::{AdminConn, Input};
+
 /// Time a client gets to send its request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -20,27 +23,47 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 pub struct Admin {
     listener: UnixListener,
     uid: u32,
+    waiting: HashMap<AdminConn, UnixStream>,
+    next: usize,
 }
 
 impl Admin {
-    pub fn bind(path: &Path, registry: &Registry, token: Token) -> std::io::Result<Self> {
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        registry.register(
-            &mut SourceFd(&listener.as_raw_fd()),
-            token,
-            Interest::READABLE,
-        )?;
         Ok(Self {
             listener,
             uid: nix::unistd::getuid().as_raw(),
+            waiting: HashMap::new(),
+            next: 0,
         })
     }
 
+    pub fn register(&self, registry: &Registry, token: Token) -> std::io::Result<()> {
+        registry.register(
+            &mut SourceFd(&self.listener.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )
+    }
+
+    /// Accepts the waiting connections and reads their requests.
+    pub fn accept(&mut self, out: &mut Vec<Input>) {
+        while let Some((stream, req)) = self.next_request() {
+            let conn = AdminConn(self.next);
+            self.next += 1;
+            self.waiting.insert(conn, stream);
+            out.push(Input::Admin(conn, req));
+        }
+    }
+
+    /// Events of other tokens (none yet).
+    pub fn readable(&mut self, _token: Token, _out: &mut Vec<Input>) {}
+
     /// Accepts the next connection and reads its request. `None` when no connection waits.
-    pub fn next_request(&mut self) -> Option<(UnixStream, AdminRequest)> {
+    fn next_request(&mut self) -> Option<(UnixStream, AdminRequest)> {
         loop {
             let (mut stream, _) = match self.listener.accept() {
                 Ok(s) => s,
@@ -80,7 +103,10 @@ impl Admin {
         }
     }
 
-    pub fn answer(&mut self, mut stream: UnixStream, resp: &AdminResponse) {
+    pub fn answer(&mut self, conn: AdminConn, resp: &AdminResponse) {
+        let Some(mut stream) = self.waiting.remove(&conn) else {
+            return;
+        };
         if let Err(e) = frame::write_frame(&mut stream, resp) {
             log::warn!("admin answer: {e}");
         }

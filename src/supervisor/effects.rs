@@ -1,0 +1,80 @@
+//! What the supervisor does to the world, and what the world tells it.
+//!
+//! [`Effects`] is every action [`super::service::Service`] takes: spawning through the zygote,
+//! signalling and draining children, starting and stopping a zygote, reading the
+//! clock, logging. [`super::os::Os`] does them for real; the unit tests use the recording fake
+//! in [`super::fake`]. [`Input`] is what the event loop hands the service: signals, control
+//! messages, deaths and exit statuses, admin requests, already decoded.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use zygote_runtime::procfs::Memory;
+use zygote_runtime::protocol::{AdminRequest, ChildMessage};
+
+use super::policy::Role;
+
+/// A child to spawn, as the service decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnRequest {
+    pub role: Role,
+    pub entry: String,
+    pub args: Vec<String>,
+    pub device: u32,
+    /// Whether it gets the listeners (workers do, owners do not).
+    pub listeners: bool,
+}
+
+/// A zygote that started and serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZygoteInfo {
+    pub pid: i32,
+    pub started: Instant,
+}
+
+/// An admin connection waiting for its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AdminConn(pub usize);
+
+/// What the event loop hands the service.
+#[derive(Debug)]
+pub enum Input {
+    /// SIGTERM, SIGINT or SIGHUP (SIGCHLD is turned into statuses by the loop).
+    Signal(Signal),
+    /// A message on a child's control channel.
+    Message(i32, ChildMessage),
+    /// A child's pidfd became readable: it is dead.
+    Died(i32),
+    /// An exit status: the zygote's `exited`, or one reaped here (an orphan, or the zygote).
+    Status(i32, String),
+    /// The zygote's `child_error`: the child failed before its entry ran.
+    ChildError {
+        pid: i32,
+        stage: String,
+        message: String,
+    },
+    /// A request on the admin socket.
+    Admin(AdminConn, AdminRequest),
+}
+
+/// Everything the service does outside itself.
+pub trait Effects {
+    /// The clock.
+    fn now(&self) -> Instant;
+    /// One log line, tagged like every other line of this process.
+    fn log(&mut self, level: log::Level, line: std::fmt::Arguments<'_>);
+    /// Starts a zygote and waits until it serves.
+    fn start_zygote(&mut self) -> anyhow::Result<ZygoteInfo>;
+    /// Asks the zygote for a child; returns its pid. Its deaths and messages come as inputs.
+    fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32>;
+    /// Sends `drain` on a child's control channel; false when it could not be sent.
+    fn drain(&mut self, pid: i32, deadline: Duration) -> bool;
+    /// Signals a live child through its pidfd.
+    fn signal(&mut self, pid: i32, signal: Signal);
+    /// A dead child's fds can go.
+    fn forget(&mut self, pid: i32);
+    /// Asks the zygote to shut down and waits for it (killing it after a deadline).
+    fn stop_zygote(&mut self, pid: i32);
+    /// The memory of a process, for `zygote status`.
+    fn memory(&self, pid: i32) -> Option<Memory>;
+}

@@ -1,0 +1,129 @@
+//! A recording fake of [`Effects`] for the unit tests, in the manner of youki's
+//! `syscall/test.rs`: every call is kept in order, the clock moves only when a test moves it,
+//! and failures are scripted.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use zygote_runtime::procfs::Memory;
+
+use super::effects::{Effects, SpawnRequest, ZygoteInfo};
+
+/// One effect, as the service asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    StartZygote(Result<i32, String>),
+    Spawn(i32, SpawnRequest),
+    Drain(i32),
+    Signal(i32, Signal),
+    Forget(i32),
+    StopZygote(i32),
+}
+
+#[derive(Debug)]
+pub struct Fake {
+    pub now: Instant,
+    pub calls: Vec<Call>,
+    pub logs: Vec<(log::Level, String)>,
+    next_pid: i32,
+    /// The next this many zygote starts fail.
+    pub zygote_failures: u32,
+    /// The next this many spawns fail.
+    pub spawn_failures: u32,
+    /// Children that cannot hear `drain` (an exec'd program that never attached).
+    pub deaf: HashSet<i32>,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        Self {
+            now: Instant::now(),
+            calls: Vec::new(),
+            logs: Vec::new(),
+            next_pid: 100,
+            zygote_failures: 0,
+            spawn_failures: 0,
+            deaf: HashSet::new(),
+        }
+    }
+}
+
+impl Fake {
+    pub fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    /// The calls since the last time they were taken.
+    pub fn take(&mut self) -> Vec<Call> {
+        std::mem::take(&mut self.calls)
+    }
+
+    /// Whether a line containing `needle` was logged at `level`.
+    pub fn logged(&self, level: log::Level, needle: &str) -> bool {
+        self.logs
+            .iter()
+            .any(|(l, line)| *l == level && line.contains(needle))
+    }
+
+    fn pid(&mut self) -> i32 {
+        self.next_pid += 1;
+        self.next_pid
+    }
+}
+
+impl Effects for Fake {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn log(&mut self, level: log::Level, line: std::fmt::Arguments<'_>) {
+        self.logs.push((level, line.to_string()));
+    }
+
+    fn start_zygote(&mut self) -> anyhow::Result<ZygoteInfo> {
+        if self.zygote_failures > 0 {
+            self.zygote_failures -= 1;
+            let e = "the zygote exited before it was ready".to_string();
+            self.calls.push(Call::StartZygote(Err(e.clone())));
+            anyhow::bail!(e);
+        }
+        let pid = self.pid();
+        self.calls.push(Call::StartZygote(Ok(pid)));
+        Ok(ZygoteInfo {
+            pid,
+            started: self.now,
+        })
+    }
+
+    fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32> {
+        if self.spawn_failures > 0 {
+            self.spawn_failures -= 1;
+            anyhow::bail!("the zygote refused");
+        }
+        let pid = self.pid();
+        self.calls.push(Call::Spawn(pid, req.clone()));
+        Ok(pid)
+    }
+
+    fn drain(&mut self, pid: i32, _deadline: Duration) -> bool {
+        self.calls.push(Call::Drain(pid));
+        !self.deaf.contains(&pid)
+    }
+
+    fn signal(&mut self, pid: i32, signal: Signal) {
+        self.calls.push(Call::Signal(pid, signal));
+    }
+
+    fn forget(&mut self, pid: i32) {
+        self.calls.push(Call::Forget(pid));
+    }
+
+    fn stop_zygote(&mut self, pid: i32) {
+        self.calls.push(Call::StopZygote(pid));
+    }
+
+    fn memory(&self, _pid: i32) -> Option<Memory> {
+        None
+    }
+}

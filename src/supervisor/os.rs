@@ -1,0 +1,409 @@
+//! The supervisor's effects on the real system, and its event loop's inputs.
+//!
+//! [`Os`] owns every fd of the supervisor: the mio `Poll`, the signalfd (SIGTERM, SIGINT,
+//! SIGHUP, SIGCHLD), the listeners, the connection to the zygote, the admin socket, and per
+//! child its control channel and pidfd. [`Os::wait`] turns their readiness into typed
+//! [`Input`]s; the [`Effects`] methods do what [`super::service::Service`] decided.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use zygote_runtime::client::SpawnFds;
+use zygote_runtime::procfs::Memory;
+use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
+use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response};
+
+use super::admin::Admin;
+use super::effects::{AdminConn, Effects, Input, SpawnRequest, ZygoteInfo};
+use super::zygote::{self, ZygoteProc, ZygoteSpec};
+
+const SIGNALS: Token = Token(0);
+const ZYGOTE: Token = Token(1);
+const ADMIN: Token = Token(2);
+const FIRST_DYNAMIC: usize = 16;
+
+/// What a dynamic token stands for.
+#[derive(Debug, Clone, Copy)]
+enum Tok {
+    Control(i32),
+    Pidfd(i32),
+}
+
+/// The fds of one child.
+#[derive(Debug)]
+struct ChildFds {
+    pidfd: OwnedFd,
+    control: UnixStream,
+    reader: FrameReader,
+    tokens: [Token; 2],
+}
+
+/// The supervisor's fds, and what it does with them.
+#[derive(Debug)]
+pub struct Os {
+    poll: Poll,
+    signals: SignalFd,
+    listeners: Vec<TcpListener>,
+    spec: ZygoteSpec,
+    zygote: Option<ZygoteProc>,
+    children: HashMap<i32, ChildFds>,
+    tokens: HashMap<Token, Tok>,
+    next_token: usize,
+    admin: Admin,
+    devnull: File,
+}
+
+impl Os {
+    /// Takes the bound listeners and the admin socket; blocks the signals it reads into a
+    /// signalfd and makes this process the subreaper of everything below it.
+    pub fn new(
+        listeners: Vec<TcpListener>,
+        admin: Admin,
+        spec: ZygoteSpec,
+    ) -> anyhow::Result<Self> {
+        // Signals are read from a signalfd, so they must not be delivered the ordinary way.
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGCHLD,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block().context("blocking signals")?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .context("signalfd")?;
+        nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+        let poll = Poll::new()?;
+        let reg = poll.registry();
+        reg.register(
+            &mut SourceFd(&signals.as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
+        admin.register(reg, ADMIN)?;
+        Ok(Self {
+            poll,
+            signals,
+            listeners,
+            spec,
+            zygote: None,
+            children: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: FIRST_DYNAMIC,
+            admin,
+            devnull: File::open("/dev/null")?,
+        })
+    }
+
+    /// The listeners' addresses.
+    pub fn listen_addrs(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect()
+    }
+
+    /// Waits up to `timeout` for something to happen; returns what did, in order (the exit
+    /// status of a child before its death, when both are known).
+    pub fn wait(&mut self, timeout: Duration) -> std::io::Result<Vec<Input>> {
+        let mut out = Vec::new();
+        // Answers to a spawn may have brought events along: they are buffered in the client.
+        self.zygote_events(&mut out);
+        let timeout = if out.is_empty() {
+            timeout
+        } else {
+            Duration::ZERO
+        };
+        let mut events = Events::with_capacity(128);
+        match self.poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                SIGNALS => self.signals(&mut out),
+                ZYGOTE => self.zygote_readable(&mut out),
+                ADMIN => self.admin.accept(&mut out),
+                t => match self.tokens.get(&t).copied() {
+                    Some(Tok::Control(pid)) => self.control(pid, &mut out),
+                    Some(Tok::Pidfd(pid)) => {
+                        // Orphans (their zygote died) are ours to reap; the zygote reports the
+                        // others. Either way, the status first.
+                        self.reap(&mut out);
+                        self.zygote_events(&mut out);
+                        out.push(Input::Died(pid));
+                    }
+                    None => self.admin.readable(t, &mut out),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends an admin answer.
+    pub fn answer(&mut self, conn: AdminConn, resp: &AdminResponse) {
+        self.admin.answer(conn, resp);
+    }
+
+    fn signals(&mut self, out: &mut Vec<Input>) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => self.reap(out),
+                Ok(s) => out.push(Input::Signal(s)),
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn zygote_readable(&mut self, out: &mut Vec<Input>) {
+        let lost = self
+            .zygote
+            .as_mut()
+            .is_some_and(|z| z.client.poll().is_err());
+        self.zygote_events(out);
+        if lost {
+            if let Some(z) = self.zygote.as_ref() {
+                let fd = z.client.fd().as_raw_fd();
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            }
+            // The death itself is handled when it is reaped.
+            self.reap(out);
+        }
+    }
+
+    fn zygote_events(&mut self, out: &mut Vec<Input>) {
+        let Some(z) = self.zygote.as_mut() else {
+            return;
+        };
+        for ev in z.client.take_events() {
+            match ev {
+                Response::Exited {
+                    pid, code, signal, ..
+                } => out.push(Input::Status(pid, exit_status(code, signal))),
+                Response::ChildError {
+                    pid,
+                    stage,
+                    message,
+                    ..
+                } => out.push(Input::ChildError {
+                    pid,
+                    stage,
+                    message,
+                }),
+                other => log::debug!("zygote said {other:?}"),
+            }
+        }
+    }
+
+    fn control(&mut self, pid: i32, out: &mut Vec<Input>) {
+        let Some(c) = self.children.get_mut(&pid) else {
+            return;
+        };
+        loop {
+            match c.reader.read(&mut &c.control) {
+                Ok(ReadEvent::Frame(body)) => match frame::decode::<ChildMessage>(&body) {
+                    Ok(m) => out.push(Input::Message(pid, m)),
+                    Err(e) => log::warn!("pid {pid}: bad control message: {e}"),
+                },
+                Ok(ReadEvent::WouldBlock) => break,
+                Ok(ReadEvent::Eof) | Err(_) => {
+                    let fd = c.control.as_raw_fd();
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reaps every child of ours that ended: orphans, and the zygote (whose connection goes).
+    fn reap(&mut self, out: &mut Vec<Input>) {
+        loop {
+            let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), format!("exit code {code}")),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid.as_raw(), format!("signal {sig}")),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            };
+            if self.zygote.as_ref().is_some_and(|z| z.pid == pid) {
+                if let Some(z) = self.zygote.take() {
+                    let fd = z.client.fd().as_raw_fd();
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+            }
+            out.push(Input::Status(pid, status));
+        }
+    }
+
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+}
+
+/// An exit as the zygote reports it.
+fn exit_status(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(c), _) => format!("exit code {c}"),
+        (_, Some(s)) => format!("signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+impl Effects for Os {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn log(&mut self, level: log::Level, line: std::fmt::Arguments<'_>) {
+        log::log!(level, "{line}");
+    }
+
+    fn start_zygote(&mut self) -> anyhow::Result<ZygoteInfo> {
+        let mut z = zygote::start(&self.spec).context("starting the zygote")?;
+        let fd = z.client.fd().as_raw_fd();
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), ZYGOTE, Interest::READABLE)?;
+        if self.spec.expect_digest.is_none() {
+            // Every restarted zygote must serve the model the service started with.
+            let status = z
+                .client
+                .status()
+                .context("asking the zygote for its model")?;
+            self.spec.expect_digest = Some(status.model_digest);
+        }
+        // Events may already be buffered in the client from the hello exchange.
+        let _ = z.client.poll();
+        let info = ZygoteInfo {
+            pid: z.pid,
+            started: z.started,
+        };
+        self.zygote = Some(z);
+        Ok(info)
+    }
+
+    fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32> {
+        let role = req.role;
+        let Some(z) = self.zygote.as_mut() else {
+            anyhow::bail!("no zygote to spawn {role} from");
+        };
+        let (mine, theirs) = UnixStream::pair().context("socketpair")?;
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        let listeners = match req.listeners {
+            true => self.listeners.iter().map(|l| l.as_fd()).collect(),
+            false => Vec::new(),
+        };
+        let fds = SpawnFds {
+            stdin: self.devnull.as_fd(),
+            stdout: stdout.as_fd(),
+            stderr: stderr.as_fd(),
+            control: theirs.as_fd(),
+            listeners,
+        };
+        let spawned = z
+            .client
+            .spawn(&req.entry, role.slot(), &req.args, Some(req.device), &fds)
+            .with_context(|| format!("spawning {role}"))?;
+        drop(theirs);
+        mine.set_nonblocking(true)?;
+        let tokens = [self.token(), self.token()];
+        let reg = self.poll.registry();
+        reg.register(
+            &mut SourceFd(&mine.as_raw_fd()),
+            tokens[0],
+            Interest::READABLE,
+        )?;
+        reg.register(
+            &mut SourceFd(&spawned.pidfd.as_raw_fd()),
+            tokens[1],
+            Interest::READABLE,
+        )?;
+        self.tokens.insert(tokens[0], Tok::Control(spawned.pid));
+        self.tokens.insert(tokens[1], Tok::Pidfd(spawned.pid));
+        self.children.insert(
+            spawned.pid,
+            ChildFds {
+                pidfd: spawned.pidfd,
+                control: mine,
+                reader: FrameReader::default(),
+                tokens,
+            },
+        );
+        Ok(spawned.pid)
+    }
+
+    fn drain(&mut self, pid: i32, deadline: Duration) -> bool {
+        let Some(c) = self.children.get(&pid) else {
+            return false;
+        };
+        let msg = ParentMessage::Drain {
+            deadline_ms: deadline.as_millis() as u64,
+        };
+        frame::encode(&msg)
+            .is_ok_and(|b| zygote_runtime::client::write_all_nonblocking(&c.control, &b).is_ok())
+    }
+
+    fn signal(&mut self, pid: i32, signal: Signal) {
+        if let Some(c) = self.children.get(&pid) {
+            let _ = zygote_server::fork::pidfd_send_signal(c.pidfd.as_fd(), signal as i32);
+        }
+    }
+
+    fn forget(&mut self, pid: i32) {
+        if let Some(c) = self.children.remove(&pid) {
+            let reg = self.poll.registry();
+            let _ = reg.deregister(&mut SourceFd(&c.control.as_raw_fd()));
+            let _ = reg.deregister(&mut SourceFd(&c.pidfd.as_raw_fd()));
+            for t in c.tokens {
+                self.tokens.remove(&t);
+            }
+        }
+    }
+
+    fn stop_zygote(&mut self, pid: i32) {
+        if let Some(mut z) = self.zygote.take() {
+            if let Err(e) = z.client.shutdown() {
+                log::warn!("asking the zygote to shut down: {e}");
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    let _ = frame::wait_readable(self.signals.as_fd(), Duration::from_millis(50));
+                    while let Ok(Some(_)) = self.signals.read_signal() {}
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = waitpid(Pid::from_raw(pid), None);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        // Whatever else ended meanwhile is reaped too; the service has stopped.
+        self.reap(&mut Vec::new());
+    }
+
+    fn memory(&self, pid: i32) -> Option<Memory> {
+        zygote_runtime::procfs::memory(pid)
+    }
+}

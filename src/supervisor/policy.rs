@@ -1,0 +1,350 @@
+//! The supervisor's decisions, as pure functions of what it knows: how long to wait before a
+//! retry, when deaths before ready are a crash loop, what a child's death means, which timer
+//! has run out, when a dead zygote is restarted. Nothing here touches a process, a file or
+//! the clock; [`super::service`] applies the decisions through its effects.
+
+use std::time::{Duration, Instant};
+
+/// Deaths before ready, in a row, that stop the service.
+pub const CRASH_LOOP_LIMIT: u32 = 5;
+/// Longest wait between retries of a worker (or a zygote) that keeps failing.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Time a child gets from spawn to ready (model import, app start).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// First retry of a child that died before it was ready.
+pub const CHILD_BACKOFF: Duration = Duration::from_millis(100);
+/// First restart of a dead zygote.
+pub const ZYGOTE_BACKOFF: Duration = Duration::from_millis(50);
+/// A zygote that lived at least this long before it died starts a new count of failures.
+pub const ZYGOTE_STABLE: Duration = Duration::from_secs(10);
+/// Wait before retrying a spawn the zygote refused or could not be asked for.
+pub const RESPAWN_RETRY: Duration = Duration::from_millis(500);
+
+/// What a supervised child is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// The owner of one device's weights.
+    Owner(u32),
+    /// The worker of one slot.
+    Worker(u32),
+}
+
+impl Role {
+    /// The device (owner) or the slot (worker).
+    pub fn slot(self) -> u32 {
+        match self {
+            Role::Owner(n) | Role::Worker(n) => n,
+        }
+    }
+
+    pub fn is_worker(self) -> bool {
+        matches!(self, Role::Worker(_))
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Owner(d) => write!(f, "owner {d}"),
+            Role::Worker(w) => write!(f, "worker {w}"),
+        }
+    }
+}
+
+/// Where a child is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Spawned, not ready yet.
+    Starting,
+    /// Sent `ready`.
+    Serving,
+    /// Asked to finish and exit (or said it does).
+    Draining,
+}
+
+/// Where the service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Owners are being started; workers wait for them.
+    Starting,
+    Running,
+    /// Draining everything; the service exits once nothing is left.
+    Stopping,
+}
+
+/// The wait before retry `n` (1, 2, ...): `base` × 2^(n−1), capped at [`MAX_BACKOFF`].
+pub fn backoff(base: Duration, n: u32) -> Duration {
+    (base * 2u32.pow(n.saturating_sub(1).min(10))).min(MAX_BACKOFF)
+}
+
+/// What a child's death means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Death {
+    /// It was asked to go (drained, or the service stops): nothing to do.
+    Expected,
+    /// It died while serving: replace it at once.
+    Replace,
+    /// It died before it was ready: retry after this wait.
+    Retry(Duration),
+    /// An owner died before it was ready while the service starts: the start fails.
+    StartFailed,
+    /// `failures` deaths before ready in a row: the service stops.
+    CrashLoop { failures: u32 },
+}
+
+/// Decides about a child that died in `state` while the service is in `phase`; `failures` is
+/// its slot's count of deaths before ready in a row, this one included.
+pub fn on_death(role: Role, state: State, phase: Phase, failures: u32) -> Death {
+    match state {
+        State::Draining => Death::Expected,
+        _ if phase == Phase::Stopping => Death::Expected,
+        State::Serving => Death::Replace,
+        State::Starting if phase == Phase::Starting && !role.is_worker() => Death::StartFailed,
+        State::Starting if failures >= CRASH_LOOP_LIMIT => Death::CrashLoop { failures },
+        State::Starting => Death::Retry(backoff(CHILD_BACKOFF, failures)),
+    }
+}
+
+/// A timer of a child that ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overdue {
+    /// Serving, but silent for this long (over `--timeout`).
+    Heartbeat(Duration),
+    /// Not ready within [`READY_TIMEOUT`].
+    NotReady,
+    /// Draining past its deadline.
+    DrainDeadline,
+}
+
+impl std::fmt::Display for Overdue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Overdue::Heartbeat(d) => write!(f, "no heartbeat for {:.1}s", d.as_secs_f64()),
+            Overdue::NotReady => write!(f, "not ready after {}s", READY_TIMEOUT.as_secs()),
+            Overdue::DrainDeadline => write!(f, "drain deadline passed"),
+        }
+    }
+}
+
+/// The clocks of one child.
+#[derive(Debug, Clone, Copy)]
+pub struct Timers {
+    pub started: Instant,
+    pub last_beat: Instant,
+    pub drain_deadline: Option<Instant>,
+}
+
+/// Which of a child's timers ran out at `now`, if any (`timeout` is `--timeout`). A draining
+/// child is past its deadline whatever its state says.
+pub fn overdue(state: State, t: &Timers, now: Instant, timeout: Duration) -> Option<Overdue> {
+    if t.drain_deadline.is_some_and(|d| now > d) {
+        return Some(Overdue::DrainDeadline);
+    }
+    match state {
+        State::Serving if now.duration_since(t.last_beat) > timeout => {
+            Some(Overdue::Heartbeat(now.duration_since(t.last_beat)))
+        }
+        State::Starting if now.duration_since(t.started) > READY_TIMEOUT => Some(Overdue::NotReady),
+        _ => None,
+    }
+}
+
+/// What to do about a zygote that died or could not be started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZygoteRestart {
+    /// Start a new one after this wait.
+    After(Duration),
+    /// `failures` in a row: the service stops.
+    CrashLoop { failures: u32 },
+}
+
+/// The count of zygote restarts and of failures in a row.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZygoteRestarts {
+    /// Deaths of a running zygote (shown by `zygote status`).
+    pub restarts: u32,
+    failures: u32,
+}
+
+impl ZygoteRestarts {
+    /// A running zygote died after `lived`: one that lived less than [`ZYGOTE_STABLE`] counts
+    /// as one more failure in a row; a longer life starts the count again.
+    pub fn died(&mut self, lived: Duration) -> ZygoteRestart {
+        self.restarts += 1;
+        self.failures = if lived < ZYGOTE_STABLE {
+            self.failures + 1
+        } else {
+            1
+        };
+        if self.failures >= CRASH_LOOP_LIMIT {
+            ZygoteRestart::CrashLoop {
+                failures: self.failures,
+            }
+        } else {
+            ZygoteRestart::After(backoff(ZYGOTE_BACKOFF, self.failures))
+        }
+    }
+
+    /// Starting a new zygote failed: retried after [`MAX_BACKOFF`] until the count is a
+    /// crash loop.
+    pub fn start_failed(&mut self) -> ZygoteRestart {
+        self.failures += 1;
+        if self.failures >= CRASH_LOOP_LIMIT {
+            ZygoteRestart::CrashLoop {
+                failures: self.failures,
+            }
+        } else {
+            ZygoteRestart::After(MAX_BACKOFF)
+        }
+    }
+}
+
+/// Whether the owner that just became ready needs every worker rolled: the memory of legacy
+/// CUDA IPC dies with the owner that exported it, so after a restart (not the first start)
+/// the workers must import the new owner's weights.
+pub fn roll_after_owner_ready(restarted: bool, ipc: Option<&str>) -> bool {
+    restarted && ipc == Some("legacy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn backoff_doubles_from_its_base_and_is_capped() {
+        let child: Vec<u64> = (1..=8)
+            .map(|n| backoff(CHILD_BACKOFF, n).as_millis() as u64)
+            .collect();
+        assert_eq!(child, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(backoff(ZYGOTE_BACKOFF, 1), 50 * MS);
+        assert_eq!(backoff(ZYGOTE_BACKOFF, 4), 400 * MS);
+        assert_eq!(
+            backoff(CHILD_BACKOFF, 0),
+            CHILD_BACKOFF,
+            "n = 0 is the first"
+        );
+        assert_eq!(backoff(CHILD_BACKOFF, u32::MAX), MAX_BACKOFF, "no overflow");
+    }
+
+    #[test]
+    fn a_death_is_judged_by_state_and_phase() {
+        let w = Role::Worker(0);
+        let o = Role::Owner(0);
+        use Phase::*;
+        assert_eq!(on_death(w, State::Draining, Running, 0), Death::Expected);
+        assert_eq!(on_death(w, State::Serving, Stopping, 0), Death::Expected);
+        assert_eq!(on_death(w, State::Starting, Stopping, 9), Death::Expected);
+        assert_eq!(on_death(w, State::Serving, Running, 0), Death::Replace);
+        assert_eq!(on_death(o, State::Serving, Running, 0), Death::Replace);
+        assert_eq!(
+            on_death(o, State::Starting, Starting, 1),
+            Death::StartFailed
+        );
+        assert_eq!(
+            on_death(o, State::Starting, Running, 1),
+            Death::Retry(100 * MS),
+            "an owner restarted later is retried like a worker"
+        );
+        assert_eq!(
+            on_death(w, State::Starting, Running, 3),
+            Death::Retry(400 * MS)
+        );
+        assert_eq!(
+            on_death(w, State::Starting, Running, CRASH_LOOP_LIMIT),
+            Death::CrashLoop {
+                failures: CRASH_LOOP_LIMIT
+            }
+        );
+    }
+
+    #[test]
+    fn each_timer_runs_out_on_its_own_deadline() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(30);
+        let t = Timers {
+            started: t0,
+            last_beat: t0,
+            drain_deadline: None,
+        };
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(overdue(State::Serving, &t, at(30), timeout), None);
+        assert_eq!(
+            overdue(State::Serving, &t, at(31), timeout),
+            Some(Overdue::Heartbeat(Duration::from_secs(31)))
+        );
+        assert_eq!(
+            overdue(State::Starting, &t, at(119), timeout),
+            None,
+            "a starting child is not judged by heartbeats"
+        );
+        assert_eq!(
+            overdue(State::Starting, &t, at(121), timeout),
+            Some(Overdue::NotReady)
+        );
+        let draining = Timers {
+            drain_deadline: Some(at(10)),
+            ..t
+        };
+        assert_eq!(overdue(State::Draining, &draining, at(10), timeout), None);
+        assert_eq!(
+            overdue(State::Draining, &draining, at(11), timeout),
+            Some(Overdue::DrainDeadline)
+        );
+        assert_eq!(
+            overdue(State::Draining, &t, at(1000), timeout),
+            None,
+            "a child that said `draining` on its own has no deadline"
+        );
+    }
+
+    #[test]
+    fn a_zygote_that_keeps_dying_young_is_a_crash_loop_and_a_stable_one_starts_over() {
+        let mut z = ZygoteRestarts::default();
+        let young = Duration::from_secs(1);
+        let waits: Vec<ZygoteRestart> = (0..4).map(|_| z.died(young)).collect();
+        assert_eq!(
+            waits,
+            [50, 100, 200, 400].map(|ms| ZygoteRestart::After(ms * MS))
+        );
+        assert_eq!(
+            z.died(ZYGOTE_STABLE),
+            ZygoteRestart::After(50 * MS),
+            "a zygote that lived long enough starts the count again"
+        );
+        for _ in 0..3 {
+            z.died(young);
+        }
+        assert_eq!(z.died(young), ZygoteRestart::CrashLoop { failures: 5 });
+        assert_eq!(z.restarts, 9);
+    }
+
+    #[test]
+    fn a_zygote_that_cannot_be_started_is_retried_until_a_crash_loop() {
+        let mut z = ZygoteRestarts::default();
+        assert_eq!(
+            z.died(Duration::from_secs(60)),
+            ZygoteRestart::After(50 * MS)
+        );
+        let tries: Vec<ZygoteRestart> = (0..4).map(|_| z.start_failed()).collect();
+        assert_eq!(
+            tries,
+            [
+                ZygoteRestart::After(MAX_BACKOFF),
+                ZygoteRestart::After(MAX_BACKOFF),
+                ZygoteRestart::After(MAX_BACKOFF),
+                ZygoteRestart::CrashLoop { failures: 5 },
+            ]
+        );
+        assert_eq!(z.restarts, 1, "failed starts are not restarts");
+    }
+
+    #[test]
+    fn only_a_restarted_legacy_owner_rolls_the_workers() {
+        assert!(roll_after_owner_ready(true, Some("legacy")));
+        assert!(!roll_after_owner_ready(false, Some("legacy")));
+        assert!(!roll_after_owner_ready(true, Some("vmm")));
+        assert!(!roll_after_owner_ready(true, None));
+    }
+}

@@ -1,0 +1,532 @@
+//! The supervisor's state machine: the children it runs, their slots, the phase of the
+//! service, the zygote's restarts and the rolls in progress.
+//!
+//! [`Service`] reacts to [`Input`]s and to the passing of time ([`Service::tick`]); it decides
+//! with [`super::policy`] and acts only through its [`Effects`], so the unit tests
+//! (`service/tests.rs`) drive every path with a recording fake and a clock they move by hand.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::bail;
+use log::Level;
+use nix::sys::signal::Signal;
+use zygote_runtime::protocol::{AdminRequest, AdminResponse, ChildMessage};
+
+use super::effects::{AdminConn, Effects, Input, SpawnRequest, ZygoteInfo};
+use super::exits::Exits;
+use super::policy::{self, Death, Phase, Role, State, Timers, ZygoteRestart};
+use super::Config;
+
+/// Logs one line through the effects (so that the fake records it).
+macro_rules! say {
+    ($fx:expr, $level:ident, $($arg:tt)+) => {
+        $fx.log(Level::$level, format_args!($($arg)+))
+    };
+}
+
+/// One supervised child.
+#[derive(Debug)]
+pub(super) struct Child {
+    pub role: Role,
+    pub state: State,
+    pub timers: Timers,
+    pub served: u64,
+    pub generation: Option<u64>,
+    /// The pid this child replaces once it is ready (a roll).
+    pub replaces: Option<i32>,
+}
+
+/// The history of one slot (a worker slot, or an owner's device).
+#[derive(Debug, Default)]
+pub(super) struct Slot {
+    pub restarts: u32,
+    pub failures_before_ready: u32,
+    pub restart_at: Option<Instant>,
+}
+
+/// The supervisor's state, and its effects.
+#[derive(Debug)]
+pub struct Service<E: Effects> {
+    pub(super) cfg: Config,
+    pub(super) fx: E,
+    /// The listeners' addresses, as bound (for `zygote status`).
+    pub(super) listen: Vec<String>,
+    pub(super) procs: BTreeMap<i32, Child>,
+    pub(super) slots: BTreeMap<Role, Slot>,
+    exits: Exits,
+    pub(super) zygote: Option<ZygoteInfo>,
+    pub(super) zygote_restarts: policy::ZygoteRestarts,
+    zygote_restart_at: Option<Instant>,
+    generation: u64,
+    pub(super) phase: Phase,
+    pub(super) started: Instant,
+    /// What the owner said it serves with.
+    pub(super) backend: Option<String>,
+    pub(super) ipc: Option<String>,
+    /// The first fatal reason: the service exits 1 with it.
+    stop_reason: Option<String>,
+    /// Serving workers that a roll must replace.
+    pending_rolls: Vec<i32>,
+}
+
+/// The backend and the IPC mechanism out of an owner's `ready` detail (`key=value` words).
+pub fn owner_ready_fields(detail: &str) -> (Option<String>, Option<String>) {
+    let field = |key: &str| {
+        detail.split_whitespace().find_map(|kv| {
+            kv.strip_prefix(key)
+                .and_then(|r| r.strip_prefix('='))
+                .map(str::to_string)
+        })
+    };
+    (field("backend"), field("ipc"))
+}
+
+impl<E: Effects> Service<E> {
+    pub fn new(cfg: Config, listen: Vec<String>, fx: E) -> Self {
+        let started = fx.now();
+        Self {
+            cfg,
+            fx,
+            listen,
+            procs: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            exits: Exits::default(),
+            zygote: None,
+            zygote_restarts: policy::ZygoteRestarts::default(),
+            zygote_restart_at: None,
+            generation: 0,
+            phase: Phase::Starting,
+            started,
+            backend: None,
+            ipc: None,
+            stop_reason: None,
+            pending_rolls: Vec::new(),
+        }
+    }
+
+    pub fn effects(&mut self) -> &mut E {
+        &mut self.fx
+    }
+
+    fn devices(&self) -> Vec<u32> {
+        if self.cfg.devices.is_empty() {
+            vec![0]
+        } else {
+            self.cfg.devices.clone()
+        }
+    }
+
+    /// Starts the zygote and the owners; the workers follow once every owner is ready.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let z = self.fx.start_zygote()?;
+        self.zygote = Some(z);
+        for d in self.devices() {
+            self.spawn(Role::Owner(d), None)?;
+        }
+        let listen = self.listen.join(", ");
+        say!(
+            self.fx,
+            Info,
+            "starting {} workers of entry {:?} on {listen}",
+            self.cfg.workers,
+            self.cfg.entry
+        );
+        Ok(())
+    }
+
+    /// Whether the service stopped: stopping, and nothing left to wait for.
+    pub fn done(&self) -> bool {
+        self.phase == Phase::Stopping && self.procs.is_empty()
+    }
+
+    /// Ends the stop: the zygote goes. Returns the fatal reason, if the stop had one.
+    pub fn finish(&mut self) -> Option<String> {
+        if let Some(z) = self.zygote.take() {
+            self.fx.stop_zygote(z.pid);
+        }
+        match self.stop_reason.take() {
+            Some(reason) => {
+                say!(self.fx, Error, "service stopped: {reason}");
+                Some(reason)
+            }
+            None => {
+                say!(self.fx, Info, "service stopped");
+                None
+            }
+        }
+    }
+
+    /// Handles one input; an admin request returns its answer, for the loop to send.
+    pub fn input(&mut self, input: Input) -> Option<(AdminConn, AdminResponse)> {
+        match input {
+            Input::Signal(Signal::SIGHUP) => self.roll("SIGHUP"),
+            Input::Signal(s @ (Signal::SIGTERM | Signal::SIGINT)) => {
+                say!(self.fx, Info, "{s}: draining and stopping");
+                self.begin_stop();
+            }
+            Input::Signal(_) => {}
+            Input::Message(pid, m) => self.on_message(pid, m),
+            Input::Died(pid) => self.on_died(pid),
+            Input::Status(pid, status) => self.on_status(pid, status),
+            Input::ChildError {
+                pid,
+                stage,
+                message,
+            } => {
+                say!(
+                    self.fx,
+                    Error,
+                    "pid {pid} failed before its entry ran ({stage}): {message}"
+                );
+                self.on_status(pid, format!("{stage} failed: {message}"));
+            }
+            Input::Admin(conn, req) => return Some((conn, self.admin(req))),
+        }
+        None
+    }
+
+    /// Answers an admin request.
+    fn admin(&mut self, req: AdminRequest) -> AdminResponse {
+        match req {
+            AdminRequest::Status { id } => AdminResponse::Status {
+                id,
+                service: self.status(),
+            },
+            AdminRequest::Stop { id } => {
+                say!(self.fx, Info, "stop requested");
+                self.begin_stop();
+                AdminResponse::Ok { id }
+            }
+            AdminRequest::Reload { id } => {
+                self.roll("reload requested");
+                AdminResponse::Ok { id }
+            }
+        }
+    }
+
+    /// A fatal reason: the service stops, and exits 1 with the first one.
+    fn fatal(&mut self, reason: String) {
+        if self.phase != Phase::Stopping {
+            say!(self.fx, Error, "{reason}; stopping the service");
+            self.begin_stop();
+        }
+        self.stop_reason.get_or_insert(reason);
+    }
+
+    fn spawn(&mut self, role: Role, replaces: Option<i32>) -> anyhow::Result<()> {
+        if self.zygote.is_none() {
+            bail!("no zygote to spawn {role} from");
+        }
+        let req = match role {
+            Role::Owner(d) => {
+                self.generation += 1;
+                SpawnRequest {
+                    role,
+                    entry: "owner".into(),
+                    args: vec![
+                        "--backend".into(),
+                        self.cfg.backend.to_string(),
+                        "--ipc".into(),
+                        self.cfg.ipc.to_string(),
+                        "--generation".into(),
+                        self.generation.to_string(),
+                    ],
+                    device: d,
+                    listeners: false,
+                }
+            }
+            Role::Worker(w) => {
+                let devices = self.devices();
+                SpawnRequest {
+                    role,
+                    entry: self.cfg.entry.clone(),
+                    args: Vec::new(),
+                    device: devices[w as usize % devices.len()],
+                    listeners: true,
+                }
+            }
+        };
+        let pid = self.fx.spawn(&req)?;
+        let also = replaces
+            .map(|p| format!(" to replace pid {p}"))
+            .unwrap_or_default();
+        say!(self.fx, Info, "{role}: spawned pid {pid}{also}");
+        let now = self.fx.now();
+        self.procs.insert(
+            pid,
+            Child {
+                role,
+                state: State::Starting,
+                timers: Timers {
+                    started: now,
+                    last_beat: now,
+                    drain_deadline: None,
+                },
+                served: 0,
+                generation: None,
+                replaces,
+            },
+        );
+        Ok(())
+    }
+
+    fn owners_ready(&self) -> bool {
+        self.devices().iter().all(|d| {
+            self.procs
+                .values()
+                .any(|p| p.role == Role::Owner(*d) && p.state == State::Serving)
+        })
+    }
+
+    fn all_workers_serving(&self) -> bool {
+        (0..self.cfg.workers).all(|w| {
+            self.procs
+                .values()
+                .any(|p| p.role == Role::Worker(w) && p.state == State::Serving)
+        })
+    }
+
+    fn on_message(&mut self, pid: i32, m: ChildMessage) {
+        let now = self.fx.now();
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        p.timers.last_beat = now;
+        match m {
+            ChildMessage::Ready {
+                generation, detail, ..
+            } => {
+                if p.state == State::Starting {
+                    p.state = State::Serving;
+                    p.generation = generation;
+                    let (role, replaces) = (p.role, p.replaces.take());
+                    let ms = now.duration_since(p.timers.started).as_millis();
+                    say!(
+                        self.fx,
+                        Info,
+                        "{role} (pid {pid}) ready in {ms} ms: {detail}"
+                    );
+                    self.on_ready(role, replaces, &detail);
+                }
+            }
+            ChildMessage::Heartbeat { served } => p.served = served,
+            ChildMessage::Draining { in_flight } => {
+                p.state = State::Draining;
+                let role = p.role;
+                say!(
+                    self.fx,
+                    Info,
+                    "{role} (pid {pid}) draining, {in_flight} requests in flight"
+                );
+            }
+        }
+    }
+
+    fn on_ready(&mut self, role: Role, replaces: Option<i32>, detail: &str) {
+        if let Role::Owner(_) = role {
+            (self.backend, self.ipc) = owner_ready_fields(detail);
+            let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
+            if policy::roll_after_owner_ready(restarted, self.ipc.as_deref()) {
+                self.roll("the owner restarted with legacy CUDA IPC");
+            }
+        }
+        if let Some(s) = self.slots.get_mut(&role) {
+            s.failures_before_ready = 0;
+        }
+        if let Some(old) = replaces {
+            self.drain(old, "replaced by a new worker");
+        }
+        if self.phase == Phase::Starting && self.owners_ready() {
+            self.phase = Phase::Running;
+            for w in 0..self.cfg.workers {
+                if let Err(e) = self.spawn(Role::Worker(w), None) {
+                    self.fatal(format!("spawning worker {w}: {e:#}"));
+                    return;
+                }
+            }
+        }
+        if self.phase == Phase::Running && role.is_worker() && self.all_workers_serving() {
+            say!(self.fx, Info, "all {} workers serving", self.cfg.workers);
+        }
+    }
+
+    fn drain(&mut self, pid: i32, why: &str) {
+        let graceful = self.cfg.graceful_timeout;
+        let now = self.fx.now();
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        if p.state == State::Draining && p.timers.drain_deadline.is_some() {
+            return;
+        }
+        p.state = State::Draining;
+        p.timers.drain_deadline = Some(now + graceful);
+        let role = p.role;
+        say!(self.fx, Info, "{role} (pid {pid}): draining ({why})");
+        if !self.fx.drain(pid, graceful) {
+            // A child that cannot hear us (an exec'd program that never attached) gets SIGTERM.
+            self.fx.signal(pid, Signal::SIGTERM);
+        }
+    }
+
+    fn kill(&mut self, pid: i32, why: &str) {
+        if let Some(p) = self.procs.get(&pid) {
+            let role = p.role;
+            say!(self.fx, Warn, "{role} (pid {pid}): killing: {why}");
+            self.fx.signal(pid, Signal::SIGKILL);
+        }
+    }
+
+    fn on_died(&mut self, pid: i32) {
+        let Some(p) = self.procs.remove(&pid) else {
+            return;
+        };
+        self.fx.forget(pid);
+        let now = self.fx.now();
+        let role = p.role;
+        let status = self
+            .exits
+            .death(pid, role)
+            .unwrap_or_else(|| "status to follow".into());
+        let slot = self.slots.entry(role).or_default();
+        let failures = if p.state == State::Starting && self.phase != Phase::Stopping {
+            slot.failures_before_ready += 1;
+            slot.restarts += 1;
+            slot.failures_before_ready
+        } else {
+            0
+        };
+        match policy::on_death(role, p.state, self.phase, failures) {
+            Death::Expected if p.state == State::Draining => {
+                say!(
+                    self.fx,
+                    Info,
+                    "{role} (pid {pid}) exited after draining ({status})"
+                )
+            }
+            Death::Expected => {
+                say!(
+                    self.fx,
+                    Info,
+                    "{role} (pid {pid}) exited while stopping ({status})"
+                )
+            }
+            Death::Replace => {
+                let lived = now.duration_since(p.timers.started).as_secs_f64();
+                say!(
+                    self.fx,
+                    Warn,
+                    "{role} (pid {pid}) died while serving ({status}) after {lived:.1}s; restarting it"
+                );
+                slot.restarts += 1;
+                slot.failures_before_ready = 0;
+                slot.restart_at = Some(now);
+            }
+            Death::StartFailed => {
+                return self.fatal(format!(
+                    "{role} (pid {pid}) failed before it was ready ({status}); see its error above"
+                ));
+            }
+            Death::CrashLoop { failures } => {
+                return self.fatal(format!(
+                    "crash loop: {role} died {failures} times in a row before it was ready \
+                     (last: pid {pid}, {status})"
+                ));
+            }
+            Death::Retry(wait) => {
+                slot.restart_at = Some(now + wait);
+                let ms = wait.as_millis();
+                say!(
+                    self.fx,
+                    Warn,
+                    "{role} (pid {pid}) died before it was ready ({status}); retry {failures} in {ms} ms"
+                );
+            }
+        }
+        if let Some(old) = p.replaces {
+            // A replacement that died: the old one keeps serving, and the roll retries.
+            say!(
+                self.fx,
+                Warn,
+                "the replacement for pid {old} died; pid {old} keeps serving"
+            );
+            if let Some(s) = self.slots.get_mut(&role) {
+                s.restart_at = s.restart_at.or(Some(now));
+            }
+            self.pending_rolls.push(old);
+        }
+    }
+
+    fn on_status(&mut self, pid: i32, status: String) {
+        if self.zygote.is_some_and(|z| z.pid == pid) {
+            return self.on_zygote_death(status);
+        }
+        if let Some(role) = self.exits.status(pid, status.clone()) {
+            say!(self.fx, Info, "{role} (pid {pid}) exit status: {status}");
+        }
+    }
+
+    fn on_zygote_death(&mut self, status: String) {
+        let Some(z) = self.zygote.take() else {
+            return;
+        };
+        let now = self.fx.now();
+        if self.phase == Phase::Stopping {
+            say!(self.fx, Info, "zygote (pid {}) exited ({status})", z.pid);
+            return;
+        }
+        match self.zygote_restarts.died(now.duration_since(z.started)) {
+            ZygoteRestart::CrashLoop { failures } => self.fatal(format!(
+                "crash loop: the zygote died {failures} times in a row ({status})"
+            )),
+            ZygoteRestart::After(wait) => {
+                let (children, ms) = (self.procs.len(), wait.as_millis());
+                say!(
+                    self.fx,
+                    Warn,
+                    "zygote (pid {}) died ({status}); {children} children keep running; \
+                     restarting it in {ms} ms",
+                    z.pid
+                );
+                self.zygote_restart_at = Some(now + wait);
+            }
+        }
+    }
+
+    fn roll(&mut self, why: &str) {
+        if self.phase != Phase::Running {
+            say!(self.fx, Warn, "{why}: not rolling while {:?}", self.phase);
+            return;
+        }
+        say!(self.fx, Info, "{why}: rolling {} workers", self.cfg.workers);
+        let olds = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.role.is_worker() && p.state != State::Draining)
+            .map(|(pid, _)| *pid);
+        self.pending_rolls.extend(olds);
+    }
+
+    fn begin_stop(&mut self) {
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        self.phase = Phase::Stopping;
+        self.pending_rolls.clear();
+        let workers: Vec<i32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.role.is_worker())
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in workers {
+            self.drain(pid, "stopping");
+        }
+    }
+}
+
+mod timers;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,530 @@
+//! The supervisor's paths, driven with the recording fake: each test moves the clock by hand
+//! and feeds the inputs the event loop would.
+
+use std::time::Duration;
+
+use log::Level;
+use nix::sys::signal::Signal;
+use zygote_runtime::backend::{BackendChoice, IpcChoice};
+use zygote_runtime::protocol::ChildMessage;
+
+use super::Service;
+use crate::supervisor::effects::Input;
+use crate::supervisor::fake::{Call, Fake};
+use crate::supervisor::policy::{Phase, Role, State, CRASH_LOOP_LIMIT, READY_TIMEOUT};
+use crate::supervisor::Config;
+
+const GRACEFUL: Duration = Duration::from_secs(30);
+
+fn config(workers: u32, timeout: Duration) -> Config {
+    Config {
+        runtime_dir: "/run/test".into(),
+        model: "model.safetensors".into(),
+        workers,
+        listen: Vec::new(),
+        backend: BackendChoice::Host,
+        ipc: IpcChoice::Auto,
+        devices: Vec::new(),
+        entry: "idle".into(),
+        command: Vec::new(),
+        timeout,
+        graceful_timeout: GRACEFUL,
+        allow_uids: Vec::new(),
+    }
+}
+
+fn ready(detail: &str) -> ChildMessage {
+    ChildMessage::Ready {
+        pid: 0,
+        generation: Some(1),
+        detail: detail.into(),
+    }
+}
+
+/// The pids spawned for `role` among `calls`, with the pid each one replaces.
+fn spawned(calls: &[Call], role: Role) -> Vec<i32> {
+    calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Spawn(pid, req) if req.role == role => Some(*pid),
+            _ => None,
+        })
+        .collect()
+}
+
+struct Harness {
+    svc: Service<Fake>,
+    zygote: i32,
+    owner: i32,
+    /// The serving worker of each slot.
+    workers: Vec<i32>,
+}
+
+impl Harness {
+    /// A service with its zygote, its owner (ready with `owner_detail`) and `workers` serving
+    /// workers; the calls so far are taken.
+    fn running(workers: u32, timeout: Duration, owner_detail: &str) -> Self {
+        let mut svc = Service::new(config(workers, timeout), vec![], Fake::default());
+        svc.start().expect("start");
+        let calls = svc.fx.take();
+        let Some(Call::StartZygote(Ok(zygote))) = calls.first().cloned() else {
+            panic!("the zygote starts first: {calls:?}");
+        };
+        let owner = spawned(&calls, Role::Owner(0))[0];
+        assert!(
+            spawned(&calls, Role::Worker(0)).is_empty(),
+            "no worker before the owner is ready: {calls:?}"
+        );
+        svc.input(Input::Message(owner, ready(owner_detail)));
+        let calls = svc.fx.take();
+        let pids: Vec<i32> = (0..workers)
+            .map(|w| spawned(&calls, Role::Worker(w))[0])
+            .collect();
+        for &pid in &pids {
+            svc.input(Input::Message(pid, ready("")));
+        }
+        assert_eq!(svc.phase, Phase::Running);
+        assert!(svc
+            .fx
+            .logged(Level::Info, &format!("all {workers} workers serving")));
+        Self {
+            svc,
+            zygote,
+            owner,
+            workers: pids,
+        }
+    }
+
+    fn tick_after(&mut self, d: Duration) -> Vec<Call> {
+        self.svc.fx.advance(d);
+        self.svc.tick();
+        self.svc.fx.take()
+    }
+
+    /// A child's death, its status first (as the event loop orders them).
+    fn dies(&mut self, pid: i32, status: &str) -> Vec<Call> {
+        self.svc.input(Input::Status(pid, status.into()));
+        self.svc.input(Input::Died(pid));
+        self.svc.fx.take()
+    }
+
+    fn state(&self, pid: i32) -> Option<State> {
+        self.svc.procs.get(&pid).map(|p| p.state)
+    }
+
+    fn restarts(&self, role: Role) -> u32 {
+        self.svc.slots.get(&role).map_or(0, |s| s.restarts)
+    }
+}
+
+fn beat(h: &mut Harness, pids: &[i32]) {
+    for &pid in pids {
+        h.svc
+            .input(Input::Message(pid, ChildMessage::Heartbeat { served: 1 }));
+    }
+}
+
+#[test]
+fn workers_get_the_listeners_and_devices_in_turn_owners_get_none() {
+    let mut svc = Service::new(
+        Config {
+            devices: vec![0, 1],
+            ..config(3, Duration::from_secs(30))
+        },
+        vec![],
+        Fake::default(),
+    );
+    svc.start().expect("start");
+    let owners: Vec<i32> = svc
+        .fx
+        .calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Spawn(pid, req) => {
+                assert!(!req.listeners && req.entry == "owner", "{req:?}");
+                Some(*pid)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(owners.len(), 2, "one owner per device");
+    svc.input(Input::Message(owners[0], ready("")));
+    assert!(
+        spawned(&svc.fx.calls, Role::Worker(0)).is_empty(),
+        "workers wait for every owner"
+    );
+    svc.input(Input::Message(owners[1], ready("")));
+    let devices: Vec<u32> = svc
+        .fx
+        .calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Spawn(_, req) if req.role.is_worker() => {
+                assert!(req.listeners && req.entry == "idle");
+                Some(req.device)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(devices, [0, 1, 0]);
+}
+
+#[test]
+fn a_worker_that_dies_while_serving_is_replaced_at_once() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let victim = h.workers[0];
+    let calls = h.dies(victim, "signal SIGKILL");
+    assert!(calls.contains(&Call::Forget(victim)));
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Warn, "died while serving (signal SIGKILL)"));
+    let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
+    assert_eq!(h.restarts(Role::Worker(0)), 1);
+    assert_eq!(h.restarts(Role::Worker(1)), 0);
+}
+
+#[test]
+fn deaths_before_ready_back_off_then_stop_the_service_as_a_crash_loop() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    let first = h.workers[0];
+    h.dies(first, "signal SIGKILL");
+    let mut pid = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    for n in 1..CRASH_LOOP_LIMIT {
+        h.dies(pid, "exit code 1");
+        let wait = Duration::from_millis(100 << (n - 1));
+        assert!(h.svc.fx.logged(
+            Level::Warn,
+            &format!("retry {n} in {} ms", wait.as_millis())
+        ));
+        assert!(
+            spawned(
+                &h.tick_after(wait - Duration::from_millis(1)),
+                Role::Worker(0)
+            )
+            .is_empty(),
+            "retry {n} waits its backoff"
+        );
+        pid = spawned(&h.tick_after(Duration::from_millis(1)), Role::Worker(0))[0];
+    }
+    let calls = h.dies(pid, "exit code 1");
+    assert!(h.svc.fx.logged(
+        Level::Error,
+        "crash loop: worker 0 died 5 times in a row before it was ready"
+    ));
+    assert_eq!(h.svc.phase, Phase::Stopping);
+    assert!(calls.is_empty() || calls.iter().all(|c| matches!(c, Call::Forget(_))));
+}
+
+#[test]
+fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let (w0, w1) = (h.workers[0], h.workers[1]);
+    h.svc.input(Input::Signal(Signal::SIGTERM));
+    let calls = h.svc.fx.take();
+    assert!(calls.contains(&Call::Drain(w0)) && calls.contains(&Call::Drain(w1)));
+    assert!(
+        !calls.contains(&Call::Drain(h.owner)),
+        "the owner serves until the workers are gone"
+    );
+    // Worker 0 finishes; worker 1 hangs.
+    h.dies(w0, "exit code 0");
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Info, "exited after draining (exit code 0)"));
+    let calls = h.tick_after(GRACEFUL);
+    assert!(
+        !calls.contains(&Call::Signal(w1, Signal::SIGKILL)),
+        "not killed at its deadline: {calls:?}"
+    );
+    let calls = h.tick_after(Duration::from_millis(1));
+    assert!(
+        calls.contains(&Call::Signal(w1, Signal::SIGKILL)),
+        "{calls:?}"
+    );
+    assert!(h.svc.fx.logged(Level::Warn, "worker 1 (pid"));
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Warn, "killing: drain deadline passed"));
+    h.dies(w1, "signal SIGKILL");
+    let calls = h.tick_after(Duration::ZERO);
+    assert!(
+        calls.contains(&Call::Drain(h.owner)),
+        "then the owner: {calls:?}"
+    );
+    assert!(!h.svc.done());
+    h.dies(h.owner, "exit code 0");
+    assert!(h.svc.done());
+    assert_eq!(h.svc.finish(), None, "a requested stop is not an error");
+    assert_eq!(h.svc.fx.take(), [Call::StopZygote(h.zygote)]);
+}
+
+#[test]
+fn a_child_that_cannot_hear_drain_gets_sigterm() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    let w = h.workers[0];
+    h.svc.fx.deaf.insert(w);
+    h.svc.input(Input::Signal(Signal::SIGINT));
+    assert_eq!(
+        h.svc.fx.take(),
+        [Call::Drain(w), Call::Signal(w, Signal::SIGTERM)]
+    );
+}
+
+#[test]
+fn a_child_not_ready_within_120_s_is_killed_and_retried() {
+    let timeout = Duration::from_secs(1000);
+    let mut h = Harness::running(1, timeout, "");
+    h.dies(h.workers[0], "signal SIGKILL");
+    let slow = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let calls = h.tick_after(READY_TIMEOUT);
+    assert!(!calls.contains(&Call::Signal(slow, Signal::SIGKILL)));
+    let calls = h.tick_after(Duration::from_millis(1));
+    assert!(
+        calls.contains(&Call::Signal(slow, Signal::SIGKILL)),
+        "{calls:?}"
+    );
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Warn, "killing: not ready after 120s"));
+    h.dies(slow, "signal SIGKILL");
+    assert!(h.svc.fx.logged(Level::Warn, "died before it was ready"));
+    assert_eq!(h.svc.slots[&Role::Worker(0)].failures_before_ready, 1);
+}
+
+#[test]
+fn a_serving_child_silent_past_the_timeout_is_killed_the_others_are_not() {
+    let timeout = Duration::from_secs(30);
+    let mut h = Harness::running(2, timeout, "");
+    let (w0, w1, owner) = (h.workers[0], h.workers[1], h.owner);
+    h.svc.fx.advance(Duration::from_secs(20));
+    beat(&mut h, &[w1, owner]);
+    let calls = h.tick_after(Duration::from_secs(11));
+    assert_eq!(calls, [Call::Signal(w0, Signal::SIGKILL)]);
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Warn, "no heartbeat for 31.0s (--timeout 30s)"));
+}
+
+#[test]
+fn a_roll_drains_each_old_worker_only_once_its_replacement_is_ready() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let (old0, old1) = (h.workers[0], h.workers[1]);
+    h.svc.input(Input::Signal(Signal::SIGHUP));
+    let calls = h.tick_after(Duration::ZERO);
+    let (new0, new1) = (
+        spawned(&calls, Role::Worker(0))[0],
+        spawned(&calls, Role::Worker(1))[0],
+    );
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Info, &format!("to replace pid {old0}")));
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::Drain(_))),
+        "nothing drains before a replacement is ready"
+    );
+    h.svc.input(Input::Message(new1, ready("")));
+    assert_eq!(h.svc.fx.take(), [Call::Drain(old1)]);
+    assert_eq!(h.state(old0), Some(State::Serving));
+    h.svc.input(Input::Message(new0, ready("")));
+    assert_eq!(h.svc.fx.take(), [Call::Drain(old0)]);
+    h.dies(old0, "exit code 0");
+    h.dies(old1, "exit code 0");
+    assert!(
+        spawned(&h.tick_after(Duration::from_secs(1)), Role::Worker(0)).is_empty(),
+        "a drained worker is not replaced again"
+    );
+    assert_eq!(h.restarts(Role::Worker(0)), 0, "a roll is not a restart");
+}
+
+#[test]
+fn a_replacement_that_dies_mid_roll_leaves_the_old_worker_serving_and_is_retried() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    let old = h.workers[0];
+    h.svc.input(Input::Signal(Signal::SIGHUP));
+    let doomed = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let calls = h.dies(doomed, "exit code 1");
+    assert!(!calls.contains(&Call::Drain(old)), "{calls:?}");
+    assert_eq!(
+        h.state(old),
+        Some(State::Serving),
+        "the old worker keeps serving"
+    );
+    assert!(h.svc.fx.logged(
+        Level::Warn,
+        &format!("the replacement for pid {old} died; pid {old} keeps serving")
+    ));
+    let calls = h.tick_after(Duration::ZERO);
+    let retry = spawned(&calls, Role::Worker(0));
+    assert_eq!(
+        retry.len(),
+        1,
+        "one new replacement, not a restart too: {calls:?}"
+    );
+    h.svc.input(Input::Message(retry[0], ready("")));
+    assert_eq!(h.svc.fx.take(), [Call::Drain(old)]);
+}
+
+#[test]
+fn a_restarted_legacy_ipc_owner_rolls_every_worker() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "backend=cuda ipc=legacy");
+    assert_eq!(h.svc.ipc.as_deref(), Some("legacy"));
+    assert_eq!(h.svc.backend.as_deref(), Some("cuda"));
+    h.dies(h.owner, "signal SIGKILL");
+    let owner = spawned(&h.tick_after(Duration::ZERO), Role::Owner(0))[0];
+    assert!(
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        "the workers keep serving while the owner restarts"
+    );
+    h.svc
+        .input(Input::Message(owner, ready("backend=cuda ipc=legacy")));
+    assert!(h.svc.fx.logged(
+        Level::Info,
+        "the owner restarted with legacy CUDA IPC: rolling 2"
+    ));
+    let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
+    assert_eq!(spawned(&calls, Role::Worker(1)).len(), 1, "{calls:?}");
+}
+
+#[test]
+fn a_restarted_vmm_owner_leaves_the_workers_alone() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "backend=cuda ipc=vmm");
+    h.dies(h.owner, "signal SIGKILL");
+    let owner = spawned(&h.tick_after(Duration::ZERO), Role::Owner(0))[0];
+    h.svc
+        .input(Input::Message(owner, ready("backend=cuda ipc=vmm")));
+    let calls = h.tick_after(Duration::ZERO);
+    assert!(spawned(&calls, Role::Worker(0)).is_empty(), "{calls:?}");
+}
+
+#[test]
+fn a_zygote_restart_that_keeps_failing_stops_the_service() {
+    let mut h = Harness::running(1, Duration::from_secs(1000), "");
+    let w = h.workers[0];
+    h.svc
+        .input(Input::Status(h.zygote, "signal SIGKILL".into()));
+    assert!(h.svc.zygote.is_none());
+    assert!(h.svc.fx.logged(Level::Warn, "restarting it in 50 ms"));
+    h.svc.fx.zygote_failures = 100;
+    // The died zygote was failure 1; each failed start is one more, 5 s apart.
+    let calls = h.tick_after(Duration::from_millis(50));
+    assert!(
+        matches!(calls[..], [Call::StartZygote(Err(_))]),
+        "{calls:?}"
+    );
+    for _ in 0..2 {
+        assert!(h.tick_after(Duration::from_millis(4999)).is_empty());
+        let calls = h.tick_after(Duration::from_millis(1));
+        assert!(
+            matches!(calls[..], [Call::StartZygote(Err(_))]),
+            "{calls:?}"
+        );
+    }
+    assert_eq!(h.svc.phase, Phase::Running, "the worker serves meanwhile");
+    let calls = h.tick_after(Duration::from_secs(5));
+    assert!(matches!(calls[0], Call::StartZygote(Err(_))), "{calls:?}");
+    assert!(
+        calls.contains(&Call::Drain(w)),
+        "the service stops: {calls:?}"
+    );
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Error, "the zygote cannot be restarted"));
+    h.dies(w, "exit code 0");
+    h.dies(h.owner, "exit code 0");
+    let reason = h.svc.finish().expect("a fatal stop has its reason");
+    assert!(
+        reason.contains("the zygote cannot be restarted"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_zygote_that_restarts_serves_the_next_spawns() {
+    let mut h = Harness::running(1, Duration::from_secs(1000), "");
+    h.svc
+        .input(Input::Status(h.zygote, "signal SIGKILL".into()));
+    h.dies(h.workers[0], "signal SIGKILL");
+    let calls = h.tick_after(Duration::from_millis(10));
+    assert!(
+        spawned(&calls, Role::Worker(0)).is_empty(),
+        "no spawn without a zygote: {calls:?}"
+    );
+    let calls = h.tick_after(Duration::from_millis(40));
+    assert!(matches!(calls[0], Call::StartZygote(Ok(_))), "{calls:?}");
+    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
+    assert_eq!(h.svc.status().processes[1].restarts, 1);
+}
+
+#[test]
+fn an_exit_status_that_comes_after_the_death_is_logged_with_the_role() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    let w = h.workers[0];
+    h.svc.input(Input::Died(w));
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Warn, "died while serving (status to follow)"));
+    h.svc.input(Input::Status(w, "signal SIGSEGV".into()));
+    assert!(h.svc.fx.logged(
+        Level::Info,
+        &format!("worker 0 (pid {w}) exit status: signal SIGSEGV")
+    ));
+    assert_eq!(h.svc.exits.len(), 0);
+}
+
+#[test]
+fn an_owner_that_fails_before_the_first_ready_fails_the_start() {
+    let mut svc = Service::new(config(1, Duration::from_secs(30)), vec![], Fake::default());
+    svc.start().expect("start");
+    let owner = spawned(&svc.fx.take(), Role::Owner(0))[0];
+    svc.input(Input::ChildError {
+        pid: owner,
+        stage: "attach".into(),
+        message: "no model".into(),
+    });
+    svc.input(Input::Status(owner, "exit code 127".into()));
+    svc.input(Input::Died(owner));
+    assert!(svc.done());
+    let reason = svc.finish().expect("the start failed");
+    assert!(
+        reason.contains("owner 0 (pid")
+            && reason.contains("attach failed: no model; exit code 127"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn status_reports_each_process_with_its_slot_state_and_restarts() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "backend=host ipc=memfd");
+    h.dies(h.workers[1], "signal SIGKILL");
+    h.tick_after(Duration::ZERO);
+    let s = h.svc.status();
+    let rows: Vec<(&str, Option<u32>, &str, u32)> = s
+        .processes
+        .iter()
+        .map(|p| (p.role.as_str(), p.slot, p.state.as_str(), p.restarts))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("supervisor", None, "running", 0),
+            ("zygote", None, "running", 0),
+            ("owner", Some(0), "serving", 0),
+            ("worker", Some(0), "serving", 0),
+            ("worker", Some(1), "starting", 1),
+        ]
+    );
+    assert_eq!(
+        (s.backend.as_str(), s.ipc.as_deref()),
+        ("host", Some("memfd"))
+    );
+}

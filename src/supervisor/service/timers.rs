@@ -1,0 +1,145 @@
+//! The service's timers: the zygote's restart, restarts of empty slots, the replacements of a
+//! roll, heartbeats and the ready and drain deadlines, and the order of a stop.
+
+use std::time::Instant;
+
+use log::Level;
+
+use super::{Effects, Service, Slot};
+use crate::supervisor::policy::{self, Phase, Role, State, ZygoteRestart};
+
+impl<E: Effects> Service<E> {
+    /// Timers: the zygote's restart, slot restarts, rolls, heartbeats, ready and drain
+    /// deadlines.
+    pub fn tick(&mut self) {
+        let now = self.fx.now();
+        if self.zygote_restart_at.is_some_and(|at| now >= at) {
+            self.zygote_restart_at = None;
+            self.restart_zygote(now);
+        }
+        if self.phase == Phase::Stopping {
+            return self.tick_stopping(now);
+        }
+        if self.zygote.is_some() {
+            self.restart_due_slots(now);
+            self.spawn_rolls();
+        }
+        let timeout = self.cfg.timeout;
+        let kills: Vec<(i32, policy::Overdue)> = self
+            .procs
+            .iter()
+            .filter_map(|(pid, p)| Some((*pid, policy::overdue(p.state, &p.timers, now, timeout)?)))
+            .collect();
+        for (pid, why) in kills {
+            let why = match why {
+                policy::Overdue::Heartbeat(_) => {
+                    format!("{why} (--timeout {}s)", timeout.as_secs())
+                }
+                _ => why.to_string(),
+            };
+            self.kill(pid, &why);
+        }
+    }
+
+    fn restart_zygote(&mut self, now: Instant) {
+        match self.fx.start_zygote() {
+            Ok(z) => {
+                self.zygote = Some(z);
+                let n = self.zygote_restarts.restarts;
+                say!(self.fx, Info, "zygote restarted (restart {n})");
+            }
+            Err(e) => match self.zygote_restarts.start_failed() {
+                ZygoteRestart::CrashLoop { .. } => {
+                    self.fatal(format!("the zygote cannot be restarted: {e:#}"))
+                }
+                ZygoteRestart::After(wait) => {
+                    say!(
+                        self.fx,
+                        Error,
+                        "restarting the zygote failed: {e:#}; retrying"
+                    );
+                    self.zygote_restart_at = Some(now + wait);
+                }
+            },
+        }
+    }
+
+    /// Spawns the owners and workers whose slot is empty and whose restart is due.
+    fn restart_due_slots(&mut self, now: Instant) {
+        let due: Vec<Role> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.restart_at.is_some_and(|t| now >= t))
+            .map(|(role, _)| *role)
+            .collect();
+        for role in due {
+            let occupied = self
+                .procs
+                .values()
+                .any(|p| p.role == role && p.state != State::Draining);
+            if occupied {
+                self.slot(role).restart_at = None;
+                continue;
+            }
+            if role.is_worker() && self.phase == Phase::Starting && !self.owners_ready() {
+                continue;
+            }
+            match self.spawn(role, None) {
+                Ok(()) => self.slot(role).restart_at = None,
+                Err(e) => {
+                    say!(self.fx, Error, "restarting {role}: {e:#}");
+                    self.slot(role).restart_at = Some(now + policy::RESPAWN_RETRY);
+                }
+            }
+        }
+    }
+
+    fn slot(&mut self, role: Role) -> &mut Slot {
+        self.slots.entry(role).or_default()
+    }
+
+    /// Rolls: one replacement per old worker that still serves and has none yet.
+    fn spawn_rolls(&mut self) {
+        for old in std::mem::take(&mut self.pending_rolls) {
+            let Some(role) = self
+                .procs
+                .get(&old)
+                .filter(|p| p.state == State::Serving)
+                .map(|p| p.role)
+            else {
+                continue;
+            };
+            if self.procs.values().any(|p| p.replaces == Some(old)) {
+                continue;
+            }
+            if let Err(e) = self.spawn(role, Some(old)) {
+                say!(self.fx, Error, "rolling {role}: {e:#}");
+                self.pending_rolls.push(old);
+            }
+        }
+    }
+
+    /// The stop: workers drain first, then the owners; whoever passes its deadline is killed.
+    fn tick_stopping(&mut self, now: Instant) {
+        if !self.procs.values().any(|p| p.role.is_worker()) {
+            let owners: Vec<i32> = self
+                .procs
+                .iter()
+                .filter(|(_, p)| !p.role.is_worker() && p.timers.drain_deadline.is_none())
+                .map(|(pid, _)| *pid)
+                .collect();
+            for pid in owners {
+                self.drain(pid, "stopping");
+            }
+        }
+        let late: Vec<i32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.timers.drain_deadline.is_some_and(|d| now > d))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in late {
+            self.kill(pid, "drain deadline passed");
+        }
+    }
+}
