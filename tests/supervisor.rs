@@ -394,3 +394,147 @@ fn a_model_file_changed_on_disk_is_refused_by_a_restarted_zygote_while_the_worke
         "the workers built from the old model keep serving"
     );
 }
+
+/// What one request of [`StopLoad`] met.
+#[derive(Debug)]
+enum Outcome {
+    Answered,
+    /// `connect` refused: the service is gone, as it should be after a stop.
+    Refused,
+    /// `connect` got no answer in time (SYNs dropped while the stop drains).
+    NotConnected,
+    /// Accepted, then reset or closed without an answer: what a stop must never do.
+    Reset(String),
+    /// Anything else (a wrong status, another error).
+    Other(String),
+}
+
+/// One `Connection: close` request on a new connection: alternately `/healthz` and a small
+/// `/embed`, so that the workers have something to finish when the stop comes.
+fn one_request(addr: std::net::SocketAddr, embed: bool) -> Outcome {
+    use std::io::{ErrorKind, Read, Write};
+    let mut s = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Err(e) if e.kind() == ErrorKind::TimedOut => return Outcome::NotConnected,
+        Err(e) => return Outcome::Other(format!("connect: {e}")),
+    };
+    let broken = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+        )
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let (method, path, body) = if embed {
+        (
+            "POST",
+            "/embed",
+            r#"{"input": ["shared weights", "one copy"]}"#,
+        )
+    } else {
+        ("GET", "/healthz", "")
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        return match broken(&e) {
+            true => Outcome::Reset(format!("{path}: writing: {e}")),
+            false => Outcome::Other(format!("{path}: writing: {e}")),
+        };
+    }
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Err(e) if broken(&e) => Outcome::Reset(format!("{path}: reading: {e}")),
+        Err(e) => Outcome::Other(format!("{path}: reading: {e}")),
+        Ok(_) if raw.is_empty() => Outcome::Reset(format!("{path}: closed without an answer")),
+        Ok(_) if raw.starts_with(b"HTTP/1.1 200 ") => Outcome::Answered,
+        Ok(_) => Outcome::Other(format!("{path}: {}", String::from_utf8_lossy(&raw))),
+    }
+}
+
+#[test]
+fn a_stop_under_load_refuses_new_connections_and_resets_none() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    const STOPS: usize = 5;
+    const CLIENTS: usize = 8;
+    let Some(model) =
+        common::reference_model("a_stop_under_load_refuses_new_connections_and_resets_none")
+    else {
+        return;
+    };
+    let mut totals = [0u64; 3];
+    let mut bad = Vec::new();
+    for stop in 0..STOPS {
+        let mut svc = Service::start(ServiceOptions {
+            model: Some(model.clone()),
+            workers: 2,
+            entry: Some("app".into()),
+            ..ServiceOptions::default()
+        });
+        let addr = svc.addr();
+        let answered = Arc::new(AtomicU64::new(0));
+        let gone = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (answered, gone, outcomes) = (answered.clone(), gone.clone(), outcomes.clone());
+                std::thread::spawn(move || {
+                    // Until the service is gone and this client was refused once after that
+                    // (bounded: the test's own deadline ends the service first).
+                    for i in 0usize.. {
+                        let o = one_request(addr, (i + c) % 2 == 1);
+                        let done = matches!(o, Outcome::Refused) && gone.load(Ordering::SeqCst);
+                        if matches!(o, Outcome::Answered) {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        outcomes.lock().expect("lock").push(o);
+                        if done || i > 100_000 {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        common::wait_until(CHANGE_TIMEOUT, "the load is answered", || {
+            answered.load(Ordering::Relaxed) >= 40
+        });
+        svc.signal(Signal::SIGTERM);
+        let status = svc.wait_exit(Duration::from_secs(60));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "stop {stop}: exits 0\n{}",
+            svc.log_tail()
+        );
+        gone.store(true, Ordering::SeqCst);
+        for c in clients {
+            c.join().expect("a client thread panicked");
+        }
+        for o in outcomes.lock().expect("lock").drain(..) {
+            match o {
+                Outcome::Answered => totals[0] += 1,
+                Outcome::Refused => totals[1] += 1,
+                Outcome::NotConnected => totals[2] += 1,
+                Outcome::Reset(e) | Outcome::Other(e) => bad.push(format!("stop {stop}: {e}")),
+            }
+        }
+    }
+    eprintln!(
+        "{STOPS} stops under load: {} answered, {} refused, {} not connected in 3 s, {} failed",
+        totals[0],
+        totals[1],
+        totals[2],
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "every accepted connection is answered, none is reset ({} of {}): {bad:#?}",
+        bad.len(),
+        totals.iter().sum::<u64>() + bad.len() as u64
+    );
+}

@@ -1,7 +1,8 @@
 //! What the supervisor does to the world, and what the world tells it.
 //!
 //! [`Effects`] is every action [`super::service::Service`] takes: spawning through the zygote,
-//! signalling and draining children, starting and stopping a zygote, reading the
+//! signalling and draining children, starting and stopping a zygote, gating and closing the
+//! listeners, reading the
 //! clock, logging. [`super::os::Os`] does them for real; the unit tests use the recording fake
 //! in [`super::fake`]. [`Input`] is what the event loop hands the service: signals, control
 //! messages, deaths and exit statuses, admin requests, already decoded.
@@ -73,6 +74,10 @@ pub trait Effects {
     fn signal(&mut self, pid: i32, signal: Signal);
     /// A dead child's fds can go.
     fn forget(&mut self, pid: i32);
+    /// A stop begins: no new connection may be queued on the listeners from now on.
+    fn stop_accepting(&mut self);
+    /// No worker is left: close the listeners, so that new connections are refused.
+    fn close_listeners(&mut self);
     /// Asks the zygote to shut down and waits for it (killing it after a deadline).
     fn stop_zygote(&mut self, pid: i32);
     /// The memory of a process, for `zygote status`.

@@ -18,6 +18,8 @@ pub enum Call {
     Drain(i32),
     Signal(i32, Signal),
     Forget(i32),
+    StopAccepting,
+    CloseListeners,
     StopZygote(i32),
 }
 
@@ -117,6 +119,14 @@ impl Effects for Fake {
 
     fn forget(&mut self, pid: i32) {
         self.calls.push(Call::Forget(pid));
+    }
+
+    fn stop_accepting(&mut self) {
+        self.calls.push(Call::StopAccepting);
+    }
+
+    fn close_listeners(&mut self) {
+        self.calls.push(Call::CloseListeners);
     }
 
     fn stop_zygote(&mut self, pid: i32) {

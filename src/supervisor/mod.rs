@@ -19,6 +19,7 @@
 //! | [`exits`] | exit statuses matched with deaths |
 //! | [`status`] | `zygote status`'s answer |
 //! | [`admin`] | the admin socket |
+//! | [`gate`] | refusing new connections during a stop (an `unsafe` leaf) |
 //! | [`zygote`] | starting a zygote process |
 //!
 //! The supervisor is the children's subreaper, so when the zygote dies the workers keep
@@ -35,6 +36,8 @@ mod effects;
 mod exits;
 #[cfg(test)]
 mod fake;
+#[allow(unsafe_code)]
+mod gate;
 mod os;
 mod policy;
 mod service;

@@ -377,6 +377,24 @@ impl Effects for Os {
         }
     }
 
+    fn stop_accepting(&mut self) {
+        for l in &self.listeners {
+            if let Err(e) = super::gate::refuse_new_connections(l.as_fd()) {
+                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                log::warn!(
+                    "gating listener {addr}: {e}; connections made during the stop may be reset"
+                );
+            }
+        }
+    }
+
+    fn close_listeners(&mut self) {
+        if !self.listeners.is_empty() {
+            log::info!("no worker left: closing the listeners");
+            self.listeners.clear();
+        }
+    }
+
     fn stop_zygote(&mut self, pid: i32) {
         if let Some(mut z) = self.zygote.take() {
             if let Err(e) = z.client.shutdown() {

@@ -514,6 +514,9 @@ impl<E: Effects> Service<E> {
         }
         self.phase = Phase::Stopping;
         self.pending_rolls.clear();
+        // Before any worker is told to drain: nothing may be queued behind the workers' last
+        // accept, or closing the listeners would reset it (see gate.rs).
+        self.fx.stop_accepting();
         let workers: Vec<i32> = self
             .procs
             .iter()

@@ -214,7 +214,11 @@ fn deaths_before_ready_back_off_then_stop_the_service_as_a_crash_loop() {
         "crash loop: worker 0 died 5 times in a row before it was ready"
     ));
     assert_eq!(h.svc.phase, Phase::Stopping);
-    assert!(calls.is_empty() || calls.iter().all(|c| matches!(c, Call::Forget(_))));
+    assert_eq!(
+        calls,
+        [Call::Forget(pid), Call::StopAccepting],
+        "the service stops (no worker is left to drain)"
+    );
 }
 
 #[test]
@@ -223,7 +227,11 @@ fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
     let (w0, w1) = (h.workers[0], h.workers[1]);
     h.svc.input(Input::Signal(Signal::SIGTERM));
     let calls = h.svc.fx.take();
-    assert!(calls.contains(&Call::Drain(w0)) && calls.contains(&Call::Drain(w1)));
+    assert_eq!(
+        calls[..3],
+        [Call::StopAccepting, Call::Drain(w0), Call::Drain(w1)],
+        "the listeners are gated before any worker drains"
+    );
     assert!(
         !calls.contains(&Call::Drain(h.owner)),
         "the owner serves until the workers are gone"
@@ -235,6 +243,10 @@ fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
         .fx
         .logged(Level::Info, "exited after draining (exit code 0)"));
     let calls = h.tick_after(GRACEFUL);
+    assert!(
+        !calls.contains(&Call::CloseListeners),
+        "the listeners stay while a worker drains"
+    );
     assert!(
         !calls.contains(&Call::Signal(w1, Signal::SIGKILL)),
         "not killed at its deadline: {calls:?}"
@@ -251,9 +263,10 @@ fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
         .logged(Level::Warn, "killing: drain deadline passed"));
     h.dies(w1, "signal SIGKILL");
     let calls = h.tick_after(Duration::ZERO);
-    assert!(
-        calls.contains(&Call::Drain(h.owner)),
-        "then the owner: {calls:?}"
+    assert_eq!(
+        calls[..2],
+        [Call::CloseListeners, Call::Drain(h.owner)],
+        "no worker left: the listeners close, then the owner drains"
     );
     assert!(!h.svc.done());
     h.dies(h.owner, "exit code 0");
@@ -270,7 +283,11 @@ fn a_child_that_cannot_hear_drain_gets_sigterm() {
     h.svc.input(Input::Signal(Signal::SIGINT));
     assert_eq!(
         h.svc.fx.take(),
-        [Call::Drain(w), Call::Signal(w, Signal::SIGTERM)]
+        [
+            Call::StopAccepting,
+            Call::Drain(w),
+            Call::Signal(w, Signal::SIGTERM)
+        ]
     );
 }
 

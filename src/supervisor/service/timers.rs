@@ -122,6 +122,7 @@ impl<E: Effects> Service<E> {
     /// The stop: workers drain first, then the owners; whoever passes its deadline is killed.
     fn tick_stopping(&mut self, now: Instant) {
         if !self.procs.values().any(|p| p.role.is_worker()) {
+            self.fx.close_listeners();
             let owners: Vec<i32> = self
                 .procs
                 .iter()
