@@ -538,3 +538,137 @@ fn a_stop_under_load_refuses_new_connections_and_resets_none() {
         totals.iter().sum::<u64>() + bad.len() as u64
     );
 }
+
+/// The pids whose parent is `parent` and whose `comm` is `name`.
+fn children_named(parent: i32, name: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            proc_status_field(pid, "PPid").as_deref() == Some(&parent.to_string())
+                && proc_status_field(pid, "Name").as_deref() == Some(name)
+        })
+        .collect()
+}
+
+/// Whether the peer closed `s` (or said something): false while it stays silent and open.
+fn closed_by_peer(s: &std::os::unix::net::UnixStream) -> bool {
+    use std::io::Read;
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 256];
+    !matches!((&*s).read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[test]
+fn silent_admin_clients_stall_nothing_and_no_healthy_child_is_killed_for_heartbeats() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const CAP: usize = 32;
+    let svc = Service::start(ServiceOptions {
+        workers: 2,
+        args: vec!["--timeout".into(), "2".into()],
+        ..ServiceOptions::default()
+    });
+    let before = svc.pids_of("worker");
+    let owner = svc.pids_of("owner")[0];
+    let zygote = svc.zygote_pid();
+    let sock = svc.runtime_dir.join("supervisor.sock");
+    // More silent clients than the cap: they connect and never send a byte.
+    let silent: Vec<UnixStream> = (0..CAP + 8)
+        .map(|_| UnixStream::connect(&sock).expect("connecting to supervisor.sock"))
+        .collect();
+    common::signal(before[0], Signal::SIGKILL);
+    let replacement = common::wait_for(CHANGE_TIMEOUT, "a new worker 0 is forked", || {
+        children_named(zygote, "zygote-w0")
+            .into_iter()
+            .find(|&p| p != before[0])
+    });
+    // Forked while the silent clients under the cap still hold their connections (none has
+    // reached its 2 s deadline): supervision did not wait for any of them.
+    let open = silent.iter().filter(|s| !closed_by_peer(s)).count();
+    assert_eq!(
+        open, CAP,
+        "the replacement came while {CAP} silent clients were connected (those over the cap \
+         were refused at once)"
+    );
+    // Silent clients keep coming for longer than --timeout, under the cap so that status
+    // requests still get in.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pressure = {
+        let (stop, sock) = (stop.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let mut conns: Vec<UnixStream> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                conns.retain(|s| !closed_by_peer(s));
+                while conns.len() < CAP / 2 {
+                    match UnixStream::connect(&sock) {
+                        Ok(s) => conns.push(s),
+                        Err(_) => break,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    wait_until(
+        CHANGE_TIMEOUT,
+        "the replacement has served for 3 s (longer than --timeout 2)",
+        || {
+            svc.try_status().is_some_and(|s| {
+                procs_of(&s, "worker")
+                    .iter()
+                    .any(|w| w.pid == replacement && w.state == "serving" && w.age_ms >= 3000)
+            })
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    pressure.join().expect("the pressure thread panicked");
+    let s = svc.status();
+    let workers = procs_of(&s, "worker");
+    assert_eq!(
+        serving_in(&workers, 1).map(|w| (w.pid, w.restarts)),
+        Some((before[1], 0)),
+        "worker 1 was never killed for heartbeats: {workers:?}"
+    );
+    assert_eq!(
+        serving_in(&workers, 0).map(|w| (w.pid, w.restarts)),
+        Some((replacement, 1))
+    );
+    assert_eq!(svc.pids_of("owner"), [owner], "the owner was never killed");
+    drop(silent);
+}
+
+/// `zygote CMD --runtime-dir DIR`, its exit status and output.
+fn command(cmd: &str, svc: &Service) -> (bool, String) {
+    let out = std::process::Command::new(common::BIN)
+        .arg(cmd)
+        .arg("--runtime-dir")
+        .arg(&svc.runtime_dir)
+        .output()
+        .expect("running zygote");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn zygote_status_reload_and_stop_reach_the_service_through_the_admin_socket() {
+    let mut svc = Service::idle(2);
+    let old = svc.pids_of("worker");
+    let (ok, table) = command("status", &svc);
+    assert!(
+        ok && table.contains("ROLE") && table.contains("worker"),
+        "{table}"
+    );
+    let (ok, out) = command("reload", &svc);
+    assert!(ok && out.contains("rolling the workers"), "{out}");
+    wait_until_settled(&svc, "zygote reload replaces every worker", |s| {
+        procs_of(s, "worker").iter().all(|w| !old.contains(&w.pid))
+    });
+    let (ok, out) = command("stop", &svc);
+    assert!(ok && out.contains("stopped"), "{out}");
+    assert_eq!(svc.wait_exit(CHANGE_TIMEOUT).code(), Some(0));
+    assert!(svc.leftovers().is_empty(), "zygote stop stops everything");
+}

@@ -69,7 +69,7 @@ impl Os {
     /// signalfd and makes this process the subreaper of everything below it.
     pub fn new(
         listeners: Vec<TcpListener>,
-        admin: Admin,
+        mut admin: Admin,
         spec: ZygoteSpec,
     ) -> anyhow::Result<Self> {
         // Signals are read from a signalfd, so they must not be delivered the ordinary way.
@@ -128,6 +128,8 @@ impl Os {
         } else {
             Duration::ZERO
         };
+        // Silent admin clients lose their connection, never the loop's time.
+        self.admin.expire(Instant::now());
         let mut events = Events::with_capacity(128);
         match self.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
@@ -138,7 +140,7 @@ impl Os {
             match ev.token() {
                 SIGNALS => self.signals(&mut out),
                 ZYGOTE => self.zygote_readable(&mut out),
-                ADMIN => self.admin.accept(&mut out),
+                ADMIN => self.admin.accept(Instant::now(), &mut out),
                 t => match self.tokens.get(&t).copied() {
                     Some(Tok::Control(pid)) => self.control(pid, &mut out),
                     Some(Tok::Pidfd(pid)) => {
@@ -148,7 +150,8 @@ impl Os {
                         self.zygote_events(&mut out);
                         out.push(Input::Died(pid));
                     }
-                    None => self.admin.readable(t, &mut out),
+                    None if self.admin.owns(t) => self.admin.ready(t, &mut out),
+                    None => {}
                 },
             }
         }
