@@ -6,6 +6,8 @@ mod cli;
 mod commands;
 mod entries;
 mod fetch;
+#[allow(unsafe_code)]
+mod inherited_fds;
 mod paths;
 mod supervisor;
 mod zygote_main;
@@ -62,7 +64,16 @@ fn main() {
         Command::AttachIdle => "worker",
         _ => "zygote-cli",
     };
+    // The supervisor and the zygote live as long as the service: they keep nothing they
+    // inherited but stdio (before anything here opens an fd).
+    let inherited = match &cli.command {
+        Command::Start(_) | Command::Zygote(_) => Some(inherited_fds::close()),
+        _ => None,
+    };
     zygote_runtime::logging::init(tag);
+    if let Some(Err(e)) = inherited {
+        log::warn!("closing the fds inherited from the parent: {e}");
+    }
     let result = match cli.command {
         Command::Start(a) => start(a),
         Command::Spawn(a) => commands::spawn(a),

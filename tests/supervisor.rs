@@ -672,3 +672,93 @@ fn zygote_status_reload_and_stop_reach_the_service_through_the_admin_socket() {
     assert_eq!(svc.wait_exit(CHANGE_TIMEOUT).code(), Some(0));
     assert!(svc.leftovers().is_empty(), "zygote stop stops everything");
 }
+
+/// The fds of `pid` that point at `path`.
+fn fds_to(pid: i32, path: &Path) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn fds_inherited_by_zygote_start_are_closed_in_the_supervisor_and_the_zygote() {
+    let dir = TempDir::new("inherit");
+    let model = common::tiny_model(dir.path());
+    let marker = dir.path().join("inherited");
+    std::fs::write(&marker, b"left open by the parent").expect("writing the marker");
+    let rt = dir.path().join("rt");
+    let tag = format!("inherit-{}", dir.path().display());
+    let log = dir.path().join("service.log");
+    // A parent that leaves fds 8 and 9 open (not close-on-exec) across the exec.
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec "$@" 8<"$MARKER" 9<"$MARKER""#)
+        .arg("sh")
+        .arg(common::BIN)
+        .arg("start")
+        .arg("--model")
+        .arg(&model)
+        .args([
+            "--workers",
+            "1",
+            "--entry",
+            "idle",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--backend", "host", "--runtime-dir"])
+        .arg(&rt)
+        .env("MARKER", &marker)
+        .env(common::TAG_ENV, &tag)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("creating the log"))
+        .spawn()
+        .expect("running zygote start under sh");
+    /// Kills the service, and whatever it started, on drop.
+    struct Cleanup(std::process::Child, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            common::kill_tagged(&self.1);
+        }
+    }
+    let supervisor = child.id() as i32;
+    let mut guard = Cleanup(child, tag);
+    let status = common::wait_for(common::START_TIMEOUT, "the service serves", || {
+        if let Ok(Some(st)) = guard.0.try_wait() {
+            panic!(
+                "zygote start exited ({st}):\n{}",
+                common::log_tail(&log, 40)
+            );
+        }
+        let out = std::process::Command::new(common::BIN)
+            .args(["status", "--json", "--runtime-dir"])
+            .arg(&rt)
+            .output()
+            .ok()?;
+        let s: zygote_runtime::protocol::ServiceStatus =
+            serde_json::from_slice(&out.stdout).ok()?;
+        settled(&s, 1).then_some(s)
+    });
+    let zygote = procs_of(&status, "zygote")[0].pid;
+    let worker = procs_of(&status, "worker")[0].pid;
+    for (role, pid) in [
+        ("supervisor", supervisor),
+        ("zygote", zygote),
+        ("worker", worker),
+    ] {
+        assert!(alive(pid), "{role} pid {pid} runs");
+        assert_eq!(
+            fds_to(pid, &marker),
+            Vec::<String>::new(),
+            "the {role} holds none of the fds its parent left open"
+        );
+    }
+}
