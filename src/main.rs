@@ -80,6 +80,7 @@ fn main() {
         Command::Status(a) => commands::status(a),
         Command::Stop(a) => commands::stop(&paths::runtime_dir(&a.runtime_dir)),
         Command::Reload(a) => commands::reload(&paths::runtime_dir(&a.runtime_dir)),
+        Command::Scale(a) => commands::scale(&paths::runtime_dir(&a.runtime_dir), a.workers),
         Command::FetchModel(a) => {
             fetch::ensure(&a.dest.unwrap_or_else(paths::default_model_dir)).map(|()| 0)
         }

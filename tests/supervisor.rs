@@ -12,6 +12,7 @@ use common::{
     ServiceOptions, TempDir, CHANGE_TIMEOUT,
 };
 use nix::sys::signal::Signal;
+use zygote_runtime::protocol::RestartReasons;
 
 /// The worker of `slot` that serves, from a status.
 fn serving_in(procs: &[Proc], slot: u32) -> Option<&Proc> {
@@ -38,6 +39,14 @@ fn a_killed_worker_is_replaced_in_its_slot() {
     let w0 = serving_in(&after, 0).expect("slot 0 serves");
     assert_ne!(w0.pid, victim, "slot 0 is served by a new pid");
     assert_eq!(w0.restarts, 1, "slot 0 counts one restart");
+    assert_eq!(
+        w0.restart_reasons,
+        RestartReasons {
+            signal: 1,
+            ..Default::default()
+        },
+        "slot 0's restart was a signal"
+    );
     let w1 = serving_in(&after, 1).expect("slot 1 serves");
     assert_eq!((w1.pid, w1.restarts), (other, 0), "slot 1 is untouched");
 }
@@ -208,6 +217,12 @@ fn a_worker_that_misses_its_heartbeats_is_killed_and_replaced() {
         Some(before[1]),
         "the heartbeating worker 1 is left alone"
     );
+    let w0 = serving_in(&after, 0).expect("slot 0 serves");
+    assert_eq!(
+        (w0.restart_reasons.heartbeat, w0.restart_reasons.signal),
+        (1, 0),
+        "slot 0 was replaced for its heartbeats (though SIGKILL ended it)"
+    );
 }
 
 #[test]
@@ -285,8 +300,10 @@ fn sighup_rolls_every_worker_the_new_ready_before_the_old_exits() {
     });
     assert_eq!(serving_in(&after, 0).map(|w| w.pid), Some(replacement));
     assert!(
-        after.iter().all(|w| w.restarts == 0),
-        "a roll is not a restart: {after:?}"
+        after
+            .iter()
+            .all(|w| w.restarts == 0 && w.restart_reasons.roll == 1),
+        "a roll is not a restart, but counts as one roll per slot: {after:?}"
     );
     wait_gone(
         &old.iter()
@@ -642,8 +659,13 @@ fn silent_admin_clients_stall_nothing_and_no_healthy_child_is_killed_for_heartbe
 
 /// `zygote CMD --runtime-dir DIR`, its exit status and output.
 fn command(cmd: &str, svc: &Service) -> (bool, String) {
+    command_args(&[cmd], svc)
+}
+
+/// `zygote ARGS... --runtime-dir DIR`, its exit status and output.
+fn command_args(args: &[&str], svc: &Service) -> (bool, String) {
     let out = std::process::Command::new(common::BIN)
-        .arg(cmd)
+        .args(args)
         .arg("--runtime-dir")
         .arg(&svc.runtime_dir)
         .output()
@@ -659,7 +681,7 @@ fn zygote_status_reload_and_stop_reach_the_service_through_the_admin_socket() {
     let old = svc.pids_of("worker");
     let (ok, table) = command("status", &svc);
     assert!(
-        ok && table.contains("ROLE") && table.contains("worker"),
+        ok && table.contains("REPLACED") && table.contains("workers 2"),
         "{table}"
     );
     let (ok, out) = command("reload", &svc);
@@ -761,4 +783,48 @@ fn fds_inherited_by_zygote_start_are_closed_in_the_supervisor_and_the_zygote() {
             "the {role} holds none of the fds its parent left open"
         );
     }
+}
+
+#[test]
+fn zygote_scale_and_sigttin_sigttou_change_the_workers_without_touching_the_others() {
+    let svc = Service::idle(2);
+    let before = svc.pids_of("worker");
+    let (ok, out) = command_args(&["scale", "3"], &svc);
+    assert!(ok && out.contains("scaling to 3 workers"), "{out}");
+    let serving = |s: &zygote_runtime::protocol::ServiceStatus, n: u32| {
+        let w = procs_of(s, "worker");
+        s.workers == n && w.len() == n as usize && w.iter().all(|p| p.state == "serving")
+    };
+    let s = common::wait_for(CHANGE_TIMEOUT, "3 workers serve", || {
+        svc.try_status().filter(|s| serving(s, 3))
+    });
+    let third = serving_in(&procs_of(&s, "worker"), 2).expect("slot 2").pid;
+    for (slot, pid) in before.iter().enumerate() {
+        assert_eq!(
+            serving_in(&procs_of(&s, "worker"), slot as u32).map(|w| w.pid),
+            Some(*pid),
+            "slot {slot} keeps its worker"
+        );
+    }
+    svc.signal(Signal::SIGTTOU);
+    common::wait_for(CHANGE_TIMEOUT, "SIGTTOU: 2 workers", || {
+        svc.try_status().filter(|s| serving(s, 2))
+    });
+    wait_gone(
+        &[("worker 2".into(), third)],
+        CHANGE_TIMEOUT,
+        "slot 2 drains",
+    );
+    assert_eq!(
+        svc.pids_of("worker"),
+        before,
+        "slots 0 and 1 are not touched"
+    );
+    svc.signal(Signal::SIGTTIN);
+    let s = common::wait_for(CHANGE_TIMEOUT, "SIGTTIN: 3 workers", || {
+        svc.try_status().filter(|s| serving(s, 3))
+    });
+    assert!(serving_in(&procs_of(&s, "worker"), 2).is_some_and(|w| w.pid != third));
+    let (ok, out) = command_args(&["scale", "0"], &svc);
+    assert!(!ok, "0 workers is refused: {out}");
 }

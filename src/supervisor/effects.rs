@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use zygote_runtime::procfs::Memory;
 use zygote_runtime::protocol::{AdminRequest, ChildMessage};
 
-use super::policy::Role;
+use super::policy::{Cause, Role};
 
 /// A child to spawn, as the service decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +33,36 @@ pub struct ZygoteInfo {
     pub started: Instant,
 }
 
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    /// The signal, by name or number.
+    Signal(String),
+    Unknown,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "signal {s}"),
+            Exit::Unknown => write!(f, "unknown status"),
+        }
+    }
+}
+
+impl Exit {
+    /// What the exit counts as, when it is a restart.
+    pub fn cause(&self) -> Option<Cause> {
+        match self {
+            Exit::Code(_) => Some(Cause::Exit),
+            Exit::Signal(_) => Some(Cause::Signal),
+            Exit::Unknown => None,
+        }
+    }
+}
+
 /// An admin connection waiting for its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AdminConn(pub usize);
@@ -47,7 +77,7 @@ pub enum Input {
     /// A child's pidfd became readable: it is dead.
     Died(i32),
     /// An exit status: the zygote's `exited`, or one reaped here (an orphan, or the zygote).
-    Status(i32, String),
+    Status(i32, Exit),
     /// The zygote's `child_error`: the child failed before its entry ran.
     ChildError {
         pid: i32,

@@ -1,7 +1,7 @@
 //! The supervisor's effects on the real system, and its event loop's inputs.
 //!
 //! [`Os`] owns every fd of the supervisor: the mio `Poll`, the signalfd (SIGTERM, SIGINT,
-//! SIGHUP, SIGCHLD), the listeners, the connection to the zygote, the admin socket, and per
+//! SIGHUP, SIGCHLD, SIGTTIN, SIGTTOU), the listeners, the connection to the zygote, the admin socket, and per
 //! child its control channel and pidfd. [`Os::wait`] turns their readiness into typed
 //! [`Input`]s; the [`Effects`] methods do what [`super::service::Service`] decided.
 
@@ -25,7 +25,7 @@ use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response};
 
 use super::admin::Admin;
-use super::effects::{AdminConn, Effects, Input, SpawnRequest, ZygoteInfo};
+use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
 use super::zygote::{self, ZygoteProc, ZygoteSpec};
 
 const SIGNALS: Token = Token(0);
@@ -79,6 +79,8 @@ impl Os {
             Signal::SIGINT,
             Signal::SIGHUP,
             Signal::SIGCHLD,
+            Signal::SIGTTIN,
+            Signal::SIGTTOU,
         ] {
             mask.add(s);
         }
@@ -237,8 +239,10 @@ impl Os {
     fn reap(&mut self, out: &mut Vec<Input>) {
         loop {
             let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), format!("exit code {code}")),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid.as_raw(), format!("signal {sig}")),
+                Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), Exit::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    (pid.as_raw(), Exit::Signal(sig.to_string()))
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
             };
@@ -260,11 +264,11 @@ impl Os {
 }
 
 /// An exit as the zygote reports it.
-fn exit_status(code: Option<i32>, signal: Option<i32>) -> String {
+fn exit_status(code: Option<i32>, signal: Option<i32>) -> Exit {
     match (code, signal) {
-        (Some(c), _) => format!("exit code {c}"),
-        (_, Some(s)) => format!("signal {s}"),
-        _ => "unknown status".into(),
+        (Some(c), _) => Exit::Code(c),
+        (_, Some(s)) => Exit::Signal(s.to_string()),
+        _ => Exit::Unknown,
     }
 }
 

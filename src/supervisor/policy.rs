@@ -5,12 +5,16 @@
 
 use std::time::{Duration, Instant};
 
+use zygote_runtime::protocol::RestartReasons;
+
 /// Deaths before ready, in a row, that stop the service.
 pub const CRASH_LOOP_LIMIT: u32 = 5;
 /// Longest wait between retries of a worker (or a zygote) that keeps failing.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Time a child gets from spawn to ready (model import, app start).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most workers a service runs (`--workers`, `zygote scale`).
+pub const MAX_WORKERS: u32 = 256;
 /// First retry of a child that died before it was ready.
 pub const CHILD_BACKOFF: Duration = Duration::from_millis(100);
 /// First restart of a dead zygote.
@@ -199,6 +203,30 @@ impl ZygoteRestarts {
     }
 }
 
+/// Why a slot's child was replaced (`zygote status` counts them per slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// It exited with a code on its own.
+    Exit,
+    /// A signal the supervisor did not send killed it.
+    Signal,
+    /// The supervisor killed it: silent past `--timeout`, or not ready in time.
+    Heartbeat,
+    /// A roll replaced it.
+    Roll,
+}
+
+/// Counts one replacement for `cause`.
+pub fn count(reasons: &mut RestartReasons, cause: Cause) {
+    let n = match cause {
+        Cause::Exit => &mut reasons.exit,
+        Cause::Signal => &mut reasons.signal,
+        Cause::Heartbeat => &mut reasons.heartbeat,
+        Cause::Roll => &mut reasons.roll,
+    };
+    *n += 1;
+}
+
 /// Whether the owner that just became ready needs every worker rolled: the memory of legacy
 /// CUDA IPC dies with the owner that exported it, so after a restart (not the first start)
 /// the workers must import the new owner's weights.
@@ -338,6 +366,30 @@ mod tests {
             ]
         );
         assert_eq!(z.restarts, 1, "failed starts are not restarts");
+    }
+
+    #[test]
+    fn each_cause_counts_under_its_own_reason() {
+        let mut r = RestartReasons::default();
+        for c in [
+            Cause::Exit,
+            Cause::Signal,
+            Cause::Signal,
+            Cause::Heartbeat,
+            Cause::Roll,
+        ] {
+            count(&mut r, c);
+        }
+        assert_eq!(
+            r,
+            RestartReasons {
+                exit: 1,
+                signal: 2,
+                heartbeat: 1,
+                recycle: 0,
+                roll: 1
+            }
+        );
     }
 
     #[test]

@@ -11,9 +11,11 @@ use std::time::Instant;
 use anyhow::bail;
 use log::Level;
 use nix::sys::signal::Signal;
-use zygote_runtime::protocol::{AdminRequest, AdminResponse, ChildMessage};
+use zygote_runtime::protocol::{
+    AdminRequest, AdminResponse, ChildMessage, ErrorCode, RestartReasons,
+};
 
-use super::effects::{AdminConn, Effects, Input, SpawnRequest, ZygoteInfo};
+use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
 use super::exits::Exits;
 use super::policy::{self, Death, Phase, Role, State, Timers, ZygoteRestart};
 use super::Config;
@@ -35,6 +37,8 @@ pub(super) struct Child {
     pub generation: Option<u64>,
     /// The pid this child replaces once it is ready (a roll).
     pub replaces: Option<i32>,
+    /// Why the supervisor killed it, if it did (counted when it dies).
+    pub killed_for: Option<policy::Cause>,
 }
 
 /// The history of one slot (a worker slot, or an owner's device).
@@ -43,6 +47,8 @@ pub(super) struct Slot {
     pub restarts: u32,
     pub failures_before_ready: u32,
     pub restart_at: Option<Instant>,
+    /// Why its children were replaced.
+    pub reasons: RestartReasons,
 }
 
 /// The supervisor's state, and its effects.
@@ -161,6 +167,15 @@ impl<E: Effects> Service<E> {
     pub fn input(&mut self, input: Input) -> Option<(AdminConn, AdminResponse)> {
         match input {
             Input::Signal(Signal::SIGHUP) => self.roll("SIGHUP"),
+            Input::Signal(s @ (Signal::SIGTTIN | Signal::SIGTTOU)) => {
+                let n = match s {
+                    Signal::SIGTTIN => self.cfg.workers.saturating_add(1),
+                    _ => self.cfg.workers.saturating_sub(1),
+                };
+                if let Err((_, why)) = self.scale(n, s.as_str()) {
+                    say!(self.fx, Warn, "{s}: {why}");
+                }
+            }
             Input::Signal(s @ (Signal::SIGTERM | Signal::SIGINT)) => {
                 say!(self.fx, Info, "{s}: draining and stopping");
                 self.begin_stop();
@@ -179,7 +194,7 @@ impl<E: Effects> Service<E> {
                     Error,
                     "pid {pid} failed before its entry ran ({stage}): {message}"
                 );
-                self.on_status(pid, format!("{stage} failed: {message}"));
+                self.on_status_text(pid, format!("{stage} failed: {message}"), None);
             }
             Input::Admin(conn, req) => return Some((conn, self.admin(req))),
         }
@@ -202,6 +217,14 @@ impl<E: Effects> Service<E> {
                 self.roll("reload requested");
                 AdminResponse::Ok { id }
             }
+            AdminRequest::Scale { id, workers } => match self.scale(workers, "scale requested") {
+                Ok(()) => AdminResponse::Ok { id },
+                Err((code, message)) => AdminResponse::Error {
+                    id: Some(id),
+                    code,
+                    message,
+                },
+            },
         }
     }
 
@@ -266,9 +289,14 @@ impl<E: Effects> Service<E> {
                 served: 0,
                 generation: None,
                 replaces,
+                killed_for: None,
             },
         );
         Ok(())
+    }
+
+    fn slot(&mut self, role: Role) -> &mut Slot {
+        self.slots.entry(role).or_default()
     }
 
     fn owners_ready(&self) -> bool {
@@ -335,6 +363,7 @@ impl<E: Effects> Service<E> {
             s.failures_before_ready = 0;
         }
         if let Some(old) = replaces {
+            policy::count(&mut self.slot(role).reasons, policy::Cause::Roll);
             self.drain(old, "replaced by a new worker");
         }
         if self.phase == Phase::Starting && self.owners_ready() {
@@ -370,8 +399,10 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    fn kill(&mut self, pid: i32, why: &str) {
-        if let Some(p) = self.procs.get(&pid) {
+    /// Kills a child; `cause` is what its death counts as, when it is a restart.
+    fn kill(&mut self, pid: i32, why: &str, cause: Option<policy::Cause>) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.killed_for = p.killed_for.or(cause);
             let role = p.role;
             say!(self.fx, Warn, "{role} (pid {pid}): killing: {why}");
             self.fx.signal(pid, Signal::SIGKILL);
@@ -385,11 +416,18 @@ impl<E: Effects> Service<E> {
         self.fx.forget(pid);
         let now = self.fx.now();
         let role = p.role;
-        let status = self
+        // Deaths that are restarts count among the slot's reasons: by the kill the supervisor
+        // sent, else by the status (now, or when it comes).
+        let counts = p.state != State::Draining && self.phase != Phase::Stopping;
+        let known = self
             .exits
-            .death(pid, role)
-            .unwrap_or_else(|| "status to follow".into());
+            .death(pid, role, counts && p.killed_for.is_none());
+        let cause = p.killed_for.or(known.as_ref().and_then(|k| k.cause));
+        let status = known.map_or_else(|| "status to follow".into(), |k| k.text);
         let slot = self.slots.entry(role).or_default();
+        if let Some(c) = cause.filter(|_| counts) {
+            policy::count(&mut slot.reasons, c);
+        }
         let failures = if p.state == State::Starting && self.phase != Phase::Stopping {
             slot.failures_before_ready += 1;
             slot.restarts += 1;
@@ -458,12 +496,20 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    fn on_status(&mut self, pid: i32, status: String) {
+    fn on_status(&mut self, pid: i32, exit: Exit) {
         if self.zygote.is_some_and(|z| z.pid == pid) {
-            return self.on_zygote_death(status);
+            return self.on_zygote_death(exit.to_string());
         }
-        if let Some(role) = self.exits.status(pid, status.clone()) {
-            say!(self.fx, Info, "{role} (pid {pid}) exit status: {status}");
+        self.on_status_text(pid, exit.to_string(), exit.cause());
+    }
+
+    fn on_status_text(&mut self, pid: i32, text: String, cause: Option<policy::Cause>) {
+        if let Some(late) = self.exits.status(pid, text.clone(), cause) {
+            let role = late.role;
+            say!(self.fx, Info, "{role} (pid {pid}) exit status: {text}");
+            if let Some(c) = late.count {
+                policy::count(&mut self.slot(role).reasons, c);
+            }
         }
     }
 
@@ -506,6 +552,48 @@ impl<E: Effects> Service<E> {
             .filter(|(_, p)| p.role.is_worker() && p.state != State::Draining)
             .map(|(pid, _)| *pid);
         self.pending_rolls.extend(olds);
+    }
+
+    /// Runs `n` workers from now on: new slots are spawned, the workers of slots past `n`
+    /// drain; the others are not touched.
+    fn scale(&mut self, n: u32, why: &str) -> Result<(), (ErrorCode, String)> {
+        if !(1..=policy::MAX_WORKERS).contains(&n) {
+            let max = policy::MAX_WORKERS;
+            return Err((
+                ErrorCode::BadRequest,
+                format!("the number of workers must be 1 to {max}, not {n}"),
+            ));
+        }
+        if self.phase == Phase::Stopping {
+            return Err((ErrorCode::ShuttingDown, "the service is stopping".into()));
+        }
+        let old = std::mem::replace(&mut self.cfg.workers, n);
+        if n == old {
+            return Ok(());
+        }
+        say!(self.fx, Info, "{why}: from {old} to {n} workers");
+        if self.phase == Phase::Running {
+            for w in old..n {
+                if let Err(e) = self.spawn(Role::Worker(w), None) {
+                    say!(self.fx, Error, "spawning worker {w}: {e:#}");
+                    let at = self.fx.now() + policy::RESPAWN_RETRY;
+                    self.slot(Role::Worker(w)).restart_at = Some(at);
+                }
+            }
+        }
+        let retired: Vec<i32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| matches!(p.role, Role::Worker(w) if w >= n))
+            .map(|(pid, _)| *pid)
+            .collect();
+        self.pending_rolls.retain(|pid| !retired.contains(pid));
+        self.slots
+            .retain(|role, _| !matches!(role, Role::Worker(w) if *w >= n));
+        for pid in retired {
+            self.drain(pid, "scaled down");
+        }
+        Ok(())
     }
 
     fn begin_stop(&mut self) {

@@ -28,6 +28,7 @@ impl<E: Effects> Service<E> {
             rss_kib: mine.map(|m| m.rss_kib),
             age_ms: ms(self.started),
             served: None,
+            restart_reasons: Default::default(),
         }];
         let restarts = self.zygote_restarts.restarts;
         processes.push(match &self.zygote {
@@ -43,6 +44,7 @@ impl<E: Effects> Service<E> {
                     rss_kib: m.map(|m| m.rss_kib),
                     age_ms: ms(z.started),
                     served: None,
+                    restart_reasons: Default::default(),
                 }
             }
             None => ProcessStatus {
@@ -55,12 +57,14 @@ impl<E: Effects> Service<E> {
                 rss_kib: None,
                 age_ms: 0,
                 served: None,
+                restart_reasons: Default::default(),
             },
         });
         let mut children: Vec<(&i32, &Child)> = self.procs.iter().collect();
         children.sort_by_key(|(_, p)| (p.role.is_worker(), p.role.slot(), p.timers.started));
         for (&pid, p) in children {
             let m = self.fx.memory(pid);
+            let slot = self.slots.get(&p.role);
             processes.push(ProcessStatus {
                 role: match p.role {
                     Role::Owner(_) => "owner",
@@ -75,11 +79,12 @@ impl<E: Effects> Service<E> {
                     State::Draining => "draining",
                 }
                 .into(),
-                restarts: self.slots.get(&p.role).map(|s| s.restarts).unwrap_or(0),
+                restarts: slot.map(|s| s.restarts).unwrap_or(0),
                 pss_kib: m.map(|m| m.pss_kib),
                 rss_kib: m.map(|m| m.rss_kib),
                 age_ms: ms(p.timers.started),
                 served: Some(p.served),
+                restart_reasons: slot.map(|s| s.reasons).unwrap_or_default(),
             });
         }
         ServiceStatus {
@@ -92,6 +97,7 @@ impl<E: Effects> Service<E> {
             ipc: self.ipc.clone(),
             listen: self.listen.clone(),
             uptime_ms: ms(self.started),
+            workers: self.cfg.workers,
             processes,
         }
     }

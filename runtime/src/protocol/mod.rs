@@ -298,6 +298,11 @@ pub enum AdminRequest {
     Reload {
         id: u64,
     },
+    /// Run `workers` workers from now on (1 to 256), as SIGTTIN and SIGTTOU do one at a time.
+    Scale {
+        id: u64,
+        workers: u32,
+    },
 }
 
 /// A running `zygote start`'s answers.
@@ -328,6 +333,9 @@ pub struct ServiceStatus {
     pub ipc: Option<String>,
     pub listen: Vec<String>,
     pub uptime_ms: u64,
+    /// The number of workers the service runs (`--workers`, or the last `scale`).
+    #[serde(default)]
+    pub workers: u32,
     pub processes: Vec<ProcessStatus>,
 }
 
@@ -350,4 +358,24 @@ pub struct ProcessStatus {
     pub rss_kib: Option<u64>,
     pub age_ms: u64,
     pub served: Option<u64>,
+    /// Why this slot's children were replaced so far.
+    #[serde(default)]
+    pub restart_reasons: RestartReasons,
+}
+
+/// Why a slot's children were replaced, counted per reason. `exit`, `signal` and `heartbeat`
+/// are deaths (their sum is `restarts`); `roll` counts planned replacements (SIGHUP, `reload`,
+/// the roll after a legacy-IPC owner's restart); `recycle` is kept for replacements after a
+/// request or memory limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartReasons {
+    /// Exited with a code on its own.
+    pub exit: u32,
+    /// Killed by a signal the supervisor did not send.
+    pub signal: u32,
+    /// Killed by the supervisor: silent past `--timeout`, or not ready in time.
+    pub heartbeat: u32,
+    pub recycle: u32,
+    pub roll: u32,
 }

@@ -6,10 +6,12 @@ use std::time::Duration;
 use log::Level;
 use nix::sys::signal::Signal;
 use zygote_runtime::backend::{BackendChoice, IpcChoice};
-use zygote_runtime::protocol::ChildMessage;
+use zygote_runtime::protocol::{
+    AdminRequest, AdminResponse, ChildMessage, ErrorCode, RestartReasons,
+};
 
 use super::Service;
-use crate::supervisor::effects::Input;
+use crate::supervisor::effects::{AdminConn, Exit, Input};
 use crate::supervisor::fake::{Call, Fake};
 use crate::supervisor::policy::{Phase, Role, State, CRASH_LOOP_LIMIT, READY_TIMEOUT};
 use crate::supervisor::Config;
@@ -31,6 +33,10 @@ fn config(workers: u32, timeout: Duration) -> Config {
         graceful_timeout: GRACEFUL,
         allow_uids: Vec::new(),
     }
+}
+
+fn sig(name: &str) -> Exit {
+    Exit::Signal(name.into())
 }
 
 fn ready(detail: &str) -> ChildMessage {
@@ -102,8 +108,8 @@ impl Harness {
     }
 
     /// A child's death, its status first (as the event loop orders them).
-    fn dies(&mut self, pid: i32, status: &str) -> Vec<Call> {
-        self.svc.input(Input::Status(pid, status.into()));
+    fn dies(&mut self, pid: i32, status: Exit) -> Vec<Call> {
+        self.svc.input(Input::Status(pid, status));
         self.svc.input(Input::Died(pid));
         self.svc.fx.take()
     }
@@ -173,7 +179,7 @@ fn workers_get_the_listeners_and_devices_in_turn_owners_get_none() {
 fn a_worker_that_dies_while_serving_is_replaced_at_once() {
     let mut h = Harness::running(2, Duration::from_secs(30), "");
     let victim = h.workers[0];
-    let calls = h.dies(victim, "signal SIGKILL");
+    let calls = h.dies(victim, sig("SIGKILL"));
     assert!(calls.contains(&Call::Forget(victim)));
     assert!(h
         .svc
@@ -189,10 +195,10 @@ fn a_worker_that_dies_while_serving_is_replaced_at_once() {
 fn deaths_before_ready_back_off_then_stop_the_service_as_a_crash_loop() {
     let mut h = Harness::running(1, Duration::from_secs(30), "");
     let first = h.workers[0];
-    h.dies(first, "signal SIGKILL");
+    h.dies(first, sig("SIGKILL"));
     let mut pid = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
     for n in 1..CRASH_LOOP_LIMIT {
-        h.dies(pid, "exit code 1");
+        h.dies(pid, Exit::Code(1));
         let wait = Duration::from_millis(100 << (n - 1));
         assert!(h.svc.fx.logged(
             Level::Warn,
@@ -208,7 +214,7 @@ fn deaths_before_ready_back_off_then_stop_the_service_as_a_crash_loop() {
         );
         pid = spawned(&h.tick_after(Duration::from_millis(1)), Role::Worker(0))[0];
     }
-    let calls = h.dies(pid, "exit code 1");
+    let calls = h.dies(pid, Exit::Code(1));
     assert!(h.svc.fx.logged(
         Level::Error,
         "crash loop: worker 0 died 5 times in a row before it was ready"
@@ -237,7 +243,7 @@ fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
         "the owner serves until the workers are gone"
     );
     // Worker 0 finishes; worker 1 hangs.
-    h.dies(w0, "exit code 0");
+    h.dies(w0, Exit::Code(0));
     assert!(h
         .svc
         .fx
@@ -261,7 +267,7 @@ fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
         .svc
         .fx
         .logged(Level::Warn, "killing: drain deadline passed"));
-    h.dies(w1, "signal SIGKILL");
+    h.dies(w1, sig("SIGKILL"));
     let calls = h.tick_after(Duration::ZERO);
     assert_eq!(
         calls[..2],
@@ -269,7 +275,7 @@ fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
         "no worker left: the listeners close, then the owner drains"
     );
     assert!(!h.svc.done());
-    h.dies(h.owner, "exit code 0");
+    h.dies(h.owner, Exit::Code(0));
     assert!(h.svc.done());
     assert_eq!(h.svc.finish(), None, "a requested stop is not an error");
     assert_eq!(h.svc.fx.take(), [Call::StopZygote(h.zygote)]);
@@ -295,7 +301,7 @@ fn a_child_that_cannot_hear_drain_gets_sigterm() {
 fn a_child_not_ready_within_120_s_is_killed_and_retried() {
     let timeout = Duration::from_secs(1000);
     let mut h = Harness::running(1, timeout, "");
-    h.dies(h.workers[0], "signal SIGKILL");
+    h.dies(h.workers[0], sig("SIGKILL"));
     let slow = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
     let calls = h.tick_after(READY_TIMEOUT);
     assert!(!calls.contains(&Call::Signal(slow, Signal::SIGKILL)));
@@ -308,7 +314,7 @@ fn a_child_not_ready_within_120_s_is_killed_and_retried() {
         .svc
         .fx
         .logged(Level::Warn, "killing: not ready after 120s"));
-    h.dies(slow, "signal SIGKILL");
+    h.dies(slow, sig("SIGKILL"));
     assert!(h.svc.fx.logged(Level::Warn, "died before it was ready"));
     assert_eq!(h.svc.slots[&Role::Worker(0)].failures_before_ready, 1);
 }
@@ -351,8 +357,8 @@ fn a_roll_drains_each_old_worker_only_once_its_replacement_is_ready() {
     assert_eq!(h.state(old0), Some(State::Serving));
     h.svc.input(Input::Message(new0, ready("")));
     assert_eq!(h.svc.fx.take(), [Call::Drain(old0)]);
-    h.dies(old0, "exit code 0");
-    h.dies(old1, "exit code 0");
+    h.dies(old0, Exit::Code(0));
+    h.dies(old1, Exit::Code(0));
     assert!(
         spawned(&h.tick_after(Duration::from_secs(1)), Role::Worker(0)).is_empty(),
         "a drained worker is not replaced again"
@@ -366,7 +372,7 @@ fn a_replacement_that_dies_mid_roll_leaves_the_old_worker_serving_and_is_retried
     let old = h.workers[0];
     h.svc.input(Input::Signal(Signal::SIGHUP));
     let doomed = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
-    let calls = h.dies(doomed, "exit code 1");
+    let calls = h.dies(doomed, Exit::Code(1));
     assert!(!calls.contains(&Call::Drain(old)), "{calls:?}");
     assert_eq!(
         h.state(old),
@@ -393,7 +399,7 @@ fn a_restarted_legacy_ipc_owner_rolls_every_worker() {
     let mut h = Harness::running(2, Duration::from_secs(30), "backend=cuda ipc=legacy");
     assert_eq!(h.svc.ipc.as_deref(), Some("legacy"));
     assert_eq!(h.svc.backend.as_deref(), Some("cuda"));
-    h.dies(h.owner, "signal SIGKILL");
+    h.dies(h.owner, sig("SIGKILL"));
     let owner = spawned(&h.tick_after(Duration::ZERO), Role::Owner(0))[0];
     assert!(
         spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
@@ -413,7 +419,7 @@ fn a_restarted_legacy_ipc_owner_rolls_every_worker() {
 #[test]
 fn a_restarted_vmm_owner_leaves_the_workers_alone() {
     let mut h = Harness::running(2, Duration::from_secs(30), "backend=cuda ipc=vmm");
-    h.dies(h.owner, "signal SIGKILL");
+    h.dies(h.owner, sig("SIGKILL"));
     let owner = spawned(&h.tick_after(Duration::ZERO), Role::Owner(0))[0];
     h.svc
         .input(Input::Message(owner, ready("backend=cuda ipc=vmm")));
@@ -425,8 +431,7 @@ fn a_restarted_vmm_owner_leaves_the_workers_alone() {
 fn a_zygote_restart_that_keeps_failing_stops_the_service() {
     let mut h = Harness::running(1, Duration::from_secs(1000), "");
     let w = h.workers[0];
-    h.svc
-        .input(Input::Status(h.zygote, "signal SIGKILL".into()));
+    h.svc.input(Input::Status(h.zygote, sig("SIGKILL")));
     assert!(h.svc.zygote.is_none());
     assert!(h.svc.fx.logged(Level::Warn, "restarting it in 50 ms"));
     h.svc.fx.zygote_failures = 100;
@@ -455,8 +460,8 @@ fn a_zygote_restart_that_keeps_failing_stops_the_service() {
         .svc
         .fx
         .logged(Level::Error, "the zygote cannot be restarted"));
-    h.dies(w, "exit code 0");
-    h.dies(h.owner, "exit code 0");
+    h.dies(w, Exit::Code(0));
+    h.dies(h.owner, Exit::Code(0));
     let reason = h.svc.finish().expect("a fatal stop has its reason");
     assert!(
         reason.contains("the zygote cannot be restarted"),
@@ -467,9 +472,8 @@ fn a_zygote_restart_that_keeps_failing_stops_the_service() {
 #[test]
 fn a_zygote_that_restarts_serves_the_next_spawns() {
     let mut h = Harness::running(1, Duration::from_secs(1000), "");
-    h.svc
-        .input(Input::Status(h.zygote, "signal SIGKILL".into()));
-    h.dies(h.workers[0], "signal SIGKILL");
+    h.svc.input(Input::Status(h.zygote, sig("SIGKILL")));
+    h.dies(h.workers[0], sig("SIGKILL"));
     let calls = h.tick_after(Duration::from_millis(10));
     assert!(
         spawned(&calls, Role::Worker(0)).is_empty(),
@@ -490,7 +494,7 @@ fn an_exit_status_that_comes_after_the_death_is_logged_with_the_role() {
         .svc
         .fx
         .logged(Level::Warn, "died while serving (status to follow)"));
-    h.svc.input(Input::Status(w, "signal SIGSEGV".into()));
+    h.svc.input(Input::Status(w, sig("SIGSEGV")));
     assert!(h.svc.fx.logged(
         Level::Info,
         &format!("worker 0 (pid {w}) exit status: signal SIGSEGV")
@@ -508,7 +512,7 @@ fn an_owner_that_fails_before_the_first_ready_fails_the_start() {
         stage: "attach".into(),
         message: "no model".into(),
     });
-    svc.input(Input::Status(owner, "exit code 127".into()));
+    svc.input(Input::Status(owner, Exit::Code(127)));
     svc.input(Input::Died(owner));
     assert!(svc.done());
     let reason = svc.finish().expect("the start failed");
@@ -522,7 +526,7 @@ fn an_owner_that_fails_before_the_first_ready_fails_the_start() {
 #[test]
 fn status_reports_each_process_with_its_slot_state_and_restarts() {
     let mut h = Harness::running(2, Duration::from_secs(30), "backend=host ipc=memfd");
-    h.dies(h.workers[1], "signal SIGKILL");
+    h.dies(h.workers[1], sig("SIGKILL"));
     h.tick_after(Duration::ZERO);
     let s = h.svc.status();
     let rows: Vec<(&str, Option<u32>, &str, u32)> = s
@@ -544,4 +548,108 @@ fn status_reports_each_process_with_its_slot_state_and_restarts() {
         (s.backend.as_str(), s.ipc.as_deref()),
         ("host", Some("memfd"))
     );
+}
+
+fn reasons(h: &Harness, role: Role) -> RestartReasons {
+    h.svc
+        .slots
+        .get(&role)
+        .map(|s| s.reasons)
+        .unwrap_or_default()
+}
+
+#[test]
+fn each_replacement_counts_under_its_reason() {
+    let mut h = Harness::running(4, Duration::from_secs(30), "");
+    let w = h.workers.clone();
+    h.dies(w[0], Exit::Code(3));
+    h.dies(w[1], sig("SIGSEGV"));
+    // A status after the death: counted when it comes.
+    h.svc.input(Input::Died(w[3]));
+    assert_eq!(reasons(&h, Role::Worker(3)), RestartReasons::default());
+    h.svc.input(Input::Status(w[3], Exit::Code(1)));
+    let r = |h: &Harness, s| reasons(h, Role::Worker(s));
+    assert_eq!((r(&h, 0).exit, r(&h, 0).signal), (1, 0));
+    assert_eq!((r(&h, 1).exit, r(&h, 1).signal), (0, 1));
+    assert_eq!(r(&h, 3).exit, 1, "a status after the death is counted");
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    let silent = h.workers[0];
+    let calls = h.tick_after(Duration::from_secs(31));
+    assert!(calls.contains(&Call::Signal(silent, Signal::SIGKILL)));
+    h.dies(silent, sig("SIGKILL"));
+    assert_eq!(
+        reasons(&h, Role::Worker(0)),
+        RestartReasons {
+            heartbeat: 1,
+            ..Default::default()
+        }
+    );
+    let new = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    h.svc.input(Input::Message(new, ready("")));
+    h.svc.input(Input::Signal(Signal::SIGHUP));
+    let rolled = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    h.svc.input(Input::Message(rolled, ready("")));
+    h.dies(new, Exit::Code(0));
+    let r = reasons(&h, Role::Worker(0));
+    assert_eq!(
+        (r.heartbeat, r.roll, r.exit),
+        (1, 1, 0),
+        "a drained exit is no restart"
+    );
+    let status = h.svc.status();
+    assert_eq!(status.processes.last().map(|p| p.restart_reasons), Some(r));
+}
+
+#[test]
+fn scaling_adds_slots_and_drains_the_ones_past_the_new_count_touching_no_other() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let (w0, w1) = (h.workers[0], h.workers[1]);
+    let resp = h.svc.input(Input::Admin(
+        AdminConn(1),
+        AdminRequest::Scale { id: 7, workers: 4 },
+    ));
+    assert_eq!(resp, Some((AdminConn(1), AdminResponse::Ok { id: 7 })));
+    let calls = h.svc.fx.take();
+    let (w2, w3) = (
+        spawned(&calls, Role::Worker(2))[0],
+        spawned(&calls, Role::Worker(3))[0],
+    );
+    assert_eq!(calls.len(), 2, "only the new slots: {calls:?}");
+    h.svc.input(Input::Message(w2, ready("")));
+    h.svc.input(Input::Message(w3, ready("")));
+    h.svc.input(Input::Signal(Signal::SIGTTOU));
+    assert_eq!(h.svc.fx.take(), [Call::Drain(w3)]);
+    assert_eq!(h.svc.status().workers, 3);
+    h.svc.input(Input::Admin(
+        AdminConn(2),
+        AdminRequest::Scale { id: 8, workers: 1 },
+    ));
+    assert_eq!(h.svc.fx.take(), [Call::Drain(w1), Call::Drain(w2)]);
+    for pid in [w1, w2, w3] {
+        h.dies(pid, Exit::Code(0));
+    }
+    let calls = h.tick_after(Duration::from_secs(1));
+    assert!(calls.is_empty(), "the slots past 1 stay empty: {calls:?}");
+    assert_eq!(h.state(w0), Some(State::Serving), "worker 0 is not touched");
+    h.svc.input(Input::Signal(Signal::SIGTTIN));
+    assert_eq!(spawned(&h.svc.fx.take(), Role::Worker(1)).len(), 1);
+    assert!(h.svc.fx.logged(Level::Info, "SIGTTIN: from 1 to 2 workers"));
+}
+
+#[test]
+fn a_scale_out_of_range_or_while_stopping_is_refused() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    h.svc.input(Input::Signal(Signal::SIGTTOU));
+    assert!(h.svc.fx.logged(Level::Warn, "must be 1 to 256, not 0"));
+    assert!(h.svc.fx.take().is_empty(), "the last worker stays");
+    let refused = |h: &mut Harness, workers| match h.svc.input(Input::Admin(
+        AdminConn(1),
+        AdminRequest::Scale { id: 1, workers },
+    )) {
+        Some((_, AdminResponse::Error { code, .. })) => Some(code),
+        _ => None,
+    };
+    assert_eq!(refused(&mut h, 257), Some(ErrorCode::BadRequest));
+    h.svc.input(Input::Signal(Signal::SIGTERM));
+    assert_eq!(refused(&mut h, 2), Some(ErrorCode::ShuttingDown));
 }

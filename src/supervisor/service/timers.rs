@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use log::Level;
 
-use super::{Effects, Service, Slot};
-use crate::supervisor::policy::{self, Phase, Role, State, ZygoteRestart};
+use super::{Effects, Service};
+use crate::supervisor::policy::{self, Cause, Phase, Role, State, ZygoteRestart};
 
 impl<E: Effects> Service<E> {
     /// Timers: the zygote's restart, slot restarts, rolls, heartbeats, ready and drain
@@ -31,13 +31,15 @@ impl<E: Effects> Service<E> {
             .filter_map(|(pid, p)| Some((*pid, policy::overdue(p.state, &p.timers, now, timeout)?)))
             .collect();
         for (pid, why) in kills {
-            let why = match why {
-                policy::Overdue::Heartbeat(_) => {
-                    format!("{why} (--timeout {}s)", timeout.as_secs())
-                }
-                _ => why.to_string(),
+            let (text, cause) = match why {
+                policy::Overdue::Heartbeat(_) => (
+                    format!("{why} (--timeout {}s)", timeout.as_secs()),
+                    Some(Cause::Heartbeat),
+                ),
+                policy::Overdue::NotReady => (why.to_string(), Some(Cause::Heartbeat)),
+                policy::Overdue::DrainDeadline => (why.to_string(), None),
             };
-            self.kill(pid, &why);
+            self.kill(pid, &text, cause);
         }
     }
 
@@ -77,7 +79,8 @@ impl<E: Effects> Service<E> {
                 .procs
                 .values()
                 .any(|p| p.role == role && p.state != State::Draining);
-            if occupied {
+            let retired = matches!(role, Role::Worker(w) if w >= self.cfg.workers);
+            if occupied || retired {
                 self.slot(role).restart_at = None;
                 continue;
             }
@@ -92,10 +95,6 @@ impl<E: Effects> Service<E> {
                 }
             }
         }
-    }
-
-    fn slot(&mut self, role: Role) -> &mut Slot {
-        self.slots.entry(role).or_default()
     }
 
     /// Rolls: one replacement per old worker that still serves and has none yet.
@@ -140,7 +139,7 @@ impl<E: Effects> Service<E> {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in late {
-            self.kill(pid, "drain deadline passed");
+            self.kill(pid, "drain deadline passed", None);
         }
     }
 }
