@@ -105,9 +105,20 @@ pub fn admin(dir: &Path, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
             sock.display()
         )
     })?;
-    frame::write_frame(&mut stream, req)?;
-    let resp: AdminResponse = frame::read_frame(&mut stream, Some(Duration::from_secs(30)))?
-        .context("the supervisor closed the connection")?;
+    // A refused peer finds the connection closed before it could write; the refusal is still
+    // there to read, and says more than the failed write.
+    let sent = frame::write_frame(&mut stream, req);
+    let resp: AdminResponse = match frame::read_frame(&mut stream, Some(Duration::from_secs(30))) {
+        Ok(Some(resp)) => resp,
+        Ok(None) => {
+            sent?;
+            bail!("the supervisor closed the connection");
+        }
+        Err(e) => {
+            sent?;
+            return Err(e.into());
+        }
+    };
     if let AdminResponse::Error { code, message, .. } = &resp {
         bail!("the supervisor refused: {code:?}: {message}");
     }

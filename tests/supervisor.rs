@@ -828,3 +828,34 @@ fn zygote_scale_and_sigttin_sigttou_change_the_workers_without_touching_the_othe
     let (ok, out) = command_args(&["scale", "0"], &svc);
     assert!(!ok, "0 workers is refused: {out}");
 }
+
+#[test]
+fn the_admin_socket_refuses_another_uid_with_not_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let svc = Service::idle(1);
+    // The runtime directory (0700) and the socket (0600) keep others out by their modes; open
+    // the way for this test only, so that the SO_PEERCRED check is what decides.
+    std::fs::set_permissions(&svc.runtime_dir, std::fs::Permissions::from_mode(0o711))
+        .expect("chmod of the runtime dir");
+    let sock = svc.runtime_dir.join("supervisor.sock");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod of the socket");
+    let out = std::process::Command::new(common::BIN)
+        .args(["status", "--runtime-dir"])
+        .arg(&svc.runtime_dir)
+        .current_dir("/")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .expect("running zygote status as uid 65534");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("NotAllowed"),
+        "another uid is refused with not_allowed: {}\n{text}",
+        out.status
+    );
+    let (ok, table) = command("status", &svc);
+    assert!(ok, "the service keeps answering its own uid: {table}");
+}
