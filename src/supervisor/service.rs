@@ -4,6 +4,9 @@
 //! [`Service`] reacts to [`Input`]s and to the passing of time ([`Service::tick`]); it decides
 //! with [`super::policy`] and acts only through its [`Effects`], so the unit tests
 //! (`service/tests.rs`) drive every path with a recording fake and a clock they move by hand.
+//! This file holds the children's lives (spawn, ready, drain, kill, death, exit statuses);
+//! `service/requests.rs` what operators ask (admin requests, rolls, scaling, the stop);
+//! `service/timers.rs` what time does (restarts, rolls' spawns, deadlines).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -11,9 +14,7 @@ use std::time::Instant;
 use anyhow::bail;
 use log::Level;
 use nix::sys::signal::Signal;
-use zygote_runtime::protocol::{
-    AdminRequest, AdminResponse, ChildMessage, ErrorCode, RestartReasons,
-};
+use zygote_runtime::protocol::{AdminResponse, ChildMessage, RestartReasons};
 
 use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
 use super::exits::Exits;
@@ -199,33 +200,6 @@ impl<E: Effects> Service<E> {
             Input::Admin(conn, req) => return Some((conn, self.admin(req))),
         }
         None
-    }
-
-    /// Answers an admin request.
-    fn admin(&mut self, req: AdminRequest) -> AdminResponse {
-        match req {
-            AdminRequest::Status { id } => AdminResponse::Status {
-                id,
-                service: self.status(),
-            },
-            AdminRequest::Stop { id } => {
-                say!(self.fx, Info, "stop requested");
-                self.begin_stop();
-                AdminResponse::Ok { id }
-            }
-            AdminRequest::Reload { id } => {
-                self.roll("reload requested");
-                AdminResponse::Ok { id }
-            }
-            AdminRequest::Scale { id, workers } => match self.scale(workers, "scale requested") {
-                Ok(()) => AdminResponse::Ok { id },
-                Err((code, message)) => AdminResponse::Error {
-                    id: Some(id),
-                    code,
-                    message,
-                },
-            },
-        }
     }
 
     /// A fatal reason: the service stops, and exits 1 with the first one.
@@ -539,84 +513,9 @@ impl<E: Effects> Service<E> {
             }
         }
     }
-
-    fn roll(&mut self, why: &str) {
-        if self.phase != Phase::Running {
-            say!(self.fx, Warn, "{why}: not rolling while {:?}", self.phase);
-            return;
-        }
-        say!(self.fx, Info, "{why}: rolling {} workers", self.cfg.workers);
-        let olds = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.role.is_worker() && p.state != State::Draining)
-            .map(|(pid, _)| *pid);
-        self.pending_rolls.extend(olds);
-    }
-
-    /// Runs `n` workers from now on: new slots are spawned, the workers of slots past `n`
-    /// drain; the others are not touched.
-    fn scale(&mut self, n: u32, why: &str) -> Result<(), (ErrorCode, String)> {
-        if !(1..=policy::MAX_WORKERS).contains(&n) {
-            let max = policy::MAX_WORKERS;
-            return Err((
-                ErrorCode::BadRequest,
-                format!("the number of workers must be 1 to {max}, not {n}"),
-            ));
-        }
-        if self.phase == Phase::Stopping {
-            return Err((ErrorCode::ShuttingDown, "the service is stopping".into()));
-        }
-        let old = std::mem::replace(&mut self.cfg.workers, n);
-        if n == old {
-            return Ok(());
-        }
-        say!(self.fx, Info, "{why}: from {old} to {n} workers");
-        if self.phase == Phase::Running {
-            for w in old..n {
-                if let Err(e) = self.spawn(Role::Worker(w), None) {
-                    say!(self.fx, Error, "spawning worker {w}: {e:#}");
-                    let at = self.fx.now() + policy::RESPAWN_RETRY;
-                    self.slot(Role::Worker(w)).restart_at = Some(at);
-                }
-            }
-        }
-        let retired: Vec<i32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| matches!(p.role, Role::Worker(w) if w >= n))
-            .map(|(pid, _)| *pid)
-            .collect();
-        self.pending_rolls.retain(|pid| !retired.contains(pid));
-        self.slots
-            .retain(|role, _| !matches!(role, Role::Worker(w) if *w >= n));
-        for pid in retired {
-            self.drain(pid, "scaled down");
-        }
-        Ok(())
-    }
-
-    fn begin_stop(&mut self) {
-        if self.phase == Phase::Stopping {
-            return;
-        }
-        self.phase = Phase::Stopping;
-        self.pending_rolls.clear();
-        // Before any worker is told to drain: nothing may be queued behind the workers' last
-        // accept, or closing the listeners would reset it (see gate.rs).
-        self.fx.stop_accepting();
-        let workers: Vec<i32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.role.is_worker())
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in workers {
-            self.drain(pid, "stopping");
-        }
-    }
 }
 
+mod requests;
 mod timers;
 
 #[cfg(test)]
