@@ -84,6 +84,11 @@ impl Exits {
         }
     }
 
+    /// Whether the death of `pid` waits for its status.
+    pub fn awaits(&self, pid: i32) -> bool {
+        matches!(self.pending.get(&pid), Some(Pending::Death { .. }))
+    }
+
     /// Entries waiting for their other half (for tests and leak checks).
     #[cfg(test)]
     pub fn len(&self) -> usize {

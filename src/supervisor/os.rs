@@ -289,11 +289,14 @@ impl Effects for Os {
             .register(&mut SourceFd(&fd), ZYGOTE, Interest::READABLE)?;
         if self.spec.expect_digest.is_none() {
             // Every restarted zygote must serve the model the service started with.
-            let status = z
-                .client
-                .status()
-                .context("asking the zygote for its model")?;
-            self.spec.expect_digest = Some(status.model_digest);
+            match z.client.status() {
+                Ok(status) => self.spec.expect_digest = Some(status.model_digest),
+                Err(e) => {
+                    // A zygote we cannot use must not go on holding the socket.
+                    let _ = nix::sys::signal::kill(Pid::from_raw(z.pid), Signal::SIGKILL);
+                    return Err(e).context("asking the zygote for its model");
+                }
+            }
         }
         // Events may already be buffered in the client from the hello exchange.
         let _ = z.client.poll();

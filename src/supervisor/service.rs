@@ -478,6 +478,15 @@ impl<E: Effects> Service<E> {
     }
 
     fn on_status_text(&mut self, pid: i32, text: String, cause: Option<policy::Cause>) {
+        if !self.procs.contains_key(&pid) && !self.exits.awaits(pid) {
+            // Not one of ours: an orphan of a child (we are everyone's subreaper) reaped here.
+            say!(
+                self.fx,
+                Debug,
+                "pid {pid} (not a child of the service) ended: {text}"
+            );
+            return;
+        }
         if let Some(late) = self.exits.status(pid, text.clone(), cause) {
             let role = late.role;
             say!(self.fx, Info, "{role} (pid {pid}) exit status: {text}");

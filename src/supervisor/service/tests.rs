@@ -653,3 +653,16 @@ fn a_scale_out_of_range_or_while_stopping_is_refused() {
     h.svc.input(Input::Signal(Signal::SIGTERM));
     assert_eq!(refused(&mut h, 2), Some(ErrorCode::ShuttingDown));
 }
+
+#[test]
+fn the_statuses_of_strangers_are_not_kept() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    // A worker's own child, orphaned to the supervisor (everyone's subreaper), then reaped.
+    h.svc.input(Input::Status(4242, Exit::Code(0)));
+    assert_eq!(h.svc.exits.len(), 0);
+    // One of ours, its status before its death: kept until the death.
+    h.svc.input(Input::Status(h.workers[0], Exit::Code(1)));
+    assert_eq!(h.svc.exits.len(), 1);
+    h.svc.input(Input::Died(h.workers[0]));
+    assert_eq!(h.svc.exits.len(), 0);
+}
