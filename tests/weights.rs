@@ -88,14 +88,10 @@ fn a_kept_generation_serves_workers_while_no_owner_is_up_and_is_adopted_by_the_n
     );
 }
 
-#[test]
-fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
+/// A manifest of one 4 KiB arena, as a client that plants weights would send.
+fn planted_manifest() -> zygote_runtime::backend::Manifest {
     use zygote_runtime::backend::{ArenaInfo, Manifest};
-    use zygote_runtime::protocol::{frame, ErrorCode, Request, Response};
-
-    let z = Zygote::start(&[]);
-    let mut raw = z.raw();
-    let manifest = Manifest {
+    Manifest {
         generation: 9,
         backend: "host".into(),
         ipc: "memfd".into(),
@@ -108,12 +104,20 @@ fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
             legacy_handle: Vec::new(),
         }],
         tensors: Vec::new(),
-    };
+    }
+}
+
+#[test]
+fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
+    use zygote_runtime::protocol::{frame, ErrorCode, Request, Response};
+
+    let z = Zygote::start(&[]);
+    let mut raw = z.raw();
     // One arena, but two fds announced.
     let req = Request::KeepWeights {
         id: 3,
         device: 0,
-        manifest,
+        manifest: planted_manifest(),
         fds: 2,
     };
     frame::write_frame(&mut raw, &req).expect("send");
@@ -132,4 +136,79 @@ fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
         client.status().expect("status").kept.is_empty(),
         "a refused keep_weights keeps nothing"
     );
+}
+
+#[test]
+fn keep_weights_from_a_process_that_is_not_the_live_owner_is_refused() {
+    use zygote_runtime::protocol::{ErrorCode, ProtocolError};
+
+    let dir = TempDir::new("planted");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F16);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let memfd =
+        nix::sys::memfd::memfd_create(c"planted", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .expect("memfd");
+    nix::unistd::ftruncate(&memfd, 4096).expect("ftruncate");
+    // The service's own uid, but not the owner: refused, even with the model's own digest.
+    let mut manifest = planted_manifest();
+    manifest.model_digest = client.status().expect("status").model_digest;
+    match client.keep_weights(0, &manifest, std::slice::from_ref(&memfd)) {
+        Err(ProtocolError::Remote {
+            code: ErrorCode::NotAllowed,
+            message,
+        }) => assert!(message.contains("live owner"), "{message}"),
+        other => panic!("planting weights is refused with not_allowed: {other:?}"),
+    }
+    // With an owner live, still refused: only the owner itself may keep weights.
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    let mut other = z.client();
+    assert!(
+        matches!(
+            other.keep_weights(0, &manifest, std::slice::from_ref(&memfd)),
+            Err(ProtocolError::Remote {
+                code: ErrorCode::NotAllowed,
+                ..
+            })
+        ),
+        "a client beside the live owner is refused"
+    );
+    let kept = client.status().expect("status").kept;
+    assert_eq!(
+        kept,
+        vec![(0, 1, "memfd".to_string())],
+        "what is kept is the owner's generation 1, not the planted 9"
+    );
+}
+
+#[test]
+fn a_second_owner_for_a_device_is_refused_while_the_first_lives() {
+    use zygote_runtime::protocol::{ErrorCode, ProtocolError};
+
+    let dir = TempDir::new("two-owners");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    match spawn(&z, &mut client, "owner", 0, &[]) {
+        Err(ProtocolError::Remote {
+            code: ErrorCode::Conflict,
+            message,
+        }) => assert!(message.contains(&owner.pid.to_string()), "{message}"),
+        other => panic!("a second owner of device 0 is refused with conflict: {other:?}"),
+    }
+    // Once the first has gone, an owner may start again.
+    let pid = owner.pid;
+    drop(owner);
+    wait_exited(&mut client, pid, Duration::from_secs(10));
+    let mut next = spawn(&z, &mut client, "owner", 0, &[]).expect("an owner after the first");
+    wait_ready(&mut next, READY);
 }

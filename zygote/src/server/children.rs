@@ -19,8 +19,11 @@ use zygote_runtime::protocol::{ChildInfo, Response};
 pub(super) struct Child {
     /// The spawn request's id, repeated in every answer about this child.
     pub id: u64,
-    /// The connection that asked for it.
+    /// The connection that asked for it, and that connection's uid.
     pub conn: Token,
+    pub requester: u32,
+    /// The device it owns the weights of, when it is the owner entry.
+    pub owner_of: Option<u32>,
     pub entry: String,
     /// How logs name it: `owner 0`, `worker 3`.
     pub role: String,
@@ -132,6 +135,19 @@ impl Children {
     }
     pub fn remove(&mut self, pid: Pid) -> Option<Child> {
         self.by_pid.remove(&pid)
+    }
+
+    /// The device whose weights `pid` owns, when it is a live owner child.
+    pub fn owner_of(&self, pid: i32) -> Option<u32> {
+        self.by_pid.get(&Pid::from_raw(pid))?.owner_of
+    }
+
+    /// The live owner of `device`, if there is one.
+    pub fn owner(&self, device: u32) -> Option<Pid> {
+        self.by_pid
+            .iter()
+            .find(|(_, c)| c.owner_of == Some(device))
+            .map(|(pid, _)| *pid)
     }
 
     /// What `status` shows.

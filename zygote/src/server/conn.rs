@@ -16,6 +16,8 @@ use zygote_runtime::fdpass;
 use zygote_runtime::protocol::frame::{self, FrameReader};
 use zygote_runtime::protocol::Response;
 
+use super::trust::Peer;
+
 /// Something queued for the peer: frame bytes (and how much of them went out), or one fd.
 #[derive(Debug)]
 pub(super) enum Out {
@@ -81,18 +83,19 @@ pub(super) struct Conn {
     out: VecDeque<Out>,
     /// Set when the stream can no longer be trusted: the connection closes once `out` is sent.
     pub closing: bool,
-    pub uid: u32,
+    /// Who connected, from `SO_PEERCRED` at accept.
+    pub peer: Peer,
 }
 
 impl Conn {
-    pub fn new(stream: UnixStream, uid: u32) -> Self {
+    pub fn new(stream: UnixStream, peer: Peer) -> Self {
         Self {
             stream,
             reader: FrameReader::default(),
             pending: None,
             out: VecDeque::new(),
             closing: false,
-            uid,
+            peer,
         }
     }
 

@@ -15,11 +15,13 @@
 //! | [`requests`] | what each request does |
 //! | [`children`] | the live children, their pidfds and status pipes, their exits |
 //! | [`kept`] | the weights kept per device (`keep_weights`, `fetch_weights`) |
+//! | [`trust`] | who may connect and who may make which request (decisions only) |
 
 mod children;
 mod conn;
 mod kept;
 mod requests;
+pub mod trust;
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -48,8 +50,7 @@ pub const MAX_LISTENERS: u32 = 16;
 /// Most arguments in one spawn, and the longest argument.
 pub const MAX_ARGS: u32 = 64;
 pub const MAX_ARG_LEN: u32 = 4096;
-/// Most connections served at once.
-pub const MAX_CONNECTIONS: u32 = 64;
+pub use trust::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID, SERVICE_RESERVED_CONNECTIONS};
 /// Most live children.
 pub const MAX_CHILDREN: u32 = 1024;
 /// Most fds one `keep_weights` may carry (one per arena).
@@ -269,40 +270,32 @@ impl Server {
             };
             let cred =
                 nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
-            let uid = match cred {
-                Ok(c) => c.uid(),
+            let (uid, pid) = match cred {
+                Ok(c) => (c.uid(), c.pid()),
                 Err(e) => {
                     log::warn!("SO_PEERCRED failed, refusing the connection: {e}");
                     continue;
                 }
             };
-            let allowed = uid == self.uid || self.cfg.allow_uids.contains(&uid);
-            if !allowed || self.conns.len() as u32 >= MAX_CONNECTIONS {
-                let (code, message) = if allowed {
-                    (
-                        ErrorCode::Limit,
-                        format!("too many connections (limit {MAX_CONNECTIONS})"),
-                    )
-                } else {
-                    log::warn!(
-                        "refused a connection from uid {uid} (allowed: {} and {:?})",
-                        self.uid,
-                        self.cfg.allow_uids
-                    );
-                    (
-                        ErrorCode::NotAllowed,
-                        format!("uid {uid} may not use this zygote"),
-                    )
-                };
-                if let Ok(bytes) = frame::encode(&Response::Error {
-                    id: None,
-                    code,
-                    message,
-                }) {
-                    let _ = stream.write(&bytes);
+            let standing = match trust::admit(uid, self.uid, &self.cfg.allow_uids, self.open(uid)) {
+                Ok(s) => s,
+                Err(refusal) => {
+                    let code = match refusal {
+                        trust::Refusal::NotAllowed { .. } => ErrorCode::NotAllowed,
+                        _ => ErrorCode::Limit,
+                    };
+                    log::warn!("refused a connection from uid {uid} (pid {pid}): {refusal}");
+                    let message = refusal.to_string();
+                    if let Ok(bytes) = frame::encode(&Response::Error {
+                        id: None,
+                        code,
+                        message,
+                    }) {
+                        let _ = stream.write(&bytes);
+                    }
+                    continue;
                 }
-                continue;
-            }
+            };
             let t = self.token();
             if let Err(e) = self
                 .poll
@@ -312,10 +305,22 @@ impl Server {
                 log::warn!("registering a connection failed: {e}");
                 continue;
             }
-            log::debug!("connection {} from uid {uid}", t.0);
+            log::debug!("connection {} from uid {uid} (pid {pid})", t.0);
             self.tokens.insert(t, Slot::Conn);
-            self.conns.insert(t, Conn::new(stream, uid));
+            let peer = trust::Peer { uid, pid, standing };
+            self.conns.insert(t, Conn::new(stream, peer));
         }
+    }
+
+    /// The connections open now, as [`trust::admit`] counts them for a peer of `uid`.
+    fn open(&self, uid: u32) -> trust::Open {
+        let mut open = trust::Open::default();
+        for c in self.conns.values() {
+            open.total += 1;
+            open.others += u32::from(c.peer.uid != self.uid);
+            open.this_uid += u32::from(c.peer.uid == uid);
+        }
+        open
     }
 
     fn on_conn(&mut self, t: Token, readable: bool, writable: bool) {
@@ -469,7 +474,7 @@ impl Server {
     fn close(&mut self, t: Token) {
         if let Some(mut conn) = self.conns.remove(&t) {
             let _ = self.poll.registry().deregister(&mut conn.stream);
-            log::debug!("connection {} (uid {}) closed", t.0, conn.uid);
+            log::debug!("connection {} (uid {}) closed", t.0, conn.peer.uid);
         }
         self.tokens.remove(&t);
     }

@@ -13,6 +13,7 @@ use zygote_runtime::worker::AttachInfo;
 
 use super::children::Child;
 use super::conn::{Awaiting, Pending};
+use super::trust::{self, Action};
 use super::{
     limits, request_id, Server, MAX_ARGS, MAX_ARG_LEN, MAX_CHILDREN, MAX_KEPT_FDS, MAX_LISTENERS,
 };
@@ -53,6 +54,9 @@ impl Server {
             Request::Signal { id, pid, signal } => self.signal(t, id, pid, signal),
             Request::Status { id } => self.status(t, id),
             Request::Shutdown { id } => {
+                if !self.authorized(t, id, Action::Shutdown, 0) {
+                    return;
+                }
                 log::info!("shutdown requested (connection {})", t.0);
                 self.send(t, &Response::Ok { id });
                 self.shutting_down = true;
@@ -100,6 +104,21 @@ impl Server {
                 },
             ),
             Awaiting::Keep { device, manifest } => {
+                let Some(peer) = self.conns.get(&t).map(|c| c.peer) else {
+                    return;
+                };
+                let owner_of = self.children.owner_of(peer.pid);
+                if !self.authorized(t, p.id, Action::KeepWeights { device, owner_of }, 0) {
+                    return;
+                }
+                if manifest.model_digest != self.cfg.model.digest() {
+                    let msg = format!(
+                        "keep_weights: the manifest is of model {}, this zygote serves {}",
+                        manifest.model_digest,
+                        self.cfg.model.digest()
+                    );
+                    return self.fail(t, Some(p.id), ErrorCode::BadRequest, msg, false);
+                }
                 log::info!(
                     "keeping generation {} of device {device} ({} {}, {} handles)",
                     manifest.generation,
@@ -111,6 +130,22 @@ impl Server {
                     log::info!("released the kept generation {old} of device {device}");
                 }
                 self.send(t, &Response::Ok { id: p.id });
+            }
+        }
+    }
+
+    /// Whether the connection's peer may do `action` (see [`trust`]); answers `not_allowed`
+    /// when it may not.
+    fn authorized(&mut self, t: Token, id: u64, action: Action, target: i32) -> bool {
+        let Some(peer) = self.conns.get(&t).map(|c| c.peer) else {
+            return false;
+        };
+        match trust::authorize(&peer, action, target) {
+            Ok(()) => true,
+            Err(denied) => {
+                let msg = format!("uid {} (pid {}): {denied}", peer.uid, peer.pid);
+                self.fail(t, Some(id), ErrorCode::NotAllowed, msg, false);
+                false
             }
         }
     }
@@ -148,6 +183,13 @@ impl Server {
             let msg = format!("pid {pid} is not a live child of this zygote");
             return self.fail(t, Some(id), ErrorCode::NotChild, msg, false);
         };
+        let requester = child.requester;
+        if !self.authorized(t, id, Action::Signal { requester }, pid) {
+            return;
+        }
+        let Some(child) = self.children.get(Pid::from_raw(pid)) else {
+            return;
+        };
         if !(1..=64).contains(&signal) {
             let msg = format!("signal {signal} is not a valid signal number");
             return self.fail(t, Some(id), ErrorCode::BadSignal, msg, false);
@@ -181,6 +223,9 @@ impl Server {
     }
 
     fn fetch_weights(&mut self, t: Token, id: u64, device: u32) {
+        if !self.authorized(t, id, Action::FetchWeights, 0) {
+            return;
+        }
         match self.kept.fetch(device) {
             None => {
                 // An ordinary answer (a first owner asks too), not a client error.
@@ -209,7 +254,7 @@ impl Server {
             let msg = "the zygote is shutting down".to_string();
             return self.fail(t, Some(id), ErrorCode::ShuttingDown, msg, false);
         }
-        let Some(entry) = self.cfg.entries.get(&req.entry) else {
+        let Some(owner) = self.cfg.entries.get(&req.entry).map(|e| e.is_owner()) else {
             let names: Vec<String> = self
                 .cfg
                 .entries
@@ -224,6 +269,14 @@ impl Server {
             );
             return self.fail(t, Some(id), ErrorCode::UnknownEntry, msg, false);
         };
+        if !self.authorized(t, id, Action::Spawn { owner }, 0) {
+            return;
+        }
+        let device = req.device.unwrap_or(0);
+        if let Some(live) = self.children.owner(device).filter(|_| owner) {
+            let msg = format!("the owner of device {device} is live already (pid {live})");
+            return self.fail(t, Some(id), ErrorCode::Conflict, msg, false);
+        }
         if req.args.len() as u32 > MAX_ARGS || req.args.iter().any(|a| a.len() as u32 > MAX_ARG_LEN)
         {
             let msg = format!("at most {MAX_ARGS} arguments of at most {MAX_ARG_LEN} bytes");
@@ -242,8 +295,8 @@ impl Server {
             return self.fail(t, Some(id), ErrorCode::Internal, msg, false);
         };
         let listeners: Vec<OwnedFd> = fds.collect();
-        let role = if req.entry == "owner" {
-            format!("owner {}", req.device.unwrap_or(0))
+        let role = if owner {
+            format!("owner {device}")
         } else {
             format!("worker {}", req.worker)
         };
@@ -257,6 +310,9 @@ impl Server {
             model_digest: self.cfg.model.digest().to_string(),
             device: req.device,
         };
+        let Some(entry) = self.cfg.entries.get(&req.entry) else {
+            return;
+        };
         let plan = ChildPlan {
             tag: role.clone(),
             title: format!("zygote: {role}"),
@@ -267,6 +323,7 @@ impl Server {
             listeners,
             model: self.cfg.model.memfd(),
         };
+        let requester = self.conns.get(&t).map_or(u32::MAX, |c| c.peer.uid);
         let started = Instant::now();
         let forked = match fork::spawn(plan) {
             Ok(f) => f,
@@ -303,6 +360,8 @@ impl Server {
             Child {
                 id,
                 conn: t,
+                requester,
+                owner_of: owner.then_some(device),
                 entry: req.entry,
                 role,
                 worker: req.worker,
