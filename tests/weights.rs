@@ -212,3 +212,116 @@ fn a_second_owner_for_a_device_is_refused_while_the_first_lives() {
     let mut next = spawn(&z, &mut client, "owner", 0, &[]).expect("an owner after the first");
     wait_ready(&mut next, READY);
 }
+
+#[test]
+fn a_worker_without_an_owner_backs_off_logs_once_and_imports_when_an_owner_comes() {
+    let dir = TempDir::new("no-owner");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let mut worker = spawn(&z, &mut client, "probe", 0, &[]).expect("spawn probe");
+    let waiting = "no owner of device 0 is up";
+    let asked = |log: &str| log.matches("hello from \"worker\"").count();
+    wait_until(Duration::from_secs(10), "the worker's waiting line", || {
+        z.log_tail().contains(waiting)
+    });
+    // Every try asks the zygote for kept weights: six tries take at least 5+10+20+40+80 ms
+    // with the backoff, a few ms without it.
+    let first = std::time::Instant::now();
+    let before = asked(&z.log_tail());
+    wait_until(Duration::from_secs(10), "five more tries", || {
+        asked(&z.log_tail()) >= before + 5
+    });
+    assert!(
+        first.elapsed() >= Duration::from_millis(150),
+        "five tries took only {:?}: no backoff",
+        first.elapsed()
+    );
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    let detail = wait_ready(&mut worker, READY);
+    assert!(detail.contains("generation 1"), "{detail}");
+    let log = z.log_tail();
+    assert_eq!(
+        log.matches(waiting).count(),
+        1,
+        "the waiting worker logs once per change of state:\n{log}"
+    );
+    assert!(
+        log.contains("the owner of device 0 is up; importing"),
+        "and once when it changes:\n{log}"
+    );
+}
+
+#[test]
+fn an_owner_whose_socket_is_claimed_stops_and_leaves_the_socket_alone() {
+    use zygote_runtime::protocol::Response;
+    use zygote_runtime::rundir::SocketClaim;
+
+    let dir = TempDir::new("claimed");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    // A live owner the zygote does not know (one started by an earlier zygote, say).
+    let (claim, _listener) =
+        SocketClaim::bind(&z.runtime_dir, "owner-0.sock", 0o600).expect("claiming owner-0.sock");
+    let mut client = z.client();
+    let owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    let (exited, _) = wait_exited(&mut client, owner.pid, Duration::from_secs(10));
+    assert!(
+        matches!(exited, Response::Exited { code: Some(1), .. }),
+        "the second owner stops with an error: {exited:?}"
+    );
+    let log = z.log_tail();
+    assert!(log.contains("another owner serves device 0"), "{log}");
+    assert!(
+        !log.contains("weights ready"),
+        "it built nothing before it found the claim:\n{log}"
+    );
+    std::os::unix::net::UnixStream::connect(claim.path())
+        .expect("the live owner's socket is still there and served");
+    assert!(
+        client.status().expect("status").kept.is_empty(),
+        "nothing was kept by the owner that stopped"
+    );
+}
+
+#[test]
+fn a_silent_client_of_the_owner_socket_does_not_stall_imports() {
+    use std::io::Write;
+
+    let dir = TempDir::new("stalled-import");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    let socket = zygote_runtime::worker::owner_socket(&z.runtime_dir, 0);
+    // One client says nothing; another starts a frame and stops. Each has 5 s before the owner
+    // drops it, and a blocking owner would make every import wait behind them.
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let mut partial = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    partial.write_all(&[0, 0, 0, 40, 0xa3]).expect("a frame's start");
+    let started = std::time::Instant::now();
+    let mut worker = spawn(&z, &mut client, "probe", 0, &[]).expect("spawn probe");
+    let detail = wait_ready(&mut worker, READY);
+    assert!(detail.contains("generation 1"), "{detail}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the import waited {:?} behind the stalled clients",
+        started.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the owner dropping the stalled clients at their deadline",
+        || z.log_tail().matches("an import failed").count() >= 2,
+    );
+}

@@ -38,6 +38,7 @@ use nix::unistd::Pid;
 use zygote_runtime::model::Model;
 use zygote_runtime::protocol::frame::{self, ReadEvent};
 use zygote_runtime::protocol::{ErrorCode, Limits, ProtocolError, Response};
+use zygote_runtime::rundir::{RunDirError, SocketClaim};
 
 use children::{Children, StatusRead};
 use conn::{Conn, FdProgress};
@@ -78,8 +79,8 @@ pub struct ServerConfig {
 /// Errors that stop the zygote.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("runtime directory {path}: {reason}")]
-    RuntimeDir { path: PathBuf, reason: String },
+    #[error(transparent)]
+    RuntimeDir(#[from] RunDirError),
     #[error("binding {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
     #[error("event loop: {0}")]
@@ -107,45 +108,13 @@ struct Server {
     uid: u32,
 }
 
-/// Creates the runtime directory (0700, ours) or checks an existing one.
-pub fn prepare_runtime_dir(dir: &Path) -> Result<(), ServerError> {
-    let err = |reason: String| ServerError::RuntimeDir {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    match std::fs::symlink_metadata(dir) {
-        Ok(meta) => {
-            use std::os::unix::fs::MetadataExt;
-            if !meta.is_dir() {
-                return Err(err("exists and is not a directory".into()));
-            }
-            if meta.uid() != nix::unistd::getuid().as_raw() {
-                return Err(err(format!("is owned by uid {}, not by us", meta.uid())));
-            }
-            if meta.mode() & 0o077 != 0 {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(|e| err(e.to_string()))?;
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| err(e.to_string()))?;
-        }
-        Err(e) => return Err(err(e.to_string())),
-    }
-    Ok(())
-}
+/// Creates the runtime directory (0700, ours) or checks an existing one (moved to
+/// [`zygote_runtime::rundir::prepare`]; kept here for the supervisor).
+pub use zygote_runtime::rundir::prepare as prepare_runtime_dir;
 
 /// Runs the zygote until a `shutdown` request. Returns the exit code.
 pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
-    prepare_runtime_dir(&cfg.runtime_dir)?;
-    let path = cfg.runtime_dir.join(SOCKET_NAME);
-    let _ = std::fs::remove_file(&path);
-    let mut listener = UnixListener::bind(&path).map_err(|source| ServerError::Bind {
-        path: path.clone(),
-        source,
-    })?;
+    zygote_runtime::rundir::prepare(&cfg.runtime_dir)?;
     // Same uid only: a 0700 directory and a 0600 socket. With --allow-uid, other users must be
     // able to reach the socket at all, so the directory becomes 0711 (enter, not list) and the
     // socket 0666, and the SO_PEERCRED check on every connection is what admits or refuses.
@@ -166,8 +135,17 @@ pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
             }
         })
     };
+    // The claim (a lock beside the socket) keeps a second zygote in this directory from
+    // rebinding the socket under a live one; it is held until `run` returns.
+    let (claim, listener) = SocketClaim::bind(&cfg.runtime_dir, SOCKET_NAME, socket_mode)?;
+    let path = claim.path().to_path_buf();
     chmod(&cfg.runtime_dir, dir_mode)?;
-    chmod(&path, socket_mode)?;
+    let bind_err = |source| ServerError::Bind {
+        path: path.clone(),
+        source,
+    };
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    let mut listener = UnixListener::from_std(listener);
     let poll = Poll::new().map_err(ServerError::Poll)?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
@@ -196,7 +174,7 @@ pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
         uid: nix::unistd::getuid().as_raw(),
     };
     server.serve()?;
-    let _ = std::fs::remove_file(&path);
+    drop(claim);
     Ok(0)
 }
 
