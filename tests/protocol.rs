@@ -777,3 +777,114 @@ fn bad_frame_too_many_listeners() {
         s.write_all(&spawn_frame(2, "idle", 17)).expect("write");
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// A client that does not read, and one that floods.
+
+fn rss_kib(pid: i32) -> u64 {
+    common::proc_status_field(pid, "VmRSS")
+        .and_then(|v| v.trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS of the zygote")
+}
+
+#[test]
+fn a_client_that_never_reads_its_answers_holds_a_bounded_amount_of_zygote_memory() {
+    let z = Zygote::start(&[]);
+    let before = rss_kib(z.pid);
+    let status = frame::encode(&Request::Status { id: 1 }).expect("a status frame");
+    let greedy = z.raw();
+    greedy.set_nonblocking(true).expect("non-blocking");
+    // Up to 8 MB of pipelined `status` requests, never reading an answer (each ~0.3 KB): a
+    // zygote that kept reading would queue some 100 MB of answers.
+    let batch: Vec<u8> = status
+        .iter()
+        .copied()
+        .cycle()
+        .take(64 * status.len())
+        .collect();
+    let (mut sent, mut stalled_since) = (0usize, None::<std::time::Instant>);
+    while sent < 8 << 20 {
+        match (&greedy).write(&batch) {
+            Ok(n) => {
+                sent += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The zygote stopped reading: wait a little for it to prove it.
+                let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("writing requests: {e}"),
+        }
+    }
+    assert!(
+        sent < 4 << 20,
+        "the zygote kept reading requests whose answers were not read ({sent} bytes taken)"
+    );
+    let grown = rss_kib(z.pid).saturating_sub(before);
+    assert!(grown < 16 << 10, "the zygote grew by {grown} KiB");
+    // Everyone else is still served.
+    let mut other = z.client();
+    other.status().expect("another client is answered");
+}
+
+#[test]
+fn a_client_that_floods_requests_does_not_delay_another_clients_answers() {
+    let z = Zygote::start(&[]);
+    // Pipelined `status` requests, written faster than the zygote answers them, so its socket
+    // never runs dry: a zygote that read one connection until it blocked would serve nobody
+    // else while the flood lasts.
+    let status = frame::encode(&Request::Status { id: 1 }).expect("a status frame");
+    let batch: Vec<u8> = status
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096 * status.len())
+        .collect();
+    let mut flooder = z.raw();
+    let reader = flooder.try_clone().expect("a second handle");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_w, stop_r) = (stop.clone(), stop.clone());
+    // The flooder reads its answers (so the output cap is not what holds it back).
+    let drain = std::thread::spawn(move || {
+        let mut r = reader;
+        let mut buf = vec![0u8; 1 << 16];
+        r.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        while !stop_r.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::io::Read::read(&mut r, &mut buf);
+        }
+    });
+    let flood = std::thread::spawn(move || {
+        flooder
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .ok();
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = flooder.write_all(&batch);
+        }
+    });
+    let mut c = z.client();
+    let mut worst = Duration::ZERO;
+    let mut failed = None;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        if let Err(e) = c.status() {
+            failed = Some(e);
+            break;
+        }
+        worst = worst.max(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = flood.join();
+    let _ = drain.join();
+    assert!(
+        failed.is_none(),
+        "no status answer while another client flooded: {failed:?}"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "a status answer took {worst:?} while another client flooded"
+    );
+}

@@ -309,7 +309,9 @@ fn a_silent_client_of_the_owner_socket_does_not_stall_imports() {
     // drops it, and a blocking owner would make every import wait behind them.
     let _silent = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
     let mut partial = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
-    partial.write_all(&[0, 0, 0, 40, 0xa3]).expect("a frame's start");
+    partial
+        .write_all(&[0, 0, 0, 40, 0xa3])
+        .expect("a frame's start");
     let started = std::time::Instant::now();
     let mut worker = spawn(&z, &mut client, "probe", 0, &[]).expect("spawn probe");
     let detail = wait_ready(&mut worker, READY);

@@ -18,6 +18,11 @@ use zygote_runtime::protocol::Response;
 
 use super::trust::Peer;
 
+/// Answers a connection may have queued before the zygote stops reading its requests: a peer
+/// that sends requests and never reads the answers holds at most this much (plus one answer)
+/// of the zygote's memory.
+pub const MAX_QUEUED_OUTPUT: usize = frame::MAX_FRAME;
+
 /// Something queued for the peer: frame bytes (and how much of them went out), or one fd.
 #[derive(Debug)]
 pub(super) enum Out {
@@ -81,6 +86,12 @@ pub(super) struct Conn {
     pub reader: FrameReader,
     pub pending: Option<Pending>,
     out: VecDeque<Out>,
+    /// Bytes of frames in `out` not written yet.
+    out_bytes: usize,
+    /// In line for a read turn.
+    pub scheduled: bool,
+    /// Not read because its answers are not read (see [`MAX_QUEUED_OUTPUT`]).
+    pub paused: bool,
     /// Set when the stream can no longer be trusted: the connection closes once `out` is sent.
     pub closing: bool,
     /// Who connected, from `SO_PEERCRED` at accept.
@@ -94,6 +105,9 @@ impl Conn {
             reader: FrameReader::default(),
             pending: None,
             out: VecDeque::new(),
+            out_bytes: 0,
+            scheduled: false,
+            paused: false,
             closing: false,
             peer,
         }
@@ -102,7 +116,10 @@ impl Conn {
     /// Queues an answer (written by [`Conn::flush`]).
     pub fn queue(&mut self, resp: &Response) {
         match frame::encode(resp) {
-            Ok(bytes) => self.out.push_back(Out::Bytes(bytes, 0)),
+            Ok(bytes) => {
+                self.out_bytes += bytes.len();
+                self.out.push_back(Out::Bytes(bytes, 0));
+            }
             Err(e) => log::error!("encoding an answer failed: {e}"),
         }
     }
@@ -110,6 +127,11 @@ impl Conn {
     /// Queues fds to follow the answer queued before them, one per `SCM_RIGHTS` message.
     pub fn queue_fds(&mut self, fds: impl IntoIterator<Item = OwnedFd>) {
         self.out.extend(fds.into_iter().map(Out::Fd));
+    }
+
+    /// Whether the answers waiting to be written reached [`MAX_QUEUED_OUTPUT`].
+    pub fn output_full(&self) -> bool {
+        self.out_bytes >= MAX_QUEUED_OUTPUT
     }
 
     /// Whether answers are waiting to be written.
@@ -151,12 +173,14 @@ impl Conn {
                 Out::Bytes(bytes, off) => match self.stream.write(&bytes[*off..]) {
                     Ok(n) => {
                         *off += n;
+                        self.out_bytes -= n;
                         *off == bytes.len()
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
                     Err(_) => {
                         self.out.clear();
+                        self.out_bytes = 0;
                         self.closing = true;
                         break;
                     }
@@ -166,6 +190,7 @@ impl Conn {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => {
                         self.out.clear();
+                        self.out_bytes = 0;
                         self.closing = true;
                         break;
                     }

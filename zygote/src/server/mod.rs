@@ -23,7 +23,7 @@ mod kept;
 mod requests;
 pub mod trust;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -103,6 +103,8 @@ struct Server {
     /// Exported handles kept per device (see `keep_weights`).
     kept: KeptWeights,
     tokens: HashMap<Token, Slot>,
+    /// Connections in line for a read turn (see `read_round`).
+    runnable: VecDeque<Token>,
     next_token: usize,
     shutting_down: bool,
     uid: u32,
@@ -169,6 +171,7 @@ pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
         children: Children::default(),
         kept: KeptWeights::default(),
         tokens: HashMap::new(),
+        runnable: VecDeque::new(),
         next_token: FIRST_DYNAMIC,
         shutting_down: false,
         uid: nix::unistd::getuid().as_raw(),
@@ -207,10 +210,13 @@ impl Server {
                 );
                 return Ok(());
             }
-            match self
-                .poll
-                .poll(&mut events, Some(Duration::from_millis(250)))
-            {
+            // Connections in line for a read turn: look for new events without waiting.
+            let wait = if self.runnable.is_empty() {
+                Duration::from_millis(250)
+            } else {
+                Duration::ZERO
+            };
+            match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServerError::Poll(e)),
@@ -232,6 +238,7 @@ impl Server {
                     },
                 }
             }
+            self.read_round();
             self.check_deadlines();
         }
     }
@@ -303,49 +310,88 @@ impl Server {
 
     fn on_conn(&mut self, t: Token, readable: bool, writable: bool) {
         if readable {
-            self.read_conn(t);
+            self.schedule(t);
         }
-        if writable || readable {
+        if writable {
             self.flush(t);
         }
     }
 
-    fn read_conn(&mut self, t: Token) {
-        loop {
-            let Some(conn) = self.conns.get_mut(&t) else {
+    /// Puts `t` in line for a read turn (once).
+    fn schedule(&mut self, t: Token) {
+        if let Some(conn) = self.conns.get_mut(&t) {
+            if !conn.scheduled {
+                conn.scheduled = true;
+                self.runnable.push_back(t);
+            }
+        }
+    }
+
+    /// One round of read turns: every connection in line reads at most one request, and those
+    /// that may have more go back in line behind the others. So a client that pipelines large
+    /// frames gets one turn per round like everyone else.
+    fn read_round(&mut self) {
+        for _ in 0..self.runnable.len() {
+            let Some(t) = self.runnable.pop_front() else {
                 return;
             };
-            if conn.closing {
-                return;
+            if let Some(conn) = self.conns.get_mut(&t) {
+                conn.scheduled = false;
             }
-            if conn.pending.is_some() {
-                match conn.receive_fds() {
-                    FdProgress::Complete(p) => self.on_fds_complete(t, *p),
-                    FdProgress::WouldBlock => return,
-                    FdProgress::Failed(id, msg) => {
-                        self.fail(t, Some(id), ErrorCode::BadFdCount, msg, true);
-                        return;
-                    }
-                }
-                continue;
+            if self.read_turn(t) {
+                self.schedule(t);
             }
-            let event = conn.reader.read(&mut conn.stream);
-            match event {
-                Ok(ReadEvent::Frame(body)) => self.on_frame(t, &body),
-                Ok(ReadEvent::WouldBlock) => return,
-                Ok(ReadEvent::Eof) => {
-                    self.close(t);
-                    return;
+        }
+    }
+
+    /// Reads and runs at most one request of `t`; `true` when more may be waiting.
+    fn read_turn(&mut self, t: Token) -> bool {
+        let Some(conn) = self.conns.get_mut(&t) else {
+            return false;
+        };
+        if conn.closing {
+            return false;
+        }
+        if conn.output_full() {
+            // Its answers are not being read: read no more requests until they are. `flush`
+            // puts it back in line once the queue is below the cap.
+            if !conn.paused {
+                log::debug!("connection {}: answers unread, reading paused", t.0);
+            }
+            conn.paused = true;
+            return false;
+        }
+        if conn.pending.is_some() {
+            return match conn.receive_fds() {
+                FdProgress::Complete(p) => {
+                    self.on_fds_complete(t, *p);
+                    true
                 }
-                Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    self.close(t);
-                    return;
+                FdProgress::WouldBlock => false,
+                FdProgress::Failed(id, msg) => {
+                    self.fail(t, Some(id), ErrorCode::BadFdCount, msg, true);
+                    false
                 }
-                Err(e) => {
-                    let code = frame::error_code(&e);
-                    self.fail(t, None, code, e.to_string(), true);
-                    return;
-                }
+            };
+        }
+        match conn.reader.read(&mut conn.stream) {
+            Ok(ReadEvent::Frame(body)) => {
+                self.on_frame(t, &body);
+                true
+            }
+            Ok(ReadEvent::WouldBlock) => false,
+            Ok(ReadEvent::Eof) => {
+                self.close(t);
+                false
+            }
+            Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.close(t);
+                false
+            }
+            Err(e) => {
+                let code = frame::error_code(&e);
+                self.fail(t, None, code, e.to_string(), true);
+                false
             }
         }
     }
@@ -354,6 +400,10 @@ impl Server {
         let Some(child) = self.children.get_mut(pid) else {
             return;
         };
+        if child.status.is_none() {
+            // Read to its end already (and reported, if it held a failure).
+            return;
+        }
         if child.read_status() == StatusRead::Open {
             return;
         }
@@ -435,6 +485,10 @@ impl Server {
             return;
         };
         conn.flush();
+        let resume = conn.paused && !conn.output_full();
+        if resume {
+            conn.paused = false;
+        }
         let interest = if conn.has_output() {
             Interest::READABLE | Interest::WRITABLE
         } else {
@@ -446,6 +500,10 @@ impl Server {
             .reregister(&mut conn.stream, t, interest);
         if conn.closing && !conn.has_output() {
             self.close(t);
+        } else if resume {
+            // Requests may be waiting in the socket since reading paused; edge-triggered
+            // readiness will not say so again.
+            self.schedule(t);
         }
     }
 
@@ -461,6 +519,10 @@ impl Server {
         let now = Instant::now();
         let mut late = Vec::new();
         for (t, c) in &self.conns {
+            if c.paused {
+                // Not read because its answers are not read: not late on its part.
+                continue;
+            }
             if let Some(p) = &c.pending {
                 if now.duration_since(p.since) > frame::READ_DEADLINE {
                     late.push((
