@@ -651,6 +651,47 @@ fn bad_frame_malformed_cbor() {
     });
 }
 
+/// A CBOR map written by hand, members in order, repeats allowed (a map type cannot hold them).
+fn raw_cbor_map(members: &[(&str, Value)]) -> Vec<u8> {
+    assert!(members.len() < 24, "a one-byte map header");
+    let mut out = vec![0xa0 + members.len() as u8];
+    for (k, v) in members {
+        out.extend(serde_cbor::to_vec(&text(k)).expect("CBOR"));
+        out.extend(serde_cbor::to_vec(v).expect("CBOR"));
+    }
+    out
+}
+
+#[test]
+fn bad_frame_a_key_twice() {
+    // Two ids: which one would an answer repeat? Neither: the frame is refused.
+    bad_frame("a key twice", ErrorCode::BadCbor, None, false, |s| {
+        s.write_all(&framed(&raw_cbor_map(&[
+            ("v", int(1)),
+            ("type", text("status")),
+            ("id", int(9)),
+            ("id", int(10)),
+        ])))
+        .expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_an_entry_named_twice_in_a_spawn() {
+    bad_frame("entry twice", ErrorCode::BadCbor, None, false, |s| {
+        s.write_all(&framed(&raw_cbor_map(&[
+            ("v", int(1)),
+            ("type", text("spawn")),
+            ("id", int(9)),
+            ("entry", text("idle")),
+            ("entry", text("exec")),
+            ("worker", int(0)),
+            ("listeners", int(0)),
+        ])))
+        .expect("write");
+    });
+}
+
 #[test]
 fn bad_frame_cbor_that_is_not_a_map() {
     bad_frame("not a map", ErrorCode::BadCbor, None, false, |s| {
@@ -887,4 +928,39 @@ fn a_client_that_floods_requests_does_not_delay_another_clients_answers() {
         worst < Duration::from_millis(500),
         "a status answer took {worst:?} while another client flooded"
     );
+}
+
+#[test]
+fn a_runtime_dir_others_can_write_is_refused_and_left_as_it_is() {
+    let dir = common::TempDir::new("unsafe-rt");
+    let model = common::tiny_model(dir.path());
+    let rt = dir.path().join("rt");
+    std::fs::create_dir(&rt).expect("mkdir");
+    std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    // What a stranger could have left there.
+    let planted = rt.join("owner-0.sock");
+    let _stranger = std::os::unix::net::UnixListener::bind(&planted).expect("a planted socket");
+    let out = Command::new(env!("CARGO_BIN_EXE_zygote"))
+        .args(["__zygote", "--backend", "host", "--runtime-dir"])
+        .arg(&rt)
+        .arg("--model")
+        .arg(&model)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running zygote __zygote");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the zygote must refuse the directory:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("lets other users create files in it"),
+        "the error says why:\n{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(&rt).expect("stat").permissions().mode() & 0o777,
+        0o777,
+        "the directory is not silently reset"
+    );
+    assert!(!rt.join("zygote.sock").exists(), "nothing was bound there");
 }

@@ -15,6 +15,7 @@
 //!   running `zygote start` ([`AdminRequest`], [`AdminResponse`]).
 
 pub mod frame;
+pub mod strict;
 
 use serde::{Deserialize, Serialize};
 

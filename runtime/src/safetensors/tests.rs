@@ -64,6 +64,21 @@ fn a_header_length_over_the_limit_is_refused() {
 }
 
 #[test]
+fn a_90_mb_header_is_refused_from_its_length_field_alone() {
+    // What held 1.5 GB under the reference's 100 MB cap: refused before the JSON is touched.
+    let mut bytes = 90_000_000u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{\"a\":");
+    assert_eq!(
+        parse_header(&bytes).unwrap_err(),
+        HeaderError::HeaderTooLarge {
+            len: 90_000_000,
+            max: MAX_HEADER_LEN
+        }
+    );
+    assert_eq!(MAX_HEADER_LEN, 8 << 20, "the documented cap");
+}
+
+#[test]
 fn a_header_length_past_the_end_of_the_file_is_refused() {
     let mut bytes = 3u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");

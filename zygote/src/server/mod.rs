@@ -556,7 +556,7 @@ impl Server {
 
 /// The `id` of a frame that could not be decoded as a request, when it has one.
 fn request_id(body: &[u8]) -> Option<u64> {
-    let v: serde_cbor::Value = serde_cbor::from_slice(body).ok()?;
+    let zygote_runtime::protocol::strict::StrictValue(v) = serde_cbor::from_slice(body).ok()?;
     let serde_cbor::Value::Map(m) = v else {
         return None;
     };
