@@ -19,7 +19,7 @@ use zygote_server::{Entry, EntryTable};
 /// The allowlist: the native entries, plus `exec` when a command was given.
 pub fn table(command: &[String]) -> EntryTable {
     let mut t = EntryTable::new();
-    t.insert("owner", Entry::Native(zygote_server::owner::run));
+    t.insert("owner", Entry::Owner(zygote_server::owner::run));
     t.insert("app", Entry::Native(zygote_embed::serve));
     t.insert("idle", Entry::Native(idle));
     t.insert("probe", Entry::Native(probe));

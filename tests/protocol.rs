@@ -208,11 +208,23 @@ fn a_signal_to_a_pid_that_is_not_a_child_is_refused() {
 // Who may connect.
 
 const HELPER_SOCKET_ENV: &str = "ZYGOTE_TEST_OTHER_UID_SOCKET";
+const HELPER_ACTIONS_ENV: &str = "ZYGOTE_TEST_OTHER_UID_ACTIONS";
 const NOBODY: u32 = 65534;
 
 /// Not a test of its own: the other-uid tests run this test binary again, as uid 65534, with
-/// only this function selected. It connects, says hello and prints the uid it ran as and the
-/// first answer, as JSON, on a line starting with `HELPER `.
+/// only this function selected. It runs the actions named in [`HELPER_ACTIONS_ENV`]
+/// (comma-separated; `hello` when unset) and prints the uid it ran as and, as a JSON object,
+/// each action's outcome, on a line starting with `HELPER `.
+///
+/// | action | what | outcome |
+/// |---|---|---|
+/// | `hello` | a raw connection's first answer | the answer, as JSON |
+/// | `status`, `shutdown`, `fetch` | that request | `"ok"` or the error code |
+/// | `keep` | `keep_weights` for device 0 with an unsealed memfd of its own | `"ok"` or the code |
+/// | `signal:PID` | SIGTERM to PID | `"ok"` or the code |
+/// | `spawn_own` | spawns `idle`, then SIGTERMs that child | `"ok"` or the code |
+/// | `spawn_owner` | spawns the `owner` entry | `"ok"` or the code |
+/// | `hold` | opens connections until one is refused | `{"held": N, "refused": code}` |
 #[test]
 #[ignore = "helper run as another uid by the other-uid tests"]
 fn helper_other_uid_client() {
@@ -220,8 +232,55 @@ fn helper_other_uid_client() {
         eprintln!("helper_other_uid_client only runs as a child of the other-uid tests");
         return;
     };
+    let sock = std::path::PathBuf::from(sock);
     let uid = nix::unistd::getuid().as_raw();
-    let mut s = UnixStream::connect(&sock).expect("connecting to the zygote socket");
+    let actions = std::env::var(HELPER_ACTIONS_ENV).unwrap_or_else(|_| "hello".into());
+    let code = |r: Result<(), ProtocolError>| match r {
+        Ok(()) => serde_json::json!("ok"),
+        Err(ProtocolError::Remote { code, .. }) => serde_json::to_value(code).expect("a code"),
+        Err(e) => serde_json::json!(format!("failed: {e}")),
+    };
+    let client = || ZygoteClient::connect(&sock, "another uid");
+    let mut out = serde_json::Map::new();
+    for action in actions.split(',') {
+        let outcome = match action.split_once(':').unwrap_or((action, "")) {
+            ("hello", _) => helper_hello(&sock),
+            ("status", _) => code(client().and_then(|mut c| c.status().map(|_| ()))),
+            ("shutdown", _) => code(client().and_then(|mut c| c.shutdown())),
+            ("fetch", _) => code(client().and_then(|mut c| c.fetch_weights(0).map(|_| ()))),
+            ("keep", _) => code(client().and_then(|mut c| helper_keep(&mut c))),
+            ("signal", pid) => code(
+                client().and_then(|mut c| c.signal(pid.parse().expect("a pid"), libc::SIGTERM)),
+            ),
+            ("spawn_own", _) => code(client().and_then(|mut c| {
+                let pid = helper_spawn(&mut c, "idle")?;
+                c.signal(pid, libc::SIGTERM)
+            })),
+            ("spawn_owner", _) => {
+                code(client().and_then(|mut c| helper_spawn(&mut c, "owner").map(|_| ())))
+            }
+            ("hold", _) => {
+                let mut held = Vec::new();
+                let refused = loop {
+                    match client() {
+                        Ok(c) => held.push(c),
+                        Err(e) => break code(Err(e)),
+                    }
+                    if held.len() > 100 {
+                        break serde_json::json!("never refused");
+                    }
+                };
+                serde_json::json!({ "held": held.len(), "refused": refused })
+            }
+            other => panic!("unknown helper action {other:?}"),
+        };
+        out.insert(action.to_string(), outcome);
+    }
+    println!("HELPER {uid} {}", serde_json::Value::Object(out));
+}
+
+fn helper_hello(sock: &std::path::Path) -> serde_json::Value {
+    let mut s = UnixStream::connect(sock).expect("connecting to the zygote socket");
     // A refused peer may find the connection closed already; the answer is still readable.
     let _ = frame::write_frame(
         &mut s,
@@ -230,23 +289,52 @@ fn helper_other_uid_client() {
             client: "another uid".into(),
         },
     );
-    let answer = match frame::read_frame::<_, Response>(&mut s, Some(Duration::from_secs(10))) {
-        Ok(Some(r)) => serde_json::to_string(&r).expect("a response is JSON"),
-        other => serde_json::json!({ "failed": format!("{other:?}") }).to_string(),
-    };
-    println!("HELPER {uid} {answer}");
+    match frame::read_frame::<_, Response>(&mut s, Some(Duration::from_secs(10))) {
+        Ok(Some(r)) => serde_json::to_value(&r).expect("a response is JSON"),
+        other => serde_json::json!({ "failed": format!("{other:?}") }),
+    }
 }
 
-/// Runs the helper as uid 65534 against `z`; returns the uid it ran as and its answer.
-fn connect_as_nobody(z: &Zygote, open_the_way: bool) -> (u32, serde_json::Value) {
-    if open_the_way {
-        // A zygote without --allow-uid keeps others out by file modes; open the way to the
-        // socket for this test only, so the SO_PEERCRED check is what decides.
-        std::fs::set_permissions(&z.runtime_dir, std::fs::Permissions::from_mode(0o711))
-            .expect("chmod of the runtime dir");
-        std::fs::set_permissions(&z.socket, std::fs::Permissions::from_mode(0o666))
-            .expect("chmod of the socket");
-    }
+/// Spawns `entry` with /dev/null for stdio; returns its pid.
+fn helper_spawn(c: &mut ZygoteClient, entry: &str) -> Result<i32, ProtocolError> {
+    let (_mine, theirs) = UnixStream::pair()?;
+    let null = std::fs::File::open("/dev/null")?;
+    let fds = zygote_runtime::client::SpawnFds {
+        stdin: null.as_fd(),
+        stdout: null.as_fd(),
+        stderr: null.as_fd(),
+        control: theirs.as_fd(),
+        listeners: Vec::new(),
+    };
+    Ok(c.spawn(entry, 9, &[], None, &fds)?.pid)
+}
+
+/// Plants weights of its own: what an attacker would leave for the next owner to adopt.
+fn helper_keep(c: &mut ZygoteClient) -> Result<(), ProtocolError> {
+    let memfd =
+        nix::sys::memfd::memfd_create(c"planted", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+    nix::unistd::ftruncate(&memfd, 4096).map_err(std::io::Error::from)?;
+    let manifest = zygote_runtime::backend::Manifest {
+        generation: 99,
+        backend: "host".into(),
+        ipc: "memfd".into(),
+        model_digest: "xxh3-128:0".into(),
+        content_digest: "xxh3-128:0".into(),
+        device: None,
+        arenas: vec![zygote_runtime::backend::ArenaInfo {
+            size: 4096,
+            used: 4096,
+            legacy_handle: Vec::new(),
+        }],
+        tensors: Vec::new(),
+    };
+    c.keep_weights(0, &manifest, &[memfd])
+}
+
+/// Runs the helper as uid 65534 against `z` with `actions`; returns the uid it ran as and the
+/// outcome of each action.
+fn run_as_nobody(z: &Zygote, actions: &str) -> (u32, serde_json::Value) {
     let exe = std::env::current_exe().expect("the test binary");
     let out = Command::new(exe)
         .args([
@@ -257,6 +345,7 @@ fn connect_as_nobody(z: &Zygote, open_the_way: bool) -> (u32, serde_json::Value)
             "--test-threads=1",
         ])
         .env(HELPER_SOCKET_ENV, &z.socket)
+        .env(HELPER_ACTIONS_ENV, actions)
         .current_dir("/")
         .uid(NOBODY)
         .gid(NOBODY)
@@ -278,6 +367,82 @@ fn connect_as_nobody(z: &Zygote, open_the_way: bool) -> (u32, serde_json::Value)
         uid.parse().expect("the helper's uid"),
         serde_json::from_str(json).expect("the helper's answer is JSON"),
     )
+}
+
+/// Runs the helper's `hello` as uid 65534 against `z`; returns the uid it ran as and the answer.
+fn connect_as_nobody(z: &Zygote, open_the_way: bool) -> (u32, serde_json::Value) {
+    if open_the_way {
+        // A zygote without --allow-uid keeps others out by file modes; open the way to the
+        // socket for this test only, so the SO_PEERCRED check is what decides.
+        std::fs::set_permissions(&z.runtime_dir, std::fs::Permissions::from_mode(0o711))
+            .expect("chmod of the runtime dir");
+        std::fs::set_permissions(&z.socket, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod of the socket");
+    }
+    let (uid, out) = run_as_nobody(z, "hello");
+    (uid, out["hello"].clone())
+}
+
+fn allowing_nobody() -> Zygote {
+    Zygote::start_with(ZygoteOptions {
+        args: vec!["--allow-uid".into(), NOBODY.to_string()],
+        ..ZygoteOptions::default()
+    })
+}
+
+#[test]
+fn an_allowed_uid_may_spawn_and_signal_its_own_children_and_read_status_and_nothing_more() {
+    let z = allowing_nobody();
+    let mut c = z.client();
+    let mut ours = spawn(&z, &mut c, "idle", 0, &[]).expect("the service's own child");
+    wait_ready(&mut ours, T);
+    let actions = format!(
+        "status,spawn_own,signal:{},shutdown,fetch,keep,spawn_owner",
+        ours.pid
+    );
+    let (uid, out) = run_as_nobody(&z, &actions);
+    assert_eq!(uid, NOBODY, "the helper ran as uid 65534");
+    assert_eq!(out["status"], "ok", "an allowed uid reads status: {out}");
+    assert_eq!(
+        out["spawn_own"], "ok",
+        "it spawns and signals its own child: {out}"
+    );
+    for refused in [
+        format!("signal:{}", ours.pid),
+        "shutdown".into(),
+        "fetch".into(),
+        "keep".into(),
+        "spawn_owner".into(),
+    ] {
+        assert_eq!(out[&refused], "not_allowed", "{refused} is refused: {out}");
+    }
+    let status = c.status().expect("the zygote serves on");
+    assert!(
+        status.children.iter().any(|ch| ch.pid == ours.pid),
+        "the service's child survived the other uid's signal: {status:?}"
+    );
+    assert!(
+        status.kept.is_empty(),
+        "nothing was planted: {:?}",
+        status.kept
+    );
+}
+
+#[test]
+fn an_allowed_uid_holds_at_most_its_quota_of_connections() {
+    let z = allowing_nobody();
+    let (_, out) = run_as_nobody(&z, "hold");
+    assert_eq!(
+        (
+            out["hold"]["held"].as_u64(),
+            out["hold"]["refused"].as_str()
+        ),
+        (
+            Some(zygote_server::server::MAX_CONNECTIONS_PER_UID as u64),
+            Some("limit")
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -307,10 +472,7 @@ fn the_runtime_dir_is_0700_and_the_socket_0600_by_default() {
 
 #[test]
 fn allow_uid_admits_that_uid() {
-    let z = Zygote::start_with(ZygoteOptions {
-        args: vec!["--allow-uid".into(), NOBODY.to_string()],
-        ..ZygoteOptions::default()
-    });
+    let z = allowing_nobody();
     // The zygote itself opens the way (0711 directory, 0666 socket); the peer check decides.
     let mode =
         |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
@@ -489,6 +651,47 @@ fn bad_frame_malformed_cbor() {
     });
 }
 
+/// A CBOR map written by hand, members in order, repeats allowed (a map type cannot hold them).
+fn raw_cbor_map(members: &[(&str, Value)]) -> Vec<u8> {
+    assert!(members.len() < 24, "a one-byte map header");
+    let mut out = vec![0xa0 + members.len() as u8];
+    for (k, v) in members {
+        out.extend(serde_cbor::to_vec(&text(k)).expect("CBOR"));
+        out.extend(serde_cbor::to_vec(v).expect("CBOR"));
+    }
+    out
+}
+
+#[test]
+fn bad_frame_a_key_twice() {
+    // Two ids: which one would an answer repeat? Neither: the frame is refused.
+    bad_frame("a key twice", ErrorCode::BadCbor, None, false, |s| {
+        s.write_all(&framed(&raw_cbor_map(&[
+            ("v", int(1)),
+            ("type", text("status")),
+            ("id", int(9)),
+            ("id", int(10)),
+        ])))
+        .expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_an_entry_named_twice_in_a_spawn() {
+    bad_frame("entry twice", ErrorCode::BadCbor, None, false, |s| {
+        s.write_all(&framed(&raw_cbor_map(&[
+            ("v", int(1)),
+            ("type", text("spawn")),
+            ("id", int(9)),
+            ("entry", text("idle")),
+            ("entry", text("exec")),
+            ("worker", int(0)),
+            ("listeners", int(0)),
+        ])))
+        .expect("write");
+    });
+}
+
 #[test]
 fn bad_frame_cbor_that_is_not_a_map() {
     bad_frame("not a map", ErrorCode::BadCbor, None, false, |s| {
@@ -614,4 +817,150 @@ fn bad_frame_too_many_listeners() {
     bad_frame("17 listeners", ErrorCode::Limit, Some(2), true, |s| {
         s.write_all(&spawn_frame(2, "idle", 17)).expect("write");
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that does not read, and one that floods.
+
+fn rss_kib(pid: i32) -> u64 {
+    common::proc_status_field(pid, "VmRSS")
+        .and_then(|v| v.trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS of the zygote")
+}
+
+#[test]
+fn a_client_that_never_reads_its_answers_holds_a_bounded_amount_of_zygote_memory() {
+    let z = Zygote::start(&[]);
+    let before = rss_kib(z.pid);
+    let status = frame::encode(&Request::Status { id: 1 }).expect("a status frame");
+    let greedy = z.raw();
+    greedy.set_nonblocking(true).expect("non-blocking");
+    // Up to 8 MB of pipelined `status` requests, never reading an answer (each ~0.3 KB): a
+    // zygote that kept reading would queue some 100 MB of answers.
+    let batch: Vec<u8> = status
+        .iter()
+        .copied()
+        .cycle()
+        .take(64 * status.len())
+        .collect();
+    let (mut sent, mut stalled_since) = (0usize, None::<std::time::Instant>);
+    while sent < 8 << 20 {
+        match (&greedy).write(&batch) {
+            Ok(n) => {
+                sent += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The zygote stopped reading: wait a little for it to prove it.
+                let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("writing requests: {e}"),
+        }
+    }
+    assert!(
+        sent < 4 << 20,
+        "the zygote kept reading requests whose answers were not read ({sent} bytes taken)"
+    );
+    let grown = rss_kib(z.pid).saturating_sub(before);
+    assert!(grown < 16 << 10, "the zygote grew by {grown} KiB");
+    // Everyone else is still served.
+    let mut other = z.client();
+    other.status().expect("another client is answered");
+}
+
+#[test]
+fn a_client_that_floods_requests_does_not_delay_another_clients_answers() {
+    let z = Zygote::start(&[]);
+    // Pipelined `status` requests, written faster than the zygote answers them, so its socket
+    // never runs dry: a zygote that read one connection until it blocked would serve nobody
+    // else while the flood lasts.
+    let status = frame::encode(&Request::Status { id: 1 }).expect("a status frame");
+    let batch: Vec<u8> = status
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096 * status.len())
+        .collect();
+    let mut flooder = z.raw();
+    let reader = flooder.try_clone().expect("a second handle");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_w, stop_r) = (stop.clone(), stop.clone());
+    // The flooder reads its answers (so the output cap is not what holds it back).
+    let drain = std::thread::spawn(move || {
+        let mut r = reader;
+        let mut buf = vec![0u8; 1 << 16];
+        r.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        while !stop_r.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::io::Read::read(&mut r, &mut buf);
+        }
+    });
+    let flood = std::thread::spawn(move || {
+        flooder
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .ok();
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = flooder.write_all(&batch);
+        }
+    });
+    let mut c = z.client();
+    let mut worst = Duration::ZERO;
+    let mut failed = None;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        if let Err(e) = c.status() {
+            failed = Some(e);
+            break;
+        }
+        worst = worst.max(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = flood.join();
+    let _ = drain.join();
+    assert!(
+        failed.is_none(),
+        "no status answer while another client flooded: {failed:?}"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "a status answer took {worst:?} while another client flooded"
+    );
+}
+
+#[test]
+fn a_runtime_dir_others_can_write_is_refused_and_left_as_it_is() {
+    let dir = common::TempDir::new("unsafe-rt");
+    let model = common::tiny_model(dir.path());
+    let rt = dir.path().join("rt");
+    std::fs::create_dir(&rt).expect("mkdir");
+    std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    // What a stranger could have left there.
+    let planted = rt.join("owner-0.sock");
+    let _stranger = std::os::unix::net::UnixListener::bind(&planted).expect("a planted socket");
+    let out = Command::new(env!("CARGO_BIN_EXE_zygote"))
+        .args(["__zygote", "--backend", "host", "--runtime-dir"])
+        .arg(&rt)
+        .arg("--model")
+        .arg(&model)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running zygote __zygote");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the zygote must refuse the directory:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("lets other users create files in it"),
+        "the error says why:\n{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(&rt).expect("stat").permissions().mode() & 0o777,
+        0o777,
+        "the directory is not silently reset"
+    );
+    assert!(!rt.join("zygote.sock").exists(), "nothing was bound there");
 }

@@ -88,14 +88,10 @@ fn a_kept_generation_serves_workers_while_no_owner_is_up_and_is_adopted_by_the_n
     );
 }
 
-#[test]
-fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
+/// A manifest of one 4 KiB arena, as a client that plants weights would send.
+fn planted_manifest() -> zygote_runtime::backend::Manifest {
     use zygote_runtime::backend::{ArenaInfo, Manifest};
-    use zygote_runtime::protocol::{frame, ErrorCode, Request, Response};
-
-    let z = Zygote::start(&[]);
-    let mut raw = z.raw();
-    let manifest = Manifest {
+    Manifest {
         generation: 9,
         backend: "host".into(),
         ipc: "memfd".into(),
@@ -108,12 +104,20 @@ fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
             legacy_handle: Vec::new(),
         }],
         tensors: Vec::new(),
-    };
+    }
+}
+
+#[test]
+fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
+    use zygote_runtime::protocol::{frame, ErrorCode, Request, Response};
+
+    let z = Zygote::start(&[]);
+    let mut raw = z.raw();
     // One arena, but two fds announced.
     let req = Request::KeepWeights {
         id: 3,
         device: 0,
-        manifest,
+        manifest: planted_manifest(),
         fds: 2,
     };
     frame::write_frame(&mut raw, &req).expect("send");
@@ -131,5 +135,195 @@ fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
     assert!(
         client.status().expect("status").kept.is_empty(),
         "a refused keep_weights keeps nothing"
+    );
+}
+
+#[test]
+fn keep_weights_from_a_process_that_is_not_the_live_owner_is_refused() {
+    use zygote_runtime::protocol::{ErrorCode, ProtocolError};
+
+    let dir = TempDir::new("planted");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F16);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let memfd =
+        nix::sys::memfd::memfd_create(c"planted", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .expect("memfd");
+    nix::unistd::ftruncate(&memfd, 4096).expect("ftruncate");
+    // The service's own uid, but not the owner: refused, even with the model's own digest.
+    let mut manifest = planted_manifest();
+    manifest.model_digest = client.status().expect("status").model_digest;
+    match client.keep_weights(0, &manifest, std::slice::from_ref(&memfd)) {
+        Err(ProtocolError::Remote {
+            code: ErrorCode::NotAllowed,
+            message,
+        }) => assert!(message.contains("live owner"), "{message}"),
+        other => panic!("planting weights is refused with not_allowed: {other:?}"),
+    }
+    // With an owner live, still refused: only the owner itself may keep weights.
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    let mut other = z.client();
+    assert!(
+        matches!(
+            other.keep_weights(0, &manifest, std::slice::from_ref(&memfd)),
+            Err(ProtocolError::Remote {
+                code: ErrorCode::NotAllowed,
+                ..
+            })
+        ),
+        "a client beside the live owner is refused"
+    );
+    let kept = client.status().expect("status").kept;
+    assert_eq!(
+        kept,
+        vec![(0, 1, "memfd".to_string())],
+        "what is kept is the owner's generation 1, not the planted 9"
+    );
+}
+
+#[test]
+fn a_second_owner_for_a_device_is_refused_while_the_first_lives() {
+    use zygote_runtime::protocol::{ErrorCode, ProtocolError};
+
+    let dir = TempDir::new("two-owners");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    match spawn(&z, &mut client, "owner", 0, &[]) {
+        Err(ProtocolError::Remote {
+            code: ErrorCode::Conflict,
+            message,
+        }) => assert!(message.contains(&owner.pid.to_string()), "{message}"),
+        other => panic!("a second owner of device 0 is refused with conflict: {other:?}"),
+    }
+    // Once the first has gone, an owner may start again.
+    let pid = owner.pid;
+    drop(owner);
+    wait_exited(&mut client, pid, Duration::from_secs(10));
+    let mut next = spawn(&z, &mut client, "owner", 0, &[]).expect("an owner after the first");
+    wait_ready(&mut next, READY);
+}
+
+#[test]
+fn a_worker_without_an_owner_backs_off_logs_once_and_imports_when_an_owner_comes() {
+    let dir = TempDir::new("no-owner");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let mut worker = spawn(&z, &mut client, "probe", 0, &[]).expect("spawn probe");
+    let waiting = "no owner of device 0 is up";
+    let asked = |log: &str| log.matches("hello from \"worker\"").count();
+    wait_until(Duration::from_secs(10), "the worker's waiting line", || {
+        z.log_tail().contains(waiting)
+    });
+    // Every try asks the zygote for kept weights: six tries take at least 5+10+20+40+80 ms
+    // with the backoff, a few ms without it.
+    let first = std::time::Instant::now();
+    let before = asked(&z.log_tail());
+    wait_until(Duration::from_secs(10), "five more tries", || {
+        asked(&z.log_tail()) >= before + 5
+    });
+    assert!(
+        first.elapsed() >= Duration::from_millis(150),
+        "five tries took only {:?}: no backoff",
+        first.elapsed()
+    );
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    let detail = wait_ready(&mut worker, READY);
+    assert!(detail.contains("generation 1"), "{detail}");
+    let log = z.log_tail();
+    assert_eq!(
+        log.matches(waiting).count(),
+        1,
+        "the waiting worker logs once per change of state:\n{log}"
+    );
+    assert!(
+        log.contains("the owner of device 0 is up; importing"),
+        "and once when it changes:\n{log}"
+    );
+}
+
+#[test]
+fn an_owner_whose_socket_is_claimed_stops_and_leaves_the_socket_alone() {
+    use zygote_runtime::protocol::Response;
+    use zygote_runtime::rundir::SocketClaim;
+
+    let dir = TempDir::new("claimed");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    // A live owner the zygote does not know (one started by an earlier zygote, say).
+    let (claim, _listener) =
+        SocketClaim::bind(&z.runtime_dir, "owner-0.sock", 0o600).expect("claiming owner-0.sock");
+    let mut client = z.client();
+    let owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    let (exited, _) = wait_exited(&mut client, owner.pid, Duration::from_secs(10));
+    assert!(
+        matches!(exited, Response::Exited { code: Some(1), .. }),
+        "the second owner stops with an error: {exited:?}"
+    );
+    let log = z.log_tail();
+    assert!(log.contains("another owner serves device 0"), "{log}");
+    assert!(
+        !log.contains("weights ready"),
+        "it built nothing before it found the claim:\n{log}"
+    );
+    std::os::unix::net::UnixStream::connect(claim.path())
+        .expect("the live owner's socket is still there and served");
+    assert!(
+        client.status().expect("status").kept.is_empty(),
+        "nothing was kept by the owner that stopped"
+    );
+}
+
+#[test]
+fn a_silent_client_of_the_owner_socket_does_not_stall_imports() {
+    use std::io::Write;
+
+    let dir = TempDir::new("stalled-import");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    let socket = zygote_runtime::worker::owner_socket(&z.runtime_dir, 0);
+    // One client says nothing; another starts a frame and stops. Each has 5 s before the owner
+    // drops it, and a blocking owner would make every import wait behind them.
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let mut partial = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    partial
+        .write_all(&[0, 0, 0, 40, 0xa3])
+        .expect("a frame's start");
+    let started = std::time::Instant::now();
+    let mut worker = spawn(&z, &mut client, "probe", 0, &[]).expect("spawn probe");
+    let detail = wait_ready(&mut worker, READY);
+    assert!(detail.contains("generation 1"), "{detail}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the import waited {:?} behind the stalled clients",
+        started.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the owner dropping the stalled clients at their deadline",
+        || z.log_tail().matches("an import failed").count() >= 2,
     );
 }

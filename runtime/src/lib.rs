@@ -12,6 +12,8 @@
 //! This crate holds what more than one of them needs:
 //!
 //! - [`model`]: the safetensors file, validated completely and held in a sealed memfd.
+//! - [`rundir`]: the runtime directory, and the claim a process holds on a socket it serves.
+//! - [`safetensors`]: the safetensors header parser and validator, and the dtypes.
 //! - [`shm`]: sealed memfds and read-only mappings (an `unsafe` leaf).
 //! - [`fdpass`]: sending and receiving fds with `SCM_RIGHTS` (an `unsafe` leaf).
 //! - [`protocol`]: the framed CBOR messages of the zygote socket, the owner socket and the
@@ -31,6 +33,8 @@ pub mod logging;
 pub mod model;
 pub mod procfs;
 pub mod protocol;
+pub mod rundir;
+pub mod safetensors;
 pub mod shm;
 pub mod synth;
 pub mod worker;

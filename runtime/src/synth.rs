@@ -153,7 +153,7 @@ pub fn corrupt_case_files(dir: &Path) -> io::Result<Vec<CorruptCase>> {
         (
             "header-length-over-limit",
             crate::model::MAX_HEADER_LEN + 1,
-            "over the limit of 100000000 bytes",
+            "over the limit of 8388608 bytes",
         ),
         (
             "header-length-past-end-of-file",

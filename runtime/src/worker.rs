@@ -36,9 +36,35 @@ pub const MODEL_FD: i32 = 4;
 /// The first listener's fd in every child.
 pub const FIRST_LISTENER_FD: i32 = 5;
 /// The zygote socket's name in the runtime directory.
-pub const ZYGOTE_SOCKET: &str = "zygote.sock";
+pub use crate::rundir::ZYGOTE_SOCKET;
 /// The environment variable holding [`AttachInfo`] as JSON.
 pub const ATTACH_ENV: &str = "ZYGOTE_ATTACH";
+
+/// The first wait of [`Worker::import_weights`] while no owner is up.
+pub const FIRST_IMPORT_BACKOFF: Duration = Duration::from_millis(5);
+/// The longest wait between two tries of [`Worker::import_weights`].
+pub const MAX_IMPORT_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The wait after `delay`: doubled, up to [`MAX_IMPORT_BACKOFF`].
+pub fn next_import_backoff(delay: Duration) -> Duration {
+    (delay * 2).min(MAX_IMPORT_BACKOFF)
+}
+
+/// What an importer found while no owner was up, logged once per change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Waiting {
+    NothingKept,
+    ZygoteUnreachable(String),
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NothingKept => f.write_str("the zygote keeps no weights for it"),
+            Self::ZygoteUnreachable(e) => write!(f, "the zygote is not reachable ({e})"),
+        }
+    }
+}
 
 /// What a child needs to know besides its fds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +104,8 @@ pub enum WorkerError {
     },
     #[error("owner protocol: {0}")]
     Owner(ProtocolError),
+    #[error("the owner socket {path} is served by uid {uid}, not by this service's")]
+    OwnerNotTrusted { path: PathBuf, uid: u32 },
     #[error("control channel: {0}")]
     Control(ProtocolError),
     #[error("importing the weights: {0}")]
@@ -96,9 +124,15 @@ pub struct Worker {
     listeners: Vec<OwnedFd>,
 }
 
+/// Name of the owner socket of device `device` (0 for the host backend) in the runtime
+/// directory.
+pub fn owner_socket_name(device: u32) -> String {
+    format!("owner-{device}.sock")
+}
+
 /// Path of the owner socket of device `device` (0 for the host backend).
 pub fn owner_socket(runtime_dir: &Path, device: u32) -> PathBuf {
-    runtime_dir.join(format!("owner-{device}.sock"))
+    runtime_dir.join(owner_socket_name(device))
 }
 
 impl Worker {
@@ -181,33 +215,73 @@ impl Worker {
 
     /// Asks the owner for the weights, waiting up to `timeout` for it to be up, then verifies
     /// them against the model (manifest, digest) before returning.
+    ///
+    /// While no owner is up it imports the generation the zygote keeps, if any; with neither,
+    /// it waits, backing off from 5 ms to [`MAX_IMPORT_BACKOFF`], and logs once per change of
+    /// what it found rather than once per try.
     pub fn import_weights(&self, timeout: Duration) -> Result<Weights, WorkerError> {
         let device = self.info.device.unwrap_or(0);
         let path = owner_socket(&self.info.runtime_dir, device);
         let start = Instant::now();
-        let mut stream = loop {
-            match UnixStream::connect(&path) {
-                Ok(s) => break s,
-                Err(source) => {
-                    // No owner is up: the zygote may keep the last generation's handles.
-                    if let Some((manifest, fds)) = self.fetch_kept(device) {
-                        log::info!(
-                            "no owner is up; importing generation {} kept by the zygote",
-                            manifest.generation
-                        );
-                        return Ok(backend::import(manifest, fds, &self.model)?);
+        let mut delay = FIRST_IMPORT_BACKOFF;
+        let mut seen: Option<Waiting> = None;
+        loop {
+            let source = match UnixStream::connect(&path) {
+                Ok(stream) => {
+                    if seen.is_some() {
+                        log::info!("the owner of device {device} is up; importing");
                     }
-                    if start.elapsed() >= timeout {
-                        return Err(WorkerError::OwnerUnreachable {
-                            path,
-                            waited: start.elapsed(),
-                            source,
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
+                    return self.import_from_owner(stream, &path, timeout);
                 }
+                Err(source) => source,
+            };
+            // No owner is up: the zygote may keep the last generation's handles.
+            let now = match self.fetch_kept(device) {
+                Ok(Some((manifest, fds))) => {
+                    log::info!(
+                        "no owner is up; importing generation {} kept by the zygote",
+                        manifest.generation
+                    );
+                    return Ok(backend::import(manifest, fds, &self.model)?);
+                }
+                Ok(None) => Waiting::NothingKept,
+                Err(e) => Waiting::ZygoteUnreachable(e.to_string()),
+            };
+            if seen.as_ref() != Some(&now) {
+                log::info!("no owner of device {device} is up ({source}) and {now}; waiting");
+                seen = Some(now);
             }
-        };
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(WorkerError::OwnerUnreachable {
+                    path,
+                    waited,
+                    source,
+                });
+            }
+            std::thread::sleep(delay.min(timeout - waited));
+            delay = next_import_backoff(delay);
+        }
+    }
+
+    /// Imports from a connected owner socket, whose peer must be of this worker's own uid.
+    fn import_from_owner(
+        &self,
+        mut stream: UnixStream,
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<Weights, WorkerError> {
+        let us = nix::unistd::getuid().as_raw();
+        match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(c) if c.uid() == us => {}
+            Ok(c) => {
+                return Err(WorkerError::OwnerNotTrusted {
+                    path: path.to_path_buf(),
+                    uid: c.uid(),
+                })
+            }
+            Err(e) => return Err(WorkerError::Owner(ProtocolError::Io(e.into()))),
+        }
         let req = OwnerRequest::Import {
             id: 1,
             worker: self.info.worker,
@@ -237,11 +311,14 @@ impl Worker {
         }
     }
 
-    /// What the zygote keeps for `device`, if it is reachable and keeps anything.
-    fn fetch_kept(&self, device: u32) -> Option<(backend::Manifest, Vec<OwnedFd>)> {
+    /// What the zygote keeps for `device`: `Ok(None)` when it keeps nothing.
+    fn fetch_kept(
+        &self,
+        device: u32,
+    ) -> Result<Option<(backend::Manifest, Vec<OwnedFd>)>, ProtocolError> {
         let socket = self.info.runtime_dir.join(ZYGOTE_SOCKET);
-        let mut client = crate::client::ZygoteClient::connect(&socket, "worker").ok()?;
-        client.fetch_weights(device).ok().flatten()
+        let mut client = crate::client::ZygoteClient::connect(&socket, "worker")?;
+        client.fetch_weights(device)
     }
 
     fn send(&mut self, msg: &ChildMessage) -> Result<(), WorkerError> {

@@ -674,7 +674,13 @@ impl Zygote {
         if !opts.command.is_empty() {
             cmd.arg("--").args(&opts.command);
         }
-        let err = std::fs::File::create(&log).expect("creating the zygote log");
+        // Appending, like the children's output into the same file: a zygote writing at its own
+        // offset would overwrite the lines its children appended.
+        std::fs::File::create(&log).expect("creating the zygote log");
+        let err = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("opening the zygote log");
         let mut child = cmd
             .env(TAG_ENV, &tag)
             .stdin(Stdio::null())

@@ -15,11 +15,30 @@ pub type NativeEntry = fn(Worker) -> i32;
 #[derive(Debug, Clone)]
 pub enum Entry {
     Native(NativeEntry),
+    /// The weights owner: a native entry the zygote knows by this kind, not by its name. At
+    /// most one lives per device, only the service's own uid may spawn it, and only it may
+    /// leave weights with the zygote (`keep_weights`).
+    Owner(NativeEntry),
     /// A program exec'd in the child, with fixed arguments (request arguments are appended).
     Exec {
         program: PathBuf,
         args: Vec<String>,
     },
+}
+
+impl Entry {
+    /// The function a native entry (the owner included) runs; `None` for the exec entry.
+    pub fn native(&self) -> Option<NativeEntry> {
+        match self {
+            Self::Native(f) | Self::Owner(f) => Some(*f),
+            Self::Exec { .. } => None,
+        }
+    }
+
+    /// Whether this is the weights owner.
+    pub fn is_owner(&self) -> bool {
+        matches!(self, Self::Owner(_))
+    }
 }
 
 /// The allowlist.
@@ -49,7 +68,7 @@ impl EntryTable {
             .map(|(name, e)| EntryInfo {
                 name: name.clone(),
                 kind: match e {
-                    Entry::Native(_) => "native".into(),
+                    Entry::Native(_) | Entry::Owner(_) => "native".into(),
                     Entry::Exec { .. } => "exec".into(),
                 },
             })

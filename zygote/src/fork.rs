@@ -114,7 +114,7 @@ fn exec_plan(
 pub fn spawn(plan: ChildPlan<'_>) -> Result<Forked, ForkError> {
     let exec = match plan.entry {
         Entry::Exec { program, args } => Some(exec_plan(program, args, &plan.info)?),
-        Entry::Native(_) => None,
+        Entry::Native(_) | Entry::Owner(_) => None,
     };
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ForkError::Pipe)?;
@@ -160,8 +160,8 @@ fn child_main(plan: ChildPlan<'_>, exec: Option<ExecPlan>, status_w: OwnedFd) ->
         // atexit handlers, which belong to the zygote.
         unsafe { libc::_exit(SETUP_FAILED) };
     }
-    match (entry, exec) {
-        (Entry::Exec { .. }, Some(exec)) => {
+    match (entry.native(), exec) {
+        (None, Some(exec)) => {
             let e = nix::unistd::execve(&exec.program, &exec.argv, &exec.envp).unwrap_err();
             report(
                 status_fd,
@@ -171,7 +171,7 @@ fn child_main(plan: ChildPlan<'_>, exec: Option<ExecPlan>, status_w: OwnedFd) ->
             // SAFETY: as above.
             unsafe { libc::_exit(SETUP_FAILED) }
         }
-        (Entry::Native(f), _) => {
+        (Some(f), _) => {
             // A Rust program starts with SIGPIPE ignored; a native entry is one.
             // SAFETY: SIG_IGN installs no handler code; this process has a single thread.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
@@ -189,12 +189,8 @@ fn child_main(plan: ChildPlan<'_>, exec: Option<ExecPlan>, status_w: OwnedFd) ->
             let code = f(worker);
             std::process::exit(code)
         }
-        (Entry::Exec { program, .. }, None) => {
-            report(
-                status_fd,
-                "exec",
-                &format!("no exec plan for {}", program.display()),
-            );
+        (None, None) => {
+            report(status_fd, "exec", "no exec plan for the exec entry");
             // SAFETY: as above.
             unsafe { libc::_exit(SETUP_FAILED) }
         }

@@ -67,10 +67,11 @@ pub fn check_len(header: [u8; 4]) -> Result<usize, ProtocolError> {
     Ok(len)
 }
 
-/// Decodes a frame body: checks the version first, then parses the message, refusing
-/// unknown fields and unknown message types.
+/// Decodes a frame body: refuses a map that repeats a key (at any depth), checks the version,
+/// then parses the message, refusing unknown fields and unknown message types.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    let value: Value =
+    // A map that repeats a key is malformed: decoded leniently, the last one would win.
+    let super::strict::StrictValue(value) =
         serde_cbor::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     let Value::Map(mut map) = value else {
         return Err(ProtocolError::Malformed(

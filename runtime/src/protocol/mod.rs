@@ -15,6 +15,7 @@
 //!   running `zygote start` ([`AdminRequest`], [`AdminResponse`]).
 
 pub mod frame;
+pub mod strict;
 
 use serde::{Deserialize, Serialize};
 
@@ -73,7 +74,8 @@ pub enum ErrorCode {
     UnknownEntry,
     /// The fds after a frame are not the number it announced. The connection closes.
     BadFdCount,
-    /// The peer's uid is not allowed. The connection closes.
+    /// The peer's uid is not allowed (the connection closes), or this peer may not make this
+    /// request (the connection stays open): see the trust model in `docs/PROTOCOL.md` §1.
     NotAllowed,
     /// A signal was aimed at a pid that is not a live child of this zygote.
     NotChild,
@@ -81,6 +83,8 @@ pub enum ErrorCode {
     BadSignal,
     /// Too many live children or connections; see the limits in `hello`.
     Limit,
+    /// The request would take what a live child holds: a second owner for a device.
+    Conflict,
     /// `fork` failed in the zygote.
     ForkFailed,
     /// The zygote is shutting down.

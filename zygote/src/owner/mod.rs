@@ -5,23 +5,52 @@
 //! `--backend B --ipc I --generation G`). It picks the backend (probing CUDA happens here and
 //! nowhere else), exports generation `G`, listens on the owner socket of its device
 //! ([`zygote_runtime::worker::owner_socket`]), reports ready, and then answers each worker's
-//! `import` with the manifest and the handles, sending a heartbeat to its supervisor every
-//! second. It exits on `drain` or when its supervisor goes away.
+//! `import` with the manifest and the handles ([`imports`], non-blocking: no worker can stall
+//! another), sending a heartbeat to its supervisor every second. It exits on `drain` or when its
+//! supervisor goes away.
+//!
+//! The owner socket is served under a claim ([`zygote_runtime::rundir::SocketClaim`]): a second
+//! owner of the same device finds it taken and stops with [`OwnerError::SocketClaimed`] instead
+//! of rebinding the socket under the live one, and an owner removes only the socket it bound.
 
-use std::io;
+pub mod imports;
+
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use zygote_runtime::backend::{BackendChoice, DeviceBackend, Export, IpcChoice};
+use zygote_runtime::backend::{BackendChoice, BackendError, DeviceBackend, Export, IpcChoice};
 use zygote_runtime::client::ZygoteClient;
-use zygote_runtime::protocol::frame;
-use zygote_runtime::protocol::{
-    ErrorCode, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError,
-};
-use zygote_runtime::{fdpass, Worker, WorkerError};
+use zygote_runtime::protocol::ParentMessage;
+use zygote_runtime::rundir::{RunDirError, SocketClaim};
+use zygote_runtime::{Worker, WorkerError};
+
+use imports::Imports;
+
+/// Why an owner stops before or while serving. The entry logs it and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    #[error("bad owner arguments: {0}")]
+    Arguments(String),
+    #[error("no usable backend: {0}")]
+    Backend(String),
+    #[error("building the weights failed: {0}")]
+    Build(#[from] BackendError),
+    #[error("another owner serves device {device}: {source}")]
+    SocketClaimed { device: u32, source: RunDirError },
+    #[error("the owner socket: {0}")]
+    Socket(RunDirError),
+    #[error("reporting ready failed: {0}")]
+    Ready(WorkerError),
+    #[error("control channel: {0}")]
+    Control(WorkerError),
+    #[error("poll failed: {0}")]
+    Poll(nix::Error),
+}
+
+/// Exit code of an owner that stopped with an [`OwnerError`] (the log says which).
+pub const OWNER_FAILED: i32 = 1;
 
 /// Options of the owner, from its spawn arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,42 +90,40 @@ pub fn select_backend(opts: &OwnerOptions, device: u32) -> Result<Box<dyn Device
         .map_err(|e| e.to_string())
 }
 
-/// The entry function.
+/// The entry function: 0 after a drain or when the supervisor is gone, [`OWNER_FAILED`]
+/// (with the error logged) otherwise.
 pub fn run(mut worker: Worker) -> i32 {
-    let opts = match OwnerOptions::parse(worker.args()) {
-        Ok(o) => o,
+    match own(&mut worker) {
+        Ok(()) => 0,
         Err(e) => {
-            log::error!("bad owner arguments: {e}");
-            return 2;
+            log::error!("{e}");
+            OWNER_FAILED
         }
-    };
+    }
+}
+
+fn own(worker: &mut Worker) -> Result<(), OwnerError> {
+    let opts = OwnerOptions::parse(worker.args()).map_err(OwnerError::Arguments)?;
     let device = worker.info().device.unwrap_or(0);
+    // Claim the socket first: a second owner of this device must not build anything.
+    let name = zygote_runtime::worker::owner_socket_name(device);
+    let (claim, listener) = SocketClaim::bind(&worker.info().runtime_dir, &name, 0o600).map_err(
+        |source| match source {
+            RunDirError::Claimed { .. } => OwnerError::SocketClaimed { device, source },
+            other => OwnerError::Socket(other),
+        },
+    )?;
+    listener.set_nonblocking(true).map_err(|e| {
+        OwnerError::Socket(RunDirError::Io {
+            path: claim.path().to_path_buf(),
+            action: "setting non-blocking",
+            source: e,
+        })
+    })?;
     let started = Instant::now();
-    let mut backend = match select_backend(&opts, device) {
-        Ok(b) => b,
-        Err(e) => {
-            log::error!("no usable backend: {e}");
-            return 3;
-        }
-    };
-    let export = match obtain(backend.as_mut(), &worker, device, opts.generation) {
-        Ok(e) => e,
-        Err(e) => {
-            log::error!("building the weights failed: {e}");
-            return 4;
-        }
-    };
+    let mut backend = select_backend(&opts, device).map_err(OwnerError::Backend)?;
+    let export = obtain(backend.as_mut(), worker, device, opts.generation)?;
     let built = started.elapsed();
-    let path = zygote_runtime::worker::owner_socket(&worker.info().runtime_dir, device);
-    let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("binding the owner socket {}: {e}", path.display());
-            return 5;
-        }
-    };
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     let detail = format!(
         "backend={} ipc={} generation={} bytes={} built_ms={}",
         backend.name(),
@@ -105,14 +132,14 @@ pub fn run(mut worker: Worker) -> i32 {
         export.manifest.arenas.iter().map(|a| a.used).sum::<u64>(),
         built.as_millis()
     );
-    log::info!("weights ready: {detail}; serving {}", path.display());
-    if let Err(e) = worker.ready(Some(export.manifest.generation), &detail) {
-        log::error!("reporting ready failed: {e}");
-        return 6;
-    }
-    let code = serve(&mut worker, &listener, &export);
-    let _ = std::fs::remove_file(&path);
-    code
+    log::info!(
+        "weights ready: {detail}; serving {}",
+        claim.path().display()
+    );
+    worker
+        .ready(Some(export.manifest.generation), &detail)
+        .map_err(OwnerError::Ready)?;
+    serve(worker, &listener, &export)
 }
 
 /// Adopts the generation the zygote keeps for `device` when the backend can (a restarted
@@ -123,7 +150,7 @@ fn obtain(
     worker: &Worker,
     device: u32,
     generation: u64,
-) -> Result<Export, zygote_runtime::backend::BackendError> {
+) -> Result<Export, BackendError> {
     let socket = worker
         .info()
         .runtime_dir
@@ -164,102 +191,67 @@ fn obtain(
     Ok(export)
 }
 
-fn serve(worker: &mut Worker, listener: &UnixListener, export: &Export) -> i32 {
+/// Answers imports until a drain or the supervisor's end, heartbeating every second.
+fn serve(worker: &mut Worker, listener: &UnixListener, export: &Export) -> Result<(), OwnerError> {
+    const BEAT: Duration = Duration::from_secs(1);
     let mut last_beat = Instant::now();
-    let mut served = 0u64;
+    let mut imports = Imports::default();
     loop {
-        let (listener_ready, control_ready) = {
-            let mut fds = [
+        let now = Instant::now();
+        let wait = imports
+            .next_deadline(now)
+            .unwrap_or(BEAT)
+            .min(BEAT.saturating_sub(last_beat.elapsed()));
+        let (listener_ready, control_ready, ready) = {
+            let set = imports.poll_set();
+            let mut fds = vec![
                 PollFd::new(listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(worker.control_fd(), PollFlags::POLLIN),
             ];
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
+            fds.extend(set.iter().map(|(fd, writable)| {
+                let flags = if *writable {
+                    PollFlags::POLLOUT
+                } else {
+                    PollFlags::POLLIN
+                };
+                PollFd::new(*fd, flags)
+            }));
+            let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+            match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    log::error!("poll failed: {e}");
-                    return 1;
-                }
+                Err(e) => return Err(OwnerError::Poll(e)),
             }
             let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), ready(&fds[1]))
+            let conns: Vec<bool> = fds[2..].iter().map(ready).collect();
+            (ready(&fds[0]), ready(&fds[1]), conns)
         };
         if control_ready {
             // Drain is the only message a supervisor sends an owner.
             match worker.poll_control() {
                 Ok(Some(ParentMessage::Drain { .. })) => {
-                    log::info!("drain requested after {served} imports; exiting");
-                    return 0;
+                    log::info!("drain requested after {} imports; exiting", imports.served);
+                    return Ok(());
                 }
                 Ok(None) => {}
                 Err(WorkerError::Orphaned) => {
                     log::info!("supervisor gone; exiting");
-                    return 0;
+                    return Ok(());
                 }
-                Err(e) => {
-                    log::error!("control channel: {e}");
-                    return 1;
-                }
+                Err(e) => return Err(OwnerError::Control(e)),
             }
         }
+        imports.serve(&ready, export);
         if listener_ready {
-            match listener.accept() {
-                Ok((stream, _)) => match answer(stream, export) {
-                    Ok(worker_id) => {
-                        served += 1;
-                        log::debug!("weights sent to worker {worker_id}");
-                    }
-                    Err(e) => log::warn!("an import failed: {e}"),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => log::warn!("accept on the owner socket failed: {e}"),
-            }
+            imports.accept(listener);
         }
-        if last_beat.elapsed() >= Duration::from_secs(1) {
+        if last_beat.elapsed() >= BEAT {
             last_beat = Instant::now();
-            if let Err(WorkerError::Orphaned) = worker.heartbeat(served) {
-                return 0;
+            if let Err(WorkerError::Orphaned) = worker.heartbeat(imports.served) {
+                return Ok(());
             }
         }
     }
-}
-
-/// Answers one worker: reads its `import`, checks the model digest, sends the manifest and fds.
-fn answer(mut stream: UnixStream, export: &Export) -> Result<u32, ProtocolError> {
-    stream.set_write_timeout(Some(frame::READ_DEADLINE))?;
-    let req: OwnerRequest = frame::read_frame(&mut stream, Some(frame::READ_DEADLINE))?
-        .ok_or(ProtocolError::Truncated)?;
-    let OwnerRequest::Import {
-        id,
-        worker,
-        model_digest,
-    } = req;
-    if model_digest != export.manifest.model_digest {
-        let message = format!(
-            "worker model {model_digest} is not the owner's model {}",
-            export.manifest.model_digest
-        );
-        frame::write_frame(
-            &mut stream,
-            &OwnerResponse::Error {
-                id: Some(id),
-                code: ErrorCode::Unavailable,
-                message: message.clone(),
-            },
-        )?;
-        return Err(ProtocolError::Remote {
-            code: ErrorCode::Unavailable,
-            message,
-        });
-    }
-    let resp = OwnerResponse::Manifest {
-        id,
-        manifest: export.manifest.clone(),
-        fds: export.fds.len() as u32,
-    };
-    frame::write_frame(&mut stream, &resp)?;
-    fdpass::send_fds(stream.as_fd(), &export.fds)?;
-    Ok(worker)
 }
 
 #[cfg(test)]
