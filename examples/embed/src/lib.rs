@@ -23,6 +23,10 @@
 //! gunicorn's `--preload` shares an app. Nothing there starts a thread or touches a device, so
 //! the zygote stays single-threaded and CUDA-free. An exec'd worker loads them itself.
 
+// unsafe lives in two announced leaves: `encoder::gemm` (the matrix products' raw pointers and
+// the AVX2 kernel) and `encoder::cuda::launch` (kernel launches and cuBLAS calls).
+#![deny(unsafe_code)]
+
 pub mod api;
 pub mod encoder;
 pub mod error;

@@ -3,6 +3,8 @@
 //! 127.0.0.1:0, and HTTP clients. Vectors are checked against the sentence-transformers
 //! fixture, so batching across requests cannot mix answers up unnoticed.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -2,13 +2,15 @@
 //! 127.0.0.1:0, clients in the test thread, the loop in a thread of its own, and a control
 //! channel that speaks the runtime's real frames over a Unix socket pair.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::net::TcpStream as StdStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 
@@ -456,12 +458,17 @@ fn requests_that_arrive_during_a_batch_are_computed_together() {
         c.write_all(GET).unwrap();
         assert_eq!(read_answer(c, &mut Vec::new()).status, 200);
     }
-    // Client 0's request makes a slow batch; the other two arrive while it is computed and
-    // are handed to the service together in the next one (or all three in one, had the loop
-    // not polled between the writes).
+    // Client 0's request makes a slow batch; the other two arrive while it is computed (the
+    // test waits until the service has it) and are handed to the service together in the
+    // next one.
     clients[0]
         .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
+    rt.wait_seen("the slow batch", |s| {
+        s.batches
+            .last()
+            .is_some_and(|b| b.iter().any(|p| p == "/slow"))
+    });
     for c in &mut clients[1..] {
         c.write_all(GET).unwrap();
     }
