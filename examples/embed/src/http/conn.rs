@@ -1,6 +1,7 @@
 //! One client connection: the bytes received and not yet handled, the answers not yet written,
 //! and its timeouts. [`Conn::drive`] makes all the progress possible without blocking, up to the
-//! next complete request, which waits in [`Conn::pending`] for the service.
+//! next complete request, which waits in `pending` until it is handed to the service, and
+//! then, while the service computes it, under its id in `submitted`.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -41,6 +42,8 @@ pub(super) struct Conn {
     request_started: Option<Instant>,
     /// A complete request at the start of `buf`, waiting for the service.
     pending: Option<Head>,
+    /// The pending request was handed to the service, which answers it later under this id.
+    submitted: Option<u64>,
     /// Last time bytes moved either way (or the connection opened).
     last_activity: Instant,
     continue_sent: bool,
@@ -66,14 +69,25 @@ impl Conn {
             peer_closed: false,
             request_started: None,
             pending: None,
+            submitted: None,
             last_activity: now,
             continue_sent: false,
         }
     }
 
-    /// A complete request waits for the service.
+    /// A complete request waits to be handed to the service.
     pub(super) fn has_request(&self) -> bool {
-        self.pending.is_some()
+        self.pending.is_some() && self.submitted.is_none()
+    }
+
+    /// The id under which the service computes this connection's request, if it does.
+    pub(super) fn submitted(&self) -> Option<u64> {
+        self.submitted
+    }
+
+    /// The pending request was handed to the service under `id`, which answers it later.
+    pub(super) fn mark_submitted(&mut self, id: u64) {
+        self.submitted = self.pending.is_some().then_some(id);
     }
 
     /// An answer is (partly) unwritten.
@@ -206,10 +220,11 @@ impl Conn {
         }
     }
 
-    /// The pending request, borrowed from the buffer.
-    pub(super) fn request(&self) -> Option<Request<'_>> {
-        let head = self.pending.as_ref()?;
+    /// The pending request (not yet handed to the service), borrowed from the buffer.
+    pub(super) fn request(&self, id: u64) -> Option<Request<'_>> {
+        let head = self.pending.as_ref().filter(|_| self.submitted.is_none())?;
         Some(Request {
+            id,
             method: &head.method,
             path: &head.path,
             body: &self.buf[head.head_len..head.head_len + head.body_len],
@@ -221,6 +236,7 @@ impl Conn {
         let Some(head) = self.pending.take() else {
             return;
         };
+        self.submitted = None;
         let close = !head.keep_alive || draining;
         resp.write_to(&mut self.out, close, head.method == "HEAD");
         self.answered += 1;
@@ -242,6 +258,11 @@ impl Conn {
         }
         if self.out_pos < self.out.len() {
             return now.duration_since(self.last_activity) >= limits.write_timeout;
+        }
+        if self.pending.is_some() {
+            // Arrived whole; the service has it. Its computation has no deadline here (the
+            // service bounds it by its budgets), and the client waits for the answer.
+            return false;
         }
         if let Some(started) = self.request_started {
             if now.duration_since(started) >= limits.request_timeout {

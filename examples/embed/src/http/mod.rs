@@ -11,16 +11,20 @@
 //! while the other workers idled. Taking one at a time lets the idle workers, whose turns are
 //! short, take their share while a busy one computes.
 //!
-//! A request is handled when all of it has arrived; the [`Service`] computes the answer in the
-//! loop's thread (one worker is one core's worth of compute). Each turn of the loop first
-//! collects what arrived on every connection, then hands every complete request to the service
-//! in one batch: requests that arrived on several connections while the previous batch was
-//! computed are computed together, which is how a worker under load makes its matrix products
-//! wide without making anyone wait on purpose, and no connection waits more than one batch
-//! behind another.
+//! A request is handled when all of it has arrived. Each turn of the loop first collects what
+//! arrived on every connection, then hands every complete request to the [`Service`] in one
+//! batch ([`Service::submit`]), which answers at once what needs no computation and queues the
+//! rest; then the service computes one bounded step of its queue ([`Service::step`]) and the
+//! answers completed in it are written. A step is bounded in work (the embeddings app: a budget
+//! of word pieces per forward pass), so a turn of the loop is short whatever was asked: the
+//! loop heartbeats between steps, reads new requests, and the service can put them into the
+//! next step beside the remainder of a large one. Requests that arrived on several connections
+//! while the previous step was computed are computed together, which is how a worker under
+//! load makes its matrix products wide without making anyone wait on purpose. All of it runs in
+//! the loop's one thread: one worker is one core's worth of compute.
 //! Keep-alive and pipelining are supported; a connection handles one request at a time and
-//! reads the next only after the previous answer is written, so its buffers stay bounded. Everything has a limit ([`Limits`]):
-//! header bytes, body bytes, connections, and the time a request may take to arrive (slowloris),
+//! reads the next only after the previous answer is written, so its buffers stay bounded.
+//! Everything has a limit ([`Limits`]): header bytes, body bytes, connections, and the time a request may take to arrive (slowloris),
 //! an idle keep-alive connection may stay, and an answer may take to be read.
 //!
 //! The loop also keeps the worker's side of the control channel ([`Control`]): a heartbeat every
@@ -46,6 +50,7 @@ use zygote_runtime::WorkerError;
 
 pub use parse::{parse, Head, Parsed, MAX_HEADERS};
 pub use response::Response;
+
 pub use server::run;
 
 /// Limits of the HTTP side, per worker.
@@ -95,17 +100,37 @@ impl Default for Limits {
 /// One request, complete.
 #[derive(Debug)]
 pub struct Request<'a> {
+    /// Names the request while the service works on it: an answer from [`Service::step`]
+    /// comes back under it. Unique within one loop.
+    pub id: u64,
     pub method: &'a str,
     /// The path, without the query string.
     pub path: &'a str,
     pub body: &'a [u8],
 }
 
-/// What answers requests.
+/// What the service did with a request handed to it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The answer, now.
+    Now(Response),
+    /// The work was queued: its answer comes from [`Service::step`] under the request's id.
+    Queued,
+}
+
+/// What answers requests. Nothing here may block for long or panic on any input: the loop
+/// runs it between its other duties (heartbeats, new connections, timeouts).
 pub trait Service {
-    /// Answers complete requests, one answer per request, in order. `draining` is true once the
-    /// worker drains (`/readyz` then answers 503). Must not panic on any input.
-    fn handle_batch(&mut self, reqs: &[Request<'_>], draining: bool) -> Vec<Response>;
+    /// Takes complete requests, one reply per request, in order. `draining` is true once the
+    /// worker drains (`/readyz` then answers 503).
+    fn submit(&mut self, reqs: &[Request<'_>], draining: bool) -> Vec<Reply>;
+    /// Whether queued work remains.
+    fn has_work(&self) -> bool;
+    /// Computes one bounded step of the queued work; returns the answers it completed, by
+    /// request id. Called only while [`Service::has_work`].
+    fn step(&mut self) -> Vec<(u64, Response)>;
+    /// Forgets the queued work of a request whose connection closed.
+    fn cancel(&mut self, id: u64);
 }
 
 /// The worker's side of the control channel (implemented by [`zygote_runtime::Worker`]).

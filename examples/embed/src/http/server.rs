@@ -2,6 +2,7 @@
 //! control channel; the turn of the loop that accepts, reads, hands complete requests to the
 //! [`Service`] in one batch, writes, sweeps timeouts, heartbeats and drains.
 
+use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use zygote_runtime::protocol::ParentMessage;
 use zygote_runtime::WorkerError;
 
 use super::conn::{Conn, ConnState};
-use super::{Control, Exit, Limits, Request, Response, Service};
+use super::{Control, Exit, Limits, Reply, Request, Response, Service};
 
 /// How often connections are checked against their timeouts.
 const SWEEP: Duration = Duration::from_millis(250);
@@ -43,6 +44,12 @@ struct Server<'a> {
     expected: Vec<usize>,
     /// Until when a waiting request may be held for them.
     gather_until: Option<Instant>,
+    /// Requests the service computes, by id: the connection slot each answer goes to.
+    waiting: HashMap<u64, usize>,
+    /// Ids of queued requests whose connection closed, for the service to forget.
+    cancelled: Vec<u64>,
+    /// The id the next request handed to the service gets.
+    next_id: u64,
     /// When the loop began: the first answer is logged against it (a restarted worker's
     /// warm-up, measured from its own side).
     started: Instant,
@@ -144,6 +151,10 @@ impl Server<'_> {
         // The slot may be reused by a new connection, which nobody waits for.
         self.expected.retain(|&e| e != slot);
         if let Some(mut c) = self.conns[slot].take() {
+            if let Some(id) = c.submitted() {
+                self.waiting.remove(&id);
+                self.cancelled.push(id);
+            }
             let _ = self.poll.registry().deregister(c.stream_mut());
             self.free.push(slot);
             self.open -= 1;
@@ -159,46 +170,44 @@ impl Server<'_> {
         }
     }
 
-    /// Answers, in one batch, every request that is complete now. Answering one may uncover
-    /// the next request pipelined behind it: that one waits for the next turn of the loop, with
-    /// whatever arrived on other connections meanwhile (serving it at once could starve them).
-    /// The connections answered become the ones [`Server::holding`] waits for.
-    fn serve_batch(&mut self, service: &mut dyn Service, draining: bool) {
-        let slots: Vec<usize> = (0..self.conns.len())
-            .filter(|&i| self.conns[i].as_ref().is_some_and(|c| c.has_request()))
-            .collect();
-        if slots.is_empty() {
+    /// One turn's service: hands every request that is complete now to the service in one
+    /// batch, lets it compute one step of its queue, and writes every answer that is ready.
+    /// Answering one may uncover the next request pipelined behind it: that one waits for the
+    /// next turn of the loop, with whatever arrived on other connections meanwhile (serving it
+    /// at once could starve them). The connections answered become the ones
+    /// [`Server::holding`] waits for.
+    fn serve(&mut self, service: &mut dyn Service, draining: bool) {
+        let mut answered = self.submit(service, draining);
+        for id in self.cancelled.drain(..) {
+            service.cancel(id);
+        }
+        let computing = Instant::now();
+        if service.has_work() {
+            for (id, resp) in service.step() {
+                match self.waiting.remove(&id) {
+                    Some(slot) => answered.push((slot, resp)),
+                    // Its connection closed meanwhile; the answer has nowhere to go.
+                    None => {
+                        log::debug!("dropping the answer to request {id}: its connection is gone")
+                    }
+                }
+            }
+        }
+        if answered.is_empty() {
             return;
         }
-        let reqs: Vec<Request<'_>> = slots
-            .iter()
-            .filter_map(|&i| self.conns[i].as_ref().and_then(Conn::request))
-            .collect();
-        let computing = Instant::now();
-        let mut resps = service.handle_batch(&reqs, draining);
-        drop(reqs);
         if self.served == 0 {
             log::info!(
-                "first answer {} ms after serving began ({} request(s) computed in {} ms)",
+                "first answer {} ms after serving began ({} request(s), computed in {} ms)",
                 self.started.elapsed().as_millis(),
-                slots.len(),
+                answered.len(),
                 computing.elapsed().as_millis()
             );
         }
-        if resps.len() != slots.len() {
-            log::error!(
-                "the service answered {} of {} requests",
-                resps.len(),
-                slots.len()
-            );
-            resps.resize(
-                slots.len(),
-                Response::error(500, "internal_error", "no answer was computed", None),
-            );
-        }
-        for (&slot, resp) in slots.iter().zip(&resps) {
+        let slots: Vec<usize> = answered.iter().map(|(slot, _)| *slot).collect();
+        for (slot, resp) in answered {
             if let Some(c) = self.conns[slot].as_mut() {
-                c.answer(resp, draining);
+                c.answer(&resp, draining);
                 self.served += 1;
             }
             self.drive(slot);
@@ -216,6 +225,55 @@ impl Server<'_> {
         self.gather_until =
             (!draining && !self.expected.is_empty() && !self.limits.batch_wait.is_zero())
                 .then(|| Instant::now() + self.limits.batch_wait);
+    }
+
+    /// Hands every request that is complete now to the service; returns the answers it gave
+    /// at once, by connection slot. The requests it queued wait under their ids in
+    /// [`Server::waiting`].
+    fn submit(&mut self, service: &mut dyn Service, draining: bool) -> Vec<(usize, Response)> {
+        let mut ids = Vec::new();
+        let mut reqs: Vec<Request<'_>> = Vec::new();
+        for (slot, c) in self.conns.iter().enumerate() {
+            if let Some(req) = c.as_ref().and_then(|c| c.request(self.next_id)) {
+                ids.push((slot, self.next_id));
+                reqs.push(req);
+                self.next_id += 1;
+            }
+        }
+        if reqs.is_empty() {
+            return Vec::new();
+        }
+        let mut replies = service.submit(&reqs, draining);
+        drop(reqs);
+        if replies.len() != ids.len() {
+            log::error!(
+                "the service replied to {} of {} requests",
+                replies.len(),
+                ids.len()
+            );
+            replies.resize(
+                ids.len(),
+                Reply::Now(Response::error(
+                    500,
+                    "internal_error",
+                    "no answer was computed",
+                    None,
+                )),
+            );
+        }
+        let mut answered = Vec::new();
+        for ((slot, id), reply) in ids.into_iter().zip(replies) {
+            match reply {
+                Reply::Now(resp) => answered.push((slot, resp)),
+                Reply::Queued => {
+                    if let Some(c) = self.conns[slot].as_mut() {
+                        c.mark_submitted(id);
+                        self.waiting.insert(id, slot);
+                    }
+                }
+            }
+        }
+        answered
     }
 
     fn sweep(&mut self, drain: Option<&Drain>) {
@@ -283,6 +341,9 @@ pub fn run(
         served: 0,
         expected: Vec::new(),
         gather_until: None,
+        waiting: HashMap::new(),
+        cancelled: Vec::new(),
+        next_id: 0,
         started: Instant::now(),
     };
     let mut events = Events::with_capacity(256);
@@ -307,10 +368,16 @@ pub fn run(
         if let Some(d) = &drain {
             wake = wake.min(d.deadline);
         }
-        if let Some(until) = s.holding(now).filter(|_| s.has_pending()) {
+        if let Some(until) = s
+            .holding(now)
+            .filter(|_| s.has_pending() || service.has_work())
+        {
             wake = wake.min(until);
         }
-        let timeout = if s.has_work(now) {
+        // Queued work is computed a step per turn, with no wait between the steps beyond the
+        // batch hold.
+        let computing = service.has_work() && s.holding(now).is_none();
+        let timeout = if computing || s.has_work(now) {
             Duration::ZERO
         } else {
             wake.saturating_duration_since(now)
@@ -348,7 +415,7 @@ pub fn run(
             s.accept_round();
         }
         if drain.is_some() || s.holding(Instant::now()).is_none() {
-            s.serve_batch(service, drain.is_some());
+            s.serve(service, drain.is_some());
         }
         let now = Instant::now();
         if now >= next_sweep || drain.is_some() {
@@ -388,7 +455,7 @@ fn start_drain(
     for slot in 0..s.conns.len() {
         s.drive(slot);
     }
-    s.serve_batch(service, true);
+    s.serve(service, true);
     let in_flight = s.in_flight();
     log::info!("draining: {in_flight} connection(s) in flight, deadline in {deadline_ms} ms");
     match control.draining(in_flight as u32) {
