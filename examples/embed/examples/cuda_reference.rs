@@ -17,6 +17,8 @@
 //! when one is not, 2 when the check could not run; 0 with a message when this machine has no
 //! usable CUDA (nothing to check).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;

@@ -7,6 +7,8 @@
 //! (default model directory: `models/all-MiniLM-L6-v2`, default 3 s per case; CASE, e.g.
 //! `short/1`, runs one case only, for profiling).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

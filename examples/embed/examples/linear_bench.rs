@@ -9,6 +9,8 @@
 //! `cargo run --release -p zygote-embed --example linear_bench [SECONDS_PER_CASE] [CASE]`
 //! (CASE, e.g. `17/384/1536/cold`, runs one case only, for profiling).
 
+#![deny(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use zygote_embed::encoder::gemm::{linear_rows, matmul, Mat, MatMut};

@@ -23,6 +23,10 @@
 //! gunicorn's `--preload` shares an app. Nothing there starts a thread or touches a device, so
 //! the zygote stays single-threaded and CUDA-free. An exec'd worker loads them itself.
 
+// unsafe lives in two announced leaves: `encoder::gemm` (the matrix products' raw pointers and
+// the AVX2 kernel) and `encoder::cuda::launch` (kernel launches and cuBLAS calls).
+#![deny(unsafe_code)]
+
 pub mod api;
 pub mod encoder;
 pub mod error;
@@ -72,29 +76,55 @@ pub const BATCH_WAIT_ENV: &str = "ZYGOTE_EMBED_BATCH_WAIT_US";
 /// The largest hold [`BATCH_WAIT_ENV`] may set: beyond, a lone slow client would cost every
 /// batch more than a forward pass of one short text.
 const MAX_BATCH_WAIT_US: u64 = 20_000;
+/// Environment variable overriding [`ApiLimits::max_request_tokens`].
+pub const MAX_REQUEST_TOKENS_ENV: &str = "ZYGOTE_EMBED_MAX_REQUEST_TOKENS";
+/// Environment variable overriding [`ApiLimits::max_batch_tokens`].
+pub const MAX_BATCH_TOKENS_ENV: &str = "ZYGOTE_EMBED_MAX_BATCH_TOKENS";
+/// The largest word-piece budget either variable may set (a request's texts can hold no more
+/// than `max_inputs` × the model's longest text anyway).
+const MAX_TOKENS_SETTING: u64 = 1 << 24;
 
 /// The HTTP limits: the defaults, with the batch hold from [`BATCH_WAIT_ENV`] when it is set to
 /// a valid value (an invalid one is reported and the default kept, so a typo cannot stop every
 /// worker from starting).
 fn http_limits() -> http::Limits {
     let mut limits = http::Limits::default();
-    if let Some(raw) = std::env::var_os(BATCH_WAIT_ENV) {
-        match parse_batch_wait(&raw) {
-            Some(wait) => limits.batch_wait = wait,
-            None => log::warn!(
-                "{BATCH_WAIT_ENV}={raw:?} is not a whole number of microseconds from 0 to \
-                 {MAX_BATCH_WAIT_US}; keeping the default batch hold of {} us",
-                limits.batch_wait.as_micros()
-            ),
-        }
+    if let Some(us) = env_setting(BATCH_WAIT_ENV, MAX_BATCH_WAIT_US, "microseconds") {
+        limits.batch_wait = Duration::from_micros(us);
     }
     limits
 }
 
-/// The hold a [`BATCH_WAIT_ENV`] value asks for, if it is valid.
-fn parse_batch_wait(raw: &std::ffi::OsStr) -> Option<Duration> {
-    let us = raw.to_str()?.trim().parse::<u64>().ok()?;
-    (us <= MAX_BATCH_WAIT_US).then(|| Duration::from_micros(us))
+/// The API limits: the defaults, with the word-piece budgets from [`MAX_REQUEST_TOKENS_ENV`]
+/// and [`MAX_BATCH_TOKENS_ENV`] when they are set to valid values.
+fn api_limits() -> ApiLimits {
+    let mut limits = ApiLimits::default();
+    if let Some(n) = env_setting(MAX_REQUEST_TOKENS_ENV, MAX_TOKENS_SETTING, "word pieces") {
+        limits.max_request_tokens = (n as usize).max(1);
+    }
+    if let Some(n) = env_setting(MAX_BATCH_TOKENS_ENV, MAX_TOKENS_SETTING, "word pieces") {
+        limits.max_batch_tokens = (n as usize).max(1);
+    }
+    limits
+}
+
+/// The value of the environment variable `name` when it is a whole number from 0 to `max`;
+/// an invalid one is logged and ignored (the default stays).
+fn env_setting(name: &str, max: u64, unit: &str) -> Option<u64> {
+    let raw = std::env::var_os(name)?;
+    let value = parse_setting(&raw, max);
+    if value.is_none() {
+        log::warn!(
+            "{name}={raw:?} is not a whole number of {unit} from 0 to {max}; keeping the default"
+        );
+    }
+    value
+}
+
+/// A whole number from 0 to `max`, surrounding spaces allowed.
+fn parse_setting(raw: &std::ffi::OsStr, max: u64) -> Option<u64> {
+    let n = raw.to_str()?.trim().parse::<u64>().ok()?;
+    (n <= max).then_some(n)
 }
 
 /// The worker's life: set up, report ready, serve until drained. Returns the exit code.
@@ -234,12 +264,7 @@ pub fn build_app_with<'w>(
     weights: &'w Weights,
 ) -> Result<App<'w>, EmbedError> {
     let encoder = encoder::for_weights(spec, weights)?;
-    Ok(App::new(
-        encoder,
-        tokenizer,
-        spec.name.clone(),
-        ApiLimits::default(),
-    ))
+    Ok(App::new(encoder, tokenizer, spec, api_limits()))
 }
 
 /// The host weights of a model file without any other process: the owner's export and the
@@ -258,18 +283,13 @@ mod tests {
     use std::ffi::OsStr;
 
     #[test]
-    fn batch_wait_override_takes_microseconds_within_the_bound() {
-        assert_eq!(parse_batch_wait(OsStr::new("0")), Some(Duration::ZERO));
-        assert_eq!(
-            parse_batch_wait(OsStr::new(" 250 ")),
-            Some(Duration::from_micros(250))
-        );
-        assert_eq!(
-            parse_batch_wait(OsStr::new("20000")),
-            Some(Duration::from_millis(20))
-        );
+    fn settings_take_whole_numbers_within_the_bound() {
+        let max = MAX_BATCH_WAIT_US;
+        assert_eq!(parse_setting(OsStr::new("0"), max), Some(0));
+        assert_eq!(parse_setting(OsStr::new(" 250 "), max), Some(250));
+        assert_eq!(parse_setting(OsStr::new("20000"), max), Some(20_000));
         for bad in ["20001", "-1", "1ms", "", "0.5"] {
-            assert_eq!(parse_batch_wait(OsStr::new(bad)), None, "{bad:?}");
+            assert_eq!(parse_setting(OsStr::new(bad), max), None, "{bad:?}");
         }
     }
 }

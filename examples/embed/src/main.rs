@@ -4,6 +4,8 @@
 //! (fds and environment the zygote set up) and runs the same [`zygote_embed::serve`] as the
 //! native entry. Started by hand, it explains that and exits.
 
+#![deny(unsafe_code)]
+
 use zygote_runtime::Worker;
 
 fn main() {

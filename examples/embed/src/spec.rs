@@ -11,6 +11,7 @@
 //! | `modules.json` | the pipeline: Transformer, Pooling, optional Normalize; anything else is refused |
 //! | `1_Pooling/config.json` | the pooling mode (mean, CLS, max, mean/√len) |
 //! | `sentence_bert_config.json` | `max_seq_length` (truncation) and `do_lower_case` |
+//! | `config_sentence_transformers.json` | the prompts and the default prompt's name |
 //!
 //! [`BertTensors::bind`] then finds every tensor the forward pass reads, with or without the
 //! `bert.` prefix some checkpoints carry, and checks its shape against the config. It is generic
@@ -188,6 +189,15 @@ struct SbertConfig {
     do_lower_case: bool,
 }
 
+/// `config_sentence_transformers.json`: the prompts.
+#[derive(Debug, Default, Deserialize)]
+struct StConfig {
+    #[serde(default)]
+    prompts: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    default_prompt_name: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct TokenizerConfig {
     #[serde(default)]
@@ -211,6 +221,10 @@ pub struct ModelSpec {
     pub lower_case: bool,
     /// `tokenizer.json`.
     pub tokenizer_path: PathBuf,
+    /// The prompts of `config_sentence_transformers.json`, by name, in the file's order.
+    pub prompts: Vec<(String, String)>,
+    /// The prompt applied when a request names none (`default_prompt_name`).
+    pub default_prompt_name: Option<String>,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, EmbedError> {
@@ -325,6 +339,17 @@ impl ModelSpec {
             ));
         }
 
+        let st_path = dir.join("config_sentence_transformers.json");
+        let st: StConfig = read_json_opt(&st_path)?.unwrap_or_default();
+        if let Some(d) = &st.default_prompt_name {
+            if !st.prompts.contains_key(d) {
+                return Err(incompatible(
+                    &st_path,
+                    format!("default_prompt_name {d:?} is not one of the prompts"),
+                ));
+            }
+        }
+
         let name = dir
             .canonicalize()
             .unwrap_or_else(|_| dir.to_path_buf())
@@ -340,12 +365,23 @@ impl ModelSpec {
             max_seq_length: wanted,
             lower_case: sbert.do_lower_case,
             tokenizer_path,
+            prompts: st.prompts.into_iter().collect(),
+            default_prompt_name: st.default_prompt_name,
         })
     }
 
     /// The embedding width.
     pub fn dim(&self) -> usize {
         self.config.hidden_size
+    }
+
+    /// The text of the default prompt, if the model names one.
+    pub fn default_prompt(&self) -> Option<&str> {
+        let name = self.default_prompt_name.as_deref()?;
+        self.prompts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
     }
 }
 

@@ -70,6 +70,12 @@ impl TokenBatch {
         self.starts[i]..self.starts[i] + self.lens[i]
     }
 
+    /// The word pieces and token types of text `i`.
+    pub fn text(&self, i: usize) -> (&[u32], &[u32]) {
+        let span = self.span(i);
+        (&self.ids[span.clone()], &self.type_ids[span])
+    }
+
     /// Word pieces of every text, in order.
     pub fn lens(&self) -> &[usize] {
         &self.lens

@@ -7,6 +7,8 @@
 //! zygote does, exported by the host backend as the owner does, and imported (manifest and
 //! digest checked) as a worker does.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use serde::Deserialize;

@@ -3,6 +3,8 @@
 //! 127.0.0.1:0, and HTTP clients. Vectors are checked against the sentence-transformers
 //! fixture, so batching across requests cannot mix answers up unnoticed.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -16,7 +18,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use zygote_embed::http::{self, Control, Exit};
-use zygote_embed::{build_app, import_host_weights, ModelSpec};
+use zygote_embed::http::{Reply, Request, Service};
+use zygote_embed::tokenize::TextEncoder;
+use zygote_embed::{build_app, encoder, import_host_weights, ApiLimits, App, ModelSpec};
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::ParentMessage;
 use zygote_runtime::WorkerError;
@@ -141,6 +145,7 @@ fn serves_embeddings_over_http() {
     let spec = ModelSpec::load(&dir).unwrap();
     let (_model, weights) = import_host_weights(&dir.join("model.safetensors")).unwrap();
     let mut app = build_app(&spec, &weights).unwrap();
+    let tokenizer = &TextEncoder::load(&spec).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (worker_end, supervisor) = UnixStream::pair().unwrap();
@@ -166,7 +171,8 @@ fn serves_embeddings_over_http() {
                 addr,
                 "POST",
                 "/v1/embeddings",
-                &json!({"input": input, "model": "anything"}).to_string(),
+                &json!({"input": input, "model": "sentence-transformers/all-MiniLM-L6-v2"})
+                    .to_string(),
             );
             assert_eq!(status, 200, "{v}");
             assert_eq!(v["object"], "list");
@@ -247,7 +253,29 @@ fn serves_embeddings_over_http() {
                 (
                     "POST",
                     "/embed",
-                    "{\"input\": [1, 2]}",
+                    "{\"input\": [true]}",
+                    400,
+                    "invalid_input",
+                ),
+                ("POST", "/embed", "{\"input\": \"\"}", 400, "invalid_input"),
+                (
+                    "POST",
+                    "/v1/embeddings",
+                    "{\"input\": [\"a\", \" \\n \"]}",
+                    400,
+                    "invalid_input",
+                ),
+                (
+                    "POST",
+                    "/v1/embeddings",
+                    "{\"input\": \"a\", \"model\": \"text-embedding-3-small\"}",
+                    404,
+                    "model_not_found",
+                ),
+                (
+                    "POST",
+                    "/v1/embeddings",
+                    "{\"input\": [30522]}",
                     400,
                     "invalid_input",
                 ),
@@ -272,6 +300,40 @@ fn serves_embeddings_over_http() {
                 call(addr, "POST", "/v1/embeddings", &too_long).1["error"]["code"],
                 "text_too_long"
             );
+            // The per-request budget of word pieces: 100 texts truncated to 256 word pieces
+            // each are more than the default 16384; refused with the limit named.
+            let long_text = "word ".repeat(300);
+            let too_costly = json!({"input": vec![long_text.as_str(); 100]}).to_string();
+            let (status, v) = call(addr, "POST", "/v1/embeddings", &too_costly);
+            assert_eq!(
+                (status, v["error"]["code"].as_str()),
+                (413, Some("too_many_tokens")),
+                "{v}"
+            );
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("16384 word pieces per request"), "{msg}");
+            // Token ids are taken as they are: the ids of a sentence give its vector.
+            let mut ids = zygote_embed::tokenize::TokenBatch::default();
+            tokenizer.encode_into(&fx.sentences[3], &mut ids).unwrap();
+            let (status, v) = call(
+                addr,
+                "POST",
+                "/v1/embeddings",
+                &json!({"input": [ids.text(0).0, ids.text(0).0]}).to_string(),
+            );
+            assert_eq!(status, 200, "{v}");
+            for item in v["data"].as_array().unwrap() {
+                assert!(cosine(&vector(item), &fx.embeddings[3]) >= 0.9999);
+            }
+            let (status, v) = call(
+                addr,
+                "POST",
+                "/embed",
+                &json!({"input": ids.text(0).0}).to_string(),
+            );
+            assert_eq!(status, 200, "{v}");
+            assert!(cosine(&vector(&v["data"][0]), &fx.embeddings[3]) >= 0.9999);
+            assert_eq!(v["usage"]["prompt_tokens"], fx.num_tokens[3]);
             // Still serving after all that.
             assert_eq!(call(addr, "POST", "/embed", "{\"input\": [\"ok\"]}").0, 200);
 
@@ -308,4 +370,83 @@ fn serves_embeddings_over_http() {
             other => panic!("{other:?}"),
         }
     });
+}
+
+/// The request of `id` for `/embed` with `body`.
+fn embed_request(id: u64, body: &str) -> Request<'_> {
+    Request {
+        id,
+        method: "POST",
+        path: "/embed",
+        body: body.as_bytes(),
+    }
+}
+
+#[test]
+fn a_large_request_is_computed_in_passes_and_a_small_one_joins_them() {
+    let Some(dir) = common::model_dir() else {
+        return;
+    };
+    let fx = fixture();
+    let spec = ModelSpec::load(&dir).unwrap();
+    let (_model, weights) = import_host_weights(&dir.join("model.safetensors")).unwrap();
+    let limits = ApiLimits {
+        // Raised to two of the longest texts (512 word pieces) by App::new.
+        max_batch_tokens: 1,
+        ..ApiLimits::default()
+    };
+    let mut app = App::new(
+        encoder::for_weights(&spec, &weights).unwrap(),
+        TextEncoder::load(&spec).unwrap(),
+        &spec,
+        limits,
+    );
+    assert_eq!(app.limits().max_batch_tokens, 512);
+    // Every fixture sentence three times: more word pieces than one pass takes.
+    // (The API refuses empty texts, which the fixture also has.)
+    let large: Vec<usize> = (0..3)
+        .flat_map(|_| 0..fx.sentences.len())
+        .filter(|&i| !fx.sentences[i].trim().is_empty())
+        .collect();
+    let tokens: usize = large.iter().map(|&i| fx.num_tokens[i]).sum();
+    assert!(tokens > 3 * 512, "{tokens} word pieces");
+    let texts: Vec<&str> = large.iter().map(|&i| fx.sentences[i].as_str()).collect();
+    let large_body = json!({ "input": texts }).to_string();
+    let small_body = json!({ "input": [fx.sentences[9]] }).to_string();
+
+    assert_eq!(
+        app.submit(&[embed_request(1, &large_body)], false),
+        [Reply::Queued]
+    );
+    let mut answers: Vec<(u64, usize)> = Vec::new();
+    let mut check = |pass: usize, done: Vec<(u64, zygote_embed::http::Response)>| {
+        for (id, resp) in done {
+            assert_eq!(resp.status, 200);
+            let v: Value = serde_json::from_slice(&resp.body).unwrap();
+            let want: Vec<usize> = if id == 1 { large.clone() } else { vec![9] };
+            let data = v["data"].as_array().unwrap();
+            assert_eq!(data.len(), want.len());
+            for (item, &i) in data.iter().zip(&want) {
+                let c = cosine(&vector(item), &fx.embeddings[i]);
+                assert!(c >= 0.9999, "request {id}, sentence {i}: cosine {c}");
+            }
+            answers.push((id, pass));
+        }
+    };
+    check(0, app.step());
+    // The small request arrives while the large one is being computed: the next pass has it.
+    assert_eq!(
+        app.submit(&[embed_request(2, &small_body)], false),
+        [Reply::Queued]
+    );
+    check(1, app.step());
+    let mut pass = 2;
+    while app.has_work() {
+        assert!(pass < 100, "the large request never finished");
+        check(pass, app.step());
+        pass += 1;
+    }
+    assert_eq!(answers.first(), Some(&(2, 1)), "{answers:?}");
+    assert_eq!(answers.len(), 2);
+    assert!(answers[1].1 > 1, "{answers:?}");
 }

@@ -1,7 +1,10 @@
 //! Matrix products of the host encoder: a bounds-checked, safe face over the `gemm` crate's
 //! sgemm, a packing-free kernel for the linear layers of one to a couple of texts
 //! ([`linear_rows`], up to [`DOT_KERNEL_MAX_ROWS`] rows), and the transpose that feeds it
-//! ([`transpose`]). This module is the app's one `unsafe` leaf.
+//! ([`transpose`]). This module is the host encoder's `unsafe` leaf (the crate denies `unsafe`
+//! elsewhere): the `gemm` crate's entry point takes raw pointers and strides, and the AVX2
+//! kernel (`dot_avx2`) reads through raw pointers with intrinsics that need the CPU feature
+//! checked at run time.
 //!
 //! `gemm` takes raw pointers and strides, which is what lets the encoder multiply by a
 //! transposed weight without copying it: torch stores a linear layer's weight as `[out, in]`

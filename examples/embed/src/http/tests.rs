@@ -2,13 +2,15 @@
 //! 127.0.0.1:0, clients in the test thread, the loop in a thread of its own, and a control
 //! channel that speaks the runtime's real frames over a Unix socket pair.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::net::TcpStream as StdStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 
@@ -128,46 +130,81 @@ fn random_bytes_never_panic_the_parser() {
     }
 }
 
-/// Answers every request with what it saw: method, path, body length and batch size.
-/// Answers with what it saw; a batch with a request for `/slow` takes [`SLOW`], like a long
-/// computation. Answers from a loop other than the first name it (`worker=NAME`).
+/// Answers with what it saw: method, path, body length and batch size. A batch with a
+/// request for `/slow` takes [`SLOW`], like a long computation. A request for `/long` is queued
+/// and answered by a later [`Service::step`], once the loop has sent [`LONG_HEARTBEATS`]
+/// heartbeats since it was queued: like a computation of many steps that only a loop which
+/// keeps heartbeating between steps can finish. Answers from a loop other than the first name
+/// it (`worker=NAME`).
 struct Echo {
     name: &'static str,
     /// Every batch's paths, recorded when the batch starts.
     seen: Arc<Mutex<Seen>>,
+    /// Queued `/long` requests: id, body text, and the heartbeat count when queued.
+    queued: Vec<(u64, String, u64)>,
 }
 
 /// The time a batch with a `/slow` request takes.
 const SLOW: Duration = Duration::from_millis(200);
+/// Heartbeats a `/long` request waits for.
+const LONG_HEARTBEATS: u64 = 3;
+
+impl Echo {
+    fn answer(&self, r: &Request<'_>, batch: usize, draining: bool) -> Response {
+        let body = format!(
+            "{} {} {} batch={batch} draining={draining}",
+            r.method,
+            r.path,
+            r.body.len(),
+        );
+        let body = if self.name.is_empty() {
+            body
+        } else {
+            format!("{body} worker={}", self.name)
+        };
+        Response::json(200, body.into_bytes())
+    }
+}
 
 impl Service for Echo {
-    fn handle_batch(&mut self, reqs: &[Request<'_>], draining: bool) -> Vec<Response> {
-        self.seen
-            .lock()
-            .unwrap()
-            .batches
-            .push(reqs.iter().map(|r| r.path.to_string()).collect());
+    fn submit(&mut self, reqs: &[Request<'_>], draining: bool) -> Vec<Reply> {
+        let heartbeats = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.batches
+                .push(reqs.iter().map(|r| r.path.to_string()).collect());
+            seen.heartbeats
+        };
         if reqs.iter().any(|r| r.path == "/slow") {
             std::thread::sleep(SLOW);
         }
-        let name = self.name;
         reqs.iter()
             .map(|r| {
-                let body = format!(
-                    "{} {} {} batch={} draining={draining}",
-                    r.method,
-                    r.path,
-                    r.body.len(),
-                    reqs.len()
-                );
-                let body = if name.is_empty() {
-                    body
+                let resp = self.answer(r, reqs.len(), draining);
+                if r.path == "/long" {
+                    let body = String::from_utf8(resp.body).unwrap();
+                    self.queued.push((r.id, body, heartbeats));
+                    Reply::Queued
                 } else {
-                    format!("{body} worker={name}")
-                };
-                Response::json(200, body.into_bytes())
+                    Reply::Now(resp)
+                }
             })
             .collect()
+    }
+    fn has_work(&self) -> bool {
+        !self.queued.is_empty()
+    }
+    fn step(&mut self) -> Vec<(u64, Response)> {
+        let now = self.seen.lock().unwrap().heartbeats;
+        let (done, rest) = std::mem::take(&mut self.queued)
+            .into_iter()
+            .partition(|(_, _, since)| now >= since + LONG_HEARTBEATS);
+        self.queued = rest;
+        done.into_iter()
+            .map(|(id, body, _)| (id, Response::json(200, body.into_bytes())))
+            .collect()
+    }
+    fn cancel(&mut self, id: u64) {
+        self.queued.retain(|(q, _, _)| *q != id);
     }
 }
 
@@ -261,6 +298,7 @@ impl Running {
             let mut echo = Echo {
                 name,
                 seen: echo_seen,
+                queued: Vec::new(),
             };
             let _ = tx.send(run(vec![listener], &mut control, &mut echo, &limits));
         });
@@ -456,12 +494,17 @@ fn requests_that_arrive_during_a_batch_are_computed_together() {
         c.write_all(GET).unwrap();
         assert_eq!(read_answer(c, &mut Vec::new()).status, 200);
     }
-    // Client 0's request makes a slow batch; the other two arrive while it is computed and
-    // are handed to the service together in the next one (or all three in one, had the loop
-    // not polled between the writes).
+    // Client 0's request makes a slow batch; the other two arrive while it is computed (the
+    // test waits until the service has it) and are handed to the service together in the
+    // next one.
     clients[0]
         .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
+    rt.wait_seen("the slow batch", |s| {
+        s.batches
+            .last()
+            .is_some_and(|b| b.iter().any(|p| p == "/slow"))
+    });
     for c in &mut clients[1..] {
         c.write_all(GET).unwrap();
     }
@@ -703,6 +746,30 @@ fn heartbeats_flow() {
         ..limits()
     });
     rt.wait_seen("three heartbeats", |s| s.heartbeats >= 3);
+}
+
+#[test]
+fn heartbeats_flow_and_others_are_served_while_a_long_request_computes() {
+    // `/long` completes only after the loop heartbeated several times while it was queued:
+    // a loop that computed it in one go, without heartbeats between steps, would never answer.
+    let rt = Running::start(Limits {
+        heartbeat: Duration::from_millis(20),
+        ..limits()
+    });
+    let mut long = rt.connect();
+    long.write_all(b"GET /long HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    rt.wait_seen("the long request", |s| {
+        s.batches.iter().flatten().any(|p| p == "/long")
+    });
+    // Meanwhile another connection is answered, before the long one.
+    let mut other = rt.connect();
+    let a = roundtrip(&mut other, GET);
+    assert_eq!(a.status, 200);
+    let a = read_answer(&mut long, &mut Vec::new());
+    assert_eq!(a.status, 200);
+    assert!(a.body.starts_with("GET /long 0 "), "{}", a.body);
+    assert!(rt.seen.lock().unwrap().heartbeats >= LONG_HEARTBEATS);
 }
 
 #[test]

@@ -1,4 +1,7 @@
-//! The unsafe leaf of the CUDA encoder: the NVRTC kernels and the cuBLAS calls.
+//! The unsafe leaf of the CUDA encoder: the NVRTC kernels and the cuBLAS calls. It owns every
+//! launch and product on the encoder's stream, and needs `unsafe` because a kernel launch and
+//! a cuBLAS call take raw device addresses whose sizes the compiler cannot check (the crate
+//! denies `unsafe` everywhere else).
 //!
 //! Everything here takes device memory as [`Buf`]: an address and a length in elements, for
 //! the imported weights (which must never be wrapped in a cudarc `CudaSlice`) and for the

@@ -19,6 +19,8 @@
 //! over [`Exec`]: on the GPU that is the kernels and cuBLAS, in the tests an emulation of them
 //! on the host (`emulate.rs`), checked against a direct BERT.
 
+// The unsafe leaf of the CUDA encoder (see its module doc).
+#[allow(unsafe_code)]
 pub mod launch;
 pub mod plan;
 
