@@ -46,6 +46,7 @@ __all__ = [
     "attach",
     "connect",
     "in_worker",
+    "model_dir",
     "post_fork",
     "run_post_fork",
     "weights",
@@ -94,6 +95,14 @@ def attach() -> Worker:
             # through os.environ (subprocess) must not believe they are attached either.
             os.environ.pop(ATTACH_ENV, None)
         return _worker
+
+
+def model_dir() -> Path:
+    """The directory of the model file the service serves (``zygote start --model``): where a
+    sentence-transformers or Hugging Face app finds its config and tokenizer."""
+    w = _worker or attach()
+    path = Path(w.info()["model_path"])
+    return path.parent if path.is_file() else path
 
 
 def worker() -> Worker | None:

@@ -11,6 +11,7 @@ into the module's), after checking every name, shape and dtype.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -53,13 +54,30 @@ def skeleton() -> Iterator[None]:
 
     A plain ``nn.Module`` built inside is as under ``torch.device("meta")``. Hugging Face
     ``from_pretrained`` (which sentence-transformers calls) builds the model from its config
-    instead of loading the file, and leaves it in eval mode::
+    instead of loading the file, and leaves it in eval mode; ``module.to(device)`` of a module
+    that still has meta tensors does nothing (bind puts it on the weights' device)::
 
         with zygote.torch.skeleton():
             model = SentenceTransformer(path, device="cpu")
     """
-    with _patch_lock, _from_pretrained_builds_from_config(), torch.device("meta"):
+    with _patch_lock, _from_pretrained_builds_from_config(), _to_skips_meta(), torch.device("meta"):
         yield
+
+
+@contextlib.contextmanager
+def _to_skips_meta() -> Iterator[None]:
+    original = nn.Module.to
+
+    def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        if any(t.is_meta for t in self.parameters()):
+            return self
+        return original(self, *args, **kwargs)
+
+    nn.Module.to = to  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.to = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -133,6 +151,7 @@ def bind(
     missing: list[str] = []
     mismatched: list[tuple[str, str]] = []
     chosen: dict[str, torch.Tensor] = {}
+    nonpersistent: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for key, current in expected.items():
         group = tied.get(key, [key])
@@ -149,8 +168,34 @@ def bind(
         elif shared.dtype != current.dtype:
             mismatched.append((prefix + source, f"dtype {shared.dtype}, module {current.dtype}"))
         chosen[key] = shared
+    # A weight named like a non-persistent buffer (old checkpoints saved `position_ids`) fills
+    # that buffer: it is then shared like the rest instead of computed.
+    for name, buf in module.named_buffers(remove_duplicate=False):
+        if name in expected or prefix + name not in weights:
+            continue
+        shared = weights[prefix + name]
+        used.add(prefix + name)
+        if tuple(shared.shape) != tuple(buf.shape) or shared.dtype != buf.dtype:
+            mismatched.append(
+                (
+                    prefix + name,
+                    f"{tuple(shared.shape)} {shared.dtype}, module buffer "
+                    f"{tuple(buf.shape)} {buf.dtype}",
+                )
+            )
+        else:
+            nonpersistent[name] = shared
+    ignored = [re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []]
     unexpected = (
-        sorted(k for k in weights if k.startswith(prefix) and k not in used) if strict else []
+        sorted(
+            k
+            for k in weights
+            if k.startswith(prefix)
+            and k not in used
+            and not any(p.search(k[len(prefix) :]) for p in ignored)
+        )
+        if strict
+        else []
     )
     if missing or unexpected or mismatched:
         raise _error(missing, unexpected, mismatched, [])
@@ -158,6 +203,8 @@ def bind(
     device = next(iter(chosen.values())).device if chosen else torch.device("cpu")
     # assign=True: the module takes the shared tensors themselves (no copy into its own).
     module.load_state_dict(chosen, strict=False, assign=True)
+    for name, shared in nonpersistent.items():
+        _set(module, name, shared)
     _retie(module, tied)
     for p in module.parameters():
         p.requires_grad_(False)

@@ -528,9 +528,10 @@ impl Supervisor {
                         }
                     }
                 }
+                // With `--workers 0` (client mode) the service is up once its owners are.
                 if self.phase == Phase::Running
                     && self.all_workers_serving()
-                    && matches!(role, Role::Worker(_))
+                    && (matches!(role, Role::Worker(_)) || self.cfg.workers == 0)
                 {
                     log::info!("all {} workers serving", self.cfg.workers);
                 }
