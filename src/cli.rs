@@ -47,8 +47,9 @@ pub struct StartArgs {
     /// config.json and tokenizer.json). Default: the all-MiniLM-L6-v2 model, fetched if missing.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Number of workers.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Number of workers. 0 runs the zygote and the owner alone, for processes that use the
+    /// weights in client mode (the Python package's `zygote.connect()`).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub workers: u32,
     /// Address to listen on (repeatable).
     #[arg(long = "listen", default_value = "127.0.0.1:8000")]
@@ -77,9 +78,47 @@ pub struct StartArgs {
     /// Another uid allowed to use the zygote socket (repeatable).
     #[arg(long = "allow-uid")]
     pub allow_uid: Vec<u32>,
+    /// A Python WSGI or ASGI app to serve in every worker, as MODULE:ATTR (e.g. main:app): each
+    /// worker runs `PYTHON -m zygote.serve MODULE:ATTR` (the `zygote` Python package).
+    #[arg(long, value_name = "MODULE:ATTR", conflicts_with = "command")]
+    pub app: Option<String>,
+    /// Directory put first on the app's `sys.path` (default: the current directory).
+    #[arg(long, requires = "app")]
+    pub app_dir: Option<PathBuf>,
+    /// The Python interpreter of `--app` (one whose environment has the `zygote` package).
+    #[arg(long, default_value = "python3", requires = "app")]
+    pub python: String,
+    /// Request threads of each `--app` worker.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024), requires = "app")]
+    pub threads: u32,
     /// A program to exec in each worker instead of a native entry, with its arguments.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+impl StartArgs {
+    /// The command an `--app` worker execs: the Python worker program of the `zygote` package,
+    /// which attaches through the worker API like any program after `--`. `None` without
+    /// `--app`.
+    pub fn app_command(&self) -> std::io::Result<Option<Vec<String>>> {
+        let Some(app) = &self.app else {
+            return Ok(None);
+        };
+        let dir = match &self.app_dir {
+            Some(d) => std::path::absolute(d)?,
+            None => std::env::current_dir()?,
+        };
+        Ok(Some(vec![
+            self.python.clone(),
+            "-m".into(),
+            "zygote.serve".into(),
+            app.clone(),
+            "--app-dir".into(),
+            dir.to_string_lossy().into_owned(),
+            "--threads".into(),
+            self.threads.to_string(),
+        ]))
+    }
 }
 
 #[derive(Debug, Args)]

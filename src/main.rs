@@ -19,7 +19,10 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command, StartArgs};
 
-fn start(args: StartArgs) -> anyhow::Result<i32> {
+fn start(mut args: StartArgs) -> anyhow::Result<i32> {
+    if let Some(command) = args.app_command().context("--app-dir")? {
+        args.command = command;
+    }
     let model = match args.model {
         Some(m) => m,
         None => {

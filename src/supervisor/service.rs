@@ -349,7 +349,11 @@ impl<E: Effects> Service<E> {
                 }
             }
         }
-        if self.phase == Phase::Running && role.is_worker() && self.all_workers_serving() {
+        // With `--workers 0` (client mode) the service is up once its owners are.
+        if self.phase == Phase::Running
+            && (role.is_worker() || self.cfg.workers == 0)
+            && self.all_workers_serving()
+        {
             say!(self.fx, Info, "all {} workers serving", self.cfg.workers);
         }
     }

@@ -1,0 +1,40 @@
+"""A test app (Flask): slow and busy requests, and what the worker sees of the weights."""
+
+import os
+import time
+
+from flask import Flask, request
+
+import zygote
+
+app = Flask(__name__)
+seen: dict[str, object] = {}
+
+
+@zygote.post_fork
+def remember() -> None:
+    w = zygote.weights()
+    seen["tensors"] = len(w)
+    seen["generation"] = w.generation
+
+
+@app.route("/info")
+def info() -> dict[str, object]:
+    return {**seen, "pid": os.getpid()}
+
+
+@app.route("/sleep")
+def sleep() -> str:
+    time.sleep(float(request.args.get("s", "1")))
+    return "slept"
+
+
+@app.route("/spin")
+def spin() -> str:
+    # Pure Python holding the GIL (except at the interpreter's switch interval): heartbeats
+    # must still go out from the control thread.
+    end = time.monotonic() + float(request.args.get("s", "1"))
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return f"spun {n}"

@@ -1,0 +1,182 @@
+"""zygote: Python and PyTorch apps served from one shared copy of the weights.
+
+A process started by ``zygote start --app MODULE:ATTR`` is a *worker*: it attaches to its
+supervisor, runs the functions registered with :func:`post_fork`, reports ready and serves
+the app. :func:`weights` gives it the shared weights (torch tensors over the one compute
+copy, never copied); :func:`zygote.torch.bind` puts them into a model built as a skeleton.
+Any other process gets the same weights from a running service with :func:`connect`.
+
+The lower-level API (:func:`attach`, :class:`Worker`, :class:`Control`) is for apps that
+bring their own loop. docs/PYTHON.md describes all of it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from . import _native
+from ._native import (
+    ATTACH_ENV,
+    NotAttachedError,
+    OrphanedError,
+    SharedTensor,
+    SharedWeights,
+    WeightsError,
+    Worker,
+    ZygoteError,
+)
+from .control import Control
+from .weights import Weights
+
+__all__ = [
+    "ATTACH_ENV",
+    "Connection",
+    "Control",
+    "NotAttachedError",
+    "OrphanedError",
+    "SharedTensor",
+    "SharedWeights",
+    "Weights",
+    "WeightsError",
+    "Worker",
+    "ZygoteError",
+    "attach",
+    "connect",
+    "in_worker",
+    "model_dir",
+    "post_fork",
+    "run_post_fork",
+    "weights",
+    "worker",
+]
+
+_lock = threading.Lock()
+_worker: Worker | None = None
+_connection: Connection | None = None
+_weights: Weights | None = None
+_post_fork: list[Callable[[], object]] = []
+
+
+def post_fork(fn: Callable[[], object]) -> Callable[[], object]:
+    """Registers ``fn`` to run in every worker after it attached and before it reports ready.
+
+    This is where an app binds its model (``zygote.torch.bind``) and touches CUDA; at import
+    time it builds only the skeleton. Functions run in the order they were registered; one
+    that raises stops the worker before it is ready, with its traceback in the log.
+    """
+    _post_fork.append(fn)
+    return fn
+
+
+def run_post_fork() -> None:
+    """Runs the registered :func:`post_fork` functions, in order (the worker runner calls it)."""
+    for fn in list(_post_fork):
+        fn()
+
+
+def in_worker() -> bool:
+    """Whether this process was started by a zygote (attached or not yet)."""
+    return _worker is not None or ATTACH_ENV in os.environ
+
+
+def attach() -> Worker:
+    """Attaches this process to its supervisor (once; later calls return the same worker).
+
+    Raises :class:`NotAttachedError` when zygote did not start this process.
+    """
+    global _worker
+    with _lock:
+        if _worker is None:
+            _worker = _native.attach()
+            # The native side removed the variable from the C environment; children started
+            # through os.environ (subprocess) must not believe they are attached either.
+            os.environ.pop(ATTACH_ENV, None)
+        return _worker
+
+
+def model_dir() -> Path:
+    """The directory of the model file the service serves (``zygote start --model``): where a
+    sentence-transformers or Hugging Face app finds its config and tokenizer."""
+    w = _worker or attach()
+    path = Path(w.info()["model_path"])
+    return path.parent if path.is_file() else path
+
+
+def worker() -> Worker | None:
+    """The attached worker, or ``None`` when this process has not attached."""
+    return _worker
+
+
+class Connection:
+    """Client mode: the shared weights of a running service, in a process zygote did not start.
+
+    Made by :func:`connect`. The zygote admits only its own user (and users it was started
+    with ``--allow-uid`` for, who may not touch the weights).
+    """
+
+    def __init__(self, runtime_dir: str | os.PathLike[str] | None, device: int, timeout: float):
+        self.runtime_dir = Path(runtime_dir or _native.default_runtime_dir())
+        self.device = device
+        self.timeout = timeout
+        self._weights: Weights | None = None
+
+    def weights(self) -> Weights:
+        """The service's weights for this connection's device (imported and verified once)."""
+        if self._weights is None:
+            shared = _native.connect_weights(str(self.runtime_dir), self.device, self.timeout)
+            self._weights = Weights(shared)
+        return self._weights
+
+    def __repr__(self) -> str:
+        return f"<zygote Connection {self.runtime_dir} device {self.device}>"
+
+
+def connect(
+    runtime_dir: str | os.PathLike[str] | None = None, device: int = 0, timeout: float = 30.0
+) -> Connection:
+    """Connects to a running service (default runtime directory: ``zygote start``'s).
+
+    After this, :func:`weights` and ``zygote.torch.bind`` use the service's weights in this
+    process too. ``zygote start --workers 0`` runs a service with no workers, for this use.
+    """
+    global _connection
+    conn = Connection(runtime_dir, device, timeout)
+    with _lock:
+        _connection = conn
+    return conn
+
+
+def weights(timeout: float = 60.0) -> Weights:
+    """The shared weights: a read-only mapping from tensor names to torch tensors.
+
+    In a worker, imported from the owner (waiting up to ``timeout`` seconds for it) and
+    verified the first time; after :func:`connect`, the service's. Every tensor aliases the
+    one compute copy (``data_ptr()`` lies inside the shared mapping); a write into one is
+    refused by the memory protection (docs/PYTHON.md, "Shared tensors").
+    """
+    global _weights
+    with _lock:
+        if _weights is not None:
+            return _weights
+        if _worker is None and _connection is None and ATTACH_ENV in os.environ:
+            pass  # attach below, outside the lock
+        elif _worker is None and _connection is None:
+            raise NotAttachedError(
+                "zygote.weights() was called in a process zygote did not start. Serve the app "
+                "with `zygote start --model PATH --app MODULE:ATTR`, or call zygote.connect() "
+                "first to use the weights of a running service."
+            )
+    w = _worker or (attach() if _connection is None else None)
+    if w is not None:
+        shared = w.import_weights(timeout)
+        result = Weights(shared)
+    else:
+        assert _connection is not None
+        result = _connection.weights()
+    with _lock:
+        if _weights is None:
+            _weights = result
+        return _weights

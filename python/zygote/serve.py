@@ -1,0 +1,256 @@
+"""The Python worker program: ``python -m zygote.serve MODULE:ATTR`` serves a WSGI or ASGI app.
+
+``zygote start --app MODULE:ATTR`` runs this program in every worker (through the ``exec``
+entry). In order, it:
+
+1. attaches to the supervisor (:func:`zygote.attach`);
+2. imports ``MODULE`` (``--app-dir`` first on ``sys.path``) and takes ``ATTR``, the app;
+3. runs the app's :func:`zygote.post_fork` functions (where it binds its model);
+4. starts the control thread (heartbeats every second, also while a request computes; the
+   drain request);
+5. serves the supervisor's listeners with uvicorn (ASGI apps as they are, WSGI apps through
+   a2wsgi's thread pool of ``--threads`` threads) and reports ready once it listens;
+6. on drain: stops accepting, finishes the requests in flight and exits 0.
+
+Every answer carries ``X-Worker-Pid``. A failure before ready (the app does not import, a
+``post_fork`` function raises) is logged with its traceback and ends the worker with a
+non-zero code; the supervisor retries and, when it keeps failing, stops the start as a crash
+loop with that error in its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import faulthandler
+import importlib
+import inspect
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import zygote
+
+log = logging.getLogger("zygote")
+
+#: Exit codes of a worker that fails before it is ready.
+EXIT_ATTACH = 2
+EXIT_IMPORT = 3
+EXIT_POST_FORK = 4
+EXIT_SERVE = 5
+
+
+class _Tagged(logging.Formatter):
+    """The runtime's line format: ``HH:MM:SS.mmm LEVEL [worker N PID] message``."""
+
+    def __init__(self, tag: str):
+        super().__init__()
+        self.tag = tag
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        ms = int(record.msecs)
+        level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(record.levelname, record.levelname)
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return (
+            f"{t.tm_hour:02}:{t.tm_min:02}:{t.tm_sec:02}.{ms:03} {level:<5} "
+            f"[{self.tag} {os.getpid()}] {msg}"
+        )
+
+
+def setup_logging(tag: str) -> None:
+    """Python's logging in the runtime's format and level (``ZYGOTE_LOG``), on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Tagged(tag))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    level = os.environ.get("ZYGOTE_LOG", "info").upper()
+    root.setLevel({"WARN": "WARNING", "TRACE": "DEBUG"}.get(level, level))
+
+
+def load_app(spec: str, app_dir: str | None) -> Any:
+    """Imports ``MODULE:ATTR`` (``ATTR`` may be dotted) and returns the object."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--app {spec!r}: expected MODULE:ATTR, e.g. main:app")
+    if app_dir:
+        sys.path.insert(0, os.path.abspath(app_dir))
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"--app {spec!r}: module {module_name!r} ({module.__file__}) has no {attr!r}"
+            ) from None
+    return obj
+
+
+def is_asgi(app: Any) -> bool:
+    """ASGI apps are coroutine functions (or objects whose ``__call__`` is one)."""
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else type(app).__call__
+    return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(app)
+
+
+class Served:
+    """ASGI middleware: ``X-Worker-Pid`` on every answer, and the counts of requests."""
+
+    def __init__(self, app: Callable[..., Any], threads: int | None):
+        self.app = app
+        self.threads = threads
+        self.served = 0
+        self.in_flight = 0
+        self._limited = False
+        self._pid = str(os.getpid()).encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.threads and not self._limited:
+            # Starlette and FastAPI run sync endpoints in anyio's default thread pool.
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = self.threads
+            self._limited = True
+
+        async def send_with_pid(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-worker-pid", self._pid))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send_with_pid)
+        finally:
+            self.in_flight -= 1
+            self.served += 1
+
+
+def serve(
+    worker: zygote.Worker,
+    app: Any,
+    threads: int = 4,
+    interface: str = "auto",
+    generation: int | None = None,
+) -> int:
+    """Serves ``app`` on the worker's listeners until drained; returns the exit code.
+
+    The lower-level pieces (listeners, :class:`zygote.Control`, ``worker.ready``) are public
+    for apps that serve another way; this is the way ``zygote start --app`` uses.
+    """
+    import uvicorn
+
+    asgi = is_asgi(app) if interface == "auto" else interface == "asgi"
+    if asgi:
+        inner = app
+    else:
+        from a2wsgi import WSGIMiddleware
+
+        inner = WSGIMiddleware(app, workers=threads)
+    served = Served(inner, threads if asgi else None)
+    sockets = [socket.socket(fileno=fd) for fd in worker.take_listener_fds()]
+    if not sockets:
+        log.error("this worker was given no listeners: nothing to serve")
+        return EXIT_SERVE
+    config = uvicorn.Config(
+        served,
+        lifespan="auto" if asgi else "off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                names = ", ".join(str(s.getsockname()) for s in sockets or [])
+                kind = "asgi" if asgi else f"wsgi ({threads} threads)"
+                worker.ready(generation, f"python {kind} app on {names}")
+                log.info("serving %s on %s", kind, names)
+
+    server = Server(config)
+
+    def on_drain(deadline: float) -> None:
+        config.timeout_graceful_shutdown = max(1, int(deadline) - 1)
+        try:
+            worker.draining(served.in_flight)
+        except zygote.ZygoteError:
+            pass
+        server.should_exit = True
+
+    control = zygote.Control(worker, on_drain, served=lambda: served.served).start()
+    try:
+        asyncio.run(server.serve(sockets=sockets))
+    finally:
+        control.stop()
+    log.info("drained after %d requests; exiting", served.served)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m zygote.serve",
+        description="Serve a WSGI or ASGI app in a worker started by `zygote start --app`.",
+    )
+    parser.add_argument("app", help="MODULE:ATTR of the app object, e.g. main:app")
+    parser.add_argument("--app-dir", help="directory put first on sys.path (default: cwd)")
+    parser.add_argument("--threads", type=int, default=4, help="request threads (default 4)")
+    parser.add_argument("--interface", choices=["auto", "wsgi", "asgi"], default="auto")
+    args = parser.parse_args(argv)
+
+    tag = "worker"
+    setup_logging(tag)
+    # A write into a shared weight faults (the mapping is read-only): print where it was.
+    faulthandler.enable(all_threads=True)
+    try:
+        worker = zygote.attach()
+    except zygote.ZygoteError as e:
+        log.error("%s", e)
+        return EXIT_ATTACH
+    setup_logging(f"worker {worker.id}")
+    try:
+        app = load_app(args.app, args.app_dir or os.getcwd())
+    except BaseException:
+        log.error(
+            "the app %s failed to import; fix the error below (this worker exits, and the "
+            "service stops after repeated failures):\n%s",
+            args.app,
+            traceback.format_exc().rstrip(),
+        )
+        return EXIT_IMPORT
+    started = time.monotonic()
+    try:
+        zygote.run_post_fork()
+    except BaseException:
+        log.error(
+            "a @zygote.post_fork function of %s raised; this worker exits:\n%s",
+            args.app,
+            traceback.format_exc().rstrip(),
+        )
+        return EXIT_POST_FORK
+    generation = None
+    if zygote._weights is not None:
+        generation = zygote._weights.generation
+    log.info(
+        "post_fork done in %.0f ms (%d threads alive)",
+        (time.monotonic() - started) * 1000,
+        threading.active_count(),
+    )
+    return serve(worker, app, threads=args.threads, interface=args.interface, generation=generation)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
