@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::{
-    AdminRequest, AdminResponse, ChildMessage, OwnerRequest, OwnerResponse, ParentMessage,
-    Request, Response,
+    AdminRequest, AdminResponse, ChildMessage, OwnerRequest, OwnerResponse, ParentMessage, Request,
+    Response,
 };
 
 /// A socket that hands out `chunk` bytes at a time, with a `WouldBlock` between reads.

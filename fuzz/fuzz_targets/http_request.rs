@@ -29,7 +29,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(head.head_len > 0 && head.head_len <= limits.max_header_bytes);
         assert!(head.body_len <= limits.max_body);
         let used = head.head_len + head.body_len;
-        assert!(used <= buf.len(), "a complete request past the bytes received");
+        assert!(
+            used <= buf.len(),
+            "a complete request past the bytes received"
+        );
         assert!(!head.path.contains(['?', '#']));
         buf = &buf[used..];
     }

@@ -16,10 +16,18 @@ fuzz_target!(|data: &[u8]| {
     let header_len = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
     let mut cursor = 8 + usize::try_from(header_len).expect("a checked length fits");
     for t in &tensors {
-        assert_eq!(t.offset, cursor, "tensor {} leaves a gap or overlaps", t.name);
+        assert_eq!(
+            t.offset, cursor,
+            "tensor {} leaves a gap or overlaps",
+            t.name
+        );
         let elements: usize = t.shape.iter().product();
         assert_eq!(t.len, elements * t.dtype.size(), "tensor {} length", t.name);
         cursor += t.len;
     }
-    assert_eq!(cursor, data.len(), "the tensors do not end at the end of the file");
+    assert_eq!(
+        cursor,
+        data.len(),
+        "the tensors do not end at the end of the file"
+    );
 });
