@@ -453,8 +453,7 @@ impl Effects for Os {
 
     fn stop_zygote(&mut self, pid: Option<i32>) {
         if let Some(launch) = self.launching.take() {
-            launch.kill();
-            let _ = waitpid(Pid::from_raw(launch.pid), None);
+            launch.abandon();
         }
         let Some(pid) = pid else {
             return self.reap(&mut Vec::new());

@@ -208,6 +208,16 @@ impl Launch {
         self.deadline
     }
 
+    /// Gives it up (the service stops): killed and reaped if it still runs unreaped.
+    pub fn abandon(self) {
+        let pid = Pid::from_raw(self.pid);
+        if let Ok(WaitStatus::StillAlive) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            // Still our unreaped child, so the pid is still its own.
+            self.kill();
+            let _ = waitpid(pid, None);
+        }
+    }
+
     /// Kills it (its status is reaped with the others).
     pub fn kill(&self) {
         let _ = nix::sys::signal::kill(Pid::from_raw(self.pid), Signal::SIGKILL);
