@@ -86,6 +86,8 @@ pub enum Input {
     },
     /// A request on the admin socket.
     Admin(AdminConn, AdminRequest),
+    /// A zygote launched by [`Effects::launch_zygote`] serves, or failed to (why).
+    ZygoteStarted(Result<ZygoteInfo, String>),
 }
 
 /// Everything the service does outside itself.
@@ -94,8 +96,10 @@ pub trait Effects {
     fn now(&self) -> Instant;
     /// One log line, tagged like every other line of this process.
     fn log(&mut self, level: log::Level, line: std::fmt::Arguments<'_>);
-    /// Starts a zygote and waits until it serves.
+    /// Starts the first zygote and waits until it serves.
     fn start_zygote(&mut self) -> anyhow::Result<ZygoteInfo>;
+    /// Starts a new zygote without waiting: [`Input::ZygoteStarted`] says how it went.
+    fn launch_zygote(&mut self) -> anyhow::Result<()>;
     /// Asks the zygote for a child; returns its pid. Its deaths and messages come as inputs.
     fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32>;
     /// Sends `drain` on a child's control channel; false when it could not be sent.
@@ -108,8 +112,9 @@ pub trait Effects {
     fn stop_accepting(&mut self);
     /// No worker is left: close the listeners, so that new connections are refused.
     fn close_listeners(&mut self);
-    /// Asks the zygote to shut down and waits for it (killing it after a deadline).
-    fn stop_zygote(&mut self, pid: i32);
+    /// Asks the zygote (if one runs) to shut down and waits for it (killing it after a
+    /// deadline); a zygote still starting is killed.
+    fn stop_zygote(&mut self, pid: Option<i32>);
     /// The memory of a process, for `zygote status`.
     fn memory(&self, pid: i32) -> Option<Memory>;
 }

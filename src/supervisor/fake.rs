@@ -14,13 +14,14 @@ use super::effects::{Effects, SpawnRequest, ZygoteInfo};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     StartZygote(Result<i32, String>),
+    LaunchZygote,
     Spawn(i32, SpawnRequest),
     Drain(i32),
     Signal(i32, Signal),
     Forget(i32),
     StopAccepting,
     CloseListeners,
-    StopZygote(i32),
+    StopZygote(Option<i32>),
 }
 
 #[derive(Debug)]
@@ -29,7 +30,7 @@ pub struct Fake {
     pub calls: Vec<Call>,
     pub logs: Vec<(log::Level, String)>,
     next_pid: i32,
-    /// The next this many zygote starts fail.
+    /// The next this many zygote starts fail (the first, blocking one).
     pub zygote_failures: u32,
     /// The next this many spawns fail.
     pub spawn_failures: u32,
@@ -98,6 +99,11 @@ impl Effects for Fake {
         })
     }
 
+    fn launch_zygote(&mut self) -> anyhow::Result<()> {
+        self.calls.push(Call::LaunchZygote);
+        Ok(())
+    }
+
     fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32> {
         if self.spawn_failures > 0 {
             self.spawn_failures -= 1;
@@ -129,7 +135,7 @@ impl Effects for Fake {
         self.calls.push(Call::CloseListeners);
     }
 
-    fn stop_zygote(&mut self, pid: i32) {
+    fn stop_zygote(&mut self, pid: Option<i32>) {
         self.calls.push(Call::StopZygote(pid));
     }
 

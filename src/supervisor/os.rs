@@ -31,6 +31,7 @@ use super::zygote::{self, ZygoteProc, ZygoteSpec};
 const SIGNALS: Token = Token(0);
 const ZYGOTE: Token = Token(1);
 const ADMIN: Token = Token(2);
+const LAUNCH: Token = Token(3);
 const FIRST_DYNAMIC: usize = 16;
 
 /// What a dynamic token stands for.
@@ -57,6 +58,8 @@ pub struct Os {
     listeners: Vec<TcpListener>,
     spec: ZygoteSpec,
     zygote: Option<ZygoteProc>,
+    /// A new zygote, started and not ready yet.
+    launching: Option<zygote::Launch>,
     children: HashMap<i32, ChildFds>,
     tokens: HashMap<Token, Tok>,
     next_token: usize,
@@ -102,6 +105,7 @@ impl Os {
             listeners,
             spec,
             zygote: None,
+            launching: None,
             children: HashMap::new(),
             tokens: HashMap::new(),
             next_token: FIRST_DYNAMIC,
@@ -132,6 +136,14 @@ impl Os {
         };
         // Silent admin clients lose their connection, never the loop's time.
         self.admin.expire(Instant::now());
+        // A launched zygote's deadline is checked even while it stays silent.
+        if self
+            .launching
+            .as_ref()
+            .is_some_and(|l| Instant::now() >= l.deadline())
+        {
+            self.launch_progress(&mut out);
+        }
         let mut events = Events::with_capacity(128);
         match self.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
@@ -143,6 +155,7 @@ impl Os {
                 SIGNALS => self.signals(&mut out),
                 ZYGOTE => self.zygote_readable(&mut out),
                 ADMIN => self.admin.accept(Instant::now(), &mut out),
+                LAUNCH => self.launch_progress(&mut out),
                 t => match self.tokens.get(&t).copied() {
                     Some(Tok::Control(pid)) => self.control(pid, &mut out),
                     Some(Tok::Pidfd(pid)) => {
@@ -256,6 +269,50 @@ impl Os {
         }
     }
 
+    /// A zygote that serves becomes the one spawns go to.
+    fn adopt(&mut self, mut z: ZygoteProc) -> anyhow::Result<ZygoteInfo> {
+        if self.spec.expect_digest.is_none() {
+            // Every restarted zygote must serve the model the service started with.
+            match z.client.status() {
+                Ok(status) => self.spec.expect_digest = Some(status.model_digest),
+                Err(e) => {
+                    // A zygote we cannot use must not go on holding the socket.
+                    let _ = nix::sys::signal::kill(Pid::from_raw(z.pid), Signal::SIGKILL);
+                    return Err(e).context("asking the zygote for its model");
+                }
+            }
+        }
+        let fd = z.client.fd().as_raw_fd();
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), ZYGOTE, Interest::READABLE)?;
+        // Events may already be buffered in the client from the hello exchange.
+        let _ = z.client.poll();
+        let info = ZygoteInfo {
+            pid: z.pid,
+            started: z.started,
+        };
+        self.zygote = Some(z);
+        Ok(info)
+    }
+
+    /// Reads what a launched zygote said so far; once it serves or failed, says so.
+    fn launch_progress(&mut self, out: &mut Vec<Input>) {
+        let Some(launch) = self.launching.as_mut() else {
+            return;
+        };
+        let result = match launch.progress() {
+            Ok(None) => return,
+            Ok(Some(z)) => self.adopt(z).map_err(|e| format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Some(launch) = self.launching.take() {
+            let fd = launch.fd().as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+        out.push(Input::ZygoteStarted(result));
+    }
+
     fn token(&mut self) -> Token {
         let t = Token(self.next_token);
         self.next_token += 1;
@@ -282,30 +339,19 @@ impl Effects for Os {
     }
 
     fn start_zygote(&mut self) -> anyhow::Result<ZygoteInfo> {
-        let mut z = zygote::start(&self.spec).context("starting the zygote")?;
-        let fd = z.client.fd().as_raw_fd();
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&fd), ZYGOTE, Interest::READABLE)?;
-        if self.spec.expect_digest.is_none() {
-            // Every restarted zygote must serve the model the service started with.
-            match z.client.status() {
-                Ok(status) => self.spec.expect_digest = Some(status.model_digest),
-                Err(e) => {
-                    // A zygote we cannot use must not go on holding the socket.
-                    let _ = nix::sys::signal::kill(Pid::from_raw(z.pid), Signal::SIGKILL);
-                    return Err(e).context("asking the zygote for its model");
-                }
-            }
-        }
-        // Events may already be buffered in the client from the hello exchange.
-        let _ = z.client.poll();
-        let info = ZygoteInfo {
-            pid: z.pid,
-            started: z.started,
-        };
-        self.zygote = Some(z);
-        Ok(info)
+        let z = zygote::start(&self.spec).context("starting the zygote")?;
+        self.adopt(z)
+    }
+
+    fn launch_zygote(&mut self) -> anyhow::Result<()> {
+        let launch = zygote::launch(&self.spec).context("starting a zygote")?;
+        self.poll.registry().register(
+            &mut SourceFd(&launch.fd().as_raw_fd()),
+            LAUNCH,
+            Interest::READABLE,
+        )?;
+        self.launching = Some(launch);
+        Ok(())
     }
 
     fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32> {
@@ -405,7 +451,13 @@ impl Effects for Os {
         }
     }
 
-    fn stop_zygote(&mut self, pid: i32) {
+    fn stop_zygote(&mut self, pid: Option<i32>) {
+        if let Some(launch) = self.launching.take() {
+            launch.abandon();
+        }
+        let Some(pid) = pid else {
+            return self.reap(&mut Vec::new());
+        };
         if let Some(mut z) = self.zygote.take() {
             if let Err(e) = z.client.shutdown() {
                 log::warn!("asking the zygote to shut down: {e}");

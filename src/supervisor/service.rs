@@ -65,6 +65,8 @@ pub struct Service<E: Effects> {
     pub(super) zygote: Option<ZygoteInfo>,
     pub(super) zygote_restarts: policy::ZygoteRestarts,
     zygote_restart_at: Option<Instant>,
+    /// A new zygote was launched and is not ready yet.
+    zygote_launching: bool,
     generation: u64,
     pub(super) phase: Phase,
     pub(super) started: Instant,
@@ -102,6 +104,7 @@ impl<E: Effects> Service<E> {
             zygote: None,
             zygote_restarts: policy::ZygoteRestarts::default(),
             zygote_restart_at: None,
+            zygote_launching: false,
             generation: 0,
             phase: Phase::Starting,
             started,
@@ -149,9 +152,8 @@ impl<E: Effects> Service<E> {
 
     /// Ends the stop: the zygote goes. Returns the fatal reason, if the stop had one.
     pub fn finish(&mut self) -> Option<String> {
-        if let Some(z) = self.zygote.take() {
-            self.fx.stop_zygote(z.pid);
-        }
+        let pid = self.zygote.take().map(|z| z.pid);
+        self.fx.stop_zygote(pid);
         match self.stop_reason.take() {
             Some(reason) => {
                 say!(self.fx, Error, "service stopped: {reason}");
@@ -198,6 +200,7 @@ impl<E: Effects> Service<E> {
                 self.on_status_text(pid, format!("{stage} failed: {message}"), None);
             }
             Input::Admin(conn, req) => return Some((conn, self.admin(req))),
+            Input::ZygoteStarted(result) => self.zygote_started(result),
         }
         None
     }

@@ -278,7 +278,7 @@ fn a_stop_drains_workers_then_owners_and_kills_at_the_drain_deadline() {
     h.dies(h.owner, Exit::Code(0));
     assert!(h.svc.done());
     assert_eq!(h.svc.finish(), None, "a requested stop is not an error");
-    assert_eq!(h.svc.fx.take(), [Call::StopZygote(h.zygote)]);
+    assert_eq!(h.svc.fx.take(), [Call::StopZygote(Some(h.zygote))]);
 }
 
 #[test]
@@ -427,6 +427,14 @@ fn a_restarted_vmm_owner_leaves_the_workers_alone() {
     assert!(spawned(&calls, Role::Worker(0)).is_empty(), "{calls:?}");
 }
 
+/// The zygote launched by the last tick fails to start.
+fn launch_fails(h: &mut Harness, calls: &[Call]) {
+    assert_eq!(calls, [Call::LaunchZygote]);
+    h.svc.input(Input::ZygoteStarted(Err(
+        "the zygote exited before it was ready".into(),
+    )));
+}
+
 #[test]
 fn a_zygote_restart_that_keeps_failing_stops_the_service() {
     let mut h = Harness::running(1, Duration::from_secs(1000), "");
@@ -434,27 +442,20 @@ fn a_zygote_restart_that_keeps_failing_stops_the_service() {
     h.svc.input(Input::Status(h.zygote, sig("SIGKILL")));
     assert!(h.svc.zygote.is_none());
     assert!(h.svc.fx.logged(Level::Warn, "restarting it in 50 ms"));
-    h.svc.fx.zygote_failures = 100;
     // The died zygote was failure 1; each failed start is one more, 5 s apart.
     let calls = h.tick_after(Duration::from_millis(50));
-    assert!(
-        matches!(calls[..], [Call::StartZygote(Err(_))]),
-        "{calls:?}"
-    );
+    launch_fails(&mut h, &calls);
     for _ in 0..2 {
         assert!(h.tick_after(Duration::from_millis(4999)).is_empty());
         let calls = h.tick_after(Duration::from_millis(1));
-        assert!(
-            matches!(calls[..], [Call::StartZygote(Err(_))]),
-            "{calls:?}"
-        );
+        launch_fails(&mut h, &calls);
     }
     assert_eq!(h.svc.phase, Phase::Running, "the worker serves meanwhile");
     let calls = h.tick_after(Duration::from_secs(5));
-    assert!(matches!(calls[0], Call::StartZygote(Err(_))), "{calls:?}");
+    launch_fails(&mut h, &calls);
     assert!(
-        calls.contains(&Call::Drain(w)),
-        "the service stops: {calls:?}"
+        h.svc.fx.take().contains(&Call::Drain(w)),
+        "the service stops"
     );
     assert!(h
         .svc
@@ -467,22 +468,43 @@ fn a_zygote_restart_that_keeps_failing_stops_the_service() {
         reason.contains("the zygote cannot be restarted"),
         "{reason}"
     );
+    assert_eq!(h.svc.fx.take(), [Call::StopZygote(None)]);
 }
 
 #[test]
-fn a_zygote_that_restarts_serves_the_next_spawns() {
-    let mut h = Harness::running(1, Duration::from_secs(1000), "");
+fn while_a_new_zygote_starts_supervision_goes_on_and_spawns_wait_for_it() {
+    let timeout = Duration::from_secs(30);
+    let mut h = Harness::running(2, timeout, "");
+    let (w0, w1, owner) = (h.workers[0], h.workers[1], h.owner);
     h.svc.input(Input::Status(h.zygote, sig("SIGKILL")));
-    h.dies(h.workers[0], sig("SIGKILL"));
-    let calls = h.tick_after(Duration::from_millis(10));
-    assert!(
-        spawned(&calls, Role::Worker(0)).is_empty(),
-        "no spawn without a zygote: {calls:?}"
+    assert_eq!(
+        h.tick_after(Duration::from_millis(50)),
+        [Call::LaunchZygote]
     );
-    let calls = h.tick_after(Duration::from_millis(40));
-    assert!(matches!(calls[0], Call::StartZygote(Ok(_))), "{calls:?}");
+    // The new zygote loads a large model for a long while: the workers are still judged by
+    // their heartbeats, and a dead one waits for the zygote.
+    h.dies(w0, sig("SIGKILL"));
+    h.svc.fx.advance(Duration::from_secs(20));
+    beat(&mut h, &[owner]);
+    let calls = h.tick_after(Duration::from_secs(11));
+    assert_eq!(
+        calls,
+        [Call::Signal(w1, Signal::SIGKILL)],
+        "no second launch, no spawn without a zygote, the silent worker killed"
+    );
+    let z = crate::supervisor::effects::ZygoteInfo {
+        pid: 999,
+        started: h.svc.fx.now,
+    };
+    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    assert!(h.svc.fx.logged(Level::Info, "zygote restarted (restart 1)"));
+    let calls = h.tick_after(Duration::ZERO);
     assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
-    assert_eq!(h.svc.status().processes[1].restarts, 1);
+    let status = h.svc.status();
+    assert_eq!(
+        (status.processes[1].pid, status.processes[1].restarts),
+        (999, 1)
+    );
 }
 
 #[test]
@@ -665,4 +687,17 @@ fn the_statuses_of_strangers_are_not_kept() {
     assert_eq!(h.svc.exits.len(), 1);
     h.svc.input(Input::Died(h.workers[0]));
     assert_eq!(h.svc.exits.len(), 0);
+}
+
+#[test]
+fn a_first_zygote_that_cannot_start_fails_the_start_before_any_spawn() {
+    let mut fx = Fake::default();
+    fx.zygote_failures = 1;
+    let mut svc = Service::new(config(1, Duration::from_secs(30)), vec![], fx);
+    let e = svc.start().expect_err("the start fails");
+    assert!(
+        e.to_string().contains("exited before it was ready"),
+        "{e:#}"
+    );
+    assert!(spawned(&svc.fx.calls, Role::Owner(0)).is_empty());
 }

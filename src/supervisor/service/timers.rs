@@ -6,6 +6,7 @@ use std::time::Instant;
 use log::Level;
 
 use super::{Effects, Service};
+use crate::supervisor::effects::ZygoteInfo;
 use crate::supervisor::policy::{self, Cause, Phase, Role, State, ZygoteRestart};
 
 impl<E: Effects> Service<E> {
@@ -44,25 +45,41 @@ impl<E: Effects> Service<E> {
     }
 
     fn restart_zygote(&mut self, now: Instant) {
-        match self.fx.start_zygote() {
+        match self.fx.launch_zygote() {
+            Ok(()) => self.zygote_launching = true,
+            Err(e) => self.zygote_start_failed(now, format!("{e:#}")),
+        }
+    }
+
+    /// The outcome of a launched zygote.
+    pub(super) fn zygote_started(&mut self, result: Result<ZygoteInfo, String>) {
+        self.zygote_launching = false;
+        match result {
             Ok(z) => {
                 self.zygote = Some(z);
                 let n = self.zygote_restarts.restarts;
                 say!(self.fx, Info, "zygote restarted (restart {n})");
             }
-            Err(e) => match self.zygote_restarts.start_failed() {
-                ZygoteRestart::CrashLoop { .. } => {
-                    self.fatal(format!("the zygote cannot be restarted: {e:#}"))
-                }
-                ZygoteRestart::After(wait) => {
-                    say!(
-                        self.fx,
-                        Error,
-                        "restarting the zygote failed: {e:#}; retrying"
-                    );
-                    self.zygote_restart_at = Some(now + wait);
-                }
-            },
+            Err(e) => {
+                let now = self.fx.now();
+                self.zygote_start_failed(now, e);
+            }
+        }
+    }
+
+    fn zygote_start_failed(&mut self, now: Instant, e: String) {
+        match self.zygote_restarts.start_failed() {
+            ZygoteRestart::CrashLoop { .. } => {
+                self.fatal(format!("the zygote cannot be restarted: {e}"))
+            }
+            ZygoteRestart::After(wait) => {
+                say!(
+                    self.fx,
+                    Error,
+                    "restarting the zygote failed: {e}; retrying"
+                );
+                self.zygote_restart_at = Some(now + wait);
+            }
         }
     }
 
