@@ -91,6 +91,17 @@ pub struct StartArgs {
     /// Request threads of each `--app` worker.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024), requires = "app")]
     pub threads: u32,
+    /// Replace a worker after it served this many requests (0: never): its replacement is
+    /// ready before it drains.
+    #[arg(long)]
+    pub max_requests: Option<u64>,
+    /// Up to this many requests more per worker, drawn at random, so that workers are not
+    /// all replaced at once.
+    #[arg(long, default_value_t = 0, requires = "max_requests")]
+    pub max_requests_jitter: u64,
+    /// Replace a worker whose resident memory (MiB) grew past this, the same way.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_rss: Option<u64>,
     /// A program to exec in each worker instead of a native entry, with its arguments.
     #[arg(last = true)]
     pub command: Vec<String>,

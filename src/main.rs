@@ -55,6 +55,11 @@ fn start(mut args: StartArgs) -> anyhow::Result<i32> {
         timeout: Duration::from_secs(args.timeout.max(1)),
         graceful_timeout: Duration::from_secs(args.graceful_timeout),
         allow_uids: args.allow_uid,
+        recycle: supervisor::policy::RecycleLimits {
+            max_requests: args.max_requests.filter(|n| *n > 0),
+            jitter: args.max_requests_jitter,
+            max_rss_mib: args.max_rss,
+        },
     };
     supervisor::run(cfg)
 }

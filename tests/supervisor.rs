@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::load::{one_request, Outcome};
 use common::{
     alive, proc_status_field, procs_of, run_start, settled, wait_gone, wait_until, Proc, Service,
     ServiceOptions, TempDir, CHANGE_TIMEOUT,
@@ -410,67 +411,6 @@ fn a_model_file_changed_on_disk_is_refused_by_a_restarted_zygote_while_the_worke
         workers,
         "the workers built from the old model keep serving"
     );
-}
-
-/// What one request of [`StopLoad`] met.
-#[derive(Debug)]
-enum Outcome {
-    Answered,
-    /// `connect` refused: the service is gone, as it should be after a stop.
-    Refused,
-    /// `connect` got no answer in time (SYNs dropped while the stop drains).
-    NotConnected,
-    /// Accepted, then reset or closed without an answer: what a stop must never do.
-    Reset(String),
-    /// Anything else (a wrong status, another error).
-    Other(String),
-}
-
-/// One `Connection: close` request on a new connection: alternately `/healthz` and a small
-/// `/embed`, so that the workers have something to finish when the stop comes.
-fn one_request(addr: std::net::SocketAddr, embed: bool) -> Outcome {
-    use std::io::{ErrorKind, Read, Write};
-    let mut s = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
-        Ok(s) => s,
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
-        Err(e) if e.kind() == ErrorKind::TimedOut => return Outcome::NotConnected,
-        Err(e) => return Outcome::Other(format!("connect: {e}")),
-    };
-    let broken = |e: &std::io::Error| {
-        matches!(
-            e.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
-        )
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-    let (method, path, body) = if embed {
-        (
-            "POST",
-            "/embed",
-            r#"{"input": ["shared weights", "one copy"]}"#,
-        )
-    } else {
-        ("GET", "/healthz", "")
-    };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    if let Err(e) = s.write_all(req.as_bytes()) {
-        return match broken(&e) {
-            true => Outcome::Reset(format!("{path}: writing: {e}")),
-            false => Outcome::Other(format!("{path}: writing: {e}")),
-        };
-    }
-    let mut raw = Vec::new();
-    match s.read_to_end(&mut raw) {
-        Err(e) if broken(&e) => Outcome::Reset(format!("{path}: reading: {e}")),
-        Err(e) => Outcome::Other(format!("{path}: reading: {e}")),
-        Ok(_) if raw.is_empty() => Outcome::Reset(format!("{path}: closed without an answer")),
-        Ok(_) if raw.starts_with(b"HTTP/1.1 200 ") => Outcome::Answered,
-        Ok(_) => Outcome::Other(format!("{path}: {}", String::from_utf8_lossy(&raw))),
-    }
 }
 
 #[test]

@@ -115,6 +115,8 @@ pub trait Effects {
     /// Asks the zygote (if one runs) to shut down and waits for it (killing it after a
     /// deadline); a zygote still starting is killed.
     fn stop_zygote(&mut self, pid: Option<i32>);
-    /// The memory of a process, for `zygote status`.
+    /// The memory of a process, for `zygote status` and `--max-rss`.
     fn memory(&self, pid: i32) -> Option<Memory>;
+    /// A random number (each worker's share of `--max-requests-jitter`).
+    fn draw(&mut self) -> u64;
 }

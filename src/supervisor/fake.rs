@@ -2,7 +2,7 @@
 //! `syscall/test.rs`: every call is kept in order, the clock moves only when a test moves it,
 //! and failures are scripted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -36,6 +36,10 @@ pub struct Fake {
     pub spawn_failures: u32,
     /// Children that cannot hear `drain` (an exec'd program that never attached).
     pub deaf: HashSet<i32>,
+    /// The memory each pid reports.
+    pub memory: HashMap<i32, Memory>,
+    /// What [`Effects::draw`] returns.
+    pub draw: u64,
 }
 
 impl Default for Fake {
@@ -48,6 +52,8 @@ impl Default for Fake {
             zygote_failures: 0,
             spawn_failures: 0,
             deaf: HashSet::new(),
+            memory: HashMap::new(),
+            draw: 0,
         }
     }
 }
@@ -139,7 +145,11 @@ impl Effects for Fake {
         self.calls.push(Call::StopZygote(pid));
     }
 
-    fn memory(&self, _pid: i32) -> Option<Memory> {
-        None
+    fn memory(&self, pid: i32) -> Option<Memory> {
+        self.memory.get(&pid).copied()
+    }
+
+    fn draw(&mut self) -> u64 {
+        self.draw
     }
 }

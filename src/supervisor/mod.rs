@@ -39,7 +39,7 @@ mod fake;
 #[allow(unsafe_code)]
 mod gate;
 mod os;
-mod policy;
+pub mod policy;
 mod service;
 mod status;
 pub mod zygote;
@@ -72,6 +72,8 @@ pub struct Config {
     pub timeout: Duration,
     pub graceful_timeout: Duration,
     pub allow_uids: Vec<u32>,
+    /// When workers are recycled (`--max-requests`, `--max-requests-jitter`, `--max-rss`).
+    pub recycle: policy::RecycleLimits,
 }
 
 /// Runs a service until it is stopped. Returns the exit code.

@@ -486,4 +486,15 @@ impl Effects for Os {
     fn memory(&self, pid: i32) -> Option<Memory> {
         zygote_runtime::procfs::memory(pid)
     }
+
+    fn draw(&mut self) -> u64 {
+        // Spreading recycles needs no strong randomness: std's random hash keys (new ones for
+        // each `RandomState`), fed the clock, are enough.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        h.write_u128(wall.map_or(0, |d| d.as_nanos()));
+        h.write_u32(std::process::id());
+        h.finish()
+    }
 }

@@ -214,6 +214,8 @@ pub enum Cause {
     Heartbeat,
     /// A roll replaced it.
     Roll,
+    /// It reached `--max-requests` or `--max-rss` and was replaced.
+    Recycle,
 }
 
 /// Counts one replacement for `cause`.
@@ -223,8 +225,70 @@ pub fn count(reasons: &mut RestartReasons, cause: Cause) {
         Cause::Signal => &mut reasons.signal,
         Cause::Heartbeat => &mut reasons.heartbeat,
         Cause::Roll => &mut reasons.roll,
+        Cause::Recycle => &mut reasons.recycle,
     };
     *n += 1;
+}
+
+/// When a worker is replaced by a fresh one (gunicorn's `--max-requests`, with its jitter, and
+/// a memory ceiling): a worker that leaks, or whose allocator only grows, is recycled before it
+/// hurts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecycleLimits {
+    /// Requests a worker serves before it is replaced.
+    pub max_requests: Option<u64>,
+    /// Up to this many requests more, drawn per worker, so that workers started together are
+    /// not all replaced at once.
+    pub jitter: u64,
+    /// Resident memory (MiB) past which a worker is replaced.
+    pub max_rss_mib: Option<u64>,
+}
+
+/// Why a worker is due for recycling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recycle {
+    /// It served `served` requests, its limit being `limit`.
+    Requests { served: u64, limit: u64 },
+    /// Its resident memory is `rss_mib`, over `limit` MiB.
+    Rss { rss_mib: u64, limit: u64 },
+}
+
+impl std::fmt::Display for Recycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Recycle::Requests { served, limit } => {
+                write!(
+                    f,
+                    "served {served} requests (--max-requests: {limit} for it)"
+                )
+            }
+            Recycle::Rss { rss_mib, limit } => {
+                write!(f, "resident memory {rss_mib} MiB over --max-rss {limit}")
+            }
+        }
+    }
+}
+
+/// The request limit of one new worker: `max_requests` plus a share of the jitter picked by
+/// `draw` (any number; the caller draws it at random).
+pub fn request_limit(limits: &RecycleLimits, draw: u64) -> Option<u64> {
+    let extra = draw % limits.jitter.saturating_add(1);
+    limits.max_requests.map(|n| n.saturating_add(extra))
+}
+
+/// Whether a worker that served `served` requests (its limit being `limit`) and holds
+/// `rss_kib` of resident memory (when it was read) is due for recycling.
+pub fn recycle(
+    limits: &RecycleLimits,
+    served: u64,
+    limit: Option<u64>,
+    rss_kib: Option<u64>,
+) -> Option<Recycle> {
+    if let Some(limit) = limit.filter(|l| served >= *l) {
+        return Some(Recycle::Requests { served, limit });
+    }
+    let (rss_mib, limit) = (rss_kib? / 1024, limits.max_rss_mib?);
+    (rss_mib > limit).then_some(Recycle::Rss { rss_mib, limit })
 }
 
 /// Whether the owner that just became ready needs every worker rolled: the memory of legacy
@@ -377,6 +441,7 @@ mod tests {
             Cause::Signal,
             Cause::Heartbeat,
             Cause::Roll,
+            Cause::Recycle,
         ] {
             count(&mut r, c);
         }
@@ -386,10 +451,60 @@ mod tests {
                 exit: 1,
                 signal: 2,
                 heartbeat: 1,
-                recycle: 0,
+                recycle: 1,
                 roll: 1
             }
         );
+    }
+
+    #[test]
+    fn a_worker_is_recycled_at_its_request_limit_or_over_the_memory_ceiling() {
+        let none = RecycleLimits::default();
+        assert_eq!(
+            request_limit(&none, 7),
+            None,
+            "no limit without --max-requests"
+        );
+        assert_eq!(recycle(&none, u64::MAX, None, Some(u64::MAX)), None);
+        let l = RecycleLimits {
+            max_requests: Some(100),
+            jitter: 10,
+            max_rss_mib: Some(512),
+        };
+        let limits: Vec<u64> = [0, 3, 10, 11, u64::MAX]
+            .iter()
+            .map(|d| request_limit(&l, *d).expect("a limit"))
+            .collect();
+        assert_eq!(
+            limits,
+            [100, 103, 110, 100, 104],
+            "jitter is 0 to J inclusive"
+        );
+        let no_jitter = RecycleLimits { jitter: 0, ..l };
+        assert_eq!(request_limit(&no_jitter, 12345), Some(100));
+        let huge = RecycleLimits {
+            max_requests: Some(u64::MAX),
+            jitter: u64::MAX,
+            ..l
+        };
+        assert_eq!(request_limit(&huge, 5), Some(u64::MAX), "no overflow");
+        assert_eq!(recycle(&l, 99, Some(100), Some(1024)), None);
+        assert_eq!(
+            recycle(&l, 100, Some(100), None),
+            Some(Recycle::Requests {
+                served: 100,
+                limit: 100
+            })
+        );
+        assert_eq!(recycle(&l, 0, Some(100), Some(512 * 1024)), None);
+        assert_eq!(
+            recycle(&l, 0, Some(100), Some(513 * 1024)),
+            Some(Recycle::Rss {
+                rss_mib: 513,
+                limit: 512
+            })
+        );
+        assert_eq!(recycle(&l, 0, Some(100), None), None, "memory unread");
     }
 
     #[test]

@@ -36,8 +36,12 @@ pub(super) struct Child {
     pub timers: Timers,
     pub served: u64,
     pub generation: Option<u64>,
-    /// The pid this child replaces once it is ready (a roll).
-    pub replaces: Option<i32>,
+    /// The pid this child replaces once it is ready, and why (a roll, a recycle).
+    pub replaces: Option<(i32, policy::Cause)>,
+    /// Requests it serves before it is recycled (`--max-requests`, with its jitter).
+    pub request_limit: Option<u64>,
+    /// A replacement was asked for (it is recycled): no more checks.
+    pub recycling: bool,
     /// Why the supervisor killed it, if it did (counted when it dies).
     pub killed_for: Option<policy::Cause>,
 }
@@ -75,8 +79,8 @@ pub struct Service<E: Effects> {
     pub(super) ipc: Option<String>,
     /// The first fatal reason: the service exits 1 with it.
     stop_reason: Option<String>,
-    /// Serving workers that a roll must replace.
-    pending_rolls: Vec<i32>,
+    /// Serving workers that a roll or a recycle must replace, and why.
+    pending_rolls: Vec<(i32, policy::Cause)>,
 }
 
 /// The backend and the IPC mechanism out of an owner's `ready` detail (`key=value` words).
@@ -214,7 +218,7 @@ impl<E: Effects> Service<E> {
         self.stop_reason.get_or_insert(reason);
     }
 
-    fn spawn(&mut self, role: Role, replaces: Option<i32>) -> anyhow::Result<()> {
+    fn spawn(&mut self, role: Role, replaces: Option<(i32, policy::Cause)>) -> anyhow::Result<()> {
         if self.zygote.is_none() {
             bail!("no zygote to spawn {role} from");
         }
@@ -249,8 +253,15 @@ impl<E: Effects> Service<E> {
         };
         let pid = self.fx.spawn(&req)?;
         let also = replaces
-            .map(|p| format!(" to replace pid {p}"))
+            .map(|(p, _)| format!(" to replace pid {p}"))
             .unwrap_or_default();
+        let request_limit = match role {
+            Role::Worker(_) => {
+                let draw = self.fx.draw();
+                policy::request_limit(&self.cfg.recycle, draw)
+            }
+            Role::Owner(_) => None,
+        };
         say!(self.fx, Info, "{role}: spawned pid {pid}{also}");
         let now = self.fx.now();
         self.procs.insert(
@@ -266,6 +277,8 @@ impl<E: Effects> Service<E> {
                 served: 0,
                 generation: None,
                 replaces,
+                request_limit,
+                recycling: false,
                 killed_for: None,
             },
         );
@@ -315,7 +328,10 @@ impl<E: Effects> Service<E> {
                     self.on_ready(role, replaces, &detail);
                 }
             }
-            ChildMessage::Heartbeat { served } => p.served = served,
+            ChildMessage::Heartbeat { served } => {
+                p.served = served;
+                self.check_recycle(pid);
+            }
             ChildMessage::Draining { in_flight } => {
                 p.state = State::Draining;
                 let role = p.role;
@@ -328,7 +344,35 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    fn on_ready(&mut self, role: Role, replaces: Option<i32>, detail: &str) {
+    /// Asks for a replacement of a serving worker that reached its request limit or the
+    /// memory ceiling; it drains once the replacement is ready, as in a roll.
+    fn check_recycle(&mut self, pid: i32) {
+        let limits = self.cfg.recycle;
+        if self.phase != Phase::Running {
+            return;
+        }
+        let Some(p) = self.procs.get(&pid) else {
+            return;
+        };
+        if !p.role.is_worker() || p.state != State::Serving || p.recycling {
+            return;
+        }
+        let rss_kib = match limits.max_rss_mib {
+            Some(_) => self.fx.memory(pid).map(|m| m.rss_kib),
+            None => None,
+        };
+        let Some(why) = policy::recycle(&limits, p.served, p.request_limit, rss_kib) else {
+            return;
+        };
+        let role = p.role;
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.recycling = true;
+        }
+        say!(self.fx, Info, "{role} (pid {pid}) {why}: recycling it");
+        self.pending_rolls.push((pid, policy::Cause::Recycle));
+    }
+
+    fn on_ready(&mut self, role: Role, replaces: Option<(i32, policy::Cause)>, detail: &str) {
         if let Role::Owner(_) = role {
             (self.backend, self.ipc) = owner_ready_fields(detail);
             let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
@@ -339,8 +383,8 @@ impl<E: Effects> Service<E> {
         if let Some(s) = self.slots.get_mut(&role) {
             s.failures_before_ready = 0;
         }
-        if let Some(old) = replaces {
-            policy::count(&mut self.slot(role).reasons, policy::Cause::Roll);
+        if let Some((old, cause)) = replaces {
+            policy::count(&mut self.slot(role).reasons, cause);
             self.drain(old, "replaced by a new worker");
         }
         if self.phase == Phase::Starting && self.owners_ready() {
@@ -463,7 +507,7 @@ impl<E: Effects> Service<E> {
                 );
             }
         }
-        if let Some(old) = p.replaces {
+        if let Some((old, cause)) = p.replaces {
             // A replacement that died: the old one keeps serving, and the roll retries.
             say!(
                 self.fx,
@@ -473,7 +517,7 @@ impl<E: Effects> Service<E> {
             if let Some(s) = self.slots.get_mut(&role) {
                 s.restart_at = s.restart_at.or(Some(now));
             }
-            self.pending_rolls.push(old);
+            self.pending_rolls.push((old, cause));
         }
     }
 

@@ -17,6 +17,8 @@
 
 #![allow(dead_code)] // Each test file uses its own part of this module.
 
+pub mod load;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};

@@ -369,8 +369,8 @@ pub struct ProcessStatus {
 
 /// Why a slot's children were replaced, counted per reason. `exit`, `signal` and `heartbeat`
 /// are deaths (their sum is `restarts`); `roll` counts planned replacements (SIGHUP, `reload`,
-/// the roll after a legacy-IPC owner's restart); `recycle` is kept for replacements after a
-/// request or memory limit.
+/// the roll after a legacy-IPC owner's restart); `recycle` counts replacements after a request
+/// or memory limit (`--max-requests`, `--max-rss`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartReasons {
@@ -380,6 +380,7 @@ pub struct RestartReasons {
     pub signal: u32,
     /// Killed by the supervisor: silent past `--timeout`, or not ready in time.
     pub heartbeat: u32,
+    /// Replaced after `--max-requests` or `--max-rss`.
     pub recycle: u32,
     pub roll: u32,
 }

@@ -45,7 +45,7 @@ impl<E: Effects> Service<E> {
             .procs
             .iter()
             .filter(|(_, p)| p.role.is_worker() && p.state != State::Draining)
-            .map(|(pid, _)| *pid);
+            .map(|(pid, _)| (*pid, policy::Cause::Roll));
         self.pending_rolls.extend(olds);
     }
 
@@ -82,7 +82,7 @@ impl<E: Effects> Service<E> {
             .filter(|(_, p)| matches!(p.role, Role::Worker(w) if w >= n))
             .map(|(pid, _)| *pid)
             .collect();
-        self.pending_rolls.retain(|pid| !retired.contains(pid));
+        self.pending_rolls.retain(|(pid, _)| !retired.contains(pid));
         self.slots
             .retain(|role, _| !matches!(role, Role::Worker(w) if *w >= n));
         for pid in retired {

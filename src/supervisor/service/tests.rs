@@ -6,6 +6,7 @@ use std::time::Duration;
 use log::Level;
 use nix::sys::signal::Signal;
 use zygote_runtime::backend::{BackendChoice, IpcChoice};
+use zygote_runtime::procfs::Memory;
 use zygote_runtime::protocol::{
     AdminRequest, AdminResponse, ChildMessage, ErrorCode, RestartReasons,
 };
@@ -13,7 +14,9 @@ use zygote_runtime::protocol::{
 use super::Service;
 use crate::supervisor::effects::{AdminConn, Exit, Input};
 use crate::supervisor::fake::{Call, Fake};
-use crate::supervisor::policy::{Phase, Role, State, CRASH_LOOP_LIMIT, READY_TIMEOUT};
+use crate::supervisor::policy::{
+    Phase, RecycleLimits, Role, State, CRASH_LOOP_LIMIT, READY_TIMEOUT,
+};
 use crate::supervisor::Config;
 
 const GRACEFUL: Duration = Duration::from_secs(30);
@@ -32,6 +35,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         timeout,
         graceful_timeout: GRACEFUL,
         allow_uids: Vec::new(),
+        recycle: Default::default(),
     }
 }
 
@@ -70,7 +74,13 @@ impl Harness {
     /// A service with its zygote, its owner (ready with `owner_detail`) and `workers` serving
     /// workers; the calls so far are taken.
     fn running(workers: u32, timeout: Duration, owner_detail: &str) -> Self {
-        let mut svc = Service::new(config(workers, timeout), vec![], Fake::default());
+        Self::running_with(config(workers, timeout), Fake::default(), owner_detail)
+    }
+
+    /// [`Harness::running`] with a configuration and a fake of the test's own.
+    fn running_with(cfg: Config, fake: Fake, owner_detail: &str) -> Self {
+        let workers = cfg.workers;
+        let mut svc = Service::new(cfg, vec![], fake);
         svc.start().expect("start");
         let calls = svc.fx.take();
         let Some(Call::StartZygote(Ok(zygote))) = calls.first().cloned() else {
@@ -700,4 +710,130 @@ fn a_first_zygote_that_cannot_start_fails_the_start_before_any_spawn() {
         "{e:#}"
     );
     assert!(spawned(&svc.fx.calls, Role::Owner(0)).is_empty());
+}
+
+fn recycling(workers: u32, limits: RecycleLimits, fake: Fake) -> Harness {
+    let cfg = Config {
+        recycle: limits,
+        ..config(workers, Duration::from_secs(30))
+    };
+    Harness::running_with(cfg, fake, "")
+}
+
+fn served(h: &mut Harness, pid: i32, served: u64) {
+    h.svc
+        .input(Input::Message(pid, ChildMessage::Heartbeat { served }));
+}
+
+#[test]
+fn a_worker_at_its_request_limit_is_replaced_ready_first_and_counted_as_recycle() {
+    let limits = RecycleLimits {
+        max_requests: Some(10),
+        jitter: 4,
+        max_rss_mib: None,
+    };
+    let mut fake = Fake::default();
+    fake.draw = 2;
+    let mut h = recycling(2, limits, fake);
+    let (old, other) = (h.workers[0], h.workers[1]);
+    served(&mut h, old, 11);
+    assert!(
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        "the limit is 10 + a jitter of 2"
+    );
+    served(&mut h, old, 12);
+    served(&mut h, old, 13);
+    let calls = h.tick_after(Duration::ZERO);
+    let new = spawned(&calls, Role::Worker(0));
+    assert_eq!(
+        new.len(),
+        1,
+        "one replacement, however many beats: {calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::Drain(_))),
+        "{calls:?}"
+    );
+    assert_eq!(h.state(old), Some(State::Serving), "it serves until then");
+    assert!(h.svc.fx.logged(Level::Info, "served 12 requests"));
+    h.svc.input(Input::Message(new[0], ready("")));
+    assert_eq!(h.svc.fx.take(), [Call::Drain(old)]);
+    h.dies(old, Exit::Code(0));
+    assert!(spawned(&h.tick_after(Duration::from_secs(1)), Role::Worker(0)).is_empty());
+    let r = reasons(&h, Role::Worker(0));
+    assert_eq!((r.recycle, r.roll, r.exit), (1, 0, 0), "{r:?}");
+    assert_eq!(h.restarts(Role::Worker(0)), 0, "a recycle is not a restart");
+    assert_eq!(
+        h.state(other),
+        Some(State::Serving),
+        "the other is not touched"
+    );
+    assert_eq!(reasons(&h, Role::Worker(1)), RestartReasons::default());
+    served(&mut h, new[0], 5);
+    assert!(
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        "the replacement counts its own requests"
+    );
+}
+
+#[test]
+fn a_worker_over_the_memory_ceiling_is_recycled_and_owners_never_are() {
+    let limits = RecycleLimits {
+        max_requests: None,
+        jitter: 0,
+        max_rss_mib: Some(512),
+    };
+    let mut h = recycling(1, limits, Fake::default());
+    let (old, owner) = (h.workers[0], h.owner);
+    let mib = |n: u64| Memory {
+        rss_kib: n * 1024,
+        pss_kib: n * 512,
+    };
+    h.svc.fx.memory.insert(old, mib(512));
+    h.svc.fx.memory.insert(owner, mib(4096));
+    served(&mut h, old, 1_000_000);
+    served(&mut h, owner, 1);
+    assert!(
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        "512 MiB is not over --max-rss 512, and no request limit was set"
+    );
+    h.svc.fx.memory.insert(old, mib(513));
+    served(&mut h, old, 1_000_001);
+    let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
+    assert!(spawned(&calls, Role::Owner(0)).is_empty(), "{calls:?}");
+    assert!(h.svc.fx.logged(Level::Info, "resident memory 513 MiB"));
+}
+
+#[test]
+fn a_replacement_that_dies_mid_recycle_is_retried_and_still_counts_as_recycle() {
+    let limits = RecycleLimits {
+        max_requests: Some(1),
+        ..RecycleLimits::default()
+    };
+    let mut h = recycling(1, limits, Fake::default());
+    let old = h.workers[0];
+    served(&mut h, old, 1);
+    let doomed = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    h.dies(doomed, Exit::Code(1));
+    assert_eq!(h.state(old), Some(State::Serving));
+    let retry = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0));
+    assert_eq!(retry.len(), 1);
+    h.svc.input(Input::Message(retry[0], ready("")));
+    assert_eq!(h.svc.fx.take(), [Call::Drain(old)]);
+    let r = reasons(&h, Role::Worker(0));
+    assert_eq!((r.recycle, r.roll, r.exit), (1, 0, 1), "{r:?}");
+}
+
+#[test]
+fn nothing_is_recycled_while_the_service_stops() {
+    let limits = RecycleLimits {
+        max_requests: Some(1),
+        ..RecycleLimits::default()
+    };
+    let mut h = recycling(1, limits, Fake::default());
+    let old = h.workers[0];
+    h.svc.input(Input::Signal(Signal::SIGTERM));
+    served(&mut h, old, 5);
+    assert!(spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty());
 }

@@ -114,9 +114,9 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    /// Rolls: one replacement per old worker that still serves and has none yet.
+    /// Rolls and recycles: one replacement per old worker that still serves and has none yet.
     fn spawn_rolls(&mut self) {
-        for old in std::mem::take(&mut self.pending_rolls) {
+        for (old, cause) in std::mem::take(&mut self.pending_rolls) {
             let Some(role) = self
                 .procs
                 .get(&old)
@@ -125,12 +125,16 @@ impl<E: Effects> Service<E> {
             else {
                 continue;
             };
-            if self.procs.values().any(|p| p.replaces == Some(old)) {
+            if self
+                .procs
+                .values()
+                .any(|p| p.replaces.is_some_and(|r| r.0 == old))
+            {
                 continue;
             }
-            if let Err(e) = self.spawn(role, Some(old)) {
-                say!(self.fx, Error, "rolling {role}: {e:#}");
-                self.pending_rolls.push(old);
+            if let Err(e) = self.spawn(role, Some((old, cause))) {
+                say!(self.fx, Error, "replacing {role}: {e:#}");
+                self.pending_rolls.push((old, cause));
             }
         }
     }
