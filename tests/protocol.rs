@@ -260,11 +260,20 @@ fn helper_other_uid_client() {
                 code(client().and_then(|mut c| helper_spawn(&mut c, "owner").map(|_| ())))
             }
             ("hold", _) => {
+                // Raw connections: a refused one gets its error frame at once, an admitted one
+                // nothing until it speaks. (A client that said hello first could lose the race
+                // with the close and see a reset instead of the error.)
                 let mut held = Vec::new();
                 let refused = loop {
-                    match client() {
-                        Ok(c) => held.push(c),
-                        Err(e) => break code(Err(e)),
+                    let mut s = UnixStream::connect(&sock).expect("connect");
+                    s.set_read_timeout(Some(Duration::from_millis(300))).ok();
+                    match frame::read_frame::<_, Response>(&mut s, Some(Duration::from_millis(300)))
+                    {
+                        Ok(Some(Response::Error { code, .. })) => {
+                            break serde_json::to_value(code).expect("a code")
+                        }
+                        Err(ProtocolError::TimedOut) => held.push(s),
+                        other => break serde_json::json!(format!("unexpected: {other:?}")),
                     }
                     if held.len() > 100 {
                         break serde_json::json!("never refused");

@@ -190,8 +190,8 @@ impl Server {
         let Some(child) = self.children.get(Pid::from_raw(pid)) else {
             return;
         };
-        if !(1..=64).contains(&signal) {
-            let msg = format!("signal {signal} is not a valid signal number");
+        if zygote_runtime::pidfd::signal(signal).is_none() {
+            let msg = format!("signal {signal} is not a named signal (1 to 31) that may be sent");
             return self.fail(t, Some(id), ErrorCode::BadSignal, msg, false);
         }
         match fork::pidfd_send_signal(child.pidfd.as_fd(), signal) {
