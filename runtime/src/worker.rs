@@ -361,10 +361,31 @@ impl Worker {
 
     /// Tells the supervisor this worker serves.
     pub fn ready(&mut self, generation: Option<u64>, detail: &str) -> Result<(), WorkerError> {
+        self.send_ready(generation, None, detail)
+    }
+
+    /// Tells the supervisor this owner serves `weights` (backend and IPC mechanism, typed, so
+    /// the supervisor need not read them out of `detail`).
+    pub fn ready_serving(
+        &mut self,
+        generation: u64,
+        weights: crate::protocol::ServedWeights,
+        detail: &str,
+    ) -> Result<(), WorkerError> {
+        self.send_ready(Some(generation), Some(weights), detail)
+    }
+
+    fn send_ready(
+        &mut self,
+        generation: Option<u64>,
+        weights: Option<crate::protocol::ServedWeights>,
+        detail: &str,
+    ) -> Result<(), WorkerError> {
         let pid = std::process::id() as i32;
         self.send(&ChildMessage::Ready {
             pid,
             generation,
+            weights,
             detail: detail.to_string(),
         })
     }

@@ -490,7 +490,10 @@ impl Supervisor {
         p.last_beat = Instant::now();
         match m {
             ChildMessage::Ready {
-                generation, detail, ..
+                generation,
+                detail,
+                weights,
+                ..
             } => {
                 if p.state != State::Starting {
                     return;
@@ -505,8 +508,8 @@ impl Supervisor {
                     p.started.elapsed().as_millis()
                 );
                 if let Role::Owner(_) = role {
-                    self.ipc = field(&detail, "ipc");
-                    self.backend_name = field(&detail, "backend");
+                    self.ipc = weights.map(|w| w.ipc.to_string());
+                    self.backend_name = weights.map(|w| w.backend.to_string());
                     let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
                     if restarted && self.ipc.as_deref() == Some("legacy") {
                         // Legacy IPC memory died with the old owner: workers must re-import.
@@ -1117,13 +1120,4 @@ impl Supervisor {
             processes,
         }
     }
-}
-
-/// `key=value` out of a ready detail line.
-fn field(detail: &str, key: &str) -> Option<String> {
-    detail.split_whitespace().find_map(|kv| {
-        kv.strip_prefix(key)
-            .and_then(|r| r.strip_prefix('='))
-            .map(str::to_string)
-    })
 }

@@ -44,7 +44,6 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long tests wait for a state change of a running service.
 pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
-
 /// Polls `cond` every few milliseconds until it holds; panics after `timeout` saying `what`
 /// was awaited.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {

@@ -337,16 +337,29 @@ impl Server {
         let pidfd_token = self.token();
         let status_token = self.token();
         let reg = self.poll.registry();
-        let _ = reg.register(
-            &mut SourceFd(&forked.pidfd.as_raw_fd()),
-            pidfd_token,
-            Interest::READABLE,
-        );
-        let _ = reg.register(
-            &mut SourceFd(&forked.status.as_raw_fd()),
-            status_token,
-            Interest::READABLE,
-        );
+        let registered = reg
+            .register(
+                &mut SourceFd(&forked.pidfd.as_raw_fd()),
+                pidfd_token,
+                Interest::READABLE,
+            )
+            .and_then(|()| {
+                reg.register(
+                    &mut SourceFd(&forked.status.as_raw_fd()),
+                    status_token,
+                    Interest::READABLE,
+                )
+            });
+        if let Err(e) = registered {
+            // A child whose exit would never be seen must not run: it would be neither reaped
+            // nor reported. End it, reap it, and say so.
+            let _ = reg.deregister(&mut SourceFd(&forked.pidfd.as_raw_fd()));
+            let _ = fork::pidfd_send_signal(forked.pidfd.as_fd(), libc::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            log::error!("watching the new {role} (pid {pid}) failed ({e}); it was killed");
+            let msg = format!("registering the child's pidfd failed: {e}");
+            return self.fail(t, Some(id), ErrorCode::Internal, msg, false);
+        }
         self.tokens.insert(pidfd_token, super::Slot::Pidfd(pid));
         self.tokens.insert(status_token, super::Slot::Status(pid));
         let pidfd_copy = forked.pidfd.try_clone();
