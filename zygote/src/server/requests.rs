@@ -27,7 +27,22 @@ impl Server {
             Err(e) => {
                 let code = frame::error_code(&e);
                 log::warn!("connection {}: bad frame: {e}", t.0);
-                self.fail(t, request_id(body), code, e.to_string(), false);
+                let id = request_id(body);
+                self.fail(t, id, code, e.to_string(), false);
+                // A refused spawn's fds still follow it: read them (and close them) so that
+                // they are not taken for the next frame. One whose count is unreadable or over
+                // the limit leaves the stream out of step: close.
+                match announced_spawn_fds(body) {
+                    SpawnFds::None => {}
+                    SpawnFds::Count(need) => {
+                        let p = Pending::new(id.unwrap_or(0), need, Awaiting::Discard);
+                        self.await_fds(t, p);
+                    }
+                    SpawnFds::Unknown => {
+                        let msg = "a refused spawn's fds cannot be counted; closing".to_string();
+                        self.fail(t, id, ErrorCode::BadRequest, msg, true);
+                    }
+                }
                 return;
             }
         };
@@ -103,6 +118,13 @@ impl Server {
                     fds: p.fds,
                 },
             ),
+            Awaiting::Discard => {
+                log::debug!(
+                    "connection {}: closed the {} fds of a refused spawn",
+                    t.0,
+                    p.fds.len()
+                );
+            }
             Awaiting::Keep { device, manifest } => {
                 let Some(peer) = self.conns.get(&t).map(|c| c.peer) else {
                     return;
@@ -399,6 +421,33 @@ impl Server {
                 self.fail(t, Some(id), ErrorCode::Internal, msg, false)
             }
         }
+    }
+}
+
+/// How many fds follow a frame that failed to decode.
+enum SpawnFds {
+    /// Not a spawn (or not a map): none.
+    None,
+    /// A spawn announcing this many (4 + its listeners).
+    Count(usize),
+    /// A spawn whose `listeners` is missing, not a number, or over the limit.
+    Unknown,
+}
+
+/// Reads, leniently, whether a refused frame was a spawn and how many fds it announced.
+fn announced_spawn_fds(body: &[u8]) -> SpawnFds {
+    use serde_cbor::Value;
+    let Ok(Value::Map(m)) = serde_cbor::from_slice::<Value>(body) else {
+        return SpawnFds::None;
+    };
+    if m.get(&Value::Text("type".into())) != Some(&Value::Text("spawn".into())) {
+        return SpawnFds::None;
+    }
+    match m.get(&Value::Text("listeners".into())) {
+        Some(Value::Integer(n)) if (0..=i128::from(MAX_LISTENERS)).contains(n) => {
+            SpawnFds::Count(4 + *n as usize)
+        }
+        _ => SpawnFds::Unknown,
     }
 }
 
