@@ -30,17 +30,23 @@ pub enum ProtocolError {
     Truncated,
     #[error("no complete frame arrived before the read deadline")]
     TimedOut,
+    #[error("empty frame (length 0)")]
+    EmptyFrame,
     #[error("frame is not valid CBOR: {0}")]
-    Malformed(String),
+    Malformed(#[source] serde_cbor::Error),
+    #[error("a frame must hold a CBOR map, not {found}")]
+    NotAMap { found: &'static str },
     #[error(
         "unsupported protocol version {got} (this side speaks {})",
         frame::VERSION
     )]
     Version { got: String },
     #[error("invalid message: {0}")]
-    Invalid(String),
+    Invalid(#[source] serde_cbor::Error),
     #[error("could not encode a message: {0}")]
-    Encode(String),
+    Encode(#[source] serde_cbor::Error),
+    #[error("could not encode a message: it does not serialise to a map")]
+    EncodeNotAMap,
     #[error("expected {expected}, received {received}")]
     Unexpected {
         expected: &'static str,
