@@ -1,6 +1,10 @@
 //! `zygote`: the command line. `zygote start` runs a supervised service; `zygote spawn`,
 //! `status`, `stop` and `reload` talk to a running one; `zygote __zygote` is the zygote
 //! process itself (started by `zygote start`). See README.md.
+//!
+//! No `unsafe` code: everything that needs it lives in the leaves of the two library crates.
+
+#![deny(unsafe_code)]
 
 mod cli;
 mod commands;

@@ -260,11 +260,20 @@ fn helper_other_uid_client() {
                 code(client().and_then(|mut c| helper_spawn(&mut c, "owner").map(|_| ())))
             }
             ("hold", _) => {
+                // Raw connections: a refused one gets its error frame at once, an admitted one
+                // nothing until it speaks. (A client that said hello first could lose the race
+                // with the close and see a reset instead of the error.)
                 let mut held = Vec::new();
                 let refused = loop {
-                    match client() {
-                        Ok(c) => held.push(c),
-                        Err(e) => break code(Err(e)),
+                    let mut s = UnixStream::connect(&sock).expect("connect");
+                    s.set_read_timeout(Some(Duration::from_millis(300))).ok();
+                    match frame::read_frame::<_, Response>(&mut s, Some(Duration::from_millis(300)))
+                    {
+                        Ok(Some(Response::Error { code, .. })) => {
+                            break serde_json::to_value(code).expect("a code")
+                        }
+                        Err(ProtocolError::TimedOut) => held.push(s),
+                        other => break serde_json::json!(format!("unexpected: {other:?}")),
                     }
                     if held.len() > 100 {
                         break serde_json::json!("never refused");
@@ -689,6 +698,36 @@ fn bad_frame_an_entry_named_twice_in_a_spawn() {
             ("listeners", int(0)),
         ])))
         .expect("write");
+        // A client sends a spawn's fds whatever the answer will be; they are read and closed.
+        send_fds(s, 4);
+    });
+}
+
+#[test]
+fn bad_frame_bytes_after_the_map() {
+    bad_frame("trailing bytes", ErrorCode::BadCbor, None, false, |s| {
+        let mut body = serde_cbor::to_vec(&raw_map(&[
+            ("v", int(1)),
+            ("type", text("status")),
+            ("id", int(9)),
+        ]))
+        .expect("CBOR");
+        body.push(0x00);
+        s.write_all(&framed(&body)).expect("write");
+    });
+}
+
+#[test]
+fn bad_frame_a_key_that_is_not_text() {
+    bad_frame("integer key", ErrorCode::BadRequest, Some(9), false, |s| {
+        let mut body = vec![0xa4];
+        for (k, v) in [("v", int(1)), ("type", text("status")), ("id", int(9))] {
+            body.extend(serde_cbor::to_vec(&text(k)).expect("CBOR"));
+            body.extend(serde_cbor::to_vec(&v).expect("CBOR"));
+        }
+        body.extend(serde_cbor::to_vec(&int(1)).expect("CBOR"));
+        body.extend(serde_cbor::to_vec(&int(2)).expect("CBOR"));
+        s.write_all(&framed(&body)).expect("write");
     });
 }
 
@@ -746,10 +785,13 @@ fn bad_frame_unknown_field_a_spawn_carrying_a_path() {
                 ("id", int(5)),
                 ("entry", text("idle")),
                 ("worker", int(0)),
-                ("listeners", int(0)),
+                ("listeners", int(1)),
                 ("path", text("/bin/sh")),
             ]))
             .expect("write");
+            // Its 4 + 1 fds follow, as they would from any client: the zygote reads and closes
+            // them, so the next frame on this connection is read as a frame (§5).
+            send_fds(s, 5);
         },
     );
 }

@@ -327,3 +327,35 @@ fn a_silent_client_of_the_owner_socket_does_not_stall_imports() {
         || z.log_tail().matches("an import failed").count() >= 2,
     );
 }
+
+#[test]
+fn an_owner_says_what_it_serves_in_typed_fields_of_its_ready() {
+    use zygote_runtime::protocol::{frame, Backend, ChildMessage, Ipc, ServedWeights};
+
+    let dir = TempDir::new("typed-ready");
+    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
+    let z = Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    });
+    let mut client = z.client();
+    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
+    let ready = loop {
+        match frame::read_frame::<_, ChildMessage>(&mut owner.control, Some(READY)) {
+            Ok(Some(m @ ChildMessage::Ready { .. })) => break m,
+            Ok(Some(_)) => continue,
+            other => panic!("no ready from the owner: {other:?}"),
+        }
+    };
+    let ChildMessage::Ready { weights, .. } = ready else {
+        unreachable!()
+    };
+    assert_eq!(
+        weights,
+        Some(ServedWeights {
+            backend: Backend::Host,
+            ipc: Ipc::Memfd
+        }),
+        "the supervisor reads the backend and IPC from typed fields, not from the detail text"
+    );
+}

@@ -29,9 +29,11 @@ def recv(sock):
 def send_fd(sock, fd):                    # one SCM_RIGHTS message per fd, 4-byte payload
     socket.send_fds(sock, [b"\0\0\0\0"], [fd])
 
-def recv_fd(sock):
-    _, fds, _, _ = socket.recv_fds(sock, 4, 1, socket.MSG_CMSG_CLOEXEC)
-    return fds[0]
+def recv_fd(sock):                       # recvmsg: recv_fds ignores MSG_CMSG_CLOEXEC (3.11)
+    _, anc, _, _ = sock.recvmsg(4, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+    level, kind, data = anc[0]
+    assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS), anc
+    return int.from_bytes(data[:4], sys.byteorder, signed=True)
 
 def answer(sock, id):                     # the answer to `id`; events about others are printed
     while True:

@@ -6,6 +6,9 @@
 //! (never past its end, or it would swallow the payload that carries an fd) and then exactly as
 //! many fds as the frame announced. Received fds are `FD_CLOEXEC` as soon as they arrive
 //! (passfd sets it before returning), so a later exec never leaks them.
+//!
+//! An `unsafe` leaf: the one raw `fcntl` on a received descriptor lives here.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

@@ -19,11 +19,14 @@
 //! - [`protocol`]: the framed CBOR messages of the zygote socket, the owner socket and the
 //!   control channel, with their limits.
 //! - [`backend`]: the device-backend trait and its host and CUDA implementations.
-//! - [`worker`]: the API a worker uses (attach, weights, listeners, heartbeat, ready), whether
+//! - [`worker`]: the API a worker uses (an `unsafe` leaf only where it adopts the fixed fds) (attach, weights, listeners, heartbeat, ready), whether
 //!   it was forked as a native entry or exec'd as a program.
 //! - [`client`]: a blocking client of the zygote socket, for supervisors written in Rust.
 //! - [`lifeline`]: ties a child's life to its control channel (an `unsafe` leaf).
+//! - [`pidfd`]: process fds (rustix), opened by the zygote and used to signal children.
 //! - [`logging`]: a `log` backend that tags every line with the process that wrote it.
+
+#![deny(unsafe_code)]
 
 pub mod backend;
 pub mod client;
@@ -31,6 +34,7 @@ pub mod fdpass;
 pub mod lifeline;
 pub mod logging;
 pub mod model;
+pub mod pidfd;
 pub mod procfs;
 pub mod protocol;
 pub mod rundir;

@@ -9,6 +9,9 @@
 //! ends the process only on end-of-file, so control messages reach the app. This works even
 //! when the app is busy or stuck, which a poll loop alone would not. `PR_SET_PDEATHSIG` would
 //! tie the child to the zygote instead, which must be free to die and restart.
+//!
+//! This is an `unsafe` leaf: `F_SETOWN`, the signal handler and the raw `recv` in it live here.
+#![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -19,7 +22,21 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 /// Exit status of a child whose supervisor went away.
 pub const ORPHAN_EXIT: i32 = 0;
 
+/// The control channel the `SIGIO` handler watches; -1 when none. Set by [`install_handler`]
+/// and cleared when its [`Lifeline`] is dropped, before the channel itself closes, so the
+/// handler never peeks at a descriptor number that has since been reused.
 static CONTROL_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The handler's hold on the control channel: dropping it stops the handler from watching.
+/// The [`crate::Worker`] keeps it beside (and drops it before) the channel.
+#[derive(Debug)]
+pub struct Lifeline(());
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        CONTROL_FD.store(-1, Ordering::Relaxed);
+    }
+}
 
 /// Arms `fd` to send `SIGIO` to this process on input or hang-up.
 pub fn arm(fd: BorrowedFd<'_>) -> nix::Result<()> {
@@ -57,8 +74,9 @@ extern "C" fn on_sigio(_: libc::c_int) {
 }
 
 /// Installs the `SIGIO` handler that ends the process when `fd` reports end-of-file, and
-/// checks once right away (the supervisor may already be gone).
-pub fn install_handler(fd: BorrowedFd<'_>) -> nix::Result<()> {
+/// checks once right away (the supervisor may already be gone). The handler watches `fd` until
+/// the returned [`Lifeline`] is dropped, which must happen before `fd` is closed.
+pub fn install_handler(fd: BorrowedFd<'_>) -> nix::Result<Lifeline> {
     CONTROL_FD.store(fd.as_raw_fd(), Ordering::Relaxed);
     let action = SigAction::new(
         SigHandler::Handler(on_sigio),
@@ -68,7 +86,8 @@ pub fn install_handler(fd: BorrowedFd<'_>) -> nix::Result<()> {
     // SAFETY: the handler only calls async-signal-safe functions (recv, _exit) and reads an
     // atomic; it stays valid for the life of the process.
     unsafe { sigaction(Signal::SIGIO, &action) }?;
+    let lifeline = Lifeline(());
     arm(fd)?;
     on_sigio(0);
-    Ok(())
+    Ok(lifeline)
 }

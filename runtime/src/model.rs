@@ -270,28 +270,22 @@ pub(crate) mod tests {
     use std::fs::File;
     use std::os::fd::AsRawFd;
 
-    /// A directory under the system temp dir, removed on drop.
+    /// A directory under the system temp dir, removed on drop (a `tempfile::TempDir` named
+    /// for the test that made it).
     #[derive(Debug)]
-    pub(crate) struct TempDir(PathBuf);
+    pub(crate) struct TempDir(tempfile::TempDir);
 
     impl TempDir {
         pub(crate) fn new(tag: &str) -> Self {
-            use std::sync::atomic::{AtomicUsize, Ordering};
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("zygote-test-{tag}-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
+            Self(
+                tempfile::Builder::new()
+                    .prefix(&format!("zygote-test-{tag}-"))
+                    .tempdir()
+                    .unwrap(),
+            )
         }
         pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path()
         }
     }
 

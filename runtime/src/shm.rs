@@ -7,6 +7,9 @@
 //! included, can change its bytes or size, so every process that maps it read-only sees the
 //! same bytes, and a receiver can check the seals instead of trusting the sender. A shared file
 //! mapping is not copied by `fork`, which is why a fork costs the same for any model size.
+//!
+//! An `unsafe` leaf: `mmap`/`munmap` and the slices over a mapping live here and nowhere else.
+#![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::fs::File;

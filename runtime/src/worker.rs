@@ -14,6 +14,10 @@
 //! calls [`Worker::attach`]. Either way the app then imports the weights from the owner
 //! ([`Worker::import_weights`]), takes its listeners, reports [`Worker::ready`], serves, sends
 //! heartbeats, and watches [`Worker::poll_control`] for a drain request.
+//!
+//! An `unsafe` leaf in one place: [`Worker::from_fixed_fds`] takes ownership of the fixed
+//! descriptor numbers (`OwnedFd::from_raw_fd`), which only the zygote's placement makes sound.
+#![allow(unsafe_code)]
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -112,12 +116,17 @@ pub enum WorkerError {
     Import(#[from] BackendError),
     #[error("the control channel is closed: the supervisor is gone")]
     Orphaned,
+    #[error("this process has attached already: the fixed fds belong to its Worker")]
+    AlreadyAttached,
 }
 
 /// A child of the zygote, attached to its supervisor.
 #[derive(Debug)]
 pub struct Worker {
     info: AttachInfo,
+    /// Declared before `control`: fields drop in order, so the `SIGIO` handler stops watching
+    /// the channel before it closes.
+    _lifeline: crate::lifeline::Lifeline,
     control: UnixStream,
     reader: FrameReader,
     model: Model,
@@ -148,11 +157,28 @@ impl Worker {
                 return Err(WorkerError::BadAttachInfo(format!("fd {fd} is not open")));
             }
         }
-        Self::from_fixed_fds(info)
+        // SAFETY: ATTACH_ENV is set only by a zygote for the process it exec'd with the fixed
+        // fds in place (checked open above); nothing in this process owns them yet, and the
+        // one-shot guard in `from_fixed_fds` refuses a second adoption.
+        unsafe { Self::from_fixed_fds(info) }
     }
 
     /// Builds the worker from the fixed fds (a native entry, after the zygote placed them).
-    pub fn from_fixed_fds(info: AttachInfo) -> Result<Self, WorkerError> {
+    ///
+    /// Works once per process: a second call returns [`WorkerError::AlreadyAttached`] rather
+    /// than own the same descriptors twice.
+    ///
+    /// # Safety
+    ///
+    /// The zygote placed the control channel at [`CONTROL_FD`], the model memfd at [`MODEL_FD`]
+    /// and `info.listeners` listeners from [`FIRST_LISTENER_FD`] on, and nothing else in this
+    /// process owns those descriptors: they become the worker's, and it closes them.
+    pub unsafe fn from_fixed_fds(info: AttachInfo) -> Result<Self, WorkerError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static ADOPTED: AtomicBool = AtomicBool::new(false);
+        if ADOPTED.swap(true, Ordering::SeqCst) {
+            return Err(WorkerError::AlreadyAttached);
+        }
         // SAFETY: the zygote placed the control channel at CONTROL_FD and the model memfd at
         // MODEL_FD and nothing else in this process owns them; `attach` checked they are open.
         let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
@@ -172,7 +198,7 @@ impl Worker {
             );
         }
         let control = UnixStream::from(control);
-        crate::lifeline::install_handler(control.as_fd())
+        let lifeline = crate::lifeline::install_handler(control.as_fd())
             .map_err(|e| WorkerError::Control(ProtocolError::Io(e.into())))?;
         control
             .set_nonblocking(true)
@@ -180,6 +206,7 @@ impl Worker {
         let model = Model::from_memfd(model_fd, &info.model_path, &info.model_digest)?;
         Ok(Self {
             info,
+            _lifeline: lifeline,
             control,
             reader: FrameReader::default(),
             model,
@@ -334,10 +361,31 @@ impl Worker {
 
     /// Tells the supervisor this worker serves.
     pub fn ready(&mut self, generation: Option<u64>, detail: &str) -> Result<(), WorkerError> {
+        self.send_ready(generation, None, detail)
+    }
+
+    /// Tells the supervisor this owner serves `weights` (backend and IPC mechanism, typed, so
+    /// the supervisor need not read them out of `detail`).
+    pub fn ready_serving(
+        &mut self,
+        generation: u64,
+        weights: crate::protocol::ServedWeights,
+        detail: &str,
+    ) -> Result<(), WorkerError> {
+        self.send_ready(Some(generation), Some(weights), detail)
+    }
+
+    fn send_ready(
+        &mut self,
+        generation: Option<u64>,
+        weights: Option<crate::protocol::ServedWeights>,
+        detail: &str,
+    ) -> Result<(), WorkerError> {
         let pid = std::process::id() as i32;
         self.send(&ChildMessage::Ready {
             pid,
             generation,
+            weights,
             detail: detail.to_string(),
         })
     }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use zygote_runtime::protocol::RestartReasons;
+use zygote_runtime::protocol::{Ipc, RestartReasons};
 
 /// Deaths before ready, in a row, that stop the service.
 pub const CRASH_LOOP_LIMIT: u32 = 5;
@@ -294,8 +294,8 @@ pub fn recycle(
 /// Whether the owner that just became ready needs every worker rolled: the memory of legacy
 /// CUDA IPC dies with the owner that exported it, so after a restart (not the first start)
 /// the workers must import the new owner's weights.
-pub fn roll_after_owner_ready(restarted: bool, ipc: Option<&str>) -> bool {
-    restarted && ipc == Some("legacy")
+pub fn roll_after_owner_ready(restarted: bool, ipc: Option<Ipc>) -> bool {
+    restarted && ipc == Some(Ipc::Legacy)
 }
 
 #[cfg(test)]
@@ -509,9 +509,9 @@ mod tests {
 
     #[test]
     fn only_a_restarted_legacy_owner_rolls_the_workers() {
-        assert!(roll_after_owner_ready(true, Some("legacy")));
-        assert!(!roll_after_owner_ready(false, Some("legacy")));
-        assert!(!roll_after_owner_ready(true, Some("vmm")));
+        assert!(roll_after_owner_ready(true, Some(Ipc::Legacy)));
+        assert!(!roll_after_owner_ready(false, Some(Ipc::Legacy)));
+        assert!(!roll_after_owner_ready(true, Some(Ipc::Vmm)));
         assert!(!roll_after_owner_ready(true, None));
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::bail;
 use log::Level;
 use nix::sys::signal::Signal;
-use zygote_runtime::protocol::{AdminResponse, ChildMessage, RestartReasons};
+use zygote_runtime::protocol::{AdminResponse, ChildMessage, RestartReasons, ServedWeights};
 
 use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
 use super::exits::Exits;
@@ -81,18 +81,6 @@ pub struct Service<E: Effects> {
     stop_reason: Option<String>,
     /// Serving workers that a roll or a recycle must replace, and why.
     pending_rolls: Vec<(i32, policy::Cause)>,
-}
-
-/// The backend and the IPC mechanism out of an owner's `ready` detail (`key=value` words).
-pub fn owner_ready_fields(detail: &str) -> (Option<String>, Option<String>) {
-    let field = |key: &str| {
-        detail.split_whitespace().find_map(|kv| {
-            kv.strip_prefix(key)
-                .and_then(|r| r.strip_prefix('='))
-                .map(str::to_string)
-        })
-    };
-    (field("backend"), field("ipc"))
 }
 
 impl<E: Effects> Service<E> {
@@ -313,7 +301,10 @@ impl<E: Effects> Service<E> {
         p.timers.last_beat = now;
         match m {
             ChildMessage::Ready {
-                generation, detail, ..
+                generation,
+                weights,
+                detail,
+                ..
             } => {
                 if p.state == State::Starting {
                     p.state = State::Serving;
@@ -325,7 +316,7 @@ impl<E: Effects> Service<E> {
                         Info,
                         "{role} (pid {pid}) ready in {ms} ms: {detail}"
                     );
-                    self.on_ready(role, replaces, &detail);
+                    self.on_ready(role, replaces, weights);
                 }
             }
             ChildMessage::Heartbeat { served } => {
@@ -372,11 +363,17 @@ impl<E: Effects> Service<E> {
         self.pending_rolls.push((pid, policy::Cause::Recycle));
     }
 
-    fn on_ready(&mut self, role: Role, replaces: Option<(i32, policy::Cause)>, detail: &str) {
+    fn on_ready(
+        &mut self,
+        role: Role,
+        replaces: Option<(i32, policy::Cause)>,
+        weights: Option<ServedWeights>,
+    ) {
         if let Role::Owner(_) = role {
-            (self.backend, self.ipc) = owner_ready_fields(detail);
+            self.backend = weights.map(|w| w.backend.to_string());
+            self.ipc = weights.map(|w| w.ipc.to_string());
             let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
-            if policy::roll_after_owner_ready(restarted, self.ipc.as_deref()) {
+            if policy::roll_after_owner_ready(restarted, weights.map(|w| w.ipc)) {
                 self.roll("the owner restarted with legacy CUDA IPC");
             }
         }

@@ -25,7 +25,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -46,8 +45,6 @@ pub const TAG_ENV: &str = "ZYGOTE_TEST_TAG";
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long tests wait for a state change of a running service.
 pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Polls `cond` every few milliseconds until it holds; panics after `timeout` saying `what`
 /// was awaited.
@@ -74,33 +71,26 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 /// that drops privileges can still reach what it opens up inside.
 #[derive(Debug)]
 pub struct TempDir {
-    path: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl TempDir {
     pub fn new(label: &str) -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "zygote-test-{label}-{}-{n}-{nanos:x}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("creating the temporary directory {}: {e}", path.display()));
-        Self { path }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("zygote-test-{label}-"))
+            .tempdir()
+            .unwrap_or_else(|e| panic!("creating a temporary directory for {label}: {e}"));
+        // tempfile makes it 0700; tests that drop privileges need to reach inside.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap_or_else(|e| panic!("chmod of {}: {e}", dir.path().display()));
+        Self { dir }
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        self.dir.path()
     }
 }
 

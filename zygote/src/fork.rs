@@ -1,5 +1,5 @@
 //! Forking a child and cleaning it up before its entry runs. This is an `unsafe` leaf: `fork`,
-//! raw fd placement, signal dispositions, pidfds and the process title live here and nowhere
+//! raw fd placement, signal dispositions and the process title live here and nowhere
 //! else.
 //!
 //! What a child has when its entry starts (the "child hygiene" of the design):
@@ -16,10 +16,11 @@
 //! A failure before the entry runs is written to a status pipe (`stage`, NUL, message) that the
 //! zygote turns into a `child_error` for the requester; the pipe closes unread when the entry
 //! starts (native: closed by hand; exec: `O_CLOEXEC`).
+#![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::unistd::{ForkResult, Pid};
 use zygote_runtime::worker::{AttachInfo, ATTACH_ENV, CONTROL_FD, FIRST_LISTENER_FD, MODEL_FD};
@@ -41,6 +42,10 @@ pub enum ForkError {
     Pidfd { pid: i32, source: std::io::Error },
     #[error("preparing the exec of {program}: {reason}")]
     Exec { program: String, reason: String },
+    #[error("refusing to fork: this process has {threads} threads (a forked child would inherit locks held by the others)")]
+    NotSingleThreaded { threads: usize },
+    #[error("counting this process's threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Everything a child needs, prepared in the zygote before the fork.
@@ -111,15 +116,23 @@ fn exec_plan(
 }
 
 /// Forks a child that runs `plan.entry`.
+///
+/// The child runs ordinary Rust code (allocation, logging) before it execs or runs its entry,
+/// which is sound only if the caller is single-threaded: a thread holding the allocator's lock
+/// at the fork would leave it locked in the child forever. So this counts the threads
+/// (`/proc/self/task`) first and refuses with [`ForkError::NotSingleThreaded`] otherwise.
 pub fn spawn(plan: ChildPlan<'_>) -> Result<Forked, ForkError> {
+    let threads = zygote_runtime::procfs::thread_count(std::process::id() as i32)
+        .map_err(ForkError::Threads)?;
+    check_single_threaded(threads)?;
     let exec = match plan.entry {
         Entry::Exec { program, args } => Some(exec_plan(program, args, &plan.info)?),
         Entry::Native(_) | Entry::Owner(_) => None,
     };
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ForkError::Pipe)?;
-    // SAFETY: the zygote is single-threaded (an invariant checked by its tests), so the child
-    // starts with consistent allocator and lock state and may run ordinary Rust code.
+    // SAFETY: this process is single-threaded (checked above; nothing here starts a thread), so
+    // the child starts with consistent allocator and lock state and may run ordinary Rust code.
     match unsafe { nix::unistd::fork() }.map_err(ForkError::Fork)? {
         ForkResult::Child => {
             drop(status_r);
@@ -148,14 +161,26 @@ pub fn spawn(plan: ChildPlan<'_>) -> Result<Forked, ForkError> {
     }
 }
 
+/// The decision of [`spawn`]'s thread check.
+fn check_single_threaded(threads: usize) -> Result<(), ForkError> {
+    if threads == 1 {
+        Ok(())
+    } else {
+        Err(ForkError::NotSingleThreaded { threads })
+    }
+}
+
 /// Runs in the child: set up, then run the entry. Never returns.
 fn child_main(plan: ChildPlan<'_>, exec: Option<ExecPlan>, status_w: OwnedFd) -> ! {
     zygote_runtime::logging::set_tag(&plan.tag);
-    let status_fd = FIRST_LISTENER_FD + plan.listeners.len() as i32;
     let entry = plan.entry.clone();
     let info = plan.info.clone();
-    if let Err((stage, message)) = setup(plan, status_w) {
-        report(status_fd, stage, &message);
+    // The pipe moves during setup (its inherited number may become another fd's place): never
+    // closed by a destructor here, and always reported to where it is now.
+    let mut status = StatusPipe(status_w.as_raw_fd());
+    std::mem::forget(status_w);
+    if let Err((stage, message)) = setup(plan, &mut status) {
+        status.report(stage, &message);
         // SAFETY: _exit ends the child at once without running the zygote's destructors or
         // atexit handlers, which belong to the zygote.
         unsafe { libc::_exit(SETUP_FAILED) };
@@ -163,11 +188,7 @@ fn child_main(plan: ChildPlan<'_>, exec: Option<ExecPlan>, status_w: OwnedFd) ->
     match (entry.native(), exec) {
         (None, Some(exec)) => {
             let e = nix::unistd::execve(&exec.program, &exec.argv, &exec.envp).unwrap_err();
-            report(
-                status_fd,
-                "exec",
-                &format!("exec of {:?} failed: {e}", exec.program),
-            );
+            status.report("exec", &format!("exec of {:?} failed: {e}", exec.program));
             // SAFETY: as above.
             unsafe { libc::_exit(SETUP_FAILED) }
         }
@@ -175,40 +196,51 @@ fn child_main(plan: ChildPlan<'_>, exec: Option<ExecPlan>, status_w: OwnedFd) ->
             // A Rust program starts with SIGPIPE ignored; a native entry is one.
             // SAFETY: SIG_IGN installs no handler code; this process has a single thread.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-            let worker = match Worker::from_fixed_fds(info) {
+            // SAFETY: `setup` placed the control channel, the model memfd and the listeners at
+            // the fixed numbers and forgot every other owner of them; this is the one adoption.
+            let worker = match unsafe { Worker::from_fixed_fds(info) } {
                 Ok(w) => w,
                 Err(e) => {
-                    report(status_fd, "attach", &e.to_string());
+                    status.report("attach", &e.to_string());
                     // SAFETY: as above.
                     unsafe { libc::_exit(SETUP_FAILED) }
                 }
             };
-            // SAFETY: `status_fd` is the status pipe placed by `setup`, owned by nobody else;
+            // SAFETY: `status.0` is the status pipe placed by `setup`, owned by nobody else;
             // closing it tells the zygote the entry started.
-            drop(unsafe { OwnedFd::from_raw_fd(status_fd) });
+            drop(unsafe { OwnedFd::from_raw_fd(status.0) });
             let code = f(worker);
             std::process::exit(code)
         }
         (None, None) => {
-            report(status_fd, "exec", "no exec plan for the exec entry");
+            status.report("exec", "no exec plan for the exec entry");
             // SAFETY: as above.
             unsafe { libc::_exit(SETUP_FAILED) }
         }
     }
 }
 
-fn report(status_fd: RawFd, stage: &str, message: &str) {
-    log::error!("failed before the entry ran ({stage}): {message}");
-    // SAFETY: `status_fd` is the status pipe's write end, placed by `setup` (or still at its
-    // original number when setup failed early, in which case the write fails harmlessly with
-    // EBADF); ManuallyDrop keeps us from closing a descriptor we may not own.
-    let mut f = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(status_fd) });
-    let _ = f.write_all(format!("{stage}\0{message}").as_bytes());
+/// Where the status pipe's write end is while the child sets itself up: its inherited number,
+/// then its copy above every target, then its fixed place after the listeners. A failure is
+/// written where it is at that moment, never to the fixed place before the pipe is there (that
+/// number may be one of the zygote's client connections until `setup` has placed the fds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatusPipe(RawFd);
+
+impl StatusPipe {
+    /// Writes `stage\0message` to the pipe, for the zygote to turn into a `child_error`.
+    fn report(self, stage: &str, message: &str) {
+        log::error!("failed before the entry ran ({stage}): {message}");
+        // SAFETY: `self.0` is the status pipe's write end where setup last put it (every move
+        // updates it), open in this process; ManuallyDrop keeps the File from closing it.
+        let mut f = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(self.0) });
+        let _ = f.write_all(format!("{stage}\0{message}").as_bytes());
+    }
 }
 
 type SetupError = (&'static str, String);
 
-fn setup(plan: ChildPlan<'_>, status_w: OwnedFd) -> Result<(), SetupError> {
+fn setup(plan: ChildPlan<'_>, status: &mut StatusPipe) -> Result<(), SetupError> {
     nix::unistd::setsid().map_err(|e| ("setsid", e.to_string()))?;
     // Sources in target order: 0,1,2, control (3), model (4), listeners (5..), status pipe.
     let [stdin, stdout, stderr] = plan.stdio;
@@ -220,7 +252,7 @@ fn setup(plan: ChildPlan<'_>, status_w: OwnedFd) -> Result<(), SetupError> {
     ];
     sources.push(plan.model.as_raw_fd());
     sources.extend(plan.listeners.iter().map(|l| l.as_raw_fd()));
-    sources.push(status_w.as_raw_fd());
+    sources.push(status.0);
     debug_assert_eq!(
         sources.len() as i32 - 1,
         FIRST_LISTENER_FD + plan.listeners.len() as i32
@@ -239,6 +271,10 @@ fn setup(plan: ChildPlan<'_>, status_w: OwnedFd) -> Result<(), SetupError> {
             .map_err(|e| ("fds", format!("dup of fd {fd}: {e}")))?;
         high.push(h);
     }
+    // From here until it is placed, the pipe's copy above `floor` is the one no dup2 touches.
+    if let Some(&h) = high.last() {
+        status.0 = h;
+    }
     for (target, &h) in high.iter().enumerate() {
         // SAFETY: dup2 onto a small number closes whatever was there; every fd this child
         // still needs has been copied above `floor`, so nothing needed is lost.
@@ -251,6 +287,7 @@ fn setup(plan: ChildPlan<'_>, status_w: OwnedFd) -> Result<(), SetupError> {
         }
     }
     let status_fd = sources.len() as i32 - 1;
+    status.0 = status_fd;
     nix::fcntl::fcntl(
         status_fd,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
@@ -258,14 +295,7 @@ fn setup(plan: ChildPlan<'_>, status_w: OwnedFd) -> Result<(), SetupError> {
     .map_err(|e| ("fds", e.to_string()))?;
     // The OwnedFds of the plan refer to numbers now closed or reused; forget them rather than
     // let their destructors close someone else's descriptor.
-    std::mem::forget((
-        stdin,
-        stdout,
-        stderr,
-        plan.control,
-        plan.listeners,
-        status_w,
-    ));
+    std::mem::forget((stdin, stdout, stderr, plan.control, plan.listeners));
     close_from(status_fd + 1).map_err(|e| ("fds", format!("close_range: {e}")))?;
     reset_signals().map_err(|e| ("signals", e))?;
     set_title(&plan.title);
@@ -395,33 +425,50 @@ fn set_title(title: &str) {
     unsafe { std::ptr::write_bytes(p.wrapping_add(n), 0, len - n) };
 }
 
-/// `pidfd_open(2)`: an fd that refers to process `pid` for as long as the fd lives.
-pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes two integers and returns a new fd or -1; no memory is involved.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just created this descriptor for us; we are its only owner.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
+/// `pidfd_open(2)` and `pidfd_send_signal(2)`, now in [`zygote_runtime::pidfd`]; kept here
+/// under their old names for the supervisor.
+pub use zygote_runtime::pidfd::{open as pidfd_open, send_signal as pidfd_send_signal};
 
-/// `pidfd_send_signal(2)`: signals exactly the process `pidfd` refers to, even if its pid has
-/// been reused since.
-pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> std::io::Result<()> {
-    // SAFETY: the pidfd is borrowed and open; a null siginfo asks the kernel to fill in the
-    // default; no other memory is passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_fd().as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_with_more_than_one_thread_may_not_fork() {
+        assert!(check_single_threaded(1).is_ok());
+        let e = check_single_threaded(3).unwrap_err();
+        assert!(
+            matches!(e, ForkError::NotSingleThreaded { threads: 3 }),
+            "{e}"
+        );
+        // The test harness runs tests on threads of their own: `spawn` refuses here.
+        let threads = zygote_runtime::procfs::thread_count(std::process::id() as i32).unwrap();
+        assert!(threads > 1, "the harness has {threads} threads");
     }
-    Ok(())
+
+    #[test]
+    fn a_failure_is_reported_where_the_status_pipe_is_not_where_it_will_be() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // The fixed place the pipe would have after setup (5 + listeners): here another pipe,
+        // standing for a zygote client connection that still holds that number early on.
+        let (other_r, other_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        nix::fcntl::fcntl(
+            other_r.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        let status = StatusPipe(w.as_raw_fd());
+        status.report("setsid", "an early failure");
+        drop(w);
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut got).unwrap();
+        assert_eq!(got, "setsid\0an early failure");
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            nix::unistd::read(other_r.as_raw_fd(), &mut buf),
+            Err(nix::errno::Errno::EAGAIN),
+            "nothing went to the other descriptor"
+        );
+        drop(other_w);
+    }
 }

@@ -13,6 +13,10 @@
 //! the binary, [`entries`]) or the exec entry (a program named when the zygote started). It
 //! never starts a thread and never touches CUDA, so every fork is safe and every child may
 //! initialise CUDA for itself.
+//!
+//! `unsafe` code is denied here except in [`fork`], the leaf that forks and places fds.
+
+#![deny(unsafe_code)]
 
 pub mod entries;
 pub mod fork;

@@ -60,27 +60,9 @@ pub fn plan(model: &Model) -> (Vec<TensorLayout>, u64) {
     (out, offset)
 }
 
+/// IEEE half precision to single: exact for every value (the `half` crate's conversion).
 fn f16_to_f32(bits: u16) -> f32 {
-    let sign = ((bits >> 15) as u32) << 31;
-    let exp = ((bits >> 10) & 0x1f) as u32;
-    let frac = (bits & 0x3ff) as u32;
-    let out = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: renormalise.
-            let mut e = 127 - 15 + 1;
-            let mut f = frac;
-            while f & 0x400 == 0 {
-                f <<= 1;
-                e -= 1;
-            }
-            sign | (e << 23) | ((f & 0x3ff) << 13)
-        }
-        (0x1f, 0) => sign | 0x7f80_0000,
-        (0x1f, _) => sign | 0x7fc0_0000 | (frac << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
-    };
-    f32::from_bits(out)
+    half::f16::from_bits(bits).to_f32()
 }
 
 /// Writes the compute form of `src` (a tensor of dtype `d`) into `dst`.
@@ -93,7 +75,8 @@ pub fn convert_into(d: Dtype, src: &[u8], dst: &mut [u8]) {
         }
         Dtype::BF16 => {
             for (s, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
-                o.copy_from_slice(&((u16::from_le_bytes([s[0], s[1]]) as u32) << 16).to_le_bytes());
+                let v = half::bf16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
+                o.copy_from_slice(&v.to_le_bytes());
             }
         }
         _ => dst.copy_from_slice(src),
@@ -247,15 +230,8 @@ impl<'a> HostTensor<'a> {
             return None;
         }
         // The mapping is page aligned and every offset a multiple of ALIGN, so this never fails.
-        let (head, body, tail) = bytemuck_cast(self.bytes);
-        (head.is_empty() && tail.is_empty()).then_some(body)
+        bytemuck::try_cast_slice(self.bytes).ok()
     }
-}
-
-fn bytemuck_cast(bytes: &[u8]) -> (&[u8], &[f32], &[u8]) {
-    // SAFETY: every bit pattern is a valid f32 and `align_to` only returns correctly aligned,
-    // in-bounds middle parts.
-    unsafe { bytes.align_to::<f32>() }
 }
 
 /// Weights a worker imported from a host owner.

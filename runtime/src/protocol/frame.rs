@@ -30,16 +30,12 @@ pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Encodes `msg` as a frame: length prefix, then the CBOR map with `"v"` added.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
-    let value =
-        serde_cbor::value::to_value(msg).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let value = serde_cbor::value::to_value(msg).map_err(ProtocolError::Encode)?;
     let Value::Map(mut map) = value else {
-        return Err(ProtocolError::Encode(
-            "a message must serialise to a map".into(),
-        ));
+        return Err(ProtocolError::EncodeNotAMap);
     };
     map.insert(Value::Text("v".into()), Value::Integer(VERSION.into()));
-    let body =
-        serde_cbor::to_vec(&Value::Map(map)).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let body = serde_cbor::to_vec(&Value::Map(map)).map_err(ProtocolError::Encode)?;
     if body.len() > MAX_FRAME {
         return Err(ProtocolError::FrameTooLarge {
             len: body.len(),
@@ -56,7 +52,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
 pub fn check_len(header: [u8; 4]) -> Result<usize, ProtocolError> {
     let len = u32::from_be_bytes(header) as usize;
     if len == 0 {
-        return Err(ProtocolError::Malformed("empty frame".into()));
+        return Err(ProtocolError::EmptyFrame);
     }
     if len > MAX_FRAME {
         return Err(ProtocolError::FrameTooLarge {
@@ -72,11 +68,11 @@ pub fn check_len(header: [u8; 4]) -> Result<usize, ProtocolError> {
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
     // A map that repeats a key is malformed: decoded leniently, the last one would win.
     let super::strict::StrictValue(value) =
-        serde_cbor::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        serde_cbor::from_slice(body).map_err(ProtocolError::Malformed)?;
     let Value::Map(mut map) = value else {
-        return Err(ProtocolError::Malformed(
-            "a frame must hold a CBOR map".into(),
-        ));
+        return Err(ProtocolError::NotAMap {
+            found: cbor_kind(&value),
+        });
     };
     match map.remove(&Value::Text("v".into())) {
         Some(Value::Integer(v)) if v == VERSION as i128 => {}
@@ -88,8 +84,23 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
         }
         None => return Err(ProtocolError::Version { got: "none".into() }),
     }
-    serde_cbor::value::from_value(Value::Map(map))
-        .map_err(|e| ProtocolError::Invalid(e.to_string()))
+    serde_cbor::value::from_value(Value::Map(map)).map_err(ProtocolError::Invalid)
+}
+
+/// The CBOR type of `v`, for "not a map" messages.
+fn cbor_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Bytes(_) => "a byte string",
+        Value::Text(_) => "a text string",
+        Value::Array(_) => "an array",
+        Value::Map(_) => "a map",
+        Value::Tag(..) => "a tagged value",
+        _ => "an unknown value",
+    }
 }
 
 /// Writes one frame to a blocking stream.
@@ -263,10 +274,14 @@ pub fn error_code(e: &ProtocolError) -> ErrorCode {
         ProtocolError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
         ProtocolError::Truncated => ErrorCode::Truncated,
         ProtocolError::TimedOut => ErrorCode::ReadTimeout,
-        ProtocolError::Malformed(_) => ErrorCode::BadCbor,
+        ProtocolError::Malformed(_) | ProtocolError::EmptyFrame | ProtocolError::NotAMap { .. } => {
+            ErrorCode::BadCbor
+        }
         ProtocolError::Version { .. } => ErrorCode::BadVersion,
         ProtocolError::Invalid(_) => ErrorCode::BadRequest,
-        ProtocolError::Io(_) | ProtocolError::Encode(_) => ErrorCode::Internal,
+        ProtocolError::Io(_) | ProtocolError::Encode(_) | ProtocolError::EncodeNotAMap => {
+            ErrorCode::Internal
+        }
         ProtocolError::Remote { code, .. } => *code,
         ProtocolError::Unexpected { .. } => ErrorCode::BadRequest,
         ProtocolError::FdCount { .. } => ErrorCode::BadFdCount,
@@ -310,7 +325,7 @@ mod tests {
         assert!(matches!(err, ProtocolError::FrameTooLarge { .. }));
         assert!(matches!(
             check_len([0, 0, 0, 0]),
-            Err(ProtocolError::Malformed(_))
+            Err(ProtocolError::EmptyFrame)
         ));
     }
 
@@ -351,6 +366,12 @@ mod tests {
         assert!(matches!(
             decode::<Request>(&[0xff, 0x00]),
             Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Request>(&serde_cbor::to_vec(&Value::Integer(5)).unwrap()),
+            Err(ProtocolError::NotAMap {
+                found: "an integer"
+            })
         ));
     }
 

@@ -30,17 +30,23 @@ pub enum ProtocolError {
     Truncated,
     #[error("no complete frame arrived before the read deadline")]
     TimedOut,
+    #[error("empty frame (length 0)")]
+    EmptyFrame,
     #[error("frame is not valid CBOR: {0}")]
-    Malformed(String),
+    Malformed(#[source] serde_cbor::Error),
+    #[error("a frame must hold a CBOR map, not {found}")]
+    NotAMap { found: &'static str },
     #[error(
         "unsupported protocol version {got} (this side speaks {})",
         frame::VERSION
     )]
     Version { got: String },
     #[error("invalid message: {0}")]
-    Invalid(String),
+    Invalid(#[source] serde_cbor::Error),
     #[error("could not encode a message: {0}")]
-    Encode(String),
+    Encode(#[source] serde_cbor::Error),
+    #[error("could not encode a message: it does not serialise to a map")]
+    EncodeNotAMap,
     #[error("expected {expected}, received {received}")]
     Unexpected {
         expected: &'static str,
@@ -263,14 +269,87 @@ pub enum OwnerResponse {
     },
 }
 
+/// The compute backend an owner serves its weights from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Host,
+    Cuda,
+}
+
+/// How the weights travel from the owner to its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ipc {
+    /// A sealed memfd (host backend).
+    Memfd,
+    /// CUDA VMM allocations exported as POSIX fds.
+    Vmm,
+    /// Legacy `cuIpcMemHandle` bytes (the memory dies with its owner).
+    Legacy,
+}
+
+impl Backend {
+    /// The backend named `name` (`"host"`, `"cuda"`), as manifests spell it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "host" => Some(Self::Host),
+            "cuda" => Some(Self::Cuda),
+            _ => None,
+        }
+    }
+}
+
+impl Ipc {
+    /// The mechanism named `name` (`"memfd"`, `"vmm"`, `"legacy"`), as manifests spell it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "memfd" => Some(Self::Memfd),
+            "vmm" => Some(Self::Vmm),
+            "legacy" => Some(Self::Legacy),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Host => "host",
+            Self::Cuda => "cuda",
+        })
+    }
+}
+
+impl std::fmt::Display for Ipc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Memfd => "memfd",
+            Self::Vmm => "vmm",
+            Self::Legacy => "legacy",
+        })
+    }
+}
+
+/// What an owner's `ready` says it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServedWeights {
+    pub backend: Backend,
+    pub ipc: Ipc,
+}
+
 /// What a child tells its supervisor over the control channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ChildMessage {
-    /// The child serves. `generation` is the weights generation it imported, if any.
+    /// The child serves. `generation` is the weights generation it imported, if any;
+    /// `weights` is set by an owner (what it serves and how), `detail` is free text for logs.
     Ready {
         pid: i32,
         generation: Option<u64>,
+        #[serde(default)]
+        weights: Option<ServedWeights>,
         detail: String,
     },
     /// The child is alive; `served` counts requests answered so far.

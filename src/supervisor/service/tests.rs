@@ -8,7 +8,8 @@ use nix::sys::signal::Signal;
 use zygote_runtime::backend::{BackendChoice, IpcChoice};
 use zygote_runtime::procfs::Memory;
 use zygote_runtime::protocol::{
-    AdminRequest, AdminResponse, ChildMessage, ErrorCode, RestartReasons,
+    AdminRequest, AdminResponse, Backend, ChildMessage, ErrorCode, Ipc, RestartReasons,
+    ServedWeights,
 };
 
 use super::Service;
@@ -43,10 +44,32 @@ fn sig(name: &str) -> Exit {
     Exit::Signal(name.into())
 }
 
+/// A `ready` message; `detail` of the form `backend=B ipc=I` makes it an owner's, with those
+/// weights, as the owner sends it.
 fn ready(detail: &str) -> ChildMessage {
+    let word = |key: &str| {
+        detail
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    };
+    let weights = match (word("backend"), word("ipc")) {
+        (Some(b), Some(i)) => Some(ServedWeights {
+            backend: match b {
+                "cuda" => Backend::Cuda,
+                _ => Backend::Host,
+            },
+            ipc: match i {
+                "legacy" => Ipc::Legacy,
+                "vmm" => Ipc::Vmm,
+                _ => Ipc::Memfd,
+            },
+        }),
+        _ => None,
+    };
     ChildMessage::Ready {
         pid: 0,
         generation: Some(1),
+        weights,
         detail: detail.into(),
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use zygote_runtime::backend::{BackendChoice, BackendError, DeviceBackend, Export, IpcChoice};
 use zygote_runtime::client::ZygoteClient;
-use zygote_runtime::protocol::ParentMessage;
+use zygote_runtime::protocol::{Backend, Ipc, ParentMessage, ServedWeights};
 use zygote_runtime::rundir::{RunDirError, SocketClaim};
 use zygote_runtime::{Worker, WorkerError};
 
@@ -136,8 +136,19 @@ fn own(worker: &mut Worker) -> Result<(), OwnerError> {
         "weights ready: {detail}; serving {}",
         claim.path().display()
     );
+    let weights = match (
+        Backend::from_name(backend.name()),
+        Ipc::from_name(backend.ipc()),
+    ) {
+        (Some(backend), Some(ipc)) => ServedWeights { backend, ipc },
+        _ => {
+            return Err(OwnerError::Backend(format!(
+                "unknown backend or IPC in {detail}"
+            )))
+        }
+    };
     worker
-        .ready(Some(export.manifest.generation), &detail)
+        .ready_serving(export.manifest.generation, weights, &detail)
         .map_err(OwnerError::Ready)?;
     serve(worker, &listener, &export)
 }

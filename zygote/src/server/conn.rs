@@ -43,6 +43,9 @@ pub(super) enum Awaiting {
     },
     /// `keep_weights`: one fd per arena of `manifest`, kept for `device`.
     Keep { device: u32, manifest: Manifest },
+    /// A spawn whose frame was refused: its fds are read and closed, so the stream stays in
+    /// step for the next frame.
+    Discard,
 }
 
 /// A request whose frame has arrived and whose fds are arriving.

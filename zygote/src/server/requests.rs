@@ -27,7 +27,22 @@ impl Server {
             Err(e) => {
                 let code = frame::error_code(&e);
                 log::warn!("connection {}: bad frame: {e}", t.0);
-                self.fail(t, request_id(body), code, e.to_string(), false);
+                let id = request_id(body);
+                self.fail(t, id, code, e.to_string(), false);
+                // A refused spawn's fds still follow it: read them (and close them) so that
+                // they are not taken for the next frame. One whose count is unreadable or over
+                // the limit leaves the stream out of step: close.
+                match announced_spawn_fds(body) {
+                    SpawnFds::None => {}
+                    SpawnFds::Count(need) => {
+                        let p = Pending::new(id.unwrap_or(0), need, Awaiting::Discard);
+                        self.await_fds(t, p);
+                    }
+                    SpawnFds::Unknown => {
+                        let msg = "a refused spawn's fds cannot be counted; closing".to_string();
+                        self.fail(t, id, ErrorCode::BadRequest, msg, true);
+                    }
+                }
                 return;
             }
         };
@@ -103,6 +118,13 @@ impl Server {
                     fds: p.fds,
                 },
             ),
+            Awaiting::Discard => {
+                log::debug!(
+                    "connection {}: closed the {} fds of a refused spawn",
+                    t.0,
+                    p.fds.len()
+                );
+            }
             Awaiting::Keep { device, manifest } => {
                 let Some(peer) = self.conns.get(&t).map(|c| c.peer) else {
                     return;
@@ -190,8 +212,8 @@ impl Server {
         let Some(child) = self.children.get(Pid::from_raw(pid)) else {
             return;
         };
-        if !(1..=64).contains(&signal) {
-            let msg = format!("signal {signal} is not a valid signal number");
+        if zygote_runtime::pidfd::signal(signal).is_none() {
+            let msg = format!("signal {signal} is not a named signal (1 to 31) that may be sent");
             return self.fail(t, Some(id), ErrorCode::BadSignal, msg, false);
         }
         match fork::pidfd_send_signal(child.pidfd.as_fd(), signal) {
@@ -337,16 +359,29 @@ impl Server {
         let pidfd_token = self.token();
         let status_token = self.token();
         let reg = self.poll.registry();
-        let _ = reg.register(
-            &mut SourceFd(&forked.pidfd.as_raw_fd()),
-            pidfd_token,
-            Interest::READABLE,
-        );
-        let _ = reg.register(
-            &mut SourceFd(&forked.status.as_raw_fd()),
-            status_token,
-            Interest::READABLE,
-        );
+        let registered = reg
+            .register(
+                &mut SourceFd(&forked.pidfd.as_raw_fd()),
+                pidfd_token,
+                Interest::READABLE,
+            )
+            .and_then(|()| {
+                reg.register(
+                    &mut SourceFd(&forked.status.as_raw_fd()),
+                    status_token,
+                    Interest::READABLE,
+                )
+            });
+        if let Err(e) = registered {
+            // A child whose exit would never be seen must not run: it would be neither reaped
+            // nor reported. End it, reap it, and say so.
+            let _ = reg.deregister(&mut SourceFd(&forked.pidfd.as_raw_fd()));
+            let _ = fork::pidfd_send_signal(forked.pidfd.as_fd(), libc::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            log::error!("watching the new {role} (pid {pid}) failed ({e}); it was killed");
+            let msg = format!("registering the child's pidfd failed: {e}");
+            return self.fail(t, Some(id), ErrorCode::Internal, msg, false);
+        }
         self.tokens.insert(pidfd_token, super::Slot::Pidfd(pid));
         self.tokens.insert(status_token, super::Slot::Status(pid));
         let pidfd_copy = forked.pidfd.try_clone();
@@ -386,6 +421,33 @@ impl Server {
                 self.fail(t, Some(id), ErrorCode::Internal, msg, false)
             }
         }
+    }
+}
+
+/// How many fds follow a frame that failed to decode.
+enum SpawnFds {
+    /// Not a spawn (or not a map): none.
+    None,
+    /// A spawn announcing this many (4 + its listeners).
+    Count(usize),
+    /// A spawn whose `listeners` is missing, not a number, or over the limit.
+    Unknown,
+}
+
+/// Reads, leniently, whether a refused frame was a spawn and how many fds it announced.
+fn announced_spawn_fds(body: &[u8]) -> SpawnFds {
+    use serde_cbor::Value;
+    let Ok(Value::Map(m)) = serde_cbor::from_slice::<Value>(body) else {
+        return SpawnFds::None;
+    };
+    if m.get(&Value::Text("type".into())) != Some(&Value::Text("spawn".into())) {
+        return SpawnFds::None;
+    }
+    match m.get(&Value::Text("listeners".into())) {
+        Some(Value::Integer(n)) if (0..=i128::from(MAX_LISTENERS)).contains(n) => {
+            SpawnFds::Count(4 + *n as usize)
+        }
+        _ => SpawnFds::Unknown,
     }
 }
 

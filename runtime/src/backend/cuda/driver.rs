@@ -18,6 +18,10 @@
 //!
 //! Contexts are cudarc's [`CudaContext`] on the device's primary context, so the streams and
 //! cuBLAS handles an app makes with cudarc see the same address space as the arenas.
+//!
+//! Every raw driver call of the project is in this module, hence `#[allow(unsafe_code)]` here
+//! alone in the backend.
+#![allow(unsafe_code)]
 
 use std::ffi::{c_int, c_void, CStr};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
