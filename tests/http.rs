@@ -393,3 +393,64 @@ fn when_the_zygote_dies_the_workers_keep_answering() {
         embed(addr, 1, 4).expect("POST /embed after the replacement");
     }
 }
+
+#[test]
+fn a_model_the_app_cannot_serve_is_refused_before_any_worker_starts() {
+    let Some(reference) = common::reference_model("a_model_the_app_cannot_serve_is_refused") else {
+        return;
+    };
+    // The reference model with a pooling mode the app does not compute.
+    let dir = common::TempDir::new("unservable");
+    let model_dir = dir.path().join("model");
+    std::fs::create_dir_all(model_dir.join("1_Pooling")).expect("model dir");
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "model.safetensors",
+    ] {
+        std::os::unix::fs::symlink(reference.join(name), model_dir.join(name)).expect("link");
+    }
+    std::fs::write(
+        model_dir.join("1_Pooling/config.json"),
+        r#"{"embedding_dimension": 384, "pooling_mode": "lasttoken"}"#,
+    )
+    .expect("pooling config");
+    let model = model_dir.join("model.safetensors");
+    let done = common::run_start(
+        &[
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--entry",
+            "app",
+        ],
+        &dir.path().join("rt"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        !done.status.success(),
+        "zygote start exits non-zero: {}\n{}",
+        done.status,
+        done.output
+    );
+    assert!(
+        done.output.contains("the app cannot serve the model")
+            && done.output.contains("\"lasttoken\" is not supported"),
+        "the error names the model and the reason:\n{}",
+        done.output
+    );
+    // Refused before anything was forked: no owner, no worker, so no crash loop.
+    for absent in ["crash loop", "worker 0", "owner"] {
+        assert!(
+            !done.output.contains(absent),
+            "{absent:?} in the output:\n{}",
+            done.output
+        );
+    }
+    assert_eq!(done.leftovers, Vec::<i32>::new());
+}

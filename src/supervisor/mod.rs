@@ -261,6 +261,7 @@ impl Supervisor {
             command: self.cfg.command.clone(),
             expect_digest: self.model_digest.clone(),
             start_timeout: Duration::from_secs(300),
+            serve_app: self.cfg.entry == "app" && self.cfg.command.is_empty(),
         }
     }
 
