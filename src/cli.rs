@@ -201,6 +201,10 @@ pub struct ZygoteArgs {
     /// the model the running owner and workers were built from).
     #[arg(long)]
     pub expect_digest: Option<String>,
+    /// The workers run the native `app` entry: a model directory it cannot serve stops the
+    /// zygote before it forks anything, instead of failing every worker.
+    #[arg(long)]
+    pub serve_app: bool,
     /// The exec entry's program and arguments.
     #[arg(last = true)]
     pub command: Vec<String>,

@@ -36,12 +36,18 @@ pub fn table(command: &[String]) -> EntryTable {
 }
 
 /// Prepares the native entries' shared state in the zygote before it forks anything (see
-/// [`zygote_embed::preload`]): only when workers run the native `app`, not a command after `--`.
-/// A model the app cannot serve is not the zygote's failure: its other entries still work, and
-/// each `app` worker refuses the model with the reason when it starts.
-pub fn preload(model: &zygote_runtime::Model, command: &[String]) {
+/// [`zygote_embed::preload`]): only when workers may run the native `app`, not a command after
+/// `--`. When the workers do run it (`serve_app`, set by `zygote start` for `--entry app`), a
+/// model the app cannot serve is an error: the zygote stops before it is ready, and the service
+/// with it, with the reason, instead of starting workers that all refuse the model until the
+/// crash-loop limit. Otherwise it is not the zygote's failure: its other entries still work.
+pub fn preload(
+    model: &zygote_runtime::Model,
+    command: &[String],
+    serve_app: bool,
+) -> anyhow::Result<()> {
     if !command.is_empty() {
-        return;
+        return Ok(());
     }
     let started = std::time::Instant::now();
     match zygote_embed::preload(model) {
@@ -49,8 +55,15 @@ pub fn preload(model: &zygote_runtime::Model, command: &[String]) {
             "preloaded the app's model spec and tokenizer in {} ms",
             started.elapsed().as_millis()
         ),
+        Err(e) if serve_app => {
+            anyhow::bail!(
+                "the app cannot serve the model {}: {e}",
+                model.path().display()
+            )
+        }
         Err(e) => log::info!("the app entry cannot serve this model ({e}); not preloaded"),
     }
+    Ok(())
 }
 
 /// A command name without a `/` is looked up in `PATH` once, when the zygote starts (the

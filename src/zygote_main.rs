@@ -68,7 +68,7 @@ pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    crate::entries::preload(&model, &args.command);
+    crate::entries::preload(&model, &args.command, args.serve_app)?;
     let cfg = ServerConfig {
         runtime_dir: args.runtime_dir.clone(),
         model,

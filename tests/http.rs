@@ -78,6 +78,21 @@ fn embed(addr: SocketAddr, n: usize, words: usize) -> Result<(), String> {
     check_embed(&r, n)
 }
 
+/// Sends `raw` as it is and returns the answer's status code.
+fn raw_status(addr: SocketAddr, raw: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(REQUEST_TIMEOUT)).expect("timeout");
+    s.write_all(raw.as_bytes()).expect("send");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
 fn get_ok(addr: SocketAddr, path: &str) -> Result<(), String> {
     let r =
         http(addr, "GET", path, None, REQUEST_TIMEOUT).map_err(|e| format!("GET {path}: {e}"))?;
@@ -112,6 +127,35 @@ fn the_app_answers_health_readiness_and_embeddings() {
         workers.contains(&pid),
         "X-Worker-Pid {pid} is one of the workers {workers:?}"
     );
+
+    // Refused as nginx and hyper refuse them: a signed Content-Length, HTTP/1.1 without Host.
+    for raw in [
+        "POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: +17\r\n\r\n{\"input\": \"hello\"}",
+        "GET /healthz HTTP/1.1\r\n\r\n",
+    ] {
+        let status = raw_status(addr, raw);
+        assert_eq!(status, 400, "{raw:?}");
+    }
+    // As OpenAI answers: empty texts refused, an unknown model not found, token ids taken.
+    for (body, status, code) in [
+        (r#"{"input": ""}"#, 400, "invalid_input"),
+        (r#"{"input": ["a", "   "]}"#, 400, "invalid_input"),
+        (
+            r#"{"input": "a", "model": "text-embedding-3-small"}"#,
+            404,
+            "model_not_found",
+        ),
+        (r#"{"input": [[101, 7592, 102], [101, 102]]}"#, 200, ""),
+        (r#"{"input": [101, 7592, 102]}"#, 200, ""),
+    ] {
+        let r = http(addr, "POST", "/v1/embeddings", Some(body), REQUEST_TIMEOUT)
+            .expect("POST /v1/embeddings");
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        if status != 200 {
+            let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+            assert_eq!(v["error"]["code"], code, "{}", r.body);
+        }
+    }
 
     // The zygote preloaded the app's tokenizer before forking, and is still single-threaded.
     let zygote = svc.zygote_pid();
@@ -348,4 +392,65 @@ fn when_the_zygote_dies_the_workers_keep_answering() {
     for _ in 0..4 {
         embed(addr, 1, 4).expect("POST /embed after the replacement");
     }
+}
+
+#[test]
+fn a_model_the_app_cannot_serve_is_refused_before_any_worker_starts() {
+    let Some(reference) = common::reference_model("a_model_the_app_cannot_serve_is_refused") else {
+        return;
+    };
+    // The reference model with a pooling mode the app does not compute.
+    let dir = common::TempDir::new("unservable");
+    let model_dir = dir.path().join("model");
+    std::fs::create_dir_all(model_dir.join("1_Pooling")).expect("model dir");
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "model.safetensors",
+    ] {
+        std::os::unix::fs::symlink(reference.join(name), model_dir.join(name)).expect("link");
+    }
+    std::fs::write(
+        model_dir.join("1_Pooling/config.json"),
+        r#"{"embedding_dimension": 384, "pooling_mode": "lasttoken"}"#,
+    )
+    .expect("pooling config");
+    let model = model_dir.join("model.safetensors");
+    let done = common::run_start(
+        &[
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--entry",
+            "app",
+        ],
+        &dir.path().join("rt"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        !done.status.success(),
+        "zygote start exits non-zero: {}\n{}",
+        done.status,
+        done.output
+    );
+    assert!(
+        done.output.contains("the app cannot serve the model")
+            && done.output.contains("\"lasttoken\" is not supported"),
+        "the error names the model and the reason:\n{}",
+        done.output
+    );
+    // Refused before anything was forked: no owner, no worker, so no crash loop.
+    for absent in ["crash loop", "worker 0", "owner"] {
+        assert!(
+            !done.output.contains(absent),
+            "{absent:?} in the output:\n{}",
+            done.output
+        );
+    }
+    assert_eq!(done.leftovers, Vec::<i32>::new());
 }

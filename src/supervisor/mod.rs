@@ -102,6 +102,7 @@ pub fn run(cfg: Config) -> anyhow::Result<i32> {
         command: cfg.command.clone(),
         expect_digest: None,
         start_timeout: Duration::from_secs(300),
+        serve_app: cfg.entry == "app" && cfg.command.is_empty(),
     };
     let os = os::Os::new(listeners, admin, spec)?;
     let listen = os.listen_addrs();

@@ -32,6 +32,8 @@ pub struct ZygoteSpec {
     pub expect_digest: Option<String>,
     /// Time allowed to load and validate the model.
     pub start_timeout: Duration,
+    /// The workers run the native `app` entry (the zygote refuses a model it cannot serve).
+    pub serve_app: bool,
 }
 
 /// Errors of starting a zygote.
@@ -95,6 +97,9 @@ pub fn launch(spec: &ZygoteSpec) -> Result<Launch, StartError> {
     }
     for uid in &spec.allow_uids {
         cmd.arg("--allow-uid").arg(uid.to_string());
+    }
+    if spec.serve_app {
+        cmd.arg("--serve-app");
     }
     if !spec.command.is_empty() {
         cmd.arg("--").args(&spec.command);

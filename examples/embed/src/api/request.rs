@@ -204,14 +204,16 @@ pub fn parse_embed_request(
         match obj.remove("dimensions") {
             None | Some(Value::Null) => {}
             Some(Value::Number(n)) if n.as_u64() == Some(served.dim as u64) => {}
-            Some(other) => return Err(ApiError::bad(
-                "unsupported_dimensions",
-                Some("dimensions"),
-                format!(
+            Some(other) => {
+                return Err(ApiError::bad(
+                    "unsupported_dimensions",
+                    Some("dimensions"),
+                    format!(
                     "this model's vectors have {} dimensions; dimensions={other} cannot be served",
                     served.dim
                 ),
-            )),
+                ))
+            }
         }
         match obj.remove("user") {
             None | Some(Value::Null) | Some(Value::String(_)) => {}

@@ -5,13 +5,16 @@
 //! budget of word pieces (`max_batch_tokens`), so a pass, and with it a turn of the worker's
 //! loop, stays short whatever one request asked for. A pass is filled in this order:
 //!
-//! 1. the next text of the started request at the front of the turn order (so a started
-//!    request advances in every pass, however many new ones arrive);
+//! 1. the next text of the started request at the front of the turn order;
 //! 2. requests not started yet, in arrival order, each taking as many of its texts as fit: a
-//!    small request that arrives while a large one computes is answered by the next pass,
-//!    beside the large one's next texts;
+//!    small request that arrives while a large one computes is answered by the next pass;
 //! 3. started requests in turn, taking what still fits; one that got texts moves to the back,
 //!    so two large requests share the passes instead of one waiting for the other.
+//!
+//! While new requests wait beside started ones, the passes alternate: one of new requests only
+//! (step 2 alone: short, so a small request waits for at most the pass being computed when it
+//! arrived, plus its own short one), then one of all three steps. So a started request advances
+//! at least every other pass, however many new ones arrive, and new ones are in every pass.
 //!
 //! With a budget of at least two of the longest texts (the app makes sure of it), step 2 always
 //! has room for a new request's first text. Every pass takes at least one text, so work always
@@ -70,6 +73,8 @@ pub struct Pass {
 pub struct Scheduler {
     fresh: VecDeque<Progress>,
     started: VecDeque<Progress>,
+    /// The last pass left the started requests out (new ones only): this one is theirs too.
+    owed: bool,
 }
 
 impl Scheduler {
@@ -99,12 +104,17 @@ impl Scheduler {
     pub fn next_pass(&mut self, budget: usize) -> Pass {
         let mut pass = Pass::default();
         let mut served: Vec<Progress> = Vec::new();
+        // New requests only, every other pass while they wait beside started ones.
+        let fresh_only = !self.fresh.is_empty() && !self.started.is_empty() && !self.owed;
+        self.owed = fresh_only;
         // 1. The front started request's next text.
-        if let Some(mut p) = self.started.pop_front() {
-            if let Some((range, tokens)) = p.take(0, true) {
-                pass.add(p.id, range, tokens);
+        if !fresh_only {
+            if let Some(mut p) = self.started.pop_front() {
+                if let Some((range, tokens)) = p.take(0, true) {
+                    pass.add(p.id, range, tokens);
+                }
+                served.push(p);
             }
-            served.push(p);
         }
         // 2. New requests.
         let mut still_fresh = VecDeque::new();
@@ -128,7 +138,11 @@ impl Scheduler {
             .chain(self.started.drain(..))
             .collect::<Vec<_>>()
         {
-            let room = budget.saturating_sub(pass.tokens);
+            let room = if fresh_only {
+                0
+            } else {
+                budget.saturating_sub(pass.tokens)
+            };
             let had = pass.parts.iter().any(|(id, _)| *id == p.id);
             match p.take(room, false) {
                 Some((range, tokens)) => {
@@ -205,12 +219,14 @@ mod tests {
         s.push(1, vec![256; 256]);
         let first = s.next_pass(512);
         assert_eq!(first.parts, vec![(1, 0..2)]);
-        // A small request arrives while the first pass computes: the next pass has it.
+        // A small request arrives while the first pass computes: the next pass has it, and
+        // nothing else, so it is short.
         s.push(2, vec![12]);
         let next = s.next_pass(512);
-        assert_eq!(ids(&next), vec![1, 2]);
-        assert_eq!(next.finished, vec![2]);
-        assert!(next.tokens <= 512);
+        assert_eq!(ids(&next), vec![2]);
+        assert_eq!((next.finished, next.tokens), (vec![2], 12));
+        // Then the large one goes on.
+        assert_eq!(ids(&s.next_pass(512)), vec![1]);
     }
 
     #[test]
@@ -218,17 +234,20 @@ mod tests {
         let mut s = Scheduler::default();
         s.push(1, vec![256; 4]);
         s.next_pass(512);
-        // Every pass is crowded by new requests that would fill it alone.
-        for id in 2..10 {
+        // Every pass is crowded by new requests that would fill it alone; request 1 still
+        // advances at least every other pass.
+        let mut passes = Vec::new();
+        for id in 2..20 {
             s.push(id, vec![100; 5]);
             let p = s.next_pass(512);
-            assert!(ids(&p).contains(&1), "{p:?}");
             assert!(p.tokens <= 512);
+            passes.push(ids(&p).contains(&1));
             if s.started.iter().all(|p| p.id != 1) && s.fresh.iter().all(|p| p.id != 1) {
+                assert!(passes.windows(2).all(|w| w[0] || w[1]), "{passes:?}");
                 return;
             }
         }
-        panic!("request 1 did not finish");
+        panic!("request 1 did not finish: {passes:?}");
     }
 
     #[test]

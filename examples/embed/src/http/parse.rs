@@ -90,12 +90,15 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Parsed {
         return reject(400, "malformed_request", "malformed HTTP request line");
     };
     let mut content_length: Option<usize> = None;
+    let mut hosts = 0;
     let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
     for h in req.headers.iter() {
         let value = String::from_utf8_lossy(h.value);
         let value = value.trim();
         if h.name.eq_ignore_ascii_case("content-length") {
-            let Ok(n) = value.parse::<usize>() else {
+            // Digits only, as hyper and nginx take it: `usize::from_str` would also take `+17`.
+            let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+            let (true, Ok(n)) = (digits, value.parse::<usize>()) else {
                 return reject(
                     400,
                     "malformed_request",
@@ -110,6 +113,8 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Parsed {
                 );
             }
             content_length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return reject(
                 501,
@@ -141,6 +146,18 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Parsed {
                 "request body of {body_len} bytes exceeds the limit of {} bytes",
                 limits.max_body
             ),
+        );
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host (nginx answers 400 too).
+    if version == 1 && hosts != 1 {
+        return reject(
+            400,
+            "malformed_request",
+            if hosts == 0 {
+                "an HTTP/1.1 request must have a Host header"
+            } else {
+                "more than one Host header"
+            },
         );
     }
     if buf.len() - head_len < body_len {

@@ -46,7 +46,7 @@ fn parses_requests() {
         (h.method.as_str(), h.path.as_str(), h.keep_alive, h.body_len),
         ("GET", "/healthz", true, 0)
     );
-    let raw = "POST /embed HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhelloGET / HTTP/1.1\r\n";
+    let raw = "POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhelloGET / HTTP/1.1\r\n";
     let h = complete(raw);
     assert_eq!((h.body_len, h.keep_alive), (5, false));
     assert_eq!(&raw[h.head_len..h.head_len + h.body_len], "hello");
@@ -64,14 +64,17 @@ fn waits_for_the_rest() {
         }
     );
     assert_eq!(
-        parse(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", &l),
+        parse(
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nab",
+            &l
+        ),
         Parsed::Incomplete {
             expect_continue: false
         }
     );
     assert_eq!(
         parse(
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
             &l
         ),
         Parsed::Incomplete {
@@ -90,6 +93,21 @@ fn rejects_what_it_does_not_take() {
         rejected(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
         400
     );
+    // Digits only: a sign, spaces inside, or an empty value are refused.
+    for value in ["+17", "-1", "1 7", "", "0x10", "١٧"] {
+        let raw = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {value}\r\n\r\n");
+        assert_eq!(rejected(raw.as_bytes()), 400, "{value:?}");
+    }
+    // HTTP/1.1 needs exactly one Host; HTTP/1.0 needs none.
+    assert_eq!(rejected(b"GET / HTTP/1.1\r\n\r\n"), 400);
+    assert_eq!(
+        rejected(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        400
+    );
+    assert!(matches!(
+        parse(b"GET / HTTP/1.0\r\n\r\n", &limits()),
+        Parsed::Complete(_)
+    ));
     assert_eq!(
         rejected(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
         400
@@ -460,7 +478,10 @@ fn keep_alive_and_pipelining() {
         .body
         .starts_with("POST /embed 5 "));
     // Connection: close is honoured.
-    let a = roundtrip(&mut c, b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let a = roundtrip(
+        &mut c,
+        b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
     assert!(a.close);
     assert!(closed_by_server(&mut c));
 }
@@ -469,8 +490,10 @@ fn keep_alive_and_pipelining() {
 fn expect_continue_gets_a_100() {
     let rt = Running::start(limits());
     let mut c = rt.connect();
-    c.write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
-        .unwrap();
+    c.write_all(
+        b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
     let mut buf = [0u8; 64];
     let n = c.read(&mut buf).unwrap();
     assert!(
@@ -695,7 +718,7 @@ fn slow_and_idle_connections_time_out() {
     });
     // A request that never completes gets a 408.
     let mut slow = rt.connect();
-    slow.write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+    slow.write_all(b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nab")
         .unwrap();
     let start = Instant::now();
     let a = read_answer(&mut slow, &mut Vec::new());
@@ -779,7 +802,7 @@ fn drain_finishes_accepted_work_and_exits() {
     let mut idle = rt.connect();
     assert_eq!(roundtrip(&mut idle, GET).status, 200);
     let mut half = rt.connect();
-    half.write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+    half.write_all(b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nab")
         .unwrap();
     let mut quiet = rt.connect();
     // Make sure the loop has read the half request before the drain.
@@ -841,7 +864,7 @@ fn drain_gives_up_at_the_deadline() {
     });
     let mut stuck = rt.connect();
     stuck
-        .write_all(b"POST /embed HTTP/1.1\r\nContent-Length: 4\r\n\r\na")
+        .write_all(b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\na")
         .unwrap();
     assert_eq!(roundtrip(&mut rt.connect(), GET).status, 200);
     let start = Instant::now();
@@ -870,7 +893,7 @@ fn random_bytes_never_stop_the_server() {
         let mut junk = rng.bytes(600);
         if round % 3 == 0 {
             // Start like a request, so that the header parser gets further.
-            let mut m = b"POST /embed HTTP/1.1\r\nContent-Length: 3\r\n".to_vec();
+            let mut m = b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n".to_vec();
             m.append(&mut junk);
             junk = m;
         }
