@@ -97,12 +97,12 @@ def attach() -> Worker:
         return _worker
 
 
-def model_dir() -> Path:
+def model_dir() -> str:
     """The directory of the model file the service serves (``zygote start --model``): where a
     sentence-transformers or Hugging Face app finds its config and tokenizer."""
     w = _worker or attach()
     path = Path(w.info()["model_path"])
-    return path.parent if path.is_file() else path
+    return str(path.parent if path.is_file() else path)
 
 
 def worker() -> Worker | None:
