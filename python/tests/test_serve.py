@@ -53,9 +53,7 @@ def test_seed002_port_four_workers_one_copy(service):
         assert status == 200
         pids.add(int(headers["x-worker-pid"]))
         got += [d["embedding"] for d in body["data"]]
-    cos = torch.nn.functional.cosine_similarity(
-        torch.tensor(got), torch.tensor(ref["embeddings"])
-    )
+    cos = torch.nn.functional.cosine_similarity(torch.tensor(got), torch.tensor(ref["embeddings"]))
     assert cos.min().item() >= 0.9999, cos.min()
     workers = s.worker_pids()
     assert len(workers) == 4 and pids <= set(workers)
@@ -140,9 +138,7 @@ def test_an_app_that_fails_to_import_stops_the_start(service):
 def test_fastapi_example(service, tmp_path):
     weights = tmp_path / "classifier.safetensors"
     subprocess.run([sys.executable, str(FASTAPI / "model.py"), str(weights)], check=True)
-    s = service(
-        ["--model", str(weights), "--app", "app:app", "--app-dir", str(FASTAPI)], workers=2
-    )
+    s = service(["--model", str(weights), "--app", "app:app", "--app-dir", str(FASTAPI)], workers=2)
     s.wait_serving()
     x = [0.1 * i for i in range(16)]
     status, headers, body = post_json(s.url + "/predict", {"x": x})

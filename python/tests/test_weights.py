@@ -32,7 +32,7 @@ def test_tensors_alias_the_shared_mapping(no_workers):
     assert w.backend == "host" and w.device == "cpu"
     file = load_file(str(model_dir() / "model.safetensors"))
     assert set(w) == set(file)
-    (start, size), = w.ranges()
+    ((start, size),) = w.ranges()
     for name, t in w.items():
         assert start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + size, name
         assert t.data_ptr() == w.tensor(name).data_ptr

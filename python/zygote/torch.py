@@ -185,7 +185,9 @@ def bind(
             )
         else:
             nonpersistent[name] = shared
-    ignored = [re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []]
+    ignored = [
+        re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []
+    ]
     unexpected = (
         sorted(
             k
@@ -285,7 +287,9 @@ def _init_by_hugging_face(
                     continue
                 swapped.append((table, name, t))
                 stand_in = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                table[name] = nn.Parameter(stand_in, False) if table is sub._parameters else stand_in
+                table[name] = (
+                    nn.Parameter(stand_in, False) if table is sub._parameters else stand_in
+                )
     try:
         with torch.no_grad():
             init(owner)
@@ -309,8 +313,7 @@ def _error(
         lines.append(f"  missing from the weights ({len(missing)}): " + ", ".join(missing))
     if unexpected:
         lines.append(
-            f"  in the weights but not in the module ({len(unexpected)}): "
-            + ", ".join(unexpected)
+            f"  in the weights but not in the module ({len(unexpected)}): " + ", ".join(unexpected)
         )
     for key, why in mismatched:
         lines.append(f"  mismatched {key}: weights {why}")
