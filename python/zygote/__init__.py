@@ -13,6 +13,7 @@ bring their own loop. docs/PYTHON.md describes all of it.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "attach",
     "connect",
     "in_worker",
+    "listeners",
     "model_dir",
     "post_fork",
     "run_post_fork",
@@ -103,6 +105,13 @@ def model_dir() -> str:
     w = _worker or attach()
     path = Path(w.info()["model_path"])
     return str(path.parent if path.is_file() else path)
+
+
+def listeners() -> list[socket.socket]:
+    """The supervisor's listening sockets as socket objects (handed over once: a second call
+    returns an empty list). Every worker accepts on the same sockets."""
+    w = _worker or attach()
+    return [socket.socket(fileno=fd) for fd in w.take_listener_fds()]
 
 
 def worker() -> Worker | None:
