@@ -62,6 +62,21 @@ def test_numpy_views_are_read_only(no_workers):
         view[0, 0] = 1.0  # type: ignore[index]
 
 
+def test_both_capsule_kinds_alias_the_same_bytes(no_workers):
+    w = zygote.connect(no_workers.runtime_dir).weights()
+    shared = w.tensor("encoder.layer.0.attention.self.query.weight")
+    assert shared.__dlpack_device__() == (1, 0)
+    legacy = torch.from_dlpack(shared.__dlpack__())
+    versioned = torch.from_dlpack(shared.__dlpack__(max_version=(1, 0)))
+    for t in (legacy, versioned):
+        assert t.data_ptr() == shared.data_ptr and t.shape == (384, 384)
+        assert t.dtype == torch.float32
+    with pytest.raises(BufferError, match="without copying"):
+        shared.__dlpack__(copy=True)
+    with pytest.raises(BufferError, match="lives on DLPack device"):
+        shared.__dlpack__(dl_device=(2, 0))
+
+
 def test_a_tensor_keeps_the_mapping_alive(no_workers):
     conn = zygote.connect(no_workers.runtime_dir)
     w = conn.weights()

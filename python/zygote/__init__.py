@@ -170,9 +170,7 @@ def weights(timeout: float = 60.0) -> Weights:
     with _lock:
         if _weights is not None:
             return _weights
-        if _worker is None and _connection is None and ATTACH_ENV in os.environ:
-            pass  # attach below, outside the lock
-        elif _worker is None and _connection is None:
+        if _worker is None and _connection is None and ATTACH_ENV not in os.environ:
             raise NotAttachedError(
                 "zygote.weights() was called in a process zygote did not start. Serve the app "
                 "with `zygote start --model PATH --app MODULE:ATTR`, or call zygote.connect() "
