@@ -69,16 +69,17 @@ measure() {  # NAME URL PID SINCE [wait-ready args...]; RESTART_ARGS in the envi
     shift 4
     local ready pss wrkout restart
     ready="$("$basevenv/bin/python" "$ctl" wait-ready --url "$url" --workers "$workers" \
-        --since "$since" --timeout 600 "$@")"
+        --since "$since" --timeout 600 "$@" || echo '{}')"
     echo "$name: $ready" >&2
     wrk -t 2 -c "$((2 * workers))" -d 5 -s "$here/bench-embed/embed.lua" "$url" -- \
         "$out/bodies.txt" >/dev/null 2>&1 || true
     pss="$(python3 "$here/pss.py" --json "$pid")"
+    echo "$name: total PSS $(echo "$pss" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["pss_kib"] // 1024)') MiB" >&2
     wrkout="$(wrk -t 2 -c "$((2 * workers))" -d "$duration" --latency \
         -s "$here/bench-embed/embed.lua" "$url" -- "$out/bodies.txt" 2>&1 | tee "$out/$name.wrk")"
     echo "$wrkout" | grep -E "Requests/sec" >&2 || true
     restart="$("$basevenv/bin/python" "$ctl" restart --url "$url" --trials "$trials" \
-        --timeout 600 --pollers "$((2 * workers))" $RESTART_ARGS)"
+        --timeout 300 --pollers "$workers" $RESTART_ARGS || echo '{}')"
     echo "$name: restart $restart" >&2
     rows+=("$("$basevenv/bin/python" - "$name" "$ready" "$pss" "$out/$name.wrk" "$restart" <<'PY'
 import json, re, sys
