@@ -3,7 +3,7 @@
 # seed's own gunicorn service (scripts/baseline/), same machine, same model, one run.
 #
 #   scripts/bench-python.sh [--workers N] [--duration S] [--trials K] [--out DIR]
-#                           [--baselines "seed preload"]
+#                           [--baselines "seed preload"] [--torch-threads T]
 #
 # For each service, in turn, alone on the machine: start it and time start -> every worker
 # answering (embedctl.py wait-ready); warm up 5 s; total PSS of its process tree
@@ -16,7 +16,10 @@
 #
 # Services: "seed" = gunicorn as seed 002 runs it (no --preload), "preload" = gunicorn
 # --preload (CPU only: with CUDA it is what fails in the seeds), "zygote" = the port in
-# examples/python/seed002 with the host backend. No timed assertion: it prints figures.
+# examples/python/seed002 with the host backend. --torch-threads T (default 1) sets torch's
+# intra-op threads in every worker of every service (OMP_NUM_THREADS, MKL_NUM_THREADS;
+# 0: torch's default, one per core, which oversubscribes a small machine with several
+# workers). No timed assertion: it prints figures.
 #
 # Needs: scripts/baseline/setup.sh (baseline venv, wrk), scripts/python-setup.sh (the zygote
 # package's venv), target/release/zygote (or ZYGOTE_BIN). Every process it starts runs in
@@ -29,6 +32,7 @@ workers=4
 duration=20
 trials=3
 baselines="seed preload"
+torch_threads=1
 out="$repo/bench-out/python-$(date -u +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -37,7 +41,8 @@ while [[ $# -gt 0 ]]; do
         --trials) trials="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --baselines) baselines="$2"; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --torch-threads) torch_threads="$2"; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "bench-python.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -53,6 +58,10 @@ done
 command -v wrk >/dev/null || { echo "bench-python.sh: wrk is missing" >&2; exit 1; }
 model="$("$basevenv/bin/python" "$here/baseline/model_dir.py")"
 mkdir -p "$out"
+if [[ "$torch_threads" != 0 ]]; then
+    export TORCH_THREADS="$torch_threads" OMP_NUM_THREADS="$torch_threads" \
+        MKL_NUM_THREADS="$torch_threads"
+fi
 "$basevenv/bin/python" "$ctl" bodies "$here/bench-embed/sentences.txt" "$out/bodies.txt" >/dev/null
 
 pgids=()
@@ -125,7 +134,8 @@ kill -TERM "$sup" 2>/dev/null || true
 wait "$sup" 2>/dev/null || true
 
 {
-    echo "seed 002 app, $workers workers, $(nproc) cores, wrk ${duration}s x $((2 * workers)) connections"
+    echo "seed 002 app, $workers workers, $(nproc) cores, torch threads ${torch_threads/#0/default}," \
+        "wrk ${duration}s x $((2 * workers)) connections"
     echo
     echo "| service | start -> all answering | total PSS | req/s | p50 | kill -9 -> first answer (median of $trials) |"
     echo "| --- | --- | --- | --- | --- | --- |"
