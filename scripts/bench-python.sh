@@ -134,7 +134,7 @@ kill -TERM "$sup" 2>/dev/null || true
 wait "$sup" 2>/dev/null || true
 
 {
-    echo "seed 002 app, $workers workers, $(nproc) cores, torch threads ${torch_threads/#0/default}," \
+    echo "seed 002 app, $workers workers, $(getconf _NPROCESSORS_ONLN) cores, torch threads ${torch_threads/#0/default}," \
         "wrk ${duration}s x $((2 * workers)) connections"
     echo
     echo "| service | start -> all answering | total PSS | req/s | p50 | kill -9 -> first answer (median of $trials) |"
