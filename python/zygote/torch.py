@@ -16,8 +16,14 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
-from torch import nn
+try:
+    import torch
+    from torch import nn
+except ImportError as e:  # torch is an optional dependency of the package
+    raise ImportError(
+        "zygote.torch needs PyTorch: pip install torch (or the package's extra, "
+        "pip install './python[torch]'); zygote.weights().numpy(name) works without it"
+    ) from e
 
 from ._native import ZygoteError
 
