@@ -160,3 +160,41 @@ def test_fastapi_example(service, tmp_path):
     with pytest.raises(Exception, match="422"):
         post_json(s.url + "/predict", {"x": [1.0]})
     assert s.stop() == 0
+
+
+def test_sighup_rolls_python_workers_without_a_failed_request(service):
+    s = service(app_args("slow:app", APPS), workers=2)
+    s.wait_serving()
+    before = set(s.worker_pids())
+    failures: list[object] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, _, _ = get(s.url + "/info", timeout=30)
+                answered[0] += 1
+                if status != 200:
+                    failures.append(status)
+            except Exception as e:  # noqa: BLE001 - recorded and asserted on below
+                failures.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        s.proc.send_signal(signal.SIGHUP)
+
+        def rolled():
+            pids = set(s.worker_pids())
+            return len(pids) == 2 and not pids & before and pids
+
+        wait_for("both workers replaced", rolled, 240, s.log)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert failures == [], failures[:5]
+    assert answered[0] > 0
+    assert s.stop() == 0
