@@ -88,8 +88,8 @@ def test_kill_9_of_a_worker_is_replaced_and_serves(service):
     assert s.stop() == 0
 
 
-def test_sigterm_finishes_the_requests_in_flight(service):
-    s = service(app_args("slow:app", APPS), workers=2)
+def test_sigterm_finishes_the_requests_in_flight(service, tmp_path):
+    s = service(app_args("slow:app", APPS), workers=2, env={"SLOW_APP_MARKS": str(tmp_path)})
     s.wait_serving()
     results: list[object] = []
 
@@ -102,9 +102,8 @@ def test_sigterm_finishes_the_requests_in_flight(service):
     threads = [threading.Thread(target=call) for _ in range(6)]
     for t in threads:
         t.start()
-    wait_for("requests in flight", lambda: s.text().count("Started server") >= 2, 10, s.log)
-    # Every worker holds some of the six requests (4 threads each) once they were accepted.
-    threading.Event().wait(0.5)
+    # All six are in flight (4 threads per worker) once the app marked each one's start.
+    wait_for("six requests in flight", lambda: len(list(tmp_path.iterdir())) >= 6, 30, s.log)
     s.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
