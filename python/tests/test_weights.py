@@ -144,3 +144,24 @@ def test_outside_a_worker_the_error_names_the_fix():
 def test_connect_without_a_service_names_the_fix(tmp_path):
     with pytest.raises(zygote.ZygoteError, match="Start the service first"):
         zygote.connect(tmp_path, timeout=0).weights()
+
+
+def test_client_mode_with_a_converted_compute_copy(service, tmp_path):
+    # An f16 file: the owner widens it to an f32 compute copy in its own memfd, so the client
+    # checks that copy against the model file (not the model memfd itself).
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    half = {"a.weight": torch.randn(64, 32).half(), "b.bias": torch.randn(7).half()}
+    path = tmp_path / "half.safetensors"
+    save_file(half, str(path))
+    s = service(["--model", str(path)], workers=0)
+    s.wait_serving()
+    w = zygote.connect(s.runtime_dir).weights()
+    assert w.tensor("a.weight").dtype == "F32"
+    for name, t in half.items():
+        assert w[name].dtype == torch.float32
+        assert torch.equal(w[name], t.float()), name
+        assert w.contains(w[name].data_ptr())
+    maps = open("/proc/self/maps").read()
+    assert "memfd:zygote-weights" in maps
