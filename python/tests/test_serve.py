@@ -134,6 +134,16 @@ def test_an_app_that_fails_to_import_stops_the_start(service):
     assert "crash loop" in log
 
 
+def test_a_failing_post_fork_stops_the_start(service):
+    s = service(app_args("bad_post_fork:app", APPS), workers=1)
+    code = s.proc.wait(240)
+    log = s.text()
+    assert code == 1, log
+    assert "a @zygote.post_fork function of bad_post_fork:app raised" in log
+    assert "ValueError: this post_fork fails on purpose" in log
+    assert "crash loop" in log
+
+
 def test_fastapi_example(service, tmp_path):
     weights = tmp_path / "classifier.safetensors"
     subprocess.run([sys.executable, str(FASTAPI / "model.py"), str(weights)], check=True)
