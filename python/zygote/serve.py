@@ -160,7 +160,7 @@ def serve(
 
         inner = WSGIMiddleware(app, workers=threads)
     served = Served(inner, threads if asgi else None)
-    sockets = zygote.listeners()
+    sockets = [socket.socket(fileno=fd) for fd in worker.take_listener_fds()]
     if not sockets:
         log.error("this worker was given no listeners: nothing to serve")
         return EXIT_SERVE
