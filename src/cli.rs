@@ -209,3 +209,57 @@ pub struct ZygoteArgs {
     #[arg(last = true)]
     pub command: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(args: &[&str]) -> Result<StartArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["zygote", "start"].iter().chain(args))?;
+        match cli.command {
+            Command::Start(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn app_becomes_the_python_worker_command() {
+        let a = start(&[
+            "--app",
+            "main:app",
+            "--app-dir",
+            "/srv/app",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        let cmd = a.app_command().unwrap().unwrap();
+        assert_eq!(
+            cmd,
+            [
+                "python3",
+                "-m",
+                "zygote.serve",
+                "main:app",
+                "--app-dir",
+                "/srv/app",
+                "--threads",
+                "2"
+            ]
+        );
+        let a = start(&["--app", "m:a", "--python", "/venv/bin/python"]).unwrap();
+        let cmd = a.app_command().unwrap().unwrap();
+        assert_eq!(cmd[0], "/venv/bin/python");
+        assert_eq!(cmd[5], std::env::current_dir().unwrap().to_string_lossy());
+        assert!(start(&[]).unwrap().app_command().unwrap().is_none());
+    }
+
+    #[test]
+    fn app_options_need_app_and_exclude_a_command() {
+        assert!(start(&["--app", "m:a", "--", "/bin/true"]).is_err());
+        assert!(start(&["--app-dir", "/x"]).is_err());
+        assert!(start(&["--threads", "3"]).is_err());
+        assert_eq!(start(&["--workers", "0"]).unwrap().workers, 0);
+        assert!(start(&["--workers", "257"]).is_err());
+    }
+}

@@ -35,7 +35,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<weights::SharedWeights>()?;
     m.add_class::<tensor::SharedTensor>()?;
     m.add("ZygoteError", py.get_type::<errors::ZygoteError>())?;
-    m.add("NotAttachedError", py.get_type::<errors::NotAttachedError>())?;
+    m.add(
+        "NotAttachedError",
+        py.get_type::<errors::NotAttachedError>(),
+    )?;
     m.add("OrphanedError", py.get_type::<errors::OrphanedError>())?;
     m.add("WeightsError", py.get_type::<errors::WeightsError>())?;
     m.add("ATTACH_ENV", zygote_runtime::worker::ATTACH_ENV)?;

@@ -65,7 +65,7 @@ impl SharedWeights {
 
     fn tensor_at(&self, i: usize) -> SharedTensor {
         let e = &self.entries[i];
-SharedTensor::new(self.weights.clone(), e.clone(), self.device)
+        SharedTensor::new(self.weights.clone(), e.clone(), self.device)
     }
 }
 
@@ -157,4 +157,3 @@ impl SharedWeights {
         )
     }
 }
-

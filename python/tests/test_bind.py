@@ -122,3 +122,42 @@ def test_sentence_transformers_matches_the_ordinary_load():
     assert cos.min().item() >= 0.9999, cos.min()
     fixture = torch.tensor(ref["embeddings"])
     assert torch.nn.functional.cosine_similarity(got, fixture).min().item() >= 0.9999
+
+
+class Embeddings(nn.Module):
+    """Like BERT's embeddings: a Hugging Face initialiser computes both buffers at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.word = nn.Embedding(10, 4)
+        self.register_buffer("position_ids", torch.arange(6).expand((1, -1)), persistent=False)
+        self.register_buffer("token_type_ids", torch.zeros(1, 6, dtype=torch.long), False)
+
+
+class HfLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = Embeddings()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, Embeddings):
+            module.position_ids.copy_(torch.arange(6).expand((1, -1)))
+            module.token_type_ids.zero_()
+            module.word.weight.normal_()
+
+
+def test_hugging_face_initialiser_fills_buffers_and_writes_nothing_shared():
+    with torch.device("meta"):
+        model = HfLike()
+    shared = {
+        "embeddings.word.weight": torch.randn(10, 4),
+        # Old checkpoints saved position_ids: bound from the weights, not computed.
+        "embeddings.position_ids": torch.arange(6).flip(0).expand((1, -1)).clone(),
+    }
+    before = {k: v.clone() for k, v in shared.items()}
+    zygote.torch.bind(model, shared)
+    e = model.embeddings
+    assert e.position_ids.data_ptr() == shared["embeddings.position_ids"].data_ptr()
+    assert torch.equal(e.token_type_ids, torch.zeros(1, 6, dtype=torch.long))
+    for k, v in shared.items():
+        assert torch.equal(v, before[k]), f"the initialiser wrote into {k}"

@@ -53,9 +53,7 @@ def test_seed002_port_four_workers_one_copy(service):
         assert status == 200
         pids.add(int(headers["x-worker-pid"]))
         got += [d["embedding"] for d in body["data"]]
-    cos = torch.nn.functional.cosine_similarity(
-        torch.tensor(got), torch.tensor(ref["embeddings"])
-    )
+    cos = torch.nn.functional.cosine_similarity(torch.tensor(got), torch.tensor(ref["embeddings"]))
     assert cos.min().item() >= 0.9999, cos.min()
     workers = s.worker_pids()
     assert len(workers) == 4 and pids <= set(workers)
@@ -90,8 +88,8 @@ def test_kill_9_of_a_worker_is_replaced_and_serves(service):
     assert s.stop() == 0
 
 
-def test_sigterm_finishes_the_requests_in_flight(service):
-    s = service(app_args("slow:app", APPS), workers=2)
+def test_sigterm_finishes_the_requests_in_flight(service, tmp_path):
+    s = service(app_args("slow:app", APPS), workers=2, env={"SLOW_APP_MARKS": str(tmp_path)})
     s.wait_serving()
     results: list[object] = []
 
@@ -104,9 +102,8 @@ def test_sigterm_finishes_the_requests_in_flight(service):
     threads = [threading.Thread(target=call) for _ in range(6)]
     for t in threads:
         t.start()
-    wait_for("requests in flight", lambda: s.text().count("Started server") >= 2, 10, s.log)
-    # Every worker holds some of the six requests (4 threads each) once they were accepted.
-    threading.Event().wait(0.5)
+    # All six are in flight (4 threads per worker) once the app marked each one's start.
+    wait_for("six requests in flight", lambda: len(list(tmp_path.iterdir())) >= 6, 30, s.log)
     s.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
@@ -137,12 +134,20 @@ def test_an_app_that_fails_to_import_stops_the_start(service):
     assert "crash loop" in log
 
 
+def test_a_failing_post_fork_stops_the_start(service):
+    s = service(app_args("bad_post_fork:app", APPS), workers=1)
+    code = s.proc.wait(240)
+    log = s.text()
+    assert code == 1, log
+    assert "a @zygote.post_fork function of bad_post_fork:app raised" in log
+    assert "ValueError: this post_fork fails on purpose" in log
+    assert "crash loop" in log
+
+
 def test_fastapi_example(service, tmp_path):
     weights = tmp_path / "classifier.safetensors"
     subprocess.run([sys.executable, str(FASTAPI / "model.py"), str(weights)], check=True)
-    s = service(
-        ["--model", str(weights), "--app", "app:app", "--app-dir", str(FASTAPI)], workers=2
-    )
+    s = service(["--model", str(weights), "--app", "app:app", "--app-dir", str(FASTAPI)], workers=2)
     s.wait_serving()
     x = [0.1 * i for i in range(16)]
     status, headers, body = post_json(s.url + "/predict", {"x": x})
@@ -163,4 +168,42 @@ def test_fastapi_example(service, tmp_path):
     assert json.loads(health)["tensors"] == 4
     with pytest.raises(Exception, match="422"):
         post_json(s.url + "/predict", {"x": [1.0]})
+    assert s.stop() == 0
+
+
+def test_sighup_rolls_python_workers_without_a_failed_request(service):
+    s = service(app_args("slow:app", APPS), workers=2)
+    s.wait_serving()
+    before = set(s.worker_pids())
+    failures: list[object] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, _, _ = get(s.url + "/info", timeout=30)
+                answered[0] += 1
+                if status != 200:
+                    failures.append(status)
+            except Exception as e:  # noqa: BLE001 - recorded and asserted on below
+                failures.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        s.proc.send_signal(signal.SIGHUP)
+
+        def rolled():
+            pids = set(s.worker_pids())
+            return len(pids) == 2 and not pids & before and pids
+
+        wait_for("both workers replaced", rolled, 240, s.log)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert failures == [], failures[:5]
+    assert answered[0] > 0
     assert s.stop() == 0

@@ -32,7 +32,7 @@ def test_tensors_alias_the_shared_mapping(no_workers):
     assert w.backend == "host" and w.device == "cpu"
     file = load_file(str(model_dir() / "model.safetensors"))
     assert set(w) == set(file)
-    (start, size), = w.ranges()
+    ((start, size),) = w.ranges()
     for name, t in w.items():
         assert start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + size, name
         assert t.data_ptr() == w.tensor(name).data_ptr
@@ -60,6 +60,21 @@ def test_numpy_views_are_read_only(no_workers):
     assert view.readonly and view.format == "f" and view.shape == (30522, 384)
     with pytest.raises(TypeError):
         view[0, 0] = 1.0  # type: ignore[index]
+
+
+def test_both_capsule_kinds_alias_the_same_bytes(no_workers):
+    w = zygote.connect(no_workers.runtime_dir).weights()
+    shared = w.tensor("encoder.layer.0.attention.self.query.weight")
+    assert shared.__dlpack_device__() == (1, 0)
+    legacy = torch.from_dlpack(shared.__dlpack__())
+    versioned = torch.from_dlpack(shared.__dlpack__(max_version=(1, 0)))
+    for t in (legacy, versioned):
+        assert t.data_ptr() == shared.data_ptr and t.shape == (384, 384)
+        assert t.dtype == torch.float32
+    with pytest.raises(BufferError, match="without copying"):
+        shared.__dlpack__(copy=True)
+    with pytest.raises(BufferError, match="lives on DLPack device"):
+        shared.__dlpack__(dl_device=(2, 0))
 
 
 def test_a_tensor_keeps_the_mapping_alive(no_workers):
@@ -129,3 +144,24 @@ def test_outside_a_worker_the_error_names_the_fix():
 def test_connect_without_a_service_names_the_fix(tmp_path):
     with pytest.raises(zygote.ZygoteError, match="Start the service first"):
         zygote.connect(tmp_path, timeout=0).weights()
+
+
+def test_client_mode_with_a_converted_compute_copy(service, tmp_path):
+    # An f16 file: the owner widens it to an f32 compute copy in its own memfd, so the client
+    # checks that copy against the model file (not the model memfd itself).
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    half = {"a.weight": torch.randn(64, 32).half(), "b.bias": torch.randn(7).half()}
+    path = tmp_path / "half.safetensors"
+    save_file(half, str(path))
+    s = service(["--model", str(path)], workers=0)
+    s.wait_serving()
+    w = zygote.connect(s.runtime_dir).weights()
+    assert w.tensor("a.weight").dtype == "F32"
+    for name, t in half.items():
+        assert w[name].dtype == torch.float32
+        assert torch.equal(w[name], t.float()), name
+        assert w.contains(w[name].data_ptr())
+    maps = open("/proc/self/maps").read()
+    assert "memfd:zygote-weights" in maps

@@ -13,6 +13,7 @@ bring their own loop. docs/PYTHON.md describes all of it.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "attach",
     "connect",
     "in_worker",
+    "listeners",
     "model_dir",
     "post_fork",
     "run_post_fork",
@@ -97,12 +99,19 @@ def attach() -> Worker:
         return _worker
 
 
-def model_dir() -> Path:
+def model_dir() -> str:
     """The directory of the model file the service serves (``zygote start --model``): where a
     sentence-transformers or Hugging Face app finds its config and tokenizer."""
     w = _worker or attach()
     path = Path(w.info()["model_path"])
-    return path.parent if path.is_file() else path
+    return str(path.parent if path.is_file() else path)
+
+
+def listeners() -> list[socket.socket]:
+    """The supervisor's listening sockets as socket objects (handed over once: a second call
+    returns an empty list). Every worker accepts on the same sockets."""
+    w = _worker or attach()
+    return [socket.socket(fileno=fd) for fd in w.take_listener_fds()]
 
 
 def worker() -> Worker | None:
@@ -161,9 +170,7 @@ def weights(timeout: float = 60.0) -> Weights:
     with _lock:
         if _weights is not None:
             return _weights
-        if _worker is None and _connection is None and ATTACH_ENV in os.environ:
-            pass  # attach below, outside the lock
-        elif _worker is None and _connection is None:
+        if _worker is None and _connection is None and ATTACH_ENV not in os.environ:
             raise NotAttachedError(
                 "zygote.weights() was called in a process zygote did not start. Serve the app "
                 "with `zygote start --model PATH --app MODULE:ATTR`, or call zygote.connect() "

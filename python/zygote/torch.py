@@ -16,8 +16,14 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
-from torch import nn
+try:
+    import torch
+    from torch import nn
+except ImportError as e:  # torch is an optional dependency of the package
+    raise ImportError(
+        "zygote.torch needs PyTorch: pip install torch (or the package's extra, "
+        "pip install './python[torch]'); zygote.weights().numpy(name) works without it"
+    ) from e
 
 from ._native import ZygoteError
 
@@ -185,7 +191,9 @@ def bind(
             )
         else:
             nonpersistent[name] = shared
-    ignored = [re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []]
+    ignored = [
+        re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []
+    ]
     unexpected = (
         sorted(
             k
@@ -267,22 +275,26 @@ def _init_by_hugging_face(
 ) -> bool:
     """Lets a Hugging Face model compute a buffer itself (``_init_weights`` of its owner).
 
-    The owner's parameters are swapped for meta stand-ins meanwhile, so an initialiser that
-    also writes parameters writes nothing into the shared weights.
+    Every other tensor of the owner (parameters, buffers already bound) is swapped for a meta
+    stand-in meanwhile, so an initialiser that writes them too writes nothing shared.
     """
     init = next(
         (m._init_weights for m in [root, *root.modules()] if hasattr(m, "_init_weights")), None
     )
     if init is None:
         return False
-    owner._buffers[leaf] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
-    swapped: list[tuple[nn.Module, str, Any]] = []
+    target = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+    owner._buffers[leaf] = target
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
     for sub in owner.modules():
-        for pname, p in list(sub._parameters.items()):
-            if p is not None and not p.is_meta:
-                swapped.append((sub, pname, p))
-                sub._parameters[pname] = nn.Parameter(
-                    torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
+        for table in (sub._parameters, sub._buffers):
+            for name, t in list(table.items()):
+                if t is None or t is target or t.is_meta:
+                    continue
+                swapped.append((table, name, t))
+                stand_in = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                table[name] = (
+                    nn.Parameter(stand_in, False) if table is sub._parameters else stand_in
                 )
     try:
         with torch.no_grad():
@@ -291,9 +303,9 @@ def _init_by_hugging_face(
         owner._buffers[leaf] = buf
         return False
     finally:
-        for sub, pname, p in swapped:
-            sub._parameters[pname] = p
-    return not owner._buffers[leaf].is_meta
+        for table, name, t in swapped:
+            table[name] = t
+    return owner._buffers[leaf] is target
 
 
 def _error(
@@ -307,8 +319,7 @@ def _error(
         lines.append(f"  missing from the weights ({len(missing)}): " + ", ".join(missing))
     if unexpected:
         lines.append(
-            f"  in the weights but not in the module ({len(unexpected)}): "
-            + ", ".join(unexpected)
+            f"  in the weights but not in the module ({len(unexpected)}): " + ", ".join(unexpected)
         )
     for key, why in mismatched:
         lines.append(f"  mismatched {key}: weights {why}")

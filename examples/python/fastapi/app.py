@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 
 import torch
-from fastapi import FastAPI, HTTPException
+import zygote
+import zygote.torch
 from model import IN, Classifier
 from pydantic import BaseModel
 
-import zygote
-import zygote.torch
+from fastapi import FastAPI, HTTPException
 
 with torch.device("meta"):
     model = Classifier()

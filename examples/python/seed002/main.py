@@ -22,10 +22,10 @@ device = infer_torch_device()
 
 with zygote.torch.skeleton():
     m3e = SentenceTransformer(model_path, device=device)
-
 @zygote.post_fork
 def bind():
     zygote.torch.bind(m3e[0].auto_model)
+
 @app.route('/embed', methods=['POST'])
 def embed():
     data = request.get_json()

@@ -25,6 +25,11 @@ def info() -> dict[str, object]:
 
 @app.route("/sleep")
 def sleep() -> str:
+    # A test waits for these marks to know its requests are in flight (never a fixed sleep).
+    marks = os.environ.get("SLOW_APP_MARKS")
+    if marks:
+        with open(os.path.join(marks, f"{os.getpid()}-{time.monotonic_ns()}"), "w"):
+            pass
     time.sleep(float(request.args.get("s", "1")))
     return "slept"
 

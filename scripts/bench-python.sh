@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Python apps benchmark: the ported seed 002 app served by `zygote start --app` against the
+# seed's own gunicorn service (scripts/baseline/), same machine, same model, one run.
+#
+#   scripts/bench-python.sh [--workers N] [--duration S] [--trials K] [--out DIR]
+#                           [--baselines "seed preload"] [--torch-threads T]
+#
+# For each service, in turn, alone on the machine: start it and time start -> every worker
+# answering (embedctl.py wait-ready); warm up 5 s; total PSS of its process tree
+# (scripts/pss.py: gunicorn master + workers; zygote supervisor, zygote, owner, workers);
+# throughput and latency under wrk (2 x N keep-alive connections, one sentence per POST
+# /embed, scripts/bench-embed/sentences.txt) for --duration seconds; kill -9 of a worker ->
+# first answer of its replacement, --trials times (embedctl.py restart); stop it. Prints a
+# markdown table (also OUT/table.md). The target of issue 12: zygote's total PSS at most half
+# of gunicorn's without --preload (the weights counted once).
+#
+# Services: "seed" = gunicorn as seed 002 runs it (no --preload), "preload" = gunicorn
+# --preload (CPU only: with CUDA it is what fails in the seeds), "zygote" = the port in
+# examples/python/seed002 with the host backend. --torch-threads T (default 1) sets torch's
+# intra-op threads in every worker of every service (OMP_NUM_THREADS, MKL_NUM_THREADS;
+# 0: torch's default, one per core, which oversubscribes a small machine with several
+# workers). No timed assertion: it prints figures.
+#
+# Needs: scripts/baseline/setup.sh (baseline venv, wrk), scripts/python-setup.sh (the zygote
+# package's venv), target/release/zygote (or ZYGOTE_BIN). Every process it starts runs in
+# its own session and is stopped on exit; every wait has a deadline.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+workers=4
+duration=20
+trials=3
+baselines="seed preload"
+torch_threads=1
+out="$repo/bench-out/python-$(date -u +%Y%m%d-%H%M%S)"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --workers) workers="$2"; shift 2 ;;
+        --duration) duration="$2"; shift 2 ;;
+        --trials) trials="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        --baselines) baselines="$2"; shift 2 ;;
+        --torch-threads) torch_threads="$2"; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        *) echo "bench-python.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+
+zbin="${ZYGOTE_BIN:-$repo/target/release/zygote}"
+pyvenv="${PYTHON_VENV:-$repo/.venv-python}"
+basevenv="${BASELINE_VENV:-$repo/.venv-baseline}"
+ctl="$here/bench-embed/embedctl.py"
+port="${BASE_PORT:-18600}"
+for need in "$zbin" "$pyvenv/bin/python" "$basevenv/bin/gunicorn"; do
+    [[ -e "$need" ]] || { echo "bench-python.sh: $need is missing (see --help)" >&2; exit 1; }
+done
+command -v wrk >/dev/null || { echo "bench-python.sh: wrk is missing" >&2; exit 1; }
+model="$("$basevenv/bin/python" "$here/baseline/model_dir.py")"
+mkdir -p "$out"
+if [[ "$torch_threads" != 0 ]]; then
+    export TORCH_THREADS="$torch_threads" OMP_NUM_THREADS="$torch_threads" \
+        MKL_NUM_THREADS="$torch_threads"
+fi
+"$basevenv/bin/python" "$ctl" bodies "$here/bench-embed/sentences.txt" "$out/bodies.txt" >/dev/null
+
+pgids=()
+cleanup() {
+    for g in "${pgids[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+    sleep 1
+    for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+rows=()
+measure() {  # NAME URL PID SINCE [wait-ready args...]; RESTART_ARGS in the environment
+    local name="$1" url="$2" pid="$3" since="$4"
+    shift 4
+    local ready pss wrkout restart
+    ready="$("$basevenv/bin/python" "$ctl" wait-ready --url "$url" --workers "$workers" \
+        --since "$since" --timeout 600 "$@" || echo '{}')"
+    echo "$name: $ready" >&2
+    wrk -t 2 -c "$((2 * workers))" -d 5 -s "$here/bench-embed/embed.lua" "$url" -- \
+        "$out/bodies.txt" >/dev/null 2>&1 || true
+    pss="$(python3 "$here/pss.py" --json "$pid")"
+    echo "$name: total PSS $(echo "$pss" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["pss_kib"] // 1024)') MiB" >&2
+    wrkout="$(wrk -t 2 -c "$((2 * workers))" -d "$duration" --latency \
+        -s "$here/bench-embed/embed.lua" "$url" -- "$out/bodies.txt" 2>&1 | tee "$out/$name.wrk")"
+    echo "$wrkout" | grep -E "Requests/sec" >&2 || true
+    restart="$("$basevenv/bin/python" "$ctl" restart --url "$url" --trials "$trials" \
+        --timeout 300 --pollers "$workers" $RESTART_ARGS || echo '{}')"
+    echo "$name: restart $restart" >&2
+    rows+=("$("$basevenv/bin/python" - "$name" "$ready" "$pss" "$out/$name.wrk" "$restart" <<'PY'
+import json, re, sys
+name, ready, pss, wrk, restart = sys.argv[1:]
+ready, pss, restart = json.loads(ready), json.loads(pss), json.loads(restart)
+text = open(wrk).read()
+rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+m = re.search(r"WRKJSON (\{.*\})", text)
+lat = json.loads(m.group(1)) if m else {}
+total = pss["total"]["pss_kib"] / 1024
+print(f"| {name} | {ready.get('all_ready_s', '-')} s | {total:.0f} MiB | "
+      f"{float(rps.group(1)) if rps else 0:.1f} | {lat.get('p50_us', 0) / 1000:.1f} ms | "
+      f"{restart.get('median_ms', '-')} ms |")
+PY
+)")
+}
+
+for b in $baselines; do
+    since="$(date +%s.%N)"
+    extra=()
+    [[ "$b" == "preload" ]] && extra=(--preload)
+    setsid "$here/baseline/run.sh" "$workers" "$port" "${extra[@]}" >"$out/$b.log" 2>&1 &
+    master=$!
+    pgids+=("$master")
+    RESTART_ARGS="--gunicorn-master $master" measure "gunicorn $b" "http://127.0.0.1:$port" \
+        "$master" "$since"
+    kill -TERM -- "-$master" 2>/dev/null || true
+    wait "$master" 2>/dev/null || true
+    port=$((port + 1))
+done
+
+rdir="$out/zygote-rt"
+since="$(date +%s.%N)"
+HF_HUB_OFFLINE=1 PATH="$pyvenv/bin:$PATH" setsid "$zbin" start --model "$model" \
+    --app main:app --app-dir "$repo/examples/python/seed002" --workers "$workers" \
+    --backend host --listen "127.0.0.1:$port" --runtime-dir "$rdir" >"$out/zygote.log" 2>&1 &
+sup=$!
+pgids+=("$sup")
+RESTART_ARGS="--zygote $zbin --runtime-dir $rdir --log $out/zygote.log" \
+    measure "zygote --app" "http://127.0.0.1:$port" "$sup" "$since" \
+    --zygote "$zbin" --runtime-dir "$rdir"
+kill -TERM "$sup" 2>/dev/null || true
+wait "$sup" 2>/dev/null || true
+
+{
+    echo "seed 002 app, $workers workers, $(getconf _NPROCESSORS_ONLN) cores, torch threads ${torch_threads/#0/default}," \
+        "wrk ${duration}s x $((2 * workers)) connections"
+    echo
+    echo "| service | start -> all answering | total PSS | req/s | p50 | kill -9 -> first answer (median of $trials) |"
+    echo "| --- | --- | --- | --- | --- | --- |"
+    printf '%s\n' "${rows[@]}"
+} | tee "$out/table.md"
