@@ -21,6 +21,8 @@ What it does, in order:
    roll); kill -9 of the supervisor followed by a fresh start; SIGTERM (a stop) followed by a
    fresh start. After each fault it waits for the service to be whole again (the time to
    recover), lets the load run 0.5 s more, and counts what the load saw from the fault on.
+   Zygote kills are spaced so that each zygote has lived 10.5 s: the supervisor stops a
+   service whose zygote died 5 times in a row, each within 10 s of its start (a crash loop).
 4. Prints one row per fault kind: failed requests (no 2xx answer), resets, refused
    connections, orphans left, time to recover (median, max); and the fd and RSS figures.
 
@@ -53,6 +55,9 @@ SENTENCES = [
     "Chaos testing kills processes while requests keep coming.",
 ]
 RECOVER_TIMEOUT = 60.0
+# Age past which the supervisor no longer counts a zygote's death towards a crash loop (10 s),
+# with a margin.
+ZYGOTE_SETTLED_MS = 10_500
 # Times each fault runs (times --scale), in this order.
 DEFAULT_COUNTS = {
     "worker": 10,
@@ -357,7 +362,20 @@ def kill(pid, sig=signal.SIGKILL):
 
 def run_fault(kind, svc, load, args):
     """Applies one fault, waits for recovery; returns its row (a dict)."""
-    before = wait_until(lambda: whole_status(svc, args.workers), RECOVER_TIMEOUT)
+    if kind == "zygote":
+        # The supervisor counts a zygote that lived less than 10 s as a crash, and stops the
+        # service after 5 in a row (its crash-loop rule): let each zygote live past that.
+        def settled():
+            s = whole_status(svc, args.workers)
+            return (
+                s
+                if s and by_role(s, "zygote")[0]["age_ms"] > ZYGOTE_SETTLED_MS
+                else None
+            )
+
+        before = wait_until(settled, ZYGOTE_SETTLED_MS / 1000 + RECOVER_TIMEOUT, 0.2)
+    else:
+        before = wait_until(lambda: whole_status(svc, args.workers), RECOVER_TIMEOUT)
     if not before:
         raise RuntimeError(f"the service is not whole before a {kind} fault")
     old_pids = service_pids(before)
