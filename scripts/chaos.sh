@@ -9,8 +9,8 @@
 # all-MiniLM-L6-v2 with the host backend. Bounded: each fault runs a fixed number of times
 # (worker kills 10, owner 5, zygote 5, rolls 5, supervisor kills 3, stops 5, all times K),
 # every wait has a deadline, and the whole run is cut at CHAOS_TIMEOUT seconds (default 1800);
-# the service is stopped, then killed, on the way out. Takes about 5 minutes on 2 cores with
-# the default 10,000 spawns.
+# the service is stopped, then killed, on the way out. Takes about 2 minutes on 2 cores with
+# the default 10,000 spawns (most of it the spacing of the zygote kills, see chaos.py).
 #
 # Uses ZYGOTE_BIN if set, else builds and uses the release binary (target/release/zygote). The
 # run is niced: it is meant to share a machine. Writes the service logs and a JSON of every

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the libFuzzer targets of fuzz/ (cargo-fuzz layout), one after the other.
 #
-#   scripts/fuzz.sh [--smoke | --runs N | --time S] [--jobs-nice] [TARGET...]
+#   scripts/fuzz.sh [--smoke | --runs N | --time S] [TARGET...]
 #
 #   --smoke     each target for a few seconds (FUZZ_SMOKE_SECONDS, default 10): for CI
 #   --runs N    each target for N executions (default 10000000)
@@ -48,7 +48,7 @@ while (($#)); do
         --smoke) mode=time; seconds="${FUZZ_SMOKE_SECONDS:-10}" ;;
         --runs) mode=runs; runs="$2"; shift ;;
         --time) mode=time; seconds="$2"; shift ;;
-        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h | --help) sed -n "2,10p" "$0"; exit 0 ;;
         -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1") ;;
     esac

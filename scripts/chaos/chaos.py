@@ -14,12 +14,15 @@ What it does, in order:
    records the outcome of every request: answered (2xx), an error answer (its status), reset
    (the connection broke or closed without an answer: ECONNRESET, EPIPE, EOF), refused
    (ECONNREFUSED: no listener), timed out.
-2. Runs S spawns of the `idle` entry through `zygote spawn`, and prints the zygote's and the
+2. Runs S spawns of the `idle` entry through `zygote spawn` (four at a time: read the pid,
+   kill -9 the child, expect the CLI to report the signal), and prints the zygote's and the
    supervisor's open fds and RSS before and after.
 3. In turn, each fault K times: kill -9 of a worker, of the owner, of the zygote; SIGHUP (a
    roll); kill -9 of the supervisor followed by a fresh start; SIGTERM (a stop) followed by a
    fresh start. After each fault it waits for the service to be whole again (the time to
    recover), lets the load run 0.5 s more, and counts what the load saw from the fault on.
+   Zygote kills are spaced so that each zygote has lived 10.5 s: the supervisor stops a
+   service whose zygote died 5 times in a row, each within 10 s of its start (a crash loop).
 4. Prints one row per fault kind: failed requests (no 2xx answer), resets, refused
    connections, orphans left, time to recover (median, max); and the fd and RSS figures.
 
@@ -35,7 +38,9 @@ import http.client
 import json
 import os
 import random
+import select
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +55,9 @@ SENTENCES = [
     "Chaos testing kills processes while requests keep coming.",
 ]
 RECOVER_TIMEOUT = 60.0
+# Age past which the supervisor no longer counts a zygote's death towards a crash loop (10 s),
+# with a margin.
+ZYGOTE_SETTLED_MS = 10_500
 # Times each fault runs (times --scale), in this order.
 DEFAULT_COUNTS = {
     "worker": 10,
@@ -209,6 +217,19 @@ def binary_processes(exe):
     return pids
 
 
+def port_free(port):
+    """True when 127.0.0.1:port can be bound (with SO_REUSEADDR, as the supervisor binds)."""
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -341,7 +362,20 @@ def kill(pid, sig=signal.SIGKILL):
 
 def run_fault(kind, svc, load, args):
     """Applies one fault, waits for recovery; returns its row (a dict)."""
-    before = wait_until(lambda: whole_status(svc, args.workers), RECOVER_TIMEOUT)
+    if kind == "zygote":
+        # The supervisor counts a zygote that lived less than 10 s as a crash, and stops the
+        # service after 5 in a row (its crash-loop rule): let each zygote live past that.
+        def settled():
+            s = whole_status(svc, args.workers)
+            return (
+                s
+                if s and by_role(s, "zygote")[0]["age_ms"] > ZYGOTE_SETTLED_MS
+                else None
+            )
+
+        before = wait_until(settled, ZYGOTE_SETTLED_MS / 1000 + RECOVER_TIMEOUT, 0.2)
+    else:
+        before = wait_until(lambda: whole_status(svc, args.workers), RECOVER_TIMEOUT)
     if not before:
         raise RuntimeError(f"the service is not whole before a {kind} fault")
     old_pids = service_pids(before)
@@ -365,10 +399,14 @@ def run_fault(kind, svc, load, args):
         code = svc.wait_exit(RECOVER_TIMEOUT)
         stopped = time.monotonic() - t0
         # Everything of the old service must end by itself (the lifeline), within 5 s.
-        left = wait_until(lambda: not (binary_processes(args.zygote) & old_pids), 5.0)
-        orphan_pids = set() if left else binary_processes(args.zygote) & old_pids
+        gone = wait_until(lambda: not (binary_processes(args.zygote) & old_pids), 5.0)
+        gone_s = time.monotonic() - t0
+        orphan_pids = set() if gone else binary_processes(args.zygote) & old_pids
         for p in orphan_pids:  # leave nothing behind for the next round
             kill(p)
+        # A zombie leader can still have threads exiting, holding the listener: the fresh
+        # start would fail to bind. Wait for the port as its bind will see it.
+        row_port = wait_until(lambda: port_free(args.port), 5.0)
         fresh_start = True
         svc.start()
     old_workers = {p["pid"] for p in by_role(before, "worker")}
@@ -414,56 +452,77 @@ def run_fault(kind, svc, load, args):
     }
     if kind in ("supervisor", "stop"):
         row["stop_s"] = stopped
+        row["old_service_gone_s"] = gone_s
+        row["port_free"] = bool(row_port)
         row["exit"] = code
     return row
 
 
+def read_line(p, deadline):
+    """The next line of `p`'s stdout, or b"" at EOF or when `deadline` passes."""
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([p.stdout], [], [], left)[0]:
+        return b""
+    return p.stdout.readline()
+
+
+def spawn_once(args):
+    """One `zygote spawn --entry idle`: read its pid, kill -9 the child, and expect the CLI to
+    report the signal (the exit status reaching the requester). True when it did."""
+    p = subprocess.Popen(
+        [args.zygote, "spawn", "--runtime-dir", args.runtime_dir, "--entry", "idle"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    ok = False
+    try:
+        line = read_line(p, deadline)
+        if line.startswith(b"pid "):
+            kill(int(line.split()[1]))
+            while line := read_line(p, deadline):
+                if line.startswith(b"killed by signal 9"):
+                    ok = True
+                    break
+    finally:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+    return ok
+
+
 def spawn_churn(svc, args):
-    """S spawns of `idle` through `zygote spawn`, two at a time; fds and RSS before and after."""
+    """S spawns through `zygote spawn`, 4 at a time; fds and RSS before and after."""
     status = svc.status()
     z = by_role(status, "zygote")[0]["pid"]
     sup = svc.proc.pid
     before = {"zygote": fds_and_rss(z), "supervisor": fds_and_rss(sup)}
     t0 = time.monotonic()
-    done, failed = 0, 0
-    running = []
+    counts = {"done": 0, "failed": 0}
+    lock = threading.Lock()
 
-    def finish(p):
-        nonlocal done, failed
-        p.kill()  # the idle child sees its control channel close and exits
-        p.wait()
-        done += 1
+    def spawner():
+        while True:
+            with lock:
+                if counts["done"] >= args.spawns:
+                    return
+                counts["done"] += 1
+                if counts["done"] % 1000 == 0:
+                    log(f"{counts['done']} spawns")
+            if not spawn_once(args):
+                with lock:
+                    counts["failed"] += 1
 
-    while done + len(running) < args.spawns or running:
-        while len(running) < 2 and done + len(running) < args.spawns:
-            p = subprocess.Popen(
-                [
-                    args.zygote,
-                    "spawn",
-                    "--runtime-dir",
-                    args.runtime_dir,
-                    "--entry",
-                    "idle",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-            )
-            running.append((p, time.monotonic()))
-        p, started = running.pop(0)
-        ok = False
-        while time.monotonic() - started < 10:
-            line = p.stdout.readline()
-            if not line:
-                break
-            if line.startswith(b"ready"):
-                ok = True
-                break
-        if not ok:
-            failed += 1
-        finish(p)
-        if done % 1000 == 0:
-            log(f"{done} spawns")
+    threads = [threading.Thread(target=spawner) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done, failed = counts["done"], counts["failed"]
     elapsed = time.monotonic() - t0
     # Let the last idle children end and the zygote reap them: it is left with the owner and
     # the workers.
@@ -517,6 +576,28 @@ def table(rows):
             f" | {on_victim} | {sum(r['resets'] for r in rs)} | {sum(r['refused'] for r in rs)}"
             f" | {sum(r['orphans'] for r in rs)} | {fmt_s(statistics.median(rec))}, {fmt_s(max(rec))} |"
         )
+    ends = [r for r in rows if "stop_s" in r]
+    if ends:
+        out += [
+            "",
+            (
+                "| fault | supervisor exited: median, max | old service gone: median, max"
+                " | exit statuses |"
+            ),
+            "| --- | --- | --- | --- |",
+        ]
+        for k in ("supervisor", "stop"):
+            rs = [r for r in ends if r["fault"] == k]
+            if not rs:
+                continue
+            st = [r["stop_s"] for r in rs]
+            gone = [r["old_service_gone_s"] for r in rs]
+            codes = sorted({str(r["exit"]) for r in rs})
+            out.append(
+                f"| {names[k]} | {fmt_s(statistics.median(st))}, {fmt_s(max(st))}"
+                f" | {fmt_s(statistics.median(gone))}, {fmt_s(max(gone))}"
+                f" | {', '.join(codes)} |"
+            )
     return "\n".join(out)
 
 
