@@ -22,8 +22,16 @@ import time
 
 def vram_used_mib(device):
     out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(device)],
-        check=True, capture_output=True, text=True,
+        [
+            "nvidia-smi",
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            str(device),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return int(out.strip().splitlines()[0])
 
@@ -31,9 +39,15 @@ def vram_used_mib(device):
 def per_process_mib(device):
     """pid -> MiB from nvidia-smi (empty inside PID namespaces that hide the pids)."""
     out = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits",
-         "-i", str(device)],
-        capture_output=True, text=True,
+        [
+            "nvidia-smi",
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+            "-i",
+            str(device),
+        ],
+        capture_output=True,
+        text=True,
     ).stdout
     result = {}
     for line in out.strip().splitlines():
@@ -47,9 +61,16 @@ def child(model, device, native):
     import torch
 
     dtypes = {
-        "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
     }
     t0 = time.perf_counter()
     dev = torch.device(f"cuda:{device}")
@@ -59,7 +80,7 @@ def child(model, device, native):
     with open(model, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         (n,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8:8 + n])
+        header = json.loads(mm[8 : 8 + n])
         base = 8 + n
         for name, info in header.items():
             if name == "__metadata__":
@@ -75,18 +96,25 @@ def child(model, device, native):
         torch.cuda.synchronize(dev)
     t_end = time.perf_counter()
     allocated = torch.cuda.memory_allocated(dev)
-    print(json.dumps({
-        "pid": os.getpid(),
-        "load_ms": (t_end - t0) * 1e3,
-        "context_ms": (t_ctx - t0) * 1e3,
-        "allocated_mib": allocated / 2**20,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "load_ms": (t_end - t0) * 1e3,
+                "context_ms": (t_ctx - t0) * 1e3,
+                "allocated_mib": allocated / 2**20,
+            }
+        ),
+        flush=True,
+    )
     sys.stdin.read()  # hold the copy until the parent closes our stdin
     return 0
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--device", type=int, default=0)
@@ -107,7 +135,9 @@ def main():
         cmd = [sys.executable, __file__, "--child", "--model", a.model, "--device", str(a.device)]
         if a.native:
             cmd.append("--native")
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
     reports = []
     try:
         for pr in procs:
@@ -131,19 +161,23 @@ def main():
             except subprocess.TimeoutExpired:
                 pr.kill()
     loads = sorted(r["load_ms"] for r in reports)
-    print(json.dumps({
-        "procs": a.procs,
-        "dtype": "native" if a.native else "f32",
-        "vram_before_mib": before,
-        "vram_after_mib": after,
-        "vram_delta_mib": after - before,
-        "per_process_mib": [per_pid.get(r["pid"]) for r in reports],
-        "load_ms_p50": loads[len(loads) // 2],
-        "load_ms": [round(x, 1) for x in loads],
-        "context_ms": [round(r["context_ms"], 1) for r in reports],
-        "allocated_mib": [round(r["allocated_mib"], 1) for r in reports],
-        "all_ready_ms": round(all_ready_ms, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "procs": a.procs,
+                "dtype": "native" if a.native else "f32",
+                "vram_before_mib": before,
+                "vram_after_mib": after,
+                "vram_delta_mib": after - before,
+                "per_process_mib": [per_pid.get(r["pid"]) for r in reports],
+                "load_ms_p50": loads[len(loads) // 2],
+                "load_ms": [round(x, 1) for x in loads],
+                "context_ms": [round(r["context_ms"], 1) for r in reports],
+                "allocated_mib": [round(r["allocated_mib"], 1) for r in reports],
+                "all_ready_ms": round(all_ready_ms, 1),
+            }
+        )
+    )
     return 0
 
 

@@ -20,8 +20,19 @@ import json
 import os
 import sys
 
-FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Shared_Clean",
-          "Shared_Dirty", "Private_Clean", "Private_Dirty", "Swap", "SwapPss")
+FIELDS = (
+    "Rss",
+    "Pss",
+    "Pss_Anon",
+    "Pss_File",
+    "Pss_Shmem",
+    "Shared_Clean",
+    "Shared_Dirty",
+    "Private_Clean",
+    "Private_Dirty",
+    "Swap",
+    "SwapPss",
+)
 
 
 def rollup(pid):
@@ -64,7 +75,7 @@ def children_map():
         except OSError:
             continue
         # comm may hold spaces and parentheses: fields start after the last ')'.
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         kids.setdefault(ppid, []).append(int(name))
     return kids
 
@@ -94,22 +105,27 @@ def measure(roots, follow_tree=True):
             continue
         if r is None:
             continue
-        procs.append({"pid": pid, "cmd": comm(pid),
-                      **{k.lower() + "_kib": r.get(k, 0) for k in FIELDS}})
+        procs.append(
+            {"pid": pid, "cmd": comm(pid), **{k.lower() + "_kib": r.get(k, 0) for k in FIELDS}}
+        )
         for k in FIELDS:
             total[k] += r.get(k, 0)
     if unreadable:
-        print(f"pss.py: no permission to read {unreadable}: left out of the total",
-              file=sys.stderr)
-    return {"processes": procs, "count": len(procs), "unreadable": unreadable,
-            "total": {k.lower() + "_kib": v for k, v in total.items()}}
+        print(f"pss.py: no permission to read {unreadable}: left out of the total", file=sys.stderr)
+    return {
+        "processes": procs,
+        "count": len(procs),
+        "unreadable": unreadable,
+        "total": {k.lower() + "_kib": v for k, v in total.items()},
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pids", nargs="+", type=int)
-    ap.add_argument("--no-tree", action="store_true",
-                    help="only the PIDs given, not their descendants")
+    ap.add_argument(
+        "--no-tree", action="store_true", help="only the PIDs given, not their descendants"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     m = measure(args.pids, follow_tree=not args.no_tree)
@@ -124,9 +140,11 @@ def main():
     for p in m["processes"]:
         print(f"{p['pid']:>8} {p['pss_kib'] / 1024:9.1f} {p['rss_kib'] / 1024:9.1f}  {p['cmd']}")
     t = m["total"]
-    print(f"{'total':>8} {t['pss_kib'] / 1024:9.1f} {t['rss_kib'] / 1024:9.1f}  "
-          f"({m['count']} processes; PSS anon {t['pss_anon_kib'] / 1024:.1f}, "
-          f"file {t['pss_file_kib'] / 1024:.1f}, shmem {t['pss_shmem_kib'] / 1024:.1f} MiB)")
+    print(
+        f"{'total':>8} {t['pss_kib'] / 1024:9.1f} {t['rss_kib'] / 1024:9.1f}  "
+        f"({m['count']} processes; PSS anon {t['pss_anon_kib'] / 1024:.1f}, "
+        f"file {t['pss_file_kib'] / 1024:.1f}, shmem {t['pss_shmem_kib'] / 1024:.1f} MiB)"
+    )
     return 0
 
 

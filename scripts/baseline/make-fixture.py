@@ -62,8 +62,7 @@ SENTENCES = [
     "serving again within a few milliseconds.",
     "Gunicorn forks its workers from a master process, which is why loading "
     "CUDA in the master breaks every child.",
-    "She sells sea shells by the sea shore, and the shells she sells are sea "
-    "shells for sure.",
+    "She sells sea shells by the sea shore, and the shells she sells are sea shells for sure.",
     "To be, or not to be, that is the question: whether 'tis nobler in the "
     "mind to suffer the slings and arrows of outrageous fortune.",
     # Numbers, dates, units, identifiers.
@@ -78,11 +77,11 @@ SENTENCES = [
     "tabs\tand\nnewlines\r\nand    many     spaces",
     "Hyphen-ated, slash/separated; semi:colon \"quoted\" 'single' (paren) [bracket] {brace}",
     # Code.
-    "fn main() { println!(\"{}\", 1 + 2); }",
+    'fn main() { println!("{}", 1 + 2); }',
     "def add(a, b):\n    return a + b  # simple",
     "SELECT id, name FROM users WHERE age > 30 ORDER BY name DESC;",
-    "<div class=\"note\">Hello &amp; welcome</div>",
-    "curl -X POST -d '{\"input\": [\"hi\"]}' http://127.0.0.1:8000/embed",
+    '<div class="note">Hello &amp; welcome</div>',
+    'curl -X POST -d \'{"input": ["hi"]}\' http://127.0.0.1:8000/embed',
     # Accents and other Latin-script languages.
     "Crème brûlée, café au lait et façade: voilà le résumé.",
     "Der Bär läuft über die Straße, während es regnet.",

@@ -54,8 +54,7 @@ def post_embed(host, port, body=PROBE_BODY, timeout=30.0):
     """One POST /embed on a fresh connection: (status, pid header or None)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("POST", "/embed", body=body,
-                     headers={"Content-Type": "application/json"})
+        conn.request("POST", "/embed", body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         resp.read()
         pid = resp.getheader(PID_HEADER)
@@ -71,8 +70,12 @@ def split_url(url):
 
 
 def zygote_status(zbin, rdir):
-    out = subprocess.run([zbin, "status", "--runtime-dir", rdir, "--json"],
-                         capture_output=True, text=True, timeout=10)
+    out = subprocess.run(
+        [zbin, "status", "--runtime-dir", rdir, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"zygote status failed ({out.returncode}): {out.stderr.strip()}")
     return json.loads(out.stdout)
@@ -92,6 +95,7 @@ def children(pid):
 
 # ---------------------------------------------------------------- bodies
 
+
 def cmd_bodies(args):
     with open(args.sentences, encoding="utf-8") as f:
         sentences = [s.rstrip("\n") for s in f if s.strip()]
@@ -102,6 +106,7 @@ def cmd_bodies(args):
 
 
 # ------------------------------------------------------------ wait-ready
+
 
 def cmd_wait_ready(args):
     host, port = split_url(args.url)
@@ -152,20 +157,27 @@ def cmd_wait_ready(args):
         for t in threads:
             t.join(timeout=35)
     if ready_at is None:
-        log(f"not ready after {args.timeout} s: {len(seen)} worker pid(s) answered, "
-            f"first answer {'yes' if first_answer[0] else 'no'}")
+        log(
+            f"not ready after {args.timeout} s: {len(seen)} worker pid(s) answered, "
+            f"first answer {'yes' if first_answer[0] else 'no'}"
+        )
         print(json.dumps({"ready": False}))
         return 1
-    print(json.dumps({
-        "ready": True,
-        "first_answer_s": round(first_answer[0] - args.since, 3),
-        "all_ready_s": round(ready_at - args.since, 3),
-        "pids_answered": sorted(seen),
-    }))
+    print(
+        json.dumps(
+            {
+                "ready": True,
+                "first_answer_s": round(first_answer[0] - args.since, 3),
+                "all_ready_s": round(ready_at - args.since, 3),
+                "pids_answered": sorted(seen),
+            }
+        )
+    )
     return 0
 
 
 # --------------------------------------------------------------- restart
+
 
 class AnswerWatch:
     """Pollers that POST /embed on fresh connections and note answering pids."""
@@ -232,18 +244,23 @@ def restart_gunicorn(args, host, port):
             if new_pid is not None:
                 t = watch.first_answer(new_pid)
                 if t is not None:
-                    return {"victim": victim, "new_pid": new_pid,
-                            "respawned_ms": round((spawned_at - t0) * 1000, 1),
-                            "serving_ms": round((t - t0) * 1000, 1),
-                            "method": "first answer from the new pid"}
+                    return {
+                        "victim": victim,
+                        "new_pid": new_pid,
+                        "respawned_ms": round((spawned_at - t0) * 1000, 1),
+                        "serving_ms": round((t - t0) * 1000, 1),
+                        "method": "first answer from the new pid",
+                    }
             time.sleep(0.005)
         raise RuntimeError(f"worker {victim} not replaced and answering within {args.timeout} s")
     finally:
         watch.close()
 
 
-READY_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) .*\[supervisor \d+\] "
-                        r"worker \d+ \(pid (\d+)\) ready in ")
+READY_LINE = re.compile(
+    r"^(\d\d):(\d\d):(\d\d\.\d+) .*\[supervisor \d+\] "
+    r"worker \d+ \(pid (\d+)\) ready in "
+)
 
 
 def ready_in_log(path, pid, t0, wait=1.0):
@@ -272,8 +289,10 @@ def ready_in_log(path, pid, t0, wait=1.0):
 def restart_zygote(args, host, port):
     st = zygote_status(args.zygote, args.runtime_dir)
     workers = zygote_workers(st)
-    serving = sorted((w for w in workers if w.get("state") == "serving"),
-                     key=lambda w: (w.get("slot") if w.get("slot") is not None else 1 << 30))
+    serving = sorted(
+        (w for w in workers if w.get("state") == "serving"),
+        key=lambda w: w.get("slot") if w.get("slot") is not None else 1 << 30,
+    )
     if not serving:
         raise RuntimeError("no worker in state serving")
     victim = serving[0]
@@ -296,30 +315,41 @@ def restart_zygote(args, host, port):
                     new_pid, answered = min(fresh.items(), key=lambda kv: kv[1])
                     st = zygote_status(args.zygote, args.runtime_dir)
                     w = next((w for w in zygote_workers(st) if w["pid"] == new_pid), {})
-                    trial = {"victim": vpid, "slot": slot, "new_pid": new_pid,
-                             "new_slot": w.get("slot"), "killed_at": round(t0, 3),
-                             "serving_ms": round((answered - t0) * 1000, 1),
-                             "method": "first answer from the new pid"}
+                    trial = {
+                        "victim": vpid,
+                        "slot": slot,
+                        "new_pid": new_pid,
+                        "new_slot": w.get("slot"),
+                        "killed_at": round(t0, 3),
+                        "serving_ms": round((answered - t0) * 1000, 1),
+                        "method": "first answer from the new pid",
+                    }
                     if args.log:
                         trial["ready_ms"] = ready_in_log(args.log, new_pid, t0)
                     return trial
                 time.sleep(0.002)
-            raise RuntimeError(f"no answer from a new worker within {args.timeout} s "
-                               f"after killing pid {vpid}")
+            raise RuntimeError(
+                f"no answer from a new worker within {args.timeout} s after killing pid {vpid}"
+            )
         # No pid header: the new pid in the victim's slot turning "serving" in `zygote status`.
         while time.time() < deadline:
             asked = time.time()
             for w in zygote_workers(zygote_status(args.zygote, args.runtime_dir)):
-                if (w.get("slot") == slot and w["pid"] != vpid
-                        and w.get("state") == "serving"):
+                if w.get("slot") == slot and w["pid"] != vpid and w.get("state") == "serving":
                     serving_at = time.time()
-                    return {"victim": vpid, "slot": slot, "new_pid": w["pid"],
-                            "serving_ms": round((serving_at - t0) * 1000, 1),
-                            # the worker turned serving at most this long before
-                            "status_call_ms": round((serving_at - asked) * 1000, 1),
-                            "method": "zygote status: new pid in state serving"}
+                    return {
+                        "victim": vpid,
+                        "slot": slot,
+                        "new_pid": w["pid"],
+                        "serving_ms": round((serving_at - t0) * 1000, 1),
+                        # the worker turned serving at most this long before
+                        "status_call_ms": round((serving_at - asked) * 1000, 1),
+                        "method": "zygote status: new pid in state serving",
+                    }
             time.sleep(0.002)
-        raise RuntimeError(f"worker slot {slot} (pid {vpid}) not serving again within {args.timeout} s")
+        raise RuntimeError(
+            f"worker slot {slot} (pid {vpid}) not serving again within {args.timeout} s"
+        )
     finally:
         watch.close()
 
@@ -336,8 +366,12 @@ def cmd_restart(args):
         trials.append(r)
         time.sleep(args.pause)
     ms = [t["serving_ms"] for t in trials]
-    summary = {"trials": trials, "median_ms": statistics.median(ms),
-               "max_ms": max(ms), "method": trials[0]["method"]}
+    summary = {
+        "trials": trials,
+        "median_ms": statistics.median(ms),
+        "max_ms": max(ms),
+        "method": trials[0]["method"],
+    }
     ready = [t["ready_ms"] for t in trials if t.get("ready_ms") is not None]
     if ready:
         summary["ready_median_ms"] = statistics.median(ready)
@@ -371,8 +405,8 @@ def proc_ticks(pid):
             stat = f.read()
     except OSError:
         return None
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2:].split()
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12]), comm
 
 
@@ -385,7 +419,7 @@ def descendants(roots):
                     stat = f.read()
             except OSError:
                 continue
-            kids.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(name))
+            kids.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(name))
     out, stack = set(), list(roots)
     while stack:
         p = stack.pop()
@@ -443,14 +477,22 @@ def cmd_cpu_monitor(args):
     me = os.times()
     own = me.user + me.system
     other = max(0.0, total - used["service"] - used["wrk"] - own)
-    print(json.dumps({"seconds": round(secs, 2), "busy_cores": round(total / secs, 2),
-                      "service_cores": round(used["service"] / secs, 2),
-                      "wrk_cores": round(used["wrk"] / secs, 2),
-                      "other_cores": round(other / secs, 2)}))
+    print(
+        json.dumps(
+            {
+                "seconds": round(secs, 2),
+                "busy_cores": round(total / secs, 2),
+                "service_cores": round(used["service"] / secs, 2),
+                "wrk_cores": round(used["wrk"] / secs, 2),
+                "other_cores": round(other / secs, 2),
+            }
+        )
+    )
     return 0
 
 
 # ---------------------------------------------------------------- report
+
 
 def fmt_ms(us):
     return f"{us / 1000:.1f}"
@@ -494,11 +536,13 @@ def cmd_merge(args):
             cpus.append(c)
     wrk = {}
     if rounds:
-        wrk = {"requests": sum(w["requests"] for w in rounds),
-               "duration_us": sum(w["duration_us"] for w in rounds),
-               "p50_us": statistics.median(w["p50_us"] for w in rounds),
-               "p99_us": max(w["p99_us"] for w in rounds),
-               "max_us": max(w["max_us"] for w in rounds)}
+        wrk = {
+            "requests": sum(w["requests"] for w in rounds),
+            "duration_us": sum(w["duration_us"] for w in rounds),
+            "p50_us": statistics.median(w["p50_us"] for w in rounds),
+            "p99_us": max(w["p99_us"] for w in rounds),
+            "max_us": max(w["max_us"] for w in rounds),
+        }
         for k in WRK_ERRORS:
             wrk[k] = sum(w.get(k, 0) for w in rounds)
     cpu = {}
@@ -507,12 +551,28 @@ def cmd_merge(args):
         cpu = {"seconds": round(secs, 2)}
         for k in ("busy_cores", "service_cores", "wrk_cores", "other_cores"):
             cpu[k] = round(sum(c[k] * c["seconds"] for c in cpus) / secs, 2)
-    print(json.dumps({
-        "service": args.service, "workers": args.workers, "note": args.note, "wrk": wrk,
-        "rounds": [{"rps": round(w["requests"] / (w["duration_us"] / 1e6), 1),
-                    "p50_us": w["p50_us"], "p99_us": w["p99_us"]} for w in rounds],
-        "pss": load_json(base + ".pss.json"), "restart": load_json(base + ".restart.json"),
-        "ready": load_json(base + ".ready.json"), "cpu": cpu}))
+    print(
+        json.dumps(
+            {
+                "service": args.service,
+                "workers": args.workers,
+                "note": args.note,
+                "wrk": wrk,
+                "rounds": [
+                    {
+                        "rps": round(w["requests"] / (w["duration_us"] / 1e6), 1),
+                        "p50_us": w["p50_us"],
+                        "p99_us": w["p99_us"],
+                    }
+                    for w in rounds
+                ],
+                "pss": load_json(base + ".pss.json"),
+                "restart": load_json(base + ".restart.json"),
+                "ready": load_json(base + ".ready.json"),
+                "cpu": cpu,
+            }
+        )
+    )
     return 0
 
 
@@ -523,7 +583,8 @@ def cmd_report(args):
             if line.strip():
                 rows.append(json.loads(line))
     out = [
-        "| service | workers | req/s (rounds: lowest-highest) | p50 ms | p99 ms | errors | total PSS MiB | processes "
+        "| service | workers | req/s (rounds: lowest-highest) | p50 ms | p99 ms | errors "
+        "| total PSS MiB | processes "
         "| kill → first answer of the replacement (median, max) | start → all workers answering "
         "| CPU cores: service / wrk / other |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
@@ -541,14 +602,16 @@ def cmd_report(args):
         else:
             perf = "– | – | – | –"
         p = r.get("pss") or {}
-        pss = (f"{p['total']['pss_kib'] / 1024:.0f} | {p['count']}" if p else "– | –")
+        pss = f"{p['total']['pss_kib'] / 1024:.0f} | {p['count']}" if p else "– | –"
         rs = r.get("restart") or {}
         if rs:
             unit = "ms" if rs["max_ms"] < 2000 else "s"
             scale = 1 if unit == "ms" else 1000
-            rst = (f"{rs['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit}, "
-                   f"{rs['max_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} "
-                   f"({len(rs['trials'])} kills)")
+            rst = (
+                f"{rs['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit}, "
+                f"{rs['max_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} "
+                f"({len(rs['trials'])} kills)"
+            )
             if rs.get("ready_max_ms") is not None:
                 rst += f"; ready {rs['ready_median_ms']:.0f} ms, {rs['ready_max_ms']:.0f} ms"
         else:
@@ -556,11 +619,16 @@ def cmd_report(args):
         rd = r.get("ready") or {}
         ready = f"{rd['all_ready_s']:.1f} s" if rd.get("ready") else "–"
         c = r.get("cpu") or {}
-        cpu = (f"{c['service_cores']:.2f} / {c['wrk_cores']:.2f} / {c['other_cores']:.2f}"
-               if c else "–")
+        cpu = (
+            f"{c['service_cores']:.2f} / {c['wrk_cores']:.2f} / {c['other_cores']:.2f}"
+            if c
+            else "–"
+        )
         note = f" ({r['note']})" if r.get("note") else ""
-        out.append(f"| {r['service']}{note} | {r['workers']} | {perf} | {pss} | {rst} "
-                   f"| {ready} | {cpu} |")
+        out.append(
+            f"| {r['service']}{note} | {r['workers']} | {perf} | {pss} | {rst} | {ready} | {cpu} |"
+        )
+
     # Against the target: zygote compared with the best baseline variant
     # (highest req/s, lowest PSS, fastest restart) at the same worker count.
     def rps(r):
@@ -577,11 +645,15 @@ def cmd_report(args):
         parts = []
         best_rps = max((rps(r) for r in py if rps(r)), default=None)
         if rps(z) and best_rps:
-            parts.append(f"throughput {rps(z) / best_rps:.2f}x the best baseline ({best_rps:.1f} req/s)")
+            parts.append(
+                f"throughput {rps(z) / best_rps:.2f}x the best baseline ({best_rps:.1f} req/s)"
+            )
         best_pss = min((r["pss"]["total"]["pss_kib"] for r in py if r.get("pss")), default=None)
         if z.get("pss") and best_pss:
-            parts.append(f"PSS {z['pss']['total']['pss_kib'] / best_pss:.3f} of the smallest baseline "
-                         f"(1/{best_pss / z['pss']['total']['pss_kib']:.1f})")
+            parts.append(
+                f"PSS {z['pss']['total']['pss_kib'] / best_pss:.3f} of the smallest baseline "
+                f"(1/{best_pss / z['pss']['total']['pss_kib']:.1f})"
+            )
         best_rs = min((r["restart"]["median_ms"] for r in py if r.get("restart")), default=None)
         if z.get("restart") and best_rs:
             parts.append(f"restart {z['restart']['median_ms']:.0f} ms vs {best_rs / 1000:.1f} s")
@@ -624,14 +696,20 @@ def main():
     r.add_argument("--trials", type=int, default=3)
     r.add_argument("--timeout", type=float, default=120, help="per kill")
     r.add_argument("--pause", type=float, default=1.0, help="seconds between kills")
-    r.add_argument("--pollers", type=int, default=2,
-                   help="threads posting on fresh connections during each kill")
+    r.add_argument(
+        "--pollers",
+        type=int,
+        default=2,
+        help="threads posting on fresh connections during each kill",
+    )
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--gunicorn-master", type=int)
     g.add_argument("--zygote")
     r.add_argument("--runtime-dir")
-    r.add_argument("--log", help="the service's log (zygote: also report kill -> ready "
-                                 "from the supervisor's lines)")
+    r.add_argument(
+        "--log",
+        help="the service's log (zygote: also report kill -> ready from the supervisor's lines)",
+    )
     r.set_defaults(fn=cmd_restart)
 
     z = sub.add_parser("zygote-pids")

@@ -292,9 +292,7 @@ class Load:
                 body = json.dumps({"input": [rng.choice(SENTENCES)]})
             elif r < 0.9:
                 method, path, fresh = "POST", "/v1/embeddings", True
-                body = json.dumps(
-                    {"input": rng.sample(SENTENCES, 4), "model": "all-MiniLM-L6-v2"}
-                )
+                body = json.dumps({"input": rng.sample(SENTENCES, 4), "model": "all-MiniLM-L6-v2"})
             else:
                 method, path, fresh, body = "GET", "/readyz", False, None
             if fresh and conn is not None:
@@ -312,9 +310,7 @@ class Load:
                 if 200 <= resp.status < 300:
                     outcome = "ok"
                 elif path == "/readyz" and resp.status == 503:
-                    outcome = (
-                        "ok"  # a draining worker says so: an answer, not a failure
-                    )
+                    outcome = "ok"  # a draining worker says so: an answer, not a failure
                 else:
                     outcome = f"http_{resp.status}"
                 self.record(outcome, last_pid)
@@ -367,11 +363,7 @@ def run_fault(kind, svc, load, args):
         # service after 5 in a row (its crash-loop rule): let each zygote live past that.
         def settled():
             s = whole_status(svc, args.workers)
-            return (
-                s
-                if s and by_role(s, "zygote")[0]["age_ms"] > ZYGOTE_SETTLED_MS
-                else None
-            )
+            return s if s and by_role(s, "zygote")[0]["age_ms"] > ZYGOTE_SETTLED_MS else None
 
         before = wait_until(settled, ZYGOTE_SETTLED_MS / 1000 + RECOVER_TIMEOUT, 0.2)
     else:
@@ -567,14 +559,14 @@ def table(rows):
         rec = [r["recover_s"] for r in rs]
         failed = [r["failed"] for r in rs]
         on_victim = sum(r["on_victim"] for r in rs) if k == "worker" else "-"
-        outcomes = sorted(
-            {o for r in rs for o in r["outcomes"] if o not in ("reset", "refused")}
-        )
+        outcomes = sorted({o for r in rs for o in r["outcomes"] if o not in ("reset", "refused")})
         extra = f" ({', '.join(outcomes)})" if outcomes else ""
         out.append(
-            f"| {names[k]} | {len(rs)} | {sum(r['requests'] for r in rs)} | {sum(failed)} ({max(failed)}){extra}"
+            f"| {names[k]} | {len(rs)} | {sum(r['requests'] for r in rs)}"
+            f" | {sum(failed)} ({max(failed)}){extra}"
             f" | {on_victim} | {sum(r['resets'] for r in rs)} | {sum(r['refused'] for r in rs)}"
-            f" | {sum(r['orphans'] for r in rs)} | {fmt_s(statistics.median(rec))}, {fmt_s(max(rec))} |"
+            f" | {sum(r['orphans'] for r in rs)}"
+            f" | {fmt_s(statistics.median(rec))}, {fmt_s(max(rec))} |"
         )
     ends = [r for r in rows if "stop_s" in r]
     if ends:
@@ -635,14 +627,10 @@ def main():
 
     counts = [(k, n * args.scale) for k, n in DEFAULT_COUNTS.items()]
     if args.faults:
-        counts = [
-            (k, int(n)) for k, n in (f.split("=") for f in args.faults.split(","))
-        ]
+        counts = [(k, int(n)) for k, n in (f.split("=") for f in args.faults.split(","))]
         unknown = [k for k, _ in counts if k not in DEFAULT_COUNTS]
         if unknown:
-            ap.error(
-                f"unknown fault {unknown[0]!r} (known: {', '.join(DEFAULT_COUNTS)})"
-            )
+            ap.error(f"unknown fault {unknown[0]!r} (known: {', '.join(DEFAULT_COUNTS)})")
     svc = Service(args)
     load = Load(args.port, args.clients)
     result = {"workers": args.workers, "clients": args.clients}
@@ -693,8 +681,8 @@ def main():
         result["supervisor_after"],
     )
     print(
-        f"supervisor across the in-place faults (worker, owner, zygote, roll): fds {sb[0]} -> {sa[0]}, "
-        f"RSS {sb[1]} -> {sa[1]} KiB"
+        "supervisor across the in-place faults (worker, owner, zygote, roll): "
+        f"fds {sb[0]} -> {sa[0]}, RSS {sb[1]} -> {sa[1]} KiB"
     )
     print(f"load: {result['load_requests']} requests, {result['load_ok']} answered")
     if args.json:

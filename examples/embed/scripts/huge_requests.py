@@ -25,9 +25,7 @@ HUGE = json.dumps({"input": ["!" * 254] * 256})
 
 
 def post(conn, body):
-    conn.request(
-        "POST", "/embed", body=body, headers={"Content-Type": "application/json"}
-    )
+    conn.request("POST", "/embed", body=body, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     resp.read()
     return resp.status
@@ -78,10 +76,7 @@ def main():
         t.start()
     time.sleep(1)
     results = [None] * a.huge
-    huges = [
-        threading.Thread(target=huge, args=(host, port, results, i))
-        for i in range(a.huge)
-    ]
+    huges = [threading.Thread(target=huge, args=(host, port, results, i)) for i in range(a.huge)]
     for t in huges:
         t.start()
     for t in smalls + huges:

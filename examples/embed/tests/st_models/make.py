@@ -83,9 +83,7 @@ def build(root: Path, tokenizer_dir: Path, shape: tuple) -> None:
     modules = [transformer, models.Pooling(hidden, pooling_mode=pooling)]
     if normalize:
         modules.append(models.Normalize())
-    st = SentenceTransformer(
-        modules=modules, prompts={"query": "query: "}, device="cpu"
-    )
+    st = SentenceTransformer(modules=modules, prompts={"query": "query: "}, device="cpu")
     out = root / name
     st.save(str(out))
     shutil.rmtree(base)
