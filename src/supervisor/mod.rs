@@ -102,7 +102,8 @@ pub fn run(cfg: Config) -> anyhow::Result<i32> {
         command: cfg.command.clone(),
         expect_digest: None,
         start_timeout: Duration::from_secs(300),
-        serve_app: cfg.entry == "app" && cfg.command.is_empty(),
+        // Only when app workers will run: `--workers 0` (client mode) serves any model file.
+        serve_app: cfg.entry == "app" && cfg.command.is_empty() && cfg.workers > 0,
     };
     let os = os::Os::new(listeners, admin, spec)?;
     let listen = os.listen_addrs();
