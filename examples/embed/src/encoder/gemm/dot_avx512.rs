@@ -1,7 +1,8 @@
 //! The AVX-512 kernel of [`super::linear_rows`]: the AVX2 kernel's tiles (`super::dot_avx2`,
 //! whose plan of token-row groups and prefetches it shares) with 16-lane vectors, so one step
-//! covers 16 values of `k` and each fused multiply-add does twice the work. Chosen at run time
-//! where the processor has AVX-512F; every function here reads through raw pointers, and each
+//! covers 16 values of `k` and each fused multiply-add does twice the work. Run where the
+//! processor has AVX-512F and `ZYGOTE_EMBED_DOT_KERNEL=avx512` asks for it (it measured no
+//! faster than the AVX2 kernel here); every function here reads through raw pointers, and each
 //! one's contract says what the caller has checked.
 
 use std::arch::x86_64::*;

@@ -3,8 +3,8 @@
 //! ([`linear_rows`], up to [`DOT_KERNEL_MAX_ROWS`] rows), and the transpose that feeds it
 //! ([`transpose`]). This module is the host encoder's `unsafe` leaf (the crate denies `unsafe`
 //! elsewhere): the `gemm` crate's entry point takes raw pointers and strides, and the SIMD
-//! kernels (`dot_avx512`, `dot_avx2`, the widest the processor has chosen at run time) read
-//! through raw pointers with intrinsics that need the CPU feature checked at run time.
+//! kernels (`dot_avx2`, and `dot_avx512` on request) read through raw pointers with
+//! intrinsics that need the CPU feature checked at run time.
 //!
 //! `gemm` takes raw pointers and strides, which is what lets the encoder multiply by a
 //! transposed weight without copying it: torch stores a linear layer's weight as `[out, in]`
@@ -210,20 +210,27 @@ pub enum DotKernel {
     Plain,
 }
 
-/// Environment variable that picks a narrower kernel than the processor allows: `avx2` or
-/// `plain` (for comparisons; anything else is ignored).
+/// Environment variable that picks the kernel: `avx512` (where the processor has it),
+/// `avx2` or `plain`; anything else is ignored.
 pub const DOT_KERNEL_ENV: &str = "ZYGOTE_EMBED_DOT_KERNEL";
 
-/// The widest kernel this processor runs (checked once), unless [`DOT_KERNEL_ENV`] asks for a
-/// narrower one.
+/// The kernel [`linear_rows`] runs (chosen once): the AVX2 one wherever the processor has AVX2
+/// and FMA, unless [`DOT_KERNEL_ENV`] asks for another. The AVX-512 kernel is not the default:
+/// on the project's AVX-512 machine it measured no faster (see the app's README), the
+/// few-row products being bound by the weights' memory traffic more than by the FMA width.
 pub fn dot_kernel() -> DotKernel {
     static KERNEL: std::sync::OnceLock<DotKernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
         let widest = widest_kernel();
+        let avx2 = if widest == DotKernel::Plain {
+            DotKernel::Plain
+        } else {
+            DotKernel::Avx2
+        };
         match std::env::var(DOT_KERNEL_ENV).as_deref() {
             Ok("plain") => DotKernel::Plain,
-            Ok("avx2") if widest != DotKernel::Plain => DotKernel::Avx2,
-            _ => widest,
+            Ok("avx512") => widest,
+            _ => avx2,
         }
     })
 }
@@ -256,8 +263,8 @@ pub fn dot_kernel_available() -> bool {
 /// Both operands run contiguously along `k`, so each output is a dot product of two
 /// contiguous lines and nothing is packed: the weights stream through once per call, which is
 /// what few-row products are bound by, and no row is padded. A register tile of three weight
-/// rows by up to four token rows keeps twelve sums, 16-lane on AVX-512 processors and 8-lane on
-/// AVX2/FMA ones (see [`dot_kernel`]); elsewhere a plain loop computes the same. Panics when the
+/// rows by up to four token rows keeps twelve sums, 8-lane on AVX2/FMA processors (16-lane
+/// AVX-512 on request, see [`dot_kernel`]); elsewhere a plain loop computes the same. Panics when the
 /// slices do not hold the shapes (a bug in the caller).
 pub fn linear_rows(xt: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     linear_rows_with(dot_kernel(), xt, rows, w, b, y);
