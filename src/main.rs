@@ -57,6 +57,7 @@ fn start(args: StartArgs) -> anyhow::Result<i32> {
             jitter: args.max_requests_jitter,
             max_rss_mib: args.max_rss,
         },
+        metrics: args.metrics,
     };
     supervisor::run(cfg)
 }

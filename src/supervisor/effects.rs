@@ -67,6 +67,10 @@ impl Exit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AdminConn(pub usize);
 
+/// A `/metrics` connection waiting for its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScrapeConn(pub usize);
+
 /// What the event loop hands the service.
 #[derive(Debug)]
 pub enum Input {
@@ -88,6 +92,8 @@ pub enum Input {
     Admin(AdminConn, AdminRequest),
     /// A zygote launched by [`Effects::launch_zygote`] serves, or failed to (why).
     ZygoteStarted(Result<ZygoteInfo, String>),
+    /// A complete `GET /metrics`: the event loop answers it with the service's snapshot.
+    Scrape(ScrapeConn),
 }
 
 /// Everything the service does outside itself.

@@ -19,6 +19,8 @@
 //! | [`exits`] | exit statuses matched with deaths |
 //! | [`status`] | `zygote status`'s answer |
 //! | [`admin`] | the admin socket |
+//! | [`scrape`] | the `--metrics` HTTP endpoint |
+//! | [`metrics`] | `/metrics`'s snapshot and its encoding (the only user of prometheus-client) |
 //! | [`gate`] | refusing new connections during a stop (an `unsafe` leaf) |
 //! | [`zygote`] | starting a zygote process |
 //!
@@ -38,8 +40,10 @@ mod exits;
 mod fake;
 #[allow(unsafe_code)]
 mod gate;
+mod metrics;
 mod os;
 pub mod policy;
+mod scrape;
 mod service;
 mod status;
 pub mod zygote;
@@ -52,6 +56,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use zygote_runtime::backend::{BackendChoice, IpcChoice};
 
+use self::effects::Input;
 use self::service::Service;
 
 /// How long the event loop waits at most before it looks at the timers again.
@@ -74,6 +79,8 @@ pub struct Config {
     pub allow_uids: Vec<u32>,
     /// When workers are recycled (`--max-requests`, `--max-requests-jitter`, `--max-rss`).
     pub recycle: policy::RecycleLimits,
+    /// Where `/metrics` is served (`--metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs a service until it is stopped. Returns the exit code.
@@ -103,7 +110,16 @@ pub fn run(cfg: Config) -> anyhow::Result<i32> {
         expect_digest: None,
         start_timeout: Duration::from_secs(300),
     };
-    let os = os::Os::new(listeners, admin, spec)?;
+    let scrape = match cfg.metrics {
+        Some(addr) => {
+            Some(scrape::Scrape::bind(addr).with_context(|| format!("binding --metrics {addr}"))?)
+        }
+        None => None,
+    };
+    let os = os::Os::new(listeners, admin, scrape, spec)?;
+    if let Some(addr) = os.metrics_addr() {
+        log::info!("serving metrics on http://{addr}/metrics");
+    }
     let listen = os.listen_addrs();
     let mut svc = Service::new(cfg, listen, os);
     let result = serve(&mut svc);
@@ -116,6 +132,12 @@ fn serve(svc: &mut Service<os::Os>) -> anyhow::Result<i32> {
     svc.start()?;
     while !svc.done() {
         for input in svc.effects().wait(TICK)? {
+            if let Input::Scrape(conn) = input {
+                let text = metrics::encode(svc.metrics());
+                svc.effects()
+                    .answer_scrape(conn, metrics::CONTENT_TYPE, &text);
+                continue;
+            }
             if let Some((conn, resp)) = svc.input(input) {
                 svc.effects().answer(conn, &resp);
             }

@@ -25,13 +25,15 @@ use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response};
 
 use super::admin::Admin;
-use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
+use super::effects::{AdminConn, Effects, Exit, Input, ScrapeConn, SpawnRequest, ZygoteInfo};
+use super::scrape::Scrape;
 use super::zygote::{self, ZygoteProc, ZygoteSpec};
 
 const SIGNALS: Token = Token(0);
 const ZYGOTE: Token = Token(1);
 const ADMIN: Token = Token(2);
 const LAUNCH: Token = Token(3);
+const METRICS: Token = Token(4);
 const FIRST_DYNAMIC: usize = 16;
 
 /// What a dynamic token stands for.
@@ -64,15 +66,19 @@ pub struct Os {
     tokens: HashMap<Token, Tok>,
     next_token: usize,
     admin: Admin,
+    /// The `--metrics` endpoint, if asked for.
+    scrape: Option<Scrape>,
     devnull: File,
 }
 
 impl Os {
-    /// Takes the bound listeners and the admin socket; blocks the signals it reads into a
-    /// signalfd and makes this process the subreaper of everything below it.
+    /// Takes the bound listeners, the admin socket and the metrics endpoint; blocks the
+    /// signals it reads into a signalfd and makes this process the subreaper of everything
+    /// below it.
     pub fn new(
         listeners: Vec<TcpListener>,
         mut admin: Admin,
+        mut scrape: Option<Scrape>,
         spec: ZygoteSpec,
     ) -> anyhow::Result<Self> {
         // Signals are read from a signalfd, so they must not be delivered the ordinary way.
@@ -99,6 +105,9 @@ impl Os {
             Interest::READABLE,
         )?;
         admin.register(reg, ADMIN)?;
+        if let Some(s) = scrape.as_mut() {
+            s.register(reg, METRICS)?;
+        }
         Ok(Self {
             poll,
             signals,
@@ -110,6 +119,7 @@ impl Os {
             tokens: HashMap::new(),
             next_token: FIRST_DYNAMIC,
             admin,
+            scrape,
             devnull: File::open("/dev/null")?,
         })
     }
@@ -136,6 +146,9 @@ impl Os {
         };
         // Silent admin clients lose their connection, never the loop's time.
         self.admin.expire(Instant::now());
+        if let Some(s) = self.scrape.as_mut() {
+            s.expire(Instant::now());
+        }
         // A launched zygote's deadline is checked even while it stays silent.
         if self
             .launching
@@ -156,6 +169,11 @@ impl Os {
                 ZYGOTE => self.zygote_readable(&mut out),
                 ADMIN => self.admin.accept(Instant::now(), &mut out),
                 LAUNCH => self.launch_progress(&mut out),
+                METRICS => {
+                    if let Some(s) = self.scrape.as_mut() {
+                        s.accept(Instant::now(), &mut out);
+                    }
+                }
                 t => match self.tokens.get(&t).copied() {
                     Some(Tok::Control(pid)) => self.control(pid, &mut out),
                     Some(Tok::Pidfd(pid)) => {
@@ -166,7 +184,10 @@ impl Os {
                         out.push(Input::Died(pid));
                     }
                     None if self.admin.owns(t) => self.admin.ready(t, &mut out),
-                    None => {}
+                    None => match self.scrape.as_mut() {
+                        Some(s) if s.owns(t) => s.ready(t, &mut out),
+                        _ => {}
+                    },
                 },
             }
         }
@@ -176,6 +197,18 @@ impl Os {
     /// Sends an admin answer.
     pub fn answer(&mut self, conn: AdminConn, resp: &AdminResponse) {
         self.admin.answer(conn, resp);
+    }
+
+    /// Sends the metrics text to a scrape.
+    pub fn answer_scrape(&mut self, conn: ScrapeConn, content_type: &str, body: &str) {
+        if let Some(s) = self.scrape.as_mut() {
+            s.answer(conn, content_type, body);
+        }
+    }
+
+    /// The metrics endpoint's address, as bound.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.scrape.as_ref().and_then(Scrape::local_addr)
     }
 
     fn signals(&mut self, out: &mut Vec<Input>) {

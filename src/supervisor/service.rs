@@ -14,10 +14,11 @@ use std::time::Instant;
 use anyhow::bail;
 use log::Level;
 use nix::sys::signal::Signal;
-use zygote_runtime::protocol::{AdminResponse, ChildMessage, RestartReasons};
+use zygote_runtime::protocol::{AdminResponse, ChildMessage, Latency, RestartReasons};
 
 use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
 use super::exits::Exits;
+use super::metrics::{Histogram, REQUEST_LATENCY_BOUNDS, SPAWN_READY_BOUNDS};
 use super::policy::{self, Death, Phase, Role, State, Timers, ZygoteRestart};
 use super::Config;
 
@@ -42,6 +43,8 @@ pub(super) struct Child {
     pub request_limit: Option<u64>,
     /// A replacement was asked for (it is recycled): no more checks.
     pub recycling: bool,
+    /// The latencies its last heartbeat carried, if it measures them.
+    pub latency: Option<Latency>,
     /// Why the supervisor killed it, if it did (counted when it dies).
     pub killed_for: Option<policy::Cause>,
 }
@@ -81,6 +84,16 @@ pub struct Service<E: Effects> {
     stop_reason: Option<String>,
     /// Serving workers that a roll or a recycle must replace, and why.
     pending_rolls: Vec<(i32, policy::Cause)>,
+    /// Replacements since the start, by reason (kept when scaling drops a slot).
+    pub(super) restart_totals: RestartReasons,
+    /// Spawn to ready, of every child.
+    pub(super) spawn_ready: Histogram,
+    /// Bytes of weights each device's owner said it serves.
+    pub(super) weights_bytes: BTreeMap<u32, u64>,
+    /// Requests served by workers that are gone.
+    pub(super) retired_served: u64,
+    /// The latencies of the requests of workers that are gone.
+    pub(super) retired_latency: Histogram,
 }
 
 /// The backend and the IPC mechanism out of an owner's `ready` detail (`key=value` words).
@@ -93,6 +106,20 @@ pub fn owner_ready_fields(detail: &str) -> (Option<String>, Option<String>) {
         })
     };
     (field("backend"), field("ipc"))
+}
+
+/// Adds a worker's latencies to a histogram of [`REQUEST_LATENCY_BOUNDS`] (counts of other
+/// bounds, from a worker of another version, are left out).
+pub fn add_latency(h: &mut Histogram, l: &Latency) {
+    h.add(&l.counts, l.sum_us as f64 / 1e6);
+}
+
+/// The `bytes=N` word of an owner's `ready` detail.
+pub fn owner_weights_bytes(detail: &str) -> Option<u64> {
+    detail
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("bytes="))
+        .and_then(|n| n.parse().ok())
 }
 
 impl<E: Effects> Service<E> {
@@ -116,6 +143,11 @@ impl<E: Effects> Service<E> {
             ipc: None,
             stop_reason: None,
             pending_rolls: Vec::new(),
+            restart_totals: RestartReasons::default(),
+            spawn_ready: Histogram::new(SPAWN_READY_BOUNDS),
+            weights_bytes: BTreeMap::new(),
+            retired_served: 0,
+            retired_latency: Histogram::new(REQUEST_LATENCY_BOUNDS),
         }
     }
 
@@ -205,6 +237,8 @@ impl<E: Effects> Service<E> {
             }
             Input::Admin(conn, req) => return Some((conn, self.admin(req))),
             Input::ZygoteStarted(result) => self.zygote_started(result),
+            // The event loop answers scrapes itself, from `Service::metrics`.
+            Input::Scrape(_) => {}
         }
         None
     }
@@ -279,10 +313,17 @@ impl<E: Effects> Service<E> {
                 replaces,
                 request_limit,
                 recycling: false,
+                latency: None,
                 killed_for: None,
             },
         );
         Ok(())
+    }
+
+    /// Counts one replacement in `role`'s slot and in the service's totals.
+    fn count(&mut self, role: Role, cause: policy::Cause) {
+        policy::count(&mut self.slot(role).reasons, cause);
+        policy::count(&mut self.restart_totals, cause);
     }
 
     fn slot(&mut self, role: Role) -> &mut Slot {
@@ -319,7 +360,9 @@ impl<E: Effects> Service<E> {
                     p.state = State::Serving;
                     p.generation = generation;
                     let (role, replaces) = (p.role, p.replaces.take());
-                    let ms = now.duration_since(p.timers.started).as_millis();
+                    let took = now.duration_since(p.timers.started);
+                    self.spawn_ready.observe(took.as_secs_f64());
+                    let ms = took.as_millis();
                     say!(
                         self.fx,
                         Info,
@@ -328,8 +371,9 @@ impl<E: Effects> Service<E> {
                     self.on_ready(role, replaces, &detail);
                 }
             }
-            ChildMessage::Heartbeat { served } => {
+            ChildMessage::Heartbeat { served, latency } => {
                 p.served = served;
+                p.latency = latency.or(p.latency.take());
                 self.check_recycle(pid);
             }
             ChildMessage::Draining { in_flight } => {
@@ -373,8 +417,11 @@ impl<E: Effects> Service<E> {
     }
 
     fn on_ready(&mut self, role: Role, replaces: Option<(i32, policy::Cause)>, detail: &str) {
-        if let Role::Owner(_) = role {
+        if let Role::Owner(device) = role {
             (self.backend, self.ipc) = owner_ready_fields(detail);
+            if let Some(bytes) = owner_weights_bytes(detail) {
+                self.weights_bytes.insert(device, bytes);
+            }
             let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
             if policy::roll_after_owner_ready(restarted, self.ipc.as_deref()) {
                 self.roll("the owner restarted with legacy CUDA IPC");
@@ -384,7 +431,7 @@ impl<E: Effects> Service<E> {
             s.failures_before_ready = 0;
         }
         if let Some((old, cause)) = replaces {
-            policy::count(&mut self.slot(role).reasons, cause);
+            self.count(role, cause);
             self.drain(old, "replaced by a new worker");
         }
         if self.phase == Phase::Starting && self.owners_ready() {
@@ -445,10 +492,16 @@ impl<E: Effects> Service<E> {
             .death(pid, role, counts && p.killed_for.is_none());
         let cause = p.killed_for.or(known.as_ref().and_then(|k| k.cause));
         let status = known.map_or_else(|| "status to follow".into(), |k| k.text);
-        let slot = self.slots.entry(role).or_default();
         if let Some(c) = cause.filter(|_| counts) {
-            policy::count(&mut slot.reasons, c);
+            self.count(role, c);
         }
+        if role.is_worker() {
+            self.retired_served += p.served;
+            if let Some(l) = &p.latency {
+                add_latency(&mut self.retired_latency, l);
+            }
+        }
+        let slot = self.slots.entry(role).or_default();
         let failures = if p.state == State::Starting && self.phase != Phase::Stopping {
             slot.failures_before_ready += 1;
             slot.restarts += 1;
@@ -538,7 +591,7 @@ impl<E: Effects> Service<E> {
             let role = late.role;
             say!(self.fx, Info, "{role} (pid {pid}) exit status: {text}");
             if let Some(c) = late.count {
-                policy::count(&mut self.slot(role).reasons, c);
+                self.count(role, c);
             }
         }
     }

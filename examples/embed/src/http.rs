@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use zygote_runtime::protocol::ParentMessage;
+use zygote_runtime::protocol::{Latency, ParentMessage};
 use zygote_runtime::WorkerError;
 
 /// Limits of the HTTP side, per worker.
@@ -198,7 +198,8 @@ pub trait Control {
     fn fd(&self) -> Option<RawFd>;
     /// Reads one pending message, without blocking.
     fn poll(&mut self) -> Result<Option<ParentMessage>, WorkerError>;
-    fn heartbeat(&mut self, served: u64) -> Result<(), WorkerError>;
+    /// Says the worker is alive: requests answered so far, and how long they took.
+    fn heartbeat(&mut self, served: u64, latency: &Latency) -> Result<(), WorkerError>;
     fn draining(&mut self, in_flight: u32) -> Result<(), WorkerError>;
 }
 
@@ -209,8 +210,8 @@ impl Control for zygote_runtime::Worker {
     fn poll(&mut self) -> Result<Option<ParentMessage>, WorkerError> {
         self.poll_control()
     }
-    fn heartbeat(&mut self, served: u64) -> Result<(), WorkerError> {
-        zygote_runtime::Worker::heartbeat(self, served)
+    fn heartbeat(&mut self, served: u64, latency: &Latency) -> Result<(), WorkerError> {
+        zygote_runtime::Worker::heartbeat_with_latency(self, served, latency)
     }
     fn draining(&mut self, in_flight: u32) -> Result<(), WorkerError> {
         zygote_runtime::Worker::draining(self, in_flight)
@@ -621,6 +622,8 @@ struct Server<'a> {
     acceptable: Vec<bool>,
     limits: &'a Limits,
     served: u64,
+    /// How long the answered requests took, first byte received to answer queued.
+    latency: Latency,
     /// Connections answered in the last batch, whose next request may join the next one.
     expected: Vec<usize>,
     /// Until when a waiting request may be held for them.
@@ -780,6 +783,9 @@ impl Server<'_> {
         }
         for (&slot, resp) in slots.iter().zip(&resps) {
             if let Some(c) = self.conns[slot].as_mut() {
+                if let Some(started) = c.request_started {
+                    self.latency.observe(started.elapsed());
+                }
                 c.answer(resp, draining);
                 self.served += 1;
             }
@@ -866,6 +872,7 @@ pub fn run(
         acceptable: Vec::new(),
         limits,
         served: 0,
+        latency: Latency::default(),
         expected: Vec::new(),
         gather_until: None,
         started: Instant::now(),
@@ -941,7 +948,7 @@ pub fn run(
             next_sweep = now + SWEEP;
         }
         if now >= next_heartbeat {
-            match control.heartbeat(s.served) {
+            match control.heartbeat(s.served, &s.latency) {
                 Ok(()) => {}
                 Err(WorkerError::Orphaned) => return Ok(Exit::Orphaned),
                 Err(e) => log::warn!("heartbeat failed: {e}"),

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use zygote_embed::http::{self, Control, Exit};
 use zygote_embed::{build_app, import_host_weights, ModelSpec};
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
+use zygote_runtime::protocol::Latency;
 use zygote_runtime::protocol::ParentMessage;
 use zygote_runtime::WorkerError;
 
@@ -43,7 +44,7 @@ impl Control for PairControl {
             ReadEvent::Eof => Err(WorkerError::Orphaned),
         }
     }
-    fn heartbeat(&mut self, _served: u64) -> Result<(), WorkerError> {
+    fn heartbeat(&mut self, _served: u64, _latency: &Latency) -> Result<(), WorkerError> {
         Ok(())
     }
     fn draining(&mut self, _in_flight: u32) -> Result<(), WorkerError> {

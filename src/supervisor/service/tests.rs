@@ -36,6 +36,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         graceful_timeout: GRACEFUL,
         allow_uids: Vec::new(),
         recycle: Default::default(),
+        metrics: None,
     }
 }
 
@@ -135,8 +136,13 @@ impl Harness {
 
 fn beat(h: &mut Harness, pids: &[i32]) {
     for &pid in pids {
-        h.svc
-            .input(Input::Message(pid, ChildMessage::Heartbeat { served: 1 }));
+        h.svc.input(Input::Message(
+            pid,
+            ChildMessage::Heartbeat {
+                served: 1,
+                latency: None,
+            },
+        ));
     }
 }
 
@@ -721,8 +727,13 @@ fn recycling(workers: u32, limits: RecycleLimits, fake: Fake) -> Harness {
 }
 
 fn served(h: &mut Harness, pid: i32, served: u64) {
-    h.svc
-        .input(Input::Message(pid, ChildMessage::Heartbeat { served }));
+    h.svc.input(Input::Message(
+        pid,
+        ChildMessage::Heartbeat {
+            served,
+            latency: None,
+        },
+    ));
 }
 
 #[test]
@@ -836,4 +847,51 @@ fn nothing_is_recycled_while_the_service_stops() {
     h.svc.input(Input::Signal(Signal::SIGTERM));
     served(&mut h, old, 5);
     assert!(spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty());
+}
+
+#[test]
+fn metrics_keep_the_counts_of_gone_workers_and_dropped_slots() {
+    use zygote_runtime::protocol::Latency;
+    let mut h = Harness::running(2, Duration::from_secs(30), "backend=host bytes=1234");
+    let (w0, w1) = (h.workers[0], h.workers[1]);
+    h.svc.fx.advance(Duration::from_millis(30));
+    let mut l = Latency::default();
+    l.observe(Duration::from_millis(3));
+    l.observe(Duration::from_millis(700));
+    for (pid, served) in [(w0, 5), (w1, 7)] {
+        h.svc.input(Input::Message(
+            pid,
+            ChildMessage::Heartbeat {
+                served,
+                latency: Some(l.clone()),
+            },
+        ));
+    }
+    h.dies(w0, sig("SIGKILL"));
+    h.tick_after(Duration::ZERO);
+    let m = h.svc.metrics();
+    assert_eq!(m.requests, 12, "the dead worker's requests stay counted");
+    assert_eq!(m.latency.count(), 4);
+    assert!(
+        (m.latency.sum - 2.0 * 0.703).abs() < 1e-9,
+        "{:?}",
+        m.latency
+    );
+    assert_eq!(m.weights_bytes, [(0, 1234)]);
+    assert_eq!(m.spawn_ready.count(), 3, "the owner and two workers");
+    assert_eq!(m.restarts.signal, 1);
+    assert_eq!(m.workers[1], ("serving", 1));
+    assert_eq!(m.workers[0], ("starting", 1), "the replacement");
+    h.svc.input(Input::Admin(
+        AdminConn(1),
+        AdminRequest::Scale { id: 1, workers: 1 },
+    ));
+    assert!(h.svc.slots.keys().all(|r| *r != Role::Worker(1)));
+    h.dies(w1, Exit::Code(0));
+    let m = h.svc.metrics();
+    assert_eq!(
+        m.restarts.signal, 1,
+        "a dropped slot's restarts stay in the totals"
+    );
+    assert_eq!(m.requests, 12);
 }
