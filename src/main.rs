@@ -2,6 +2,8 @@
 //! `status`, `stop` and `reload` talk to a running one; `zygote __zygote` is the zygote
 //! process itself (started by `zygote start`). See README.md.
 
+#[allow(unsafe_code)]
+mod activation;
 mod cli;
 mod commands;
 mod entries;
@@ -19,7 +21,11 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command, StartArgs};
 
-fn start(args: StartArgs) -> anyhow::Result<i32> {
+fn start(
+    args: StartArgs,
+    activated: Result<activation::Activated, activation::ActivationError>,
+) -> anyhow::Result<i32> {
+    let activated = activated.context("socket activation (LISTEN_FDS)")?;
     let model = match args.model {
         Some(m) => m,
         None => {
@@ -59,7 +65,7 @@ fn start(args: StartArgs) -> anyhow::Result<i32> {
         },
         metrics: args.metrics,
     };
-    supervisor::run(cfg)
+    supervisor::run(cfg, activated.listeners)
 }
 
 fn main() {
@@ -71,9 +77,15 @@ fn main() {
         _ => "zygote-cli",
     };
     // The supervisor and the zygote live as long as the service: they keep nothing they
-    // inherited but stdio (before anything here opens an fd).
+    // inherited but stdio (before anything here opens an fd), and the supervisor the
+    // listeners of a socket activation.
+    let activated = match &cli.command {
+        Command::Start(_) => activation::take(),
+        _ => Ok(activation::Activated::default()),
+    };
+    let keep = activated.as_ref().map_or(0, |a| a.count() as u32);
     let inherited = match &cli.command {
-        Command::Start(_) | Command::Zygote(_) => Some(inherited_fds::close()),
+        Command::Start(_) | Command::Zygote(_) => Some(inherited_fds::close(keep)),
         _ => None,
     };
     zygote_runtime::logging::init(tag);
@@ -81,7 +93,7 @@ fn main() {
         log::warn!("closing the fds inherited from the parent: {e}");
     }
     let result = match cli.command {
-        Command::Start(a) => start(a),
+        Command::Start(a) => start(a, activated),
         Command::Spawn(a) => commands::spawn(a),
         Command::Status(a) => commands::status(a),
         Command::Stop(a) => commands::stop(&paths::runtime_dir(&a.runtime_dir)),

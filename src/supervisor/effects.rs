@@ -96,6 +96,19 @@ pub enum Input {
     Scrape(ScrapeConn),
 }
 
+/// What the service tells a service manager (systemd's `sd_notify`), each with a status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notify {
+    /// Every worker serves (first start, or the end of a roll).
+    Ready { status: String },
+    /// A roll began.
+    Reloading { status: String },
+    /// A stop began.
+    Stopping,
+    /// The counts changed.
+    Status(String),
+}
+
 /// Everything the service does outside itself.
 pub trait Effects {
     /// The clock.
@@ -125,4 +138,6 @@ pub trait Effects {
     fn memory(&self, pid: i32) -> Option<Memory>;
     /// A random number (each worker's share of `--max-requests-jitter`).
     fn draw(&mut self) -> u64;
+    /// Tells the service manager, if one listens (`NOTIFY_SOCKET`).
+    fn notify(&mut self, n: Notify);
 }

@@ -25,7 +25,10 @@ use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response};
 
 use super::admin::Admin;
-use super::effects::{AdminConn, Effects, Exit, Input, ScrapeConn, SpawnRequest, ZygoteInfo};
+use super::effects::{
+    AdminConn, Effects, Exit, Input, Notify, ScrapeConn, SpawnRequest, ZygoteInfo,
+};
+use super::notify::Notifier;
 use super::scrape::Scrape;
 use super::zygote::{self, ZygoteProc, ZygoteSpec};
 
@@ -58,6 +61,9 @@ pub struct Os {
     poll: Poll,
     signals: SignalFd,
     listeners: Vec<TcpListener>,
+    /// The listeners came from a socket activation: the manager keeps them open across our
+    /// restarts, so a stop leaves new connections queued for the next instance.
+    inherited: bool,
     spec: ZygoteSpec,
     zygote: Option<ZygoteProc>,
     /// A new zygote, started and not ready yet.
@@ -68,6 +74,10 @@ pub struct Os {
     admin: Admin,
     /// The `--metrics` endpoint, if asked for.
     scrape: Option<Scrape>,
+    /// systemd's notification socket, if it runs us (`Type=notify`).
+    notifier: Option<Notifier>,
+    /// When the watchdog is pinged next.
+    next_watchdog: Option<Instant>,
     devnull: File,
 }
 
@@ -76,9 +86,10 @@ impl Os {
     /// signals it reads into a signalfd and makes this process the subreaper of everything
     /// below it.
     pub fn new(
-        listeners: Vec<TcpListener>,
+        (listeners, inherited): (Vec<TcpListener>, bool),
         mut admin: Admin,
         mut scrape: Option<Scrape>,
+        notifier: Option<Notifier>,
         spec: ZygoteSpec,
     ) -> anyhow::Result<Self> {
         // Signals are read from a signalfd, so they must not be delivered the ordinary way.
@@ -112,6 +123,7 @@ impl Os {
             poll,
             signals,
             listeners,
+            inherited,
             spec,
             zygote: None,
             launching: None,
@@ -120,6 +132,11 @@ impl Os {
             next_token: FIRST_DYNAMIC,
             admin,
             scrape,
+            next_watchdog: notifier
+                .as_ref()
+                .and_then(|n| n.watchdog)
+                .map(|_| Instant::now()),
+            notifier,
             devnull: File::open("/dev/null")?,
         })
     }
@@ -144,6 +161,10 @@ impl Os {
         } else {
             Duration::ZERO
         };
+        self.ping_watchdog();
+        let timeout = self.next_watchdog.map_or(timeout, |at| {
+            timeout.min(at.saturating_duration_since(Instant::now()))
+        });
         // Silent admin clients lose their connection, never the loop's time.
         self.admin.expire(Instant::now());
         if let Some(s) = self.scrape.as_mut() {
@@ -197,6 +218,18 @@ impl Os {
     /// Sends an admin answer.
     pub fn answer(&mut self, conn: AdminConn, resp: &AdminResponse) {
         self.admin.answer(conn, resp);
+    }
+
+    /// `WATCHDOG=1` when it is due: only a loop that turns pings.
+    fn ping_watchdog(&mut self) {
+        let (Some(n), Some(at)) = (self.notifier.as_ref(), self.next_watchdog) else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= at {
+            n.send("WATCHDOG=1");
+            self.next_watchdog = n.watchdog.map(|every| now + every);
+        }
     }
 
     /// Sends the metrics text to a scrape.
@@ -467,6 +500,12 @@ impl Effects for Os {
     }
 
     fn stop_accepting(&mut self) {
+        if self.inherited {
+            // The manager holds the sockets: what arrives now waits in their queue for the
+            // next instance instead of being reset, so the door stays open.
+            log::info!("the listeners are the manager's: new connections queue for the next start");
+            return;
+        }
         for l in &self.listeners {
             if let Err(e) = super::gate::refuse_new_connections(l.as_fd()) {
                 let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -518,6 +557,16 @@ impl Effects for Os {
 
     fn memory(&self, pid: i32) -> Option<Memory> {
         zygote_runtime::procfs::memory(pid)
+    }
+
+    fn notify(&mut self, n: Notify) {
+        if let Some(notifier) = &self.notifier {
+            let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .map_or(0, |t| {
+                    t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+                });
+            notifier.send(&super::notify::line(&n, usec));
+        }
     }
 
     fn draw(&mut self) -> u64 {

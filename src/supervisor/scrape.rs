@@ -105,12 +105,17 @@ impl Scrape {
     pub fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        Ok(Self {
+        Ok(Self::adopt(listener))
+    }
+
+    /// Serves on a listener bound elsewhere (socket activation), non-blocking already.
+    pub fn adopt(listener: TcpListener) -> Self {
+        Self {
             listener,
             conns: HashMap::new(),
             next: FIRST_TOKEN,
             registry: None,
-        })
+        }
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {

@@ -16,7 +16,7 @@ use log::Level;
 use nix::sys::signal::Signal;
 use zygote_runtime::protocol::{AdminResponse, ChildMessage, Latency, RestartReasons};
 
-use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
+use super::effects::{AdminConn, Effects, Exit, Input, Notify, SpawnRequest, ZygoteInfo};
 use super::exits::Exits;
 use super::metrics::{Histogram, REQUEST_LATENCY_BOUNDS, SPAWN_READY_BOUNDS};
 use super::policy::{self, Death, Phase, Role, State, Timers, ZygoteRestart};
@@ -94,6 +94,10 @@ pub struct Service<E: Effects> {
     pub(super) retired_served: u64,
     /// The latencies of the requests of workers that are gone.
     pub(super) retired_latency: Histogram,
+    /// What the service manager was told: ready once, a roll in progress, the last status.
+    told_ready: bool,
+    pub(super) reloading: bool,
+    told_status: Option<String>,
 }
 
 /// The backend and the IPC mechanism out of an owner's `ready` detail (`key=value` words).
@@ -148,6 +152,9 @@ impl<E: Effects> Service<E> {
             weights_bytes: BTreeMap::new(),
             retired_served: 0,
             retired_latency: Histogram::new(REQUEST_LATENCY_BOUNDS),
+            told_ready: false,
+            reloading: false,
+            told_status: None,
         }
     }
 
@@ -204,6 +211,55 @@ impl<E: Effects> Service<E> {
 
     /// Handles one input; an admin request returns its answer, for the loop to send.
     pub fn input(&mut self, input: Input) -> Option<(AdminConn, AdminResponse)> {
+        let answer = self.handle(input);
+        self.tell_manager();
+        answer
+    }
+
+    /// The status line for the service manager: the workers' counts.
+    pub(super) fn status_line(&self) -> String {
+        let serving = self
+            .procs
+            .values()
+            .filter(|p| p.role.is_worker() && p.state == State::Serving)
+            .count();
+        let n = self.cfg.workers;
+        let rolling = if self.reloading { "; rolling" } else { "" };
+        format!("{serving} of {n} workers serving{rolling}")
+    }
+
+    /// Tells the service manager what changed: ready once every worker serves (at the start,
+    /// and at the end of a roll), and the counts.
+    pub(super) fn tell_manager(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let all = self.all_workers_serving();
+        let rolled = !self
+            .pending_rolls
+            .iter()
+            .any(|(_, c)| *c == policy::Cause::Roll)
+            && !self
+                .procs
+                .values()
+                .any(|p| p.replaces.is_some_and(|(_, c)| c == policy::Cause::Roll));
+        if all && self.reloading && rolled {
+            self.reloading = false;
+            self.told_ready = false;
+        }
+        let status = self.status_line();
+        if all && !self.told_ready && !self.reloading {
+            self.told_ready = true;
+            self.fx.notify(Notify::Ready {
+                status: status.clone(),
+            });
+        } else if self.told_status.as_ref() != Some(&status) {
+            self.fx.notify(Notify::Status(status.clone()));
+        }
+        self.told_status = Some(status);
+    }
+
+    fn handle(&mut self, input: Input) -> Option<(AdminConn, AdminResponse)> {
         match input {
             Input::Signal(Signal::SIGHUP) => self.roll("SIGHUP"),
             Input::Signal(s @ (Signal::SIGTTIN | Signal::SIGTTOU)) => {

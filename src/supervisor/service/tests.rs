@@ -895,3 +895,65 @@ fn metrics_keep_the_counts_of_gone_workers_and_dropped_slots() {
     );
     assert_eq!(m.requests, 12);
 }
+
+#[test]
+fn the_manager_hears_ready_once_all_serve_reloading_for_a_roll_and_stopping() {
+    use crate::supervisor::effects::Notify;
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let notes = std::mem::take(&mut h.svc.fx.notes);
+    assert_eq!(
+        notes.last(),
+        Some(&Notify::Ready {
+            status: "2 of 2 workers serving".into()
+        }),
+        "{notes:?}"
+    );
+    assert_eq!(
+        notes
+            .iter()
+            .filter(|n| matches!(n, Notify::Ready { .. }))
+            .count(),
+        1,
+        "ready only when the last worker serves: {notes:?}"
+    );
+    // A death: the counts, and no second READY=1 for the replacement.
+    h.dies(h.workers[0], sig("SIGKILL"));
+    let new = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    h.svc.input(Input::Message(new, ready("")));
+    assert_eq!(
+        std::mem::take(&mut h.svc.fx.notes),
+        [
+            Notify::Status("1 of 2 workers serving".into()),
+            Notify::Status("2 of 2 workers serving".into())
+        ]
+    );
+    // A roll: RELOADING=1, then READY=1 once every replacement serves.
+    let old1 = h.workers[1];
+    h.svc.input(Input::Signal(Signal::SIGHUP));
+    let calls = h.tick_after(Duration::ZERO);
+    let (r0, r1) = (
+        spawned(&calls, Role::Worker(0))[0],
+        spawned(&calls, Role::Worker(1))[0],
+    );
+    h.svc.input(Input::Message(r1, ready("")));
+    h.dies(old1, Exit::Code(0));
+    let notes = std::mem::take(&mut h.svc.fx.notes);
+    assert!(
+        matches!(notes.first(), Some(Notify::Reloading { .. })),
+        "{notes:?}"
+    );
+    assert!(
+        !notes.iter().any(|n| matches!(n, Notify::Ready { .. })),
+        "not ready while worker 0 is still rolled: {notes:?}"
+    );
+    h.svc.input(Input::Message(r0, ready("")));
+    let notes = std::mem::take(&mut h.svc.fx.notes);
+    assert_eq!(
+        notes,
+        [Notify::Ready {
+            status: "2 of 2 workers serving".into()
+        }]
+    );
+    h.svc.input(Input::Signal(Signal::SIGTERM));
+    assert_eq!(h.svc.fx.notes, [Notify::Stopping]);
+}
