@@ -338,6 +338,11 @@ fn metrics_parse_with_the_prometheus_client_and_follow_a_restart() {
         .sum();
     assert_eq!(reasons, 1, "zygote status agrees with /metrics");
     assert_eq!(http_get(addr, "/").0, 404);
+    assert_eq!(
+        http_get(addr, "/healthz"),
+        (200, "ok\n".to_string()),
+        "the supervisor's liveness"
+    );
 }
 
 #[test]

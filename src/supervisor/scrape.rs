@@ -5,8 +5,9 @@
 //! has [`CONNECTION_DEADLINE`] from its accept to its answer's last byte, a request head is at
 //! most [`MAX_HEAD`] bytes, at most [`MAX_CONNECTIONS`] are open at once (the next ones are
 //! closed at once), and every answer closes its connection. A complete `GET /metrics` becomes
-//! [`Input::Scrape`]; the event loop answers it with [`Scrape::answer`]. Anything else is
-//! answered here: 404 for another path, 405 for another method, 400 for a bad head.
+//! [`Input::Scrape`]; the event loop answers it with [`Scrape::answer`]. `GET /healthz` is
+//! answered here with 200 (the supervisor's loop turns: a liveness probe), and so is anything
+//! else: 404 for another path, 405 for another method, 400 for a bad head.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -35,6 +36,8 @@ pub enum Head {
     Partial,
     /// `GET /metrics` (or `HEAD`: the answer has no body).
     Metrics { head_only: bool },
+    /// `GET /healthz`: the supervisor's loop turns (a liveness probe), answered here.
+    Healthz,
     /// Answer this status and close.
     Refuse(u16, &'static str),
 }
@@ -56,6 +59,7 @@ pub fn parse(buf: &[u8]) -> Head {
                 (Some("GET"), "/metrics") => Head::Metrics { head_only: false },
                 (Some("HEAD"), "/metrics") => Head::Metrics { head_only: true },
                 (_, "/metrics") => Head::Refuse(405, "Method Not Allowed"),
+                (Some("GET"), "/healthz") => Head::Healthz,
                 _ => Head::Refuse(404, "Not Found"),
             }
         }
@@ -211,6 +215,10 @@ impl Scrape {
                 // Read no more: the answer is awaited from the event loop.
                 c.out = Some(Vec::new());
                 out.push(Input::Scrape(ScrapeConn(token.0)));
+            }
+            Head::Healthz => {
+                c.out = Some(response(200, "OK", "text/plain", "ok\n", false));
+                self.flush(token);
             }
             Head::Refuse(status, reason) => {
                 let body = format!("{status} {reason}\n");
