@@ -102,6 +102,9 @@ pub struct StartArgs {
     /// Replace a worker whose resident memory (MiB) grew past this, the same way.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_rss: Option<u64>,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<SocketAddr>,
     /// A program to exec in each worker instead of a native entry, with its arguments.
     #[arg(last = true)]
     pub command: Vec<String>,

@@ -2,10 +2,14 @@
 //! `status`, `stop` and `reload` talk to a running one; `zygote __zygote` is the zygote
 //! process itself (started by `zygote start`). See README.md.
 //!
-//! No `unsafe` code: everything that needs it lives in the leaves of the two library crates.
+//! `unsafe` is denied here but in the announced leaves: `activation` (adopting systemd's
+//! listeners) and the supervisor's `gate` (the listeners' filter during a stop); everything
+//! else that needs it lives in the leaves of the two library crates.
 
 #![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
+mod activation;
 mod cli;
 mod commands;
 mod entries;
@@ -23,7 +27,11 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command, StartArgs};
 
-fn start(mut args: StartArgs) -> anyhow::Result<i32> {
+fn start(
+    mut args: StartArgs,
+    activated: Result<activation::Activated, activation::ActivationError>,
+) -> anyhow::Result<i32> {
+    let activated = activated.context("socket activation (LISTEN_FDS)")?;
     if let Some(command) = args.app_command().context("--app-dir")? {
         args.command = command;
     }
@@ -64,8 +72,9 @@ fn start(mut args: StartArgs) -> anyhow::Result<i32> {
             jitter: args.max_requests_jitter,
             max_rss_mib: args.max_rss,
         },
+        metrics: args.metrics,
     };
-    supervisor::run(cfg)
+    supervisor::run(cfg, activated.listeners)
 }
 
 fn main() {
@@ -77,9 +86,15 @@ fn main() {
         _ => "zygote-cli",
     };
     // The supervisor and the zygote live as long as the service: they keep nothing they
-    // inherited but stdio (before anything here opens an fd).
+    // inherited but stdio (before anything here opens an fd), and the supervisor the
+    // listeners of a socket activation.
+    let activated = match &cli.command {
+        Command::Start(_) => activation::take(),
+        _ => Ok(activation::Activated::default()),
+    };
+    let keep = activated.as_ref().map_or(0, |a| a.count() as u32);
     let inherited = match &cli.command {
-        Command::Start(_) | Command::Zygote(_) => Some(inherited_fds::close()),
+        Command::Start(_) | Command::Zygote(_) => Some(inherited_fds::close(keep)),
         _ => None,
     };
     zygote_runtime::logging::init(tag);
@@ -87,7 +102,7 @@ fn main() {
         log::warn!("closing the fds inherited from the parent: {e}");
     }
     let result = match cli.command {
-        Command::Start(a) => start(a),
+        Command::Start(a) => start(a, activated),
         Command::Spawn(a) => commands::spawn(a),
         Command::Status(a) => commands::status(a),
         Command::Stop(a) => commands::stop(&paths::runtime_dir(&a.runtime_dir)),

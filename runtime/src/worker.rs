@@ -31,7 +31,9 @@ use crate::backend::{self, BackendError, Weights};
 use crate::fdpass;
 use crate::model::{Model, ModelError};
 use crate::protocol::frame::{self, FrameReader, ReadEvent};
-use crate::protocol::{ChildMessage, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError};
+use crate::protocol::{
+    ChildMessage, Latency, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError,
+};
 
 /// The control channel's fd in every child.
 pub const CONTROL_FD: i32 = 3;
@@ -392,7 +394,23 @@ impl Worker {
 
     /// Tells the supervisor this worker is alive.
     pub fn heartbeat(&mut self, served: u64) -> Result<(), WorkerError> {
-        self.send(&ChildMessage::Heartbeat { served })
+        self.send(&ChildMessage::Heartbeat {
+            served,
+            latency: None,
+        })
+    }
+
+    /// A heartbeat that also carries the latencies of the requests served so far (the
+    /// supervisor adds them up for `/metrics`).
+    pub fn heartbeat_with_latency(
+        &mut self,
+        served: u64,
+        latency: &Latency,
+    ) -> Result<(), WorkerError> {
+        self.send(&ChildMessage::Heartbeat {
+            served,
+            latency: Some(latency.clone()),
+        })
     }
 
     /// Tells the supervisor this worker is draining.

@@ -67,6 +67,10 @@ impl Exit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AdminConn(pub usize);
 
+/// A `/metrics` connection waiting for its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScrapeConn(pub usize);
+
 /// What the event loop hands the service.
 #[derive(Debug)]
 pub enum Input {
@@ -88,6 +92,21 @@ pub enum Input {
     Admin(AdminConn, AdminRequest),
     /// A zygote launched by [`Effects::launch_zygote`] serves, or failed to (why).
     ZygoteStarted(Result<ZygoteInfo, String>),
+    /// A complete `GET /metrics`: the event loop answers it with the service's snapshot.
+    Scrape(ScrapeConn),
+}
+
+/// What the service tells a service manager (systemd's `sd_notify`), each with a status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notify {
+    /// Every worker serves (first start, or the end of a roll).
+    Ready { status: String },
+    /// A roll began.
+    Reloading { status: String },
+    /// A stop began.
+    Stopping,
+    /// The counts changed.
+    Status(String),
 }
 
 /// Everything the service does outside itself.
@@ -119,4 +138,6 @@ pub trait Effects {
     fn memory(&self, pid: i32) -> Option<Memory>;
     /// A random number (each worker's share of `--max-requests-jitter`).
     fn draw(&mut self) -> u64;
+    /// Tells the service manager, if one listens (`NOTIFY_SOCKET`).
+    fn notify(&mut self, n: Notify);
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use zygote_runtime::procfs::Memory;
 
-use super::effects::{Effects, SpawnRequest, ZygoteInfo};
+use super::effects::{Effects, Notify, SpawnRequest, ZygoteInfo};
 
 /// One effect, as the service asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,9 @@ pub struct Fake {
     pub memory: HashMap<i32, Memory>,
     /// What [`Effects::draw`] returns.
     pub draw: u64,
+    /// What the service told the service manager, in order (apart from `calls`, so that the
+    /// tests of other paths need not list them).
+    pub notes: Vec<Notify>,
 }
 
 impl Default for Fake {
@@ -54,6 +57,7 @@ impl Default for Fake {
             deaf: HashSet::new(),
             memory: HashMap::new(),
             draw: 0,
+            notes: Vec::new(),
         }
     }
 }
@@ -151,5 +155,9 @@ impl Effects for Fake {
 
     fn draw(&mut self) -> u64 {
         self.draw
+    }
+
+    fn notify(&mut self, n: Notify) {
+        self.notes.push(n);
     }
 }

@@ -19,6 +19,9 @@
 //! | [`exits`] | exit statuses matched with deaths |
 //! | [`status`] | `zygote status`'s answer |
 //! | [`admin`] | the admin socket |
+//! | [`scrape`] | the `--metrics` HTTP endpoint |
+//! | [`notify`] | systemd's `sd_notify` protocol: ready, reloading, stopping, status, watchdog |
+//! | [`metrics`] | `/metrics`'s snapshot and its encoding (the only user of prometheus-client) |
 //! | [`gate`] | refusing new connections during a stop (an `unsafe` leaf) |
 //! | [`zygote`] | starting a zygote process |
 //!
@@ -38,8 +41,11 @@ mod exits;
 mod fake;
 #[allow(unsafe_code)]
 mod gate;
+mod metrics;
+mod notify;
 mod os;
 pub mod policy;
+mod scrape;
 mod service;
 mod status;
 pub mod zygote;
@@ -52,6 +58,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use zygote_runtime::backend::{BackendChoice, IpcChoice};
 
+use self::effects::Input;
 use self::service::Service;
 
 /// How long the event loop waits at most before it looks at the timers again.
@@ -74,10 +81,14 @@ pub struct Config {
     pub allow_uids: Vec<u32>,
     /// When workers are recycled (`--max-requests`, `--max-requests-jitter`, `--max-rss`).
     pub recycle: policy::RecycleLimits,
+    /// Where `/metrics` is served (`--metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
-/// Runs a service until it is stopped. Returns the exit code.
-pub fn run(cfg: Config) -> anyhow::Result<i32> {
+/// Runs a service until it is stopped. Returns the exit code. `activated` are the listeners
+/// of a socket activation, by name: used instead of binding `--listen` (one named `metrics`
+/// serves `/metrics`).
+pub fn run(cfg: Config, activated: Vec<(String, TcpListener)>) -> anyhow::Result<i32> {
     zygote_server::server::prepare_runtime_dir(&cfg.runtime_dir)?;
     let admin_path = cfg.runtime_dir.join(crate::paths::SUPERVISOR_SOCKET);
     if UnixStream::connect(&admin_path).is_ok() {
@@ -86,11 +97,31 @@ pub fn run(cfg: Config) -> anyhow::Result<i32> {
             cfg.runtime_dir.display()
         );
     }
-    let mut listeners = Vec::new();
-    for addr in &cfg.listen {
-        let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        l.set_nonblocking(true)?;
-        listeners.push(l);
+    let notifier = notify::Notifier::from_env().context("NOTIFY_SOCKET")?;
+    let (mut listeners, mut metrics_listener) = (Vec::new(), None);
+    let inherited = !activated.is_empty();
+    if !inherited {
+        for addr in &cfg.listen {
+            let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            l.set_nonblocking(true)?;
+            listeners.push(l);
+        }
+    } else {
+        let names: Vec<&str> = activated.iter().map(|(n, _)| n.as_str()).collect();
+        log::info!(
+            "socket activation: adopted {} inherited listener(s) ({}); --listen is not bound",
+            names.len(),
+            names.join(", ")
+        );
+        for (name, l) in activated {
+            match name.as_str() {
+                "metrics" => metrics_listener = Some(l),
+                _ => listeners.push(l),
+            }
+        }
+        if listeners.is_empty() {
+            bail!("socket activation passed no listener for the service (only `metrics`)");
+        }
     }
     let admin = admin::Admin::bind(&admin_path)
         .with_context(|| format!("binding {}", admin_path.display()))?;
@@ -105,7 +136,17 @@ pub fn run(cfg: Config) -> anyhow::Result<i32> {
         // Only when app workers will run: `--workers 0` (client mode) serves any model file.
         serve_app: cfg.entry == "app" && cfg.command.is_empty() && cfg.workers > 0,
     };
-    let os = os::Os::new(listeners, admin, spec)?;
+    let scrape = match (metrics_listener, cfg.metrics) {
+        (Some(l), _) => Some(scrape::Scrape::adopt(l)),
+        (None, Some(addr)) => {
+            Some(scrape::Scrape::bind(addr).with_context(|| format!("binding --metrics {addr}"))?)
+        }
+        (None, None) => None,
+    };
+    let os = os::Os::new((listeners, inherited), admin, scrape, notifier, spec)?;
+    if let Some(addr) = os.metrics_addr() {
+        log::info!("serving metrics on http://{addr}/metrics");
+    }
     let listen = os.listen_addrs();
     let mut svc = Service::new(cfg, listen, os);
     let result = serve(&mut svc);
@@ -118,6 +159,12 @@ fn serve(svc: &mut Service<os::Os>) -> anyhow::Result<i32> {
     svc.start()?;
     while !svc.done() {
         for input in svc.effects().wait(TICK)? {
+            if let Input::Scrape(conn) = input {
+                let text = metrics::encode(svc.metrics());
+                svc.effects()
+                    .answer_scrape(conn, metrics::CONTENT_TYPE, &text);
+                continue;
+            }
             if let Some((conn, resp)) = svc.input(input) {
                 svc.effects().answer(conn, &resp);
             }

@@ -25,13 +25,18 @@ use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response};
 
 use super::admin::Admin;
-use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
+use super::effects::{
+    AdminConn, Effects, Exit, Input, Notify, ScrapeConn, SpawnRequest, ZygoteInfo,
+};
+use super::notify::Notifier;
+use super::scrape::Scrape;
 use super::zygote::{self, ZygoteProc, ZygoteSpec};
 
 const SIGNALS: Token = Token(0);
 const ZYGOTE: Token = Token(1);
 const ADMIN: Token = Token(2);
 const LAUNCH: Token = Token(3);
+const METRICS: Token = Token(4);
 const FIRST_DYNAMIC: usize = 16;
 
 /// What a dynamic token stands for.
@@ -56,6 +61,9 @@ pub struct Os {
     poll: Poll,
     signals: SignalFd,
     listeners: Vec<TcpListener>,
+    /// The listeners came from a socket activation: the manager keeps them open across our
+    /// restarts, so a stop leaves new connections queued for the next instance.
+    inherited: bool,
     spec: ZygoteSpec,
     zygote: Option<ZygoteProc>,
     /// A new zygote, started and not ready yet.
@@ -64,15 +72,24 @@ pub struct Os {
     tokens: HashMap<Token, Tok>,
     next_token: usize,
     admin: Admin,
+    /// The `--metrics` endpoint, if asked for.
+    scrape: Option<Scrape>,
+    /// systemd's notification socket, if it runs us (`Type=notify`).
+    notifier: Option<Notifier>,
+    /// When the watchdog is pinged next.
+    next_watchdog: Option<Instant>,
     devnull: File,
 }
 
 impl Os {
-    /// Takes the bound listeners and the admin socket; blocks the signals it reads into a
-    /// signalfd and makes this process the subreaper of everything below it.
+    /// Takes the bound listeners, the admin socket and the metrics endpoint; blocks the
+    /// signals it reads into a signalfd and makes this process the subreaper of everything
+    /// below it.
     pub fn new(
-        listeners: Vec<TcpListener>,
+        (listeners, inherited): (Vec<TcpListener>, bool),
         mut admin: Admin,
+        mut scrape: Option<Scrape>,
+        notifier: Option<Notifier>,
         spec: ZygoteSpec,
     ) -> anyhow::Result<Self> {
         // Signals are read from a signalfd, so they must not be delivered the ordinary way.
@@ -99,10 +116,14 @@ impl Os {
             Interest::READABLE,
         )?;
         admin.register(reg, ADMIN)?;
+        if let Some(s) = scrape.as_mut() {
+            s.register(reg, METRICS)?;
+        }
         Ok(Self {
             poll,
             signals,
             listeners,
+            inherited,
             spec,
             zygote: None,
             launching: None,
@@ -110,6 +131,12 @@ impl Os {
             tokens: HashMap::new(),
             next_token: FIRST_DYNAMIC,
             admin,
+            scrape,
+            next_watchdog: notifier
+                .as_ref()
+                .and_then(|n| n.watchdog)
+                .map(|_| Instant::now()),
+            notifier,
             devnull: File::open("/dev/null")?,
         })
     }
@@ -134,8 +161,15 @@ impl Os {
         } else {
             Duration::ZERO
         };
+        self.ping_watchdog();
+        let timeout = self.next_watchdog.map_or(timeout, |at| {
+            timeout.min(at.saturating_duration_since(Instant::now()))
+        });
         // Silent admin clients lose their connection, never the loop's time.
         self.admin.expire(Instant::now());
+        if let Some(s) = self.scrape.as_mut() {
+            s.expire(Instant::now());
+        }
         // A launched zygote's deadline is checked even while it stays silent.
         if self
             .launching
@@ -156,6 +190,11 @@ impl Os {
                 ZYGOTE => self.zygote_readable(&mut out),
                 ADMIN => self.admin.accept(Instant::now(), &mut out),
                 LAUNCH => self.launch_progress(&mut out),
+                METRICS => {
+                    if let Some(s) = self.scrape.as_mut() {
+                        s.accept(Instant::now(), &mut out);
+                    }
+                }
                 t => match self.tokens.get(&t).copied() {
                     Some(Tok::Control(pid)) => self.control(pid, &mut out),
                     Some(Tok::Pidfd(pid)) => {
@@ -166,7 +205,10 @@ impl Os {
                         out.push(Input::Died(pid));
                     }
                     None if self.admin.owns(t) => self.admin.ready(t, &mut out),
-                    None => {}
+                    None => match self.scrape.as_mut() {
+                        Some(s) if s.owns(t) => s.ready(t, &mut out),
+                        _ => {}
+                    },
                 },
             }
         }
@@ -176,6 +218,30 @@ impl Os {
     /// Sends an admin answer.
     pub fn answer(&mut self, conn: AdminConn, resp: &AdminResponse) {
         self.admin.answer(conn, resp);
+    }
+
+    /// `WATCHDOG=1` when it is due: only a loop that turns pings.
+    fn ping_watchdog(&mut self) {
+        let (Some(n), Some(at)) = (self.notifier.as_ref(), self.next_watchdog) else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= at {
+            n.send("WATCHDOG=1");
+            self.next_watchdog = n.watchdog.map(|every| now + every);
+        }
+    }
+
+    /// Sends the metrics text to a scrape.
+    pub fn answer_scrape(&mut self, conn: ScrapeConn, content_type: &str, body: &str) {
+        if let Some(s) = self.scrape.as_mut() {
+            s.answer(conn, content_type, body);
+        }
+    }
+
+    /// The metrics endpoint's address, as bound.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.scrape.as_ref().and_then(Scrape::local_addr)
     }
 
     fn signals(&mut self, out: &mut Vec<Input>) {
@@ -434,6 +500,12 @@ impl Effects for Os {
     }
 
     fn stop_accepting(&mut self) {
+        if self.inherited {
+            // The manager holds the sockets: what arrives now waits in their queue for the
+            // next instance instead of being reset, so the door stays open.
+            log::info!("the listeners are the manager's: new connections queue for the next start");
+            return;
+        }
         for l in &self.listeners {
             if let Err(e) = super::gate::refuse_new_connections(l.as_fd()) {
                 let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -485,6 +557,16 @@ impl Effects for Os {
 
     fn memory(&self, pid: i32) -> Option<Memory> {
         zygote_runtime::procfs::memory(pid)
+    }
+
+    fn notify(&mut self, n: Notify) {
+        if let Some(notifier) = &self.notifier {
+            let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .map_or(0, |t| {
+                    t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+                });
+            notifier.send(&super::notify::line(&n, usec));
+        }
     }
 
     fn draw(&mut self) -> u64 {

@@ -14,10 +14,13 @@ use std::time::Instant;
 use anyhow::bail;
 use log::Level;
 use nix::sys::signal::Signal;
-use zygote_runtime::protocol::{AdminResponse, ChildMessage, RestartReasons, ServedWeights};
+use zygote_runtime::protocol::{
+    AdminResponse, ChildMessage, Latency, RestartReasons, ServedWeights,
+};
 
-use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
+use super::effects::{AdminConn, Effects, Exit, Input, Notify, SpawnRequest, ZygoteInfo};
 use super::exits::Exits;
+use super::metrics::{Histogram, REQUEST_LATENCY_BOUNDS, SPAWN_READY_BOUNDS};
 use super::policy::{self, Death, Phase, Role, State, Timers, ZygoteRestart};
 use super::Config;
 
@@ -42,6 +45,8 @@ pub(super) struct Child {
     pub request_limit: Option<u64>,
     /// A replacement was asked for (it is recycled): no more checks.
     pub recycling: bool,
+    /// The latencies its last heartbeat carried, if it measures them.
+    pub latency: Option<Latency>,
     /// Why the supervisor killed it, if it did (counted when it dies).
     pub killed_for: Option<policy::Cause>,
 }
@@ -81,6 +86,26 @@ pub struct Service<E: Effects> {
     stop_reason: Option<String>,
     /// Serving workers that a roll or a recycle must replace, and why.
     pending_rolls: Vec<(i32, policy::Cause)>,
+    /// Replacements since the start, by reason (kept when scaling drops a slot).
+    pub(super) restart_totals: RestartReasons,
+    /// Spawn to ready, of every child.
+    pub(super) spawn_ready: Histogram,
+    /// Bytes of weights each device's owner said it serves.
+    pub(super) weights_bytes: BTreeMap<u32, u64>,
+    /// Requests served by workers that are gone.
+    pub(super) retired_served: u64,
+    /// The latencies of the requests of workers that are gone.
+    pub(super) retired_latency: Histogram,
+    /// What the service manager was told: ready once, a roll in progress, the last status.
+    told_ready: bool,
+    pub(super) reloading: bool,
+    told_status: Option<String>,
+}
+
+/// Adds a worker's latencies to a histogram of [`REQUEST_LATENCY_BOUNDS`] (counts of other
+/// bounds, from a worker of another version, are left out).
+pub fn add_latency(h: &mut Histogram, l: &Latency) {
+    h.add(&l.counts, l.sum_us as f64 / 1e6);
 }
 
 impl<E: Effects> Service<E> {
@@ -104,6 +129,14 @@ impl<E: Effects> Service<E> {
             ipc: None,
             stop_reason: None,
             pending_rolls: Vec::new(),
+            restart_totals: RestartReasons::default(),
+            spawn_ready: Histogram::new(SPAWN_READY_BOUNDS),
+            weights_bytes: BTreeMap::new(),
+            retired_served: 0,
+            retired_latency: Histogram::new(REQUEST_LATENCY_BOUNDS),
+            told_ready: false,
+            reloading: false,
+            told_status: None,
         }
     }
 
@@ -160,6 +193,55 @@ impl<E: Effects> Service<E> {
 
     /// Handles one input; an admin request returns its answer, for the loop to send.
     pub fn input(&mut self, input: Input) -> Option<(AdminConn, AdminResponse)> {
+        let answer = self.handle(input);
+        self.tell_manager();
+        answer
+    }
+
+    /// The status line for the service manager: the workers' counts.
+    pub(super) fn status_line(&self) -> String {
+        let serving = self
+            .procs
+            .values()
+            .filter(|p| p.role.is_worker() && p.state == State::Serving)
+            .count();
+        let n = self.cfg.workers;
+        let rolling = if self.reloading { "; rolling" } else { "" };
+        format!("{serving} of {n} workers serving{rolling}")
+    }
+
+    /// Tells the service manager what changed: ready once every worker serves (at the start,
+    /// and at the end of a roll), and the counts.
+    pub(super) fn tell_manager(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let all = self.all_workers_serving();
+        let rolled = !self
+            .pending_rolls
+            .iter()
+            .any(|(_, c)| *c == policy::Cause::Roll)
+            && !self
+                .procs
+                .values()
+                .any(|p| p.replaces.is_some_and(|(_, c)| c == policy::Cause::Roll));
+        if all && self.reloading && rolled {
+            self.reloading = false;
+            self.told_ready = false;
+        }
+        let status = self.status_line();
+        if all && !self.told_ready && !self.reloading {
+            self.told_ready = true;
+            self.fx.notify(Notify::Ready {
+                status: status.clone(),
+            });
+        } else if self.told_status.as_ref() != Some(&status) {
+            self.fx.notify(Notify::Status(status.clone()));
+        }
+        self.told_status = Some(status);
+    }
+
+    fn handle(&mut self, input: Input) -> Option<(AdminConn, AdminResponse)> {
         match input {
             Input::Signal(Signal::SIGHUP) => self.roll("SIGHUP"),
             Input::Signal(s @ (Signal::SIGTTIN | Signal::SIGTTOU)) => {
@@ -193,6 +275,8 @@ impl<E: Effects> Service<E> {
             }
             Input::Admin(conn, req) => return Some((conn, self.admin(req))),
             Input::ZygoteStarted(result) => self.zygote_started(result),
+            // The event loop answers scrapes itself, from `Service::metrics`.
+            Input::Scrape(_) => {}
         }
         None
     }
@@ -267,10 +351,17 @@ impl<E: Effects> Service<E> {
                 replaces,
                 request_limit,
                 recycling: false,
+                latency: None,
                 killed_for: None,
             },
         );
         Ok(())
+    }
+
+    /// Counts one replacement in `role`'s slot and in the service's totals.
+    fn count(&mut self, role: Role, cause: policy::Cause) {
+        policy::count(&mut self.slot(role).reasons, cause);
+        policy::count(&mut self.restart_totals, cause);
     }
 
     fn slot(&mut self, role: Role) -> &mut Slot {
@@ -310,7 +401,9 @@ impl<E: Effects> Service<E> {
                     p.state = State::Serving;
                     p.generation = generation;
                     let (role, replaces) = (p.role, p.replaces.take());
-                    let ms = now.duration_since(p.timers.started).as_millis();
+                    let took = now.duration_since(p.timers.started);
+                    self.spawn_ready.observe(took.as_secs_f64());
+                    let ms = took.as_millis();
                     say!(
                         self.fx,
                         Info,
@@ -319,8 +412,9 @@ impl<E: Effects> Service<E> {
                     self.on_ready(role, replaces, weights);
                 }
             }
-            ChildMessage::Heartbeat { served } => {
+            ChildMessage::Heartbeat { served, latency } => {
                 p.served = served;
+                p.latency = latency.or(p.latency.take());
                 self.check_recycle(pid);
             }
             ChildMessage::Draining { in_flight } => {
@@ -369,9 +463,12 @@ impl<E: Effects> Service<E> {
         replaces: Option<(i32, policy::Cause)>,
         weights: Option<ServedWeights>,
     ) {
-        if let Role::Owner(_) = role {
+        if let Role::Owner(device) = role {
             self.backend = weights.map(|w| w.backend.to_string());
             self.ipc = weights.map(|w| w.ipc.to_string());
+            if let Some(w) = weights {
+                self.weights_bytes.insert(device, w.bytes);
+            }
             let restarted = self.slots.get(&role).is_some_and(|s| s.restarts > 0);
             if policy::roll_after_owner_ready(restarted, weights.map(|w| w.ipc)) {
                 self.roll("the owner restarted with legacy CUDA IPC");
@@ -381,7 +478,7 @@ impl<E: Effects> Service<E> {
             s.failures_before_ready = 0;
         }
         if let Some((old, cause)) = replaces {
-            policy::count(&mut self.slot(role).reasons, cause);
+            self.count(role, cause);
             self.drain(old, "replaced by a new worker");
         }
         if self.phase == Phase::Starting && self.owners_ready() {
@@ -446,10 +543,16 @@ impl<E: Effects> Service<E> {
             .death(pid, role, counts && p.killed_for.is_none());
         let cause = p.killed_for.or(known.as_ref().and_then(|k| k.cause));
         let status = known.map_or_else(|| "status to follow".into(), |k| k.text);
-        let slot = self.slots.entry(role).or_default();
         if let Some(c) = cause.filter(|_| counts) {
-            policy::count(&mut slot.reasons, c);
+            self.count(role, c);
         }
+        if role.is_worker() {
+            self.retired_served += p.served;
+            if let Some(l) = &p.latency {
+                add_latency(&mut self.retired_latency, l);
+            }
+        }
+        let slot = self.slots.entry(role).or_default();
         let failures = if p.state == State::Starting && self.phase != Phase::Stopping {
             slot.failures_before_ready += 1;
             slot.restarts += 1;
@@ -539,7 +642,7 @@ impl<E: Effects> Service<E> {
             let role = late.role;
             say!(self.fx, Info, "{role} (pid {pid}) exit status: {text}");
             if let Some(c) = late.count {
-                policy::count(&mut self.slot(role).reasons, c);
+                self.count(role, c);
             }
         }
     }

@@ -1,11 +1,14 @@
-//! `zygote status`: the service's state as the admin socket reports it, one row per process
-//! (supervisor, zygote, owners by device, workers by slot).
+//! What the service reports: `zygote status`'s answer, one row per process (supervisor,
+//! zygote, owners by device, workers by slot), and the snapshot `/metrics` encodes.
+
+use std::collections::BTreeMap;
 
 use zygote_runtime::protocol::{ProcessStatus, ServiceStatus};
 
 use super::effects::Effects;
+use super::metrics::{Histogram, Snapshot};
 use super::policy::{Phase, Role, State};
-use super::service::{Child, Service};
+use super::service::{add_latency, Child, Service};
 
 impl<E: Effects> Service<E> {
     pub fn status(&self) -> ServiceStatus {
@@ -66,19 +69,10 @@ impl<E: Effects> Service<E> {
             let m = self.fx.memory(pid);
             let slot = self.slots.get(&p.role);
             processes.push(ProcessStatus {
-                role: match p.role {
-                    Role::Owner(_) => "owner",
-                    Role::Worker(_) => "worker",
-                }
-                .into(),
+                role: role_name(p.role).into(),
                 slot: Some(p.role.slot()),
                 pid,
-                state: match p.state {
-                    State::Starting => "starting",
-                    State::Serving => "serving",
-                    State::Draining => "draining",
-                }
-                .into(),
+                state: state_name(p.state).into(),
                 restarts: slot.map(|s| s.restarts).unwrap_or(0),
                 pss_kib: m.map(|m| m.pss_kib),
                 rss_kib: m.map(|m| m.rss_kib),
@@ -100,5 +94,72 @@ impl<E: Effects> Service<E> {
             workers: self.cfg.workers,
             processes,
         }
+    }
+
+    /// The snapshot `/metrics` shows.
+    pub fn metrics(&self) -> Snapshot {
+        let workers = [State::Starting, State::Serving, State::Draining].map(|state| {
+            let n = self
+                .procs
+                .values()
+                .filter(|p| p.role.is_worker() && p.state == state)
+                .count();
+            (state_name(state), n as u64)
+        });
+        let me = std::process::id() as i32;
+        let mut pss: BTreeMap<(&'static str, Option<u32>), u64> = BTreeMap::new();
+        let mut add = |role, slot, pid: i32| {
+            if let Some(m) = self.fx.memory(pid) {
+                *pss.entry((role, slot)).or_default() += m.pss_kib * 1024;
+            }
+        };
+        add("supervisor", None, me);
+        if let Some(z) = &self.zygote {
+            add("zygote", None, z.pid);
+        }
+        for (&pid, p) in &self.procs {
+            add(role_name(p.role), Some(p.role.slot()), pid);
+        }
+        let live: u64 = self
+            .procs
+            .values()
+            .filter(|p| p.role.is_worker())
+            .map(|p| p.served)
+            .sum();
+        Snapshot {
+            workers: workers.to_vec(),
+            restarts: self.restart_totals,
+            spawn_ready: self.spawn_ready.clone(),
+            pss_bytes: pss.into_iter().map(|((r, s), b)| (r, s, b)).collect(),
+            requests: self.retired_served + live,
+            weights_bytes: self.weights_bytes.iter().map(|(d, b)| (*d, *b)).collect(),
+            latency: self.latency(),
+        }
+    }
+}
+
+impl<E: Effects> Service<E> {
+    /// The request latencies of every worker, gone ones included.
+    fn latency(&self) -> Histogram {
+        let mut h = self.retired_latency.clone();
+        for l in self.procs.values().filter_map(|p| p.latency.as_ref()) {
+            add_latency(&mut h, l);
+        }
+        h
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Owner(_) => "owner",
+        Role::Worker(_) => "worker",
+    }
+}
+
+fn state_name(state: State) -> &'static str {
+    match state {
+        State::Starting => "starting",
+        State::Serving => "serving",
+        State::Draining => "draining",
     }
 }

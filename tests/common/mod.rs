@@ -281,6 +281,13 @@ pub type Proc = ProcessStatus;
 impl Service {
     /// Starts `zygote start` with `opts` (and, when asked, waits until it serves).
     pub fn start(opts: ServiceOptions) -> Self {
+        Self::start_via(opts, |cmd, _| cmd)
+    }
+
+    /// [`Service::start`], the command handed to `launch` first (with the log's path): it
+    /// returns what to run instead, e.g. a launcher that passes fds as systemd does. The
+    /// command it gets carries the tag, so what it returns must keep the environment.
+    pub fn start_via(opts: ServiceOptions, launch: impl FnOnce(Command, &Path) -> Command) -> Self {
         let dir = TempDir::new("svc");
         let model = opts.model.clone().unwrap_or_else(|| tiny_model(dir.path()));
         let runtime_dir = dir.path().join("rt");
@@ -312,6 +319,7 @@ impl Service {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        let mut cmd = launch(cmd, &log);
         let child = cmd.spawn().expect("running zygote start");
         let svc = Self {
             dir,

@@ -22,6 +22,7 @@ use zygote_embed::http::{Reply, Request, Service};
 use zygote_embed::tokenize::TextEncoder;
 use zygote_embed::{build_app, encoder, import_host_weights, ApiLimits, App, ModelSpec};
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
+use zygote_runtime::protocol::Latency;
 use zygote_runtime::protocol::ParentMessage;
 use zygote_runtime::WorkerError;
 
@@ -47,7 +48,7 @@ impl Control for PairControl {
             ReadEvent::Eof => Err(WorkerError::Orphaned),
         }
     }
-    fn heartbeat(&mut self, _served: u64) -> Result<(), WorkerError> {
+    fn heartbeat(&mut self, _served: u64, _latency: &Latency) -> Result<(), WorkerError> {
         Ok(())
     }
     fn draining(&mut self, _in_flight: u32) -> Result<(), WorkerError> {

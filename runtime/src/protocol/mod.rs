@@ -337,6 +337,8 @@ impl std::fmt::Display for Ipc {
 pub struct ServedWeights {
     pub backend: Backend,
     pub ipc: Ipc,
+    /// Bytes of weights in the compute copy (the arenas' used bytes).
+    pub bytes: u64,
 }
 
 /// What a child tells its supervisor over the control channel.
@@ -352,10 +354,52 @@ pub enum ChildMessage {
         weights: Option<ServedWeights>,
         detail: String,
     },
-    /// The child is alive; `served` counts requests answered so far.
-    Heartbeat { served: u64 },
+    /// The child is alive; `served` counts requests answered so far, and `latency` (from a
+    /// worker that measures it) how long they took.
+    Heartbeat {
+        served: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        latency: Option<Latency>,
+    },
     /// The child stopped accepting and will exit when its in-flight work is done.
     Draining { in_flight: u32 },
+}
+
+/// Upper bounds (milliseconds) of the request-latency buckets of [`Latency`].
+pub const LATENCY_BOUNDS_MS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+];
+
+/// The latencies of the requests a worker answered since it started, as a histogram the
+/// supervisor adds up over workers (`/metrics`): `counts[i]` requests took at most
+/// [`LATENCY_BOUNDS_MS`]`[i]`, the last count (one more than the bounds) took longer;
+/// `sum_us` is their total in microseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; LATENCY_BOUNDS_MS.len() + 1],
+            sum_us: 0,
+        }
+    }
+}
+
+impl Latency {
+    /// Counts one request that took `took`.
+    pub fn observe(&mut self, took: std::time::Duration) {
+        let us = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = LATENCY_BOUNDS_MS.partition_point(|b| b * 1000 < us);
+        if let Some(n) = self.counts.get_mut(i) {
+            *n += 1;
+        }
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
 }
 
 /// What a supervisor tells a child over the control channel.
@@ -462,4 +506,44 @@ pub struct RestartReasons {
     /// Replaced after `--max-requests` or `--max-rss`.
     pub recycle: u32,
     pub roll: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_latency_lands_in_the_first_bucket_that_holds_it() {
+        let mut l = Latency::default();
+        for us in [0, 1000, 1001, 30_000_000, 30_000_001, u64::MAX] {
+            l.observe(Duration::from_micros(us));
+        }
+        let mut want = vec![0; LATENCY_BOUNDS_MS.len() + 1];
+        want[0] = 2; // 0 and exactly 1 ms
+        want[1] = 1; // just over 1 ms
+        want[LATENCY_BOUNDS_MS.len() - 1] = 1; // exactly 30 s
+        want[LATENCY_BOUNDS_MS.len()] = 2; // over every bound
+        assert_eq!(l.counts, want);
+        assert_eq!(l.sum_us, u64::MAX, "the sum saturates");
+    }
+
+    #[test]
+    fn a_heartbeat_without_latency_reads_as_before() {
+        let old = frame::raw_map(&[
+            ("v", serde_cbor::Value::Integer(1)),
+            ("type", serde_cbor::Value::Text("heartbeat".into())),
+            ("served", serde_cbor::Value::Integer(3)),
+        ]);
+        let body = serde_cbor::to_vec(&old).expect("cbor");
+        let m: ChildMessage = frame::decode(&body).expect("a heartbeat of an older worker");
+        assert_eq!(
+            m,
+            ChildMessage::Heartbeat {
+                served: 3,
+                latency: None
+            }
+        );
+    }
 }

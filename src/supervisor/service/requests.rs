@@ -5,6 +5,7 @@ use log::Level;
 use zygote_runtime::protocol::{AdminRequest, AdminResponse, ErrorCode};
 
 use super::{Effects, Service};
+use crate::supervisor::effects::Notify;
 use crate::supervisor::policy::{self, Phase, Role, State};
 
 impl<E: Effects> Service<E> {
@@ -41,6 +42,9 @@ impl<E: Effects> Service<E> {
             return;
         }
         say!(self.fx, Info, "{why}: rolling {} workers", self.cfg.workers);
+        self.reloading = true;
+        let status = self.status_line();
+        self.fx.notify(Notify::Reloading { status });
         let olds = self
             .procs
             .iter()
@@ -97,6 +101,7 @@ impl<E: Effects> Service<E> {
         }
         self.phase = Phase::Stopping;
         self.pending_rolls.clear();
+        self.fx.notify(Notify::Stopping);
         // Before any worker is told to drain: nothing may be queued behind the workers' last
         // accept, or closing the listeners would reset it (see gate.rs).
         self.fx.stop_accepting();

@@ -37,6 +37,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         graceful_timeout: GRACEFUL,
         allow_uids: Vec::new(),
         recycle: Default::default(),
+        metrics: None,
     }
 }
 
@@ -63,6 +64,7 @@ fn ready(detail: &str) -> ChildMessage {
                 "vmm" => Ipc::Vmm,
                 _ => Ipc::Memfd,
             },
+            bytes: 1 << 20,
         }),
         _ => None,
     };
@@ -158,8 +160,13 @@ impl Harness {
 
 fn beat(h: &mut Harness, pids: &[i32]) {
     for &pid in pids {
-        h.svc
-            .input(Input::Message(pid, ChildMessage::Heartbeat { served: 1 }));
+        h.svc.input(Input::Message(
+            pid,
+            ChildMessage::Heartbeat {
+                served: 1,
+                latency: None,
+            },
+        ));
     }
 }
 
@@ -744,8 +751,13 @@ fn recycling(workers: u32, limits: RecycleLimits, fake: Fake) -> Harness {
 }
 
 fn served(h: &mut Harness, pid: i32, served: u64) {
-    h.svc
-        .input(Input::Message(pid, ChildMessage::Heartbeat { served }));
+    h.svc.input(Input::Message(
+        pid,
+        ChildMessage::Heartbeat {
+            served,
+            latency: None,
+        },
+    ));
 }
 
 #[test]
@@ -859,4 +871,113 @@ fn nothing_is_recycled_while_the_service_stops() {
     h.svc.input(Input::Signal(Signal::SIGTERM));
     served(&mut h, old, 5);
     assert!(spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty());
+}
+
+#[test]
+fn metrics_keep_the_counts_of_gone_workers_and_dropped_slots() {
+    use zygote_runtime::protocol::Latency;
+    let mut h = Harness::running(2, Duration::from_secs(30), "backend=host bytes=1234");
+    let (w0, w1) = (h.workers[0], h.workers[1]);
+    h.svc.fx.advance(Duration::from_millis(30));
+    let mut l = Latency::default();
+    l.observe(Duration::from_millis(3));
+    l.observe(Duration::from_millis(700));
+    for (pid, served) in [(w0, 5), (w1, 7)] {
+        h.svc.input(Input::Message(
+            pid,
+            ChildMessage::Heartbeat {
+                served,
+                latency: Some(l.clone()),
+            },
+        ));
+    }
+    h.dies(w0, sig("SIGKILL"));
+    h.tick_after(Duration::ZERO);
+    let m = h.svc.metrics();
+    assert_eq!(m.requests, 12, "the dead worker's requests stay counted");
+    assert_eq!(m.latency.count(), 4);
+    assert!(
+        (m.latency.sum - 2.0 * 0.703).abs() < 1e-9,
+        "{:?}",
+        m.latency
+    );
+    assert_eq!(m.weights_bytes, [(0, 1234)]);
+    assert_eq!(m.spawn_ready.count(), 3, "the owner and two workers");
+    assert_eq!(m.restarts.signal, 1);
+    assert_eq!(m.workers[1], ("serving", 1));
+    assert_eq!(m.workers[0], ("starting", 1), "the replacement");
+    h.svc.input(Input::Admin(
+        AdminConn(1),
+        AdminRequest::Scale { id: 1, workers: 1 },
+    ));
+    assert!(h.svc.slots.keys().all(|r| *r != Role::Worker(1)));
+    h.dies(w1, Exit::Code(0));
+    let m = h.svc.metrics();
+    assert_eq!(
+        m.restarts.signal, 1,
+        "a dropped slot's restarts stay in the totals"
+    );
+    assert_eq!(m.requests, 12);
+}
+
+#[test]
+fn the_manager_hears_ready_once_all_serve_reloading_for_a_roll_and_stopping() {
+    use crate::supervisor::effects::Notify;
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let notes = std::mem::take(&mut h.svc.fx.notes);
+    assert_eq!(
+        notes.last(),
+        Some(&Notify::Ready {
+            status: "2 of 2 workers serving".into()
+        }),
+        "{notes:?}"
+    );
+    assert_eq!(
+        notes
+            .iter()
+            .filter(|n| matches!(n, Notify::Ready { .. }))
+            .count(),
+        1,
+        "ready only when the last worker serves: {notes:?}"
+    );
+    // A death: the counts, and no second READY=1 for the replacement.
+    h.dies(h.workers[0], sig("SIGKILL"));
+    let new = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    h.svc.input(Input::Message(new, ready("")));
+    assert_eq!(
+        std::mem::take(&mut h.svc.fx.notes),
+        [
+            Notify::Status("1 of 2 workers serving".into()),
+            Notify::Status("2 of 2 workers serving".into())
+        ]
+    );
+    // A roll: RELOADING=1, then READY=1 once every replacement serves.
+    let old1 = h.workers[1];
+    h.svc.input(Input::Signal(Signal::SIGHUP));
+    let calls = h.tick_after(Duration::ZERO);
+    let (r0, r1) = (
+        spawned(&calls, Role::Worker(0))[0],
+        spawned(&calls, Role::Worker(1))[0],
+    );
+    h.svc.input(Input::Message(r1, ready("")));
+    h.dies(old1, Exit::Code(0));
+    let notes = std::mem::take(&mut h.svc.fx.notes);
+    assert!(
+        matches!(notes.first(), Some(Notify::Reloading { .. })),
+        "{notes:?}"
+    );
+    assert!(
+        !notes.iter().any(|n| matches!(n, Notify::Ready { .. })),
+        "not ready while worker 0 is still rolled: {notes:?}"
+    );
+    h.svc.input(Input::Message(r0, ready("")));
+    let notes = std::mem::take(&mut h.svc.fx.notes);
+    assert_eq!(
+        notes,
+        [Notify::Ready {
+            status: "2 of 2 workers serving".into()
+        }]
+    );
+    h.svc.input(Input::Signal(Signal::SIGTERM));
+    assert_eq!(h.svc.fx.notes, [Notify::Stopping]);
 }

@@ -21,6 +21,11 @@ impl<E: Effects> Service<E> {
         if self.phase == Phase::Stopping {
             return self.tick_stopping(now);
         }
+        self.tick_running(now);
+        self.tell_manager();
+    }
+
+    fn tick_running(&mut self, now: Instant) {
         if self.zygote.is_some() {
             self.restart_due_slots(now);
             self.spawn_rolls();

@@ -124,12 +124,12 @@ fn own(worker: &mut Worker) -> Result<(), OwnerError> {
     let mut backend = select_backend(&opts, device).map_err(OwnerError::Backend)?;
     let export = obtain(backend.as_mut(), worker, device, opts.generation)?;
     let built = started.elapsed();
+    let bytes = export.manifest.arenas.iter().map(|a| a.used).sum::<u64>();
     let detail = format!(
-        "backend={} ipc={} generation={} bytes={} built_ms={}",
+        "backend={} ipc={} generation={} bytes={bytes} built_ms={}",
         backend.name(),
         backend.ipc(),
         export.manifest.generation,
-        export.manifest.arenas.iter().map(|a| a.used).sum::<u64>(),
         built.as_millis()
     );
     log::info!(
@@ -140,7 +140,11 @@ fn own(worker: &mut Worker) -> Result<(), OwnerError> {
         Backend::from_name(backend.name()),
         Ipc::from_name(backend.ipc()),
     ) {
-        (Some(backend), Some(ipc)) => ServedWeights { backend, ipc },
+        (Some(backend), Some(ipc)) => ServedWeights {
+            backend,
+            ipc,
+            bytes,
+        },
         _ => {
             return Err(OwnerError::Backend(format!(
                 "unknown backend or IPC in {detail}"

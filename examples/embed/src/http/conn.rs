@@ -110,6 +110,11 @@ impl Conn {
         &mut self.stream
     }
 
+    /// When the current request's first byte arrived (None: no request under way).
+    pub(super) fn request_started(&self) -> Option<Instant> {
+        self.request_started
+    }
+
     /// Nothing received, nothing to write.
     pub(super) fn is_idle(&self) -> bool {
         self.buf.is_empty() && self.out_pos >= self.out.len() && self.linger_until.is_none()

@@ -45,7 +45,7 @@ mod server;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
-use zygote_runtime::protocol::ParentMessage;
+use zygote_runtime::protocol::{Latency, ParentMessage};
 use zygote_runtime::WorkerError;
 
 pub use parse::{parse, Head, Parsed, MAX_HEADERS};
@@ -139,7 +139,8 @@ pub trait Control {
     fn fd(&self) -> Option<RawFd>;
     /// Reads one pending message, without blocking.
     fn poll(&mut self) -> Result<Option<ParentMessage>, WorkerError>;
-    fn heartbeat(&mut self, served: u64) -> Result<(), WorkerError>;
+    /// Says the worker is alive: requests answered so far, and how long they took.
+    fn heartbeat(&mut self, served: u64, latency: &Latency) -> Result<(), WorkerError>;
     fn draining(&mut self, in_flight: u32) -> Result<(), WorkerError>;
 }
 
@@ -150,8 +151,8 @@ impl Control for zygote_runtime::Worker {
     fn poll(&mut self) -> Result<Option<ParentMessage>, WorkerError> {
         self.poll_control()
     }
-    fn heartbeat(&mut self, served: u64) -> Result<(), WorkerError> {
-        zygote_runtime::Worker::heartbeat(self, served)
+    fn heartbeat(&mut self, served: u64, latency: &Latency) -> Result<(), WorkerError> {
+        zygote_runtime::Worker::heartbeat_with_latency(self, served, latency)
     }
     fn draining(&mut self, in_flight: u32) -> Result<(), WorkerError> {
         zygote_runtime::Worker::draining(self, in_flight)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use zygote_runtime::protocol::ParentMessage;
+use zygote_runtime::protocol::{Latency, ParentMessage};
 use zygote_runtime::WorkerError;
 
 use super::conn::{Conn, ConnState};
@@ -40,6 +40,8 @@ struct Server<'a> {
     acceptable: Vec<bool>,
     limits: &'a Limits,
     served: u64,
+    /// How long the answered requests took, first byte received to answer queued.
+    latency: Latency,
     /// Connections answered in the last batch, whose next request may join the next one.
     expected: Vec<usize>,
     /// Until when a waiting request may be held for them.
@@ -207,6 +209,9 @@ impl Server<'_> {
         let slots: Vec<usize> = answered.iter().map(|(slot, _)| *slot).collect();
         for (slot, resp) in answered {
             if let Some(c) = self.conns[slot].as_mut() {
+                if let Some(started) = c.request_started() {
+                    self.latency.observe(started.elapsed());
+                }
                 c.answer(&resp, draining);
                 self.served += 1;
             }
@@ -339,6 +344,7 @@ pub fn run(
         acceptable: Vec::new(),
         limits,
         served: 0,
+        latency: Latency::default(),
         expected: Vec::new(),
         gather_until: None,
         waiting: HashMap::new(),
@@ -423,7 +429,7 @@ pub fn run(
             next_sweep = now + SWEEP;
         }
         if now >= next_heartbeat {
-            match control.heartbeat(s.served) {
+            match control.heartbeat(s.served, &s.latency) {
                 Ok(()) => {}
                 Err(WorkerError::Orphaned) => return Ok(Exit::Orphaned),
                 Err(e) => log::warn!("heartbeat failed: {e}"),

@@ -229,6 +229,8 @@ impl Service for Echo {
 #[derive(Debug, Default)]
 struct Seen {
     heartbeats: u64,
+    /// The last heartbeat's latencies.
+    latency: Latency,
     draining: Vec<u32>,
     /// The paths of every batch the service was handed, in order.
     batches: Vec<Vec<String>>,
@@ -256,8 +258,10 @@ impl Control for TestControl {
             ReadEvent::Eof => Err(WorkerError::Orphaned),
         }
     }
-    fn heartbeat(&mut self, _served: u64) -> Result<(), WorkerError> {
-        self.seen.lock().unwrap().heartbeats += 1;
+    fn heartbeat(&mut self, _served: u64, latency: &Latency) -> Result<(), WorkerError> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.heartbeats += 1;
+        seen.latency = latency.clone();
         Ok(())
     }
     fn draining(&mut self, in_flight: u32) -> Result<(), WorkerError> {
@@ -793,6 +797,29 @@ fn heartbeats_flow_and_others_are_served_while_a_long_request_computes() {
     assert_eq!(a.status, 200);
     assert!(a.body.starts_with("GET /long 0 "), "{}", a.body);
     assert!(rt.seen.lock().unwrap().heartbeats >= LONG_HEARTBEATS);
+}
+
+#[test]
+fn heartbeats_carry_the_latency_of_each_answered_request() {
+    let rt = Running::start(Limits {
+        heartbeat: Duration::from_millis(20),
+        ..limits()
+    });
+    let mut c = rt.connect();
+    c.write_all(GET).unwrap();
+    assert_eq!(read_answer(&mut c, &mut Vec::new()).status, 200);
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_answer(&mut c, &mut Vec::new()).status, 200);
+    rt.wait_seen("both requests in a heartbeat", |s| {
+        s.latency.counts.iter().sum::<u64>() == 2
+    });
+    let seen = rt.seen.lock().unwrap();
+    assert!(
+        seen.latency.sum_us >= SLOW.as_micros() as u64,
+        "the slow request's time is in the sum: {:?}",
+        seen.latency
+    );
 }
 
 #[test]
