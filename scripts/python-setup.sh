@@ -46,7 +46,7 @@ if [[ ! -f "$pkg_stamp" || "$(cat "$pkg_stamp")" != "$pkg_want" ]] \
 fi
 HF_HUB_OFFLINE=1 "$venv/bin/python" - <<'PY'
 from importlib.metadata import version
-import a2wsgi, fastapi, flask, sentence_transformers, torch, uvicorn, zygote, zygote.torch
+import a2wsgi, fastapi, flask, prometheus_client, sentence_transformers, torch, uvicorn, zygote, zygote.torch
 print(f"python venv ok: zygote {version('zygote')} ({zygote._native.__file__}), torch "
       f"{torch.__version__}, sentence-transformers {version('sentence-transformers')}, "
       f"uvicorn {version('uvicorn')}, fastapi {version('fastapi')}")
