@@ -3,11 +3,11 @@
 //! A file the parser accepts must be what the module docs promise: tensors sorted by offset
 //! that tile the data section exactly, each as long as its shape and dtype say.
 //!
-//! Calls: `model::parse_header`, `model::Dtype::size`.
+//! Calls: `safetensors::parse_header`, `safetensors::Dtype::size`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zygote_runtime::model::parse_header;
+use zygote_runtime::safetensors::parse_header;
 
 fuzz_target!(|data: &[u8]| {
     let Ok((tensors, _metadata)) = parse_header(data) else {
