@@ -326,8 +326,8 @@ fn helper_keep(c: &mut ZygoteClient) -> Result<(), ProtocolError> {
     nix::unistd::ftruncate(&memfd, 4096).map_err(std::io::Error::from)?;
     let manifest = zygote_runtime::backend::Manifest {
         generation: 99,
-        backend: "host".into(),
-        ipc: "memfd".into(),
+        backend: zygote_runtime::backend::Backend::Host,
+        ipc: zygote_runtime::backend::Ipc::Memfd,
         model_digest: "xxh3-128:0".into(),
         content_digest: "xxh3-128:0".into(),
         device: None,
