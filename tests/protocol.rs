@@ -440,6 +440,18 @@ fn an_allowed_uid_may_spawn_and_signal_its_own_children_and_read_status_and_noth
 #[test]
 fn an_allowed_uid_holds_at_most_its_quota_of_connections() {
     let z = allowing_nobody();
+    // The quota is announced, for clients to plan with.
+    match z.client().hello() {
+        Some(Response::Hello { limits, .. }) => assert_eq!(
+            (
+                limits.max_connections_per_uid,
+                limits.service_reserved_connections
+            ),
+            (8, 16),
+            "{limits:?}"
+        ),
+        other => panic!("no hello: {other:?}"),
+    }
     let (_, out) = run_as_nobody(&z, "hold");
     assert_eq!(
         (
