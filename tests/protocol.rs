@@ -326,8 +326,8 @@ fn helper_keep(c: &mut ZygoteClient) -> Result<(), ProtocolError> {
     nix::unistd::ftruncate(&memfd, 4096).map_err(std::io::Error::from)?;
     let manifest = zygote_runtime::backend::Manifest {
         generation: 99,
-        backend: "host".into(),
-        ipc: "memfd".into(),
+        backend: zygote_runtime::backend::Backend::Host,
+        ipc: zygote_runtime::backend::Ipc::Memfd,
         model_digest: "xxh3-128:0".into(),
         content_digest: "xxh3-128:0".into(),
         device: None,
@@ -440,6 +440,18 @@ fn an_allowed_uid_may_spawn_and_signal_its_own_children_and_read_status_and_noth
 #[test]
 fn an_allowed_uid_holds_at_most_its_quota_of_connections() {
     let z = allowing_nobody();
+    // The quota is announced, for clients to plan with.
+    match z.client().hello() {
+        Some(Response::Hello { limits, .. }) => assert_eq!(
+            (
+                limits.max_connections_per_uid,
+                limits.service_reserved_connections
+            ),
+            (8, 16),
+            "{limits:?}"
+        ),
+        other => panic!("no hello: {other:?}"),
+    }
     let (_, out) = run_as_nobody(&z, "hold");
     assert_eq!(
         (

@@ -399,7 +399,7 @@ fn run(o: &Options, dir: &Path) -> Result<ExitCode, String> {
     drop(peer);
 
     // 4. Owner death.
-    if manifest.ipc == "vmm" {
+    if manifest.ipc == zygote_runtime::protocol::Ipc::Vmm {
         let _ = owner.child.kill();
         let _ = owner.child.wait();
         drop(owner);

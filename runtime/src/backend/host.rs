@@ -49,7 +49,7 @@ pub fn plan(model: &Model) -> (Vec<TensorLayout>, u64) {
         offset = offset.div_ceil(ALIGN) * ALIGN;
         out.push(TensorLayout {
             name: t.name.clone(),
-            dtype: dtype.as_str().to_string(),
+            dtype,
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             arena: 0,
             offset,
@@ -111,8 +111,8 @@ impl DeviceBackend for HostBackend {
         drop(map);
         let manifest = Manifest {
             generation,
-            backend: "host".into(),
-            ipc: "memfd".into(),
+            backend: crate::protocol::Backend::Host,
+            ipc: crate::protocol::Ipc::Memfd,
             model_digest: model.digest().to_string(),
             content_digest,
             device: None,
@@ -138,7 +138,7 @@ impl DeviceBackend for HostBackend {
         fds: Vec<OwnedFd>,
         model: &Model,
     ) -> Result<Option<Export>, BackendError> {
-        if manifest.backend != "host" {
+        if manifest.backend != crate::protocol::Backend::Host {
             return Ok(None);
         }
         super::check_manifest(&manifest, model)?;
@@ -172,7 +172,7 @@ fn export_in_place(model: &Model, generation: u64) -> Result<Option<Export>, Bac
         .iter()
         .map(|t| TensorLayout {
             name: t.name.clone(),
-            dtype: t.dtype.as_str().to_string(),
+            dtype: t.dtype,
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             arena: 0,
             offset: t.offset as u64,
@@ -185,8 +185,8 @@ fn export_in_place(model: &Model, generation: u64) -> Result<Option<Export>, Bac
         .map_err(|e| BackendError::Manifest(format!("dup of the model memfd failed: {e}")))?;
     let manifest = Manifest {
         generation,
-        backend: "host".into(),
-        ipc: "memfd".into(),
+        backend: crate::protocol::Backend::Host,
+        ipc: crate::protocol::Ipc::Memfd,
         model_digest: model.digest().to_string(),
         // The arena is the whole model file, so its digest is the model's.
         content_digest: model.digest().to_string(),
@@ -250,7 +250,7 @@ impl HostWeights {
     pub fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
         let l = &self.manifest.tensors[*self.by_name.get(name)?];
         Some(HostTensor {
-            dtype: Dtype::parse(&l.dtype).ok()?,
+            dtype: l.dtype,
             shape: &l.shape,
             bytes: &self.map[l.offset as usize..(l.offset + l.len) as usize],
         })

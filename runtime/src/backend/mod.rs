@@ -23,6 +23,7 @@ use std::os::fd::OwnedFd;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Model;
+pub use crate::protocol::{Backend, Ipc};
 
 /// Which backend a service asked for (`--backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,10 +99,10 @@ impl std::fmt::Display for IpcChoice {
 pub struct Manifest {
     /// Increases by one with every export by any owner of this service.
     pub generation: u64,
-    /// `"host"` or `"cuda"`.
-    pub backend: String,
-    /// `"memfd"`, `"vmm"` or `"legacy"`.
-    pub ipc: String,
+    /// `"host"` or `"cuda"` on the wire.
+    pub backend: Backend,
+    /// `"memfd"`, `"vmm"` or `"legacy"` on the wire.
+    pub ipc: Ipc,
     /// Digest of the model file the weights were built from (`Model::digest`).
     pub model_digest: String,
     /// Digest of the compute copy's bytes (all arenas, in order).
@@ -138,8 +139,8 @@ pub struct ArenaInfo {
 #[serde(deny_unknown_fields)]
 pub struct TensorLayout {
     pub name: String,
-    /// Dtype of the compute copy (safetensors spelling: `F32`, `I64`, ...).
-    pub dtype: String,
+    /// Dtype of the compute copy (safetensors spelling on the wire: `F32`, `I64`, ...).
+    pub dtype: crate::model::Dtype,
     pub shape: Vec<u64>,
     pub arena: u32,
     pub offset: u64,
@@ -292,11 +293,7 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
                 t.name, t.offset, end, t.arena, arena.used, arena.size
             )));
         }
-        let elem = crate::model::Dtype::parse(&t.dtype)
-            .map_err(|_| {
-                BackendError::Manifest(format!("tensor {}: unknown dtype {}", t.name, t.dtype))
-            })?
-            .size() as u64;
+        let elem = t.dtype.size() as u64;
         let count: u64 = t.shape.iter().product();
         if count * elem != t.len {
             return Err(BackendError::Manifest(format!(
@@ -326,10 +323,9 @@ pub fn import(
     model: &Model,
 ) -> Result<Weights, BackendError> {
     check_manifest(&manifest, model)?;
-    match manifest.backend.as_str() {
-        "host" => host::import(manifest, fds, model).map(Weights::Host),
-        "cuda" => cuda::import(manifest, fds).map(Weights::Cuda),
-        other => Err(BackendError::Manifest(format!("unknown backend {other:?}"))),
+    match manifest.backend {
+        Backend::Host => host::import(manifest, fds, model).map(Weights::Host),
+        Backend::Cuda => cuda::import(manifest, fds).map(Weights::Cuda),
     }
 }
 

@@ -112,6 +112,12 @@ pub struct Limits {
     pub max_arg_len: u32,
     pub max_connections: u32,
     pub max_children: u32,
+    /// Connections one uid other than the zygote's may hold (0 from a zygote that predates it).
+    #[serde(default)]
+    pub max_connections_per_uid: u32,
+    /// Connections only the zygote's own uid may use.
+    #[serde(default)]
+    pub service_reserved_connections: u32,
 }
 
 /// One entry of the zygote's allowlist.

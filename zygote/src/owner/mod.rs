@@ -192,7 +192,7 @@ fn obtain(
     }
     let export = backend.export(worker.model(), generation)?;
     // Legacy CUDA handles die with this process: keeping them would only mislead.
-    if export.manifest.ipc != "legacy" {
+    if export.manifest.ipc != zygote_runtime::protocol::Ipc::Legacy {
         if let Some(z) = zygote.as_mut() {
             if let Err(e) = z.keep_weights(device, &export.manifest, &export.fds) {
                 log::warn!("leaving the weights with the zygote failed: {e}");

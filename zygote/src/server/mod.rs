@@ -189,6 +189,8 @@ fn limits() -> Limits {
         max_args: MAX_ARGS,
         max_arg_len: MAX_ARG_LEN,
         max_connections: MAX_CONNECTIONS,
+        max_connections_per_uid: MAX_CONNECTIONS_PER_UID,
+        service_reserved_connections: SERVICE_RESERVED_CONNECTIONS,
         max_children: MAX_CHILDREN,
     }
 }

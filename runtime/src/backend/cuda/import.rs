@@ -42,16 +42,16 @@ pub struct Checked {
 /// Checks everything about a CUDA manifest that can be checked without touching CUDA, given
 /// the number of fds that came with it.
 pub fn precheck(manifest: &Manifest, fds: usize) -> Result<Checked, BackendError> {
-    if manifest.backend != "cuda" {
+    if manifest.backend != crate::protocol::Backend::Cuda {
         return Err(BackendError::Manifest(format!(
             "backend {:?} is not cuda",
-            manifest.backend
+            manifest.backend.to_string()
         )));
     }
-    let mode = IpcMode::parse(&manifest.ipc).ok_or_else(|| {
+    let mode = IpcMode::from_ipc(manifest.ipc).ok_or_else(|| {
         BackendError::Manifest(format!(
             "ipc {:?} is not a CUDA mode (vmm or legacy)",
-            manifest.ipc
+            manifest.ipc.to_string()
         ))
     })?;
     let device = manifest
@@ -336,7 +336,7 @@ impl CudaWeights {
             ptr: arena.memory().ptr() + l.offset,
             len: l.len,
             shape: &l.shape,
-            dtype: Dtype::parse(&l.dtype).ok()?,
+            dtype: l.dtype,
         })
     }
 
@@ -497,8 +497,8 @@ mod tests {
     pub(crate) fn manifest(ipc: &str, arenas: usize) -> Manifest {
         Manifest {
             generation: 1,
-            backend: "cuda".into(),
-            ipc: ipc.into(),
+            backend: crate::protocol::Backend::Cuda,
+            ipc: crate::protocol::Ipc::from_name(ipc).expect("an ipc name"),
             model_digest: crate::backend::digest_bytes(&[b"model"]),
             content_digest: crate::backend::digest_bytes(&[b"content"]),
             device: Some(DeviceId {
@@ -514,7 +514,7 @@ mod tests {
                 .collect(),
             tensors: vec![TensorLayout {
                 name: "w".into(),
-                dtype: "F32".into(),
+                dtype: crate::model::Dtype::F32,
                 shape: vec![256],
                 arena: 0,
                 offset: 0,
@@ -542,7 +542,7 @@ mod tests {
     #[test]
     fn bad_manifests_fail_before_cuda_is_touched() {
         let mut m = manifest("vmm", 1);
-        m.backend = "host".into();
+        m.backend = crate::protocol::Backend::Host;
         expect_manifest_error(&m, 1, "not cuda");
 
         expect_manifest_error(&manifest("memfd", 1), 1, "not a CUDA mode");

@@ -231,7 +231,7 @@ impl DeviceBackend for CudaBackend {
         fds: Vec<OwnedFd>,
         model: &Model,
     ) -> Result<Option<Export>, BackendError> {
-        if manifest.ipc != "vmm" {
+        if manifest.ipc != crate::protocol::Ipc::Vmm {
             // Legacy handles die with the owner that exported them.
             return Ok(None);
         }
@@ -308,8 +308,8 @@ impl DeviceBackend for CudaBackend {
         }
         let manifest = Manifest {
             generation,
-            backend: "cuda".into(),
-            ipc: self.ipc.as_str().into(),
+            backend: crate::protocol::Backend::Cuda,
+            ipc: self.ipc.ipc(),
             model_digest: model.digest().to_string(),
             content_digest: staged,
             device: Some(self.device()),
@@ -390,8 +390,8 @@ mod tests {
         assert!(plan.arenas.len() >= 2, "{plan:?}");
         let manifest = Manifest {
             generation: 3,
-            backend: "cuda".into(),
-            ipc: "legacy".into(),
+            backend: crate::protocol::Backend::Cuda,
+            ipc: crate::protocol::Ipc::Legacy,
             model_digest: model.digest().to_string(),
             content_digest: crate::backend::digest_bytes(&[b"device"]),
             device: Some(DeviceId {

@@ -117,7 +117,7 @@ pub fn plan_arenas(
         }
         layouts.push(TensorLayout {
             name: t.name.clone(),
-            dtype: dtype.as_str().to_string(),
+            dtype,
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             arena: arenas.len() as u32,
             offset,
@@ -161,7 +161,24 @@ impl IpcMode {
         }
     }
 
-    /// Parses `Manifest::ipc`.
+    /// The manifest's spelling of this mode.
+    pub fn ipc(self) -> crate::protocol::Ipc {
+        match self {
+            Self::Vmm => crate::protocol::Ipc::Vmm,
+            Self::Legacy => crate::protocol::Ipc::Legacy,
+        }
+    }
+
+    /// The mode of a manifest's `ipc`, when it is a CUDA one.
+    pub fn from_ipc(ipc: crate::protocol::Ipc) -> Option<Self> {
+        match ipc {
+            crate::protocol::Ipc::Vmm => Some(Self::Vmm),
+            crate::protocol::Ipc::Legacy => Some(Self::Legacy),
+            crate::protocol::Ipc::Memfd => None,
+        }
+    }
+
+    /// Parses an `--ipc`-style name.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "vmm" => Some(Self::Vmm),
