@@ -22,7 +22,7 @@ use crate::paths;
 /// `zygote spawn`: returns the exit code to exit with (the child's code, or 128 + signal).
 pub fn spawn(args: SpawnArgs) -> anyhow::Result<i32> {
     let dir = paths::runtime_dir(&args.runtime_dir);
-    let sock = dir.join(zygote_server::server::SOCKET_NAME);
+    let sock = dir.join(zygote_runtime::rundir::ZYGOTE_SOCKET);
     let mut client = ZygoteClient::connect(&sock, "zygote spawn")
         .with_context(|| format!("connecting to {}", sock.display()))?;
     let listeners: Vec<TcpListener> = args

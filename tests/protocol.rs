@@ -157,7 +157,7 @@ fn the_pidfd_in_the_spawn_answer_refers_to_the_child() {
         !readable_now(kid.pidfd.as_fd()),
         "a pidfd is not readable while its process lives"
     );
-    zygote_server::fork::pidfd_send_signal(kid.pidfd.as_fd(), libc::SIGTERM)
+    zygote_runtime::pidfd::send_signal(kid.pidfd.as_fd(), libc::SIGTERM)
         .expect("pidfd_send_signal through the received pidfd");
     let (ev, _) = wait_exited(&mut c, kid.pid, T);
     assert!(

@@ -39,8 +39,6 @@ pub const CONTROL_FD: i32 = 3;
 pub const MODEL_FD: i32 = 4;
 /// The first listener's fd in every child.
 pub const FIRST_LISTENER_FD: i32 = 5;
-/// The zygote socket's name in the runtime directory.
-pub use crate::rundir::ZYGOTE_SOCKET;
 /// The environment variable holding [`AttachInfo`] as JSON.
 pub const ATTACH_ENV: &str = "ZYGOTE_ATTACH";
 
@@ -343,7 +341,7 @@ impl Worker {
         &self,
         device: u32,
     ) -> Result<Option<(backend::Manifest, Vec<OwnedFd>)>, ProtocolError> {
-        let socket = self.info.runtime_dir.join(ZYGOTE_SOCKET);
+        let socket = self.info.runtime_dir.join(crate::rundir::ZYGOTE_SOCKET);
         let mut client = crate::client::ZygoteClient::connect(&socket, "worker")?;
         client.fetch_weights(device)
     }

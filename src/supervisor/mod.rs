@@ -78,7 +78,7 @@ pub struct Config {
 
 /// Runs a service until it is stopped. Returns the exit code.
 pub fn run(cfg: Config) -> anyhow::Result<i32> {
-    zygote_server::server::prepare_runtime_dir(&cfg.runtime_dir)?;
+    zygote_runtime::rundir::prepare(&cfg.runtime_dir)?;
     let admin_path = cfg.runtime_dir.join(crate::paths::SUPERVISOR_SOCKET);
     if UnixStream::connect(&admin_path).is_ok() {
         bail!(

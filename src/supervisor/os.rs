@@ -418,7 +418,7 @@ impl Effects for Os {
 
     fn signal(&mut self, pid: i32, signal: Signal) {
         if let Some(c) = self.children.get(&pid) {
-            let _ = zygote_server::fork::pidfd_send_signal(c.pidfd.as_fd(), signal as i32);
+            let _ = zygote_runtime::pidfd::send_signal(c.pidfd.as_fd(), signal as i32);
         }
     }
 

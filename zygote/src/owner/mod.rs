@@ -165,7 +165,7 @@ fn obtain(
     let socket = worker
         .info()
         .runtime_dir
-        .join(zygote_runtime::worker::ZYGOTE_SOCKET);
+        .join(zygote_runtime::rundir::ZYGOTE_SOCKET);
     let mut zygote = match ZygoteClient::connect(&socket, "owner") {
         Ok(c) => Some(c),
         Err(e) => {
