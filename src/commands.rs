@@ -15,6 +15,7 @@ use zygote_runtime::protocol::{
     AdminRequest, AdminResponse, ChildMessage, ProcessStatus, Response, RestartReasons,
     ServiceStatus,
 };
+use zygote_runtime::WorkerId;
 
 use crate::cli::{SpawnArgs, StatusArgs};
 use crate::paths;
@@ -41,7 +42,13 @@ pub fn spawn(args: SpawnArgs) -> anyhow::Result<i32> {
         control: theirs.as_fd(),
         listeners: listeners.iter().map(|l| l.as_fd()).collect(),
     };
-    let spawned = client.spawn(&args.entry, args.worker, &args.args, args.device, &fds)?;
+    let spawned = client.spawn(
+        &args.entry,
+        WorkerId(args.worker),
+        &args.args,
+        args.device,
+        &fds,
+    )?;
     drop(theirs);
     drop(listeners);
     println!("pid {}", spawned.pid);

@@ -18,7 +18,7 @@ use serde_cbor::Value;
 use zygote_runtime::client::ZygoteClient;
 use zygote_runtime::fdpass;
 use zygote_runtime::protocol::frame::{self, raw_map};
-use zygote_runtime::protocol::{ErrorCode, ProtocolError, Request, Response};
+use zygote_runtime::protocol::{ErrorCode, ProtocolError, Request, Response, WorkerId};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -55,8 +55,8 @@ fn an_idle_child_runs_reports_ready_and_exits_0_when_its_control_channel_closes(
         .unwrap_or_else(|| panic!("status lists the child {}: {status:?}", kid.pid));
     assert_eq!(
         (child.entry.as_str(), child.worker),
-        ("idle", 3),
-        "status names the child's entry and worker slot"
+        ("idle", WorkerId(3)),
+        "status names the child's entry and worker id"
     );
     let pid = kid.pid;
     drop(kid.control);
@@ -315,7 +315,7 @@ fn helper_spawn(c: &mut ZygoteClient, entry: &str) -> Result<i32, ProtocolError>
         control: theirs.as_fd(),
         listeners: Vec::new(),
     };
-    Ok(c.spawn(entry, 9, &[], None, &fds)?.pid)
+    Ok(c.spawn(entry, WorkerId(9), &[], None, &fds)?.pid)
 }
 
 /// Plants weights of its own: what an attacker would leave for the next owner to adopt.

@@ -31,7 +31,9 @@ use crate::backend::{self, BackendError, Weights};
 use crate::fdpass;
 use crate::model::{Model, ModelError};
 use crate::protocol::frame::{self, FrameReader, ReadEvent};
-use crate::protocol::{ChildMessage, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError};
+use crate::protocol::{
+    ChildMessage, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError, WorkerId,
+};
 
 /// The control channel's fd in every child.
 pub const CONTROL_FD: i32 = 3;
@@ -73,8 +75,8 @@ impl std::fmt::Display for Waiting {
 pub struct AttachInfo {
     /// The entry this child runs.
     pub entry: String,
-    /// The worker slot the requester gave it.
-    pub worker: u32,
+    /// The worker id the requester gave it.
+    pub worker: WorkerId,
     /// Arguments from the spawn request.
     pub args: Vec<String>,
     /// Number of listeners from fd 5 on.
@@ -216,8 +218,8 @@ impl Worker {
         &self.info
     }
 
-    /// The worker slot.
-    pub fn id(&self) -> u32 {
+    /// The worker id the supervisor (or whoever spawned this child) gave it.
+    pub fn id(&self) -> WorkerId {
         self.info.worker
     }
 

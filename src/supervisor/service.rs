@@ -14,7 +14,9 @@ use std::time::Instant;
 use anyhow::bail;
 use log::Level;
 use nix::sys::signal::Signal;
-use zygote_runtime::protocol::{AdminResponse, ChildMessage, RestartReasons, ServedWeights};
+use zygote_runtime::protocol::{
+    AdminResponse, ChildMessage, RestartReasons, ServedWeights, WorkerId,
+};
 
 use super::effects::{AdminConn, Effects, Exit, Input, SpawnRequest, ZygoteInfo};
 use super::exits::Exits;
@@ -228,7 +230,7 @@ impl<E: Effects> Service<E> {
                     listeners: false,
                 }
             }
-            Role::Worker(w) => {
+            Role::Worker(WorkerId(w)) => {
                 let devices = self.devices();
                 SpawnRequest {
                     role,
@@ -289,7 +291,7 @@ impl<E: Effects> Service<E> {
         (0..self.cfg.workers).all(|w| {
             self.procs
                 .values()
-                .any(|p| p.role == Role::Worker(w) && p.state == State::Serving)
+                .any(|p| p.role == Role::Worker(WorkerId(w)) && p.state == State::Serving)
         })
     }
 
@@ -387,7 +389,7 @@ impl<E: Effects> Service<E> {
         if self.phase == Phase::Starting && self.owners_ready() {
             self.phase = Phase::Running;
             for w in 0..self.cfg.workers {
-                if let Err(e) = self.spawn(Role::Worker(w), None) {
+                if let Err(e) = self.spawn(Role::Worker(WorkerId(w)), None) {
                     self.fatal(format!("spawning worker {w}: {e:#}"));
                     return;
                 }

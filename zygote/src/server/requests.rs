@@ -8,7 +8,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use nix::unistd::Pid;
 use zygote_runtime::protocol::frame;
-use zygote_runtime::protocol::{ErrorCode, Request, Response, ZygoteStatus};
+use zygote_runtime::protocol::{ErrorCode, Request, Response, WorkerId, ZygoteStatus};
 use zygote_runtime::worker::AttachInfo;
 
 use super::children::Child;
@@ -454,7 +454,7 @@ fn announced_spawn_fds(body: &[u8]) -> SpawnFds {
 /// A spawn whose fds have arrived: stdin, stdout, stderr, the control channel, the listeners.
 struct SpawnRequest {
     entry: String,
-    worker: u32,
+    worker: WorkerId,
     args: Vec<String>,
     listeners: u32,
     device: Option<u32>,
