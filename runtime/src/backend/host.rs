@@ -123,9 +123,10 @@ impl DeviceBackend for HostBackend {
             }],
             tensors: layouts,
         };
-        let fd = sealed
-            .try_clone_fd()
-            .map_err(|e| BackendError::Manifest(format!("dup of the weights memfd failed: {e}")))?;
+        let fd = sealed.try_clone_fd().map_err(|source| BackendError::Dup {
+            what: "the weights memfd",
+            source,
+        })?;
         Ok(Export {
             manifest,
             fds: vec![fd],
@@ -147,7 +148,10 @@ impl DeviceBackend for HostBackend {
             .first()
             .map(|f| f.try_clone())
             .transpose()
-            .map_err(|e| BackendError::Manifest(format!("dup of a kept memfd failed: {e}")))?;
+            .map_err(|source| BackendError::Dup {
+                what: "a kept memfd",
+                source,
+            })?;
         let weights = import(manifest.clone(), dup.into_iter().collect(), model)?;
         drop(weights);
         Ok(Some(Export { manifest, fds }))
@@ -182,7 +186,10 @@ fn export_in_place(model: &Model, generation: u64) -> Result<Option<Export>, Bac
     let fd = model
         .memfd()
         .try_clone_to_owned()
-        .map_err(|e| BackendError::Manifest(format!("dup of the model memfd failed: {e}")))?;
+        .map_err(|source| BackendError::Dup {
+            what: "the model memfd",
+            source,
+        })?;
     let manifest = Manifest {
         generation,
         backend: crate::protocol::Backend::Host,

@@ -17,6 +17,7 @@
 
 pub mod cuda;
 pub mod host;
+mod manifest_error;
 
 use std::os::fd::OwnedFd;
 
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Model;
 pub use crate::protocol::{Backend, Ipc};
+pub use manifest_error::ManifestError;
 
 /// Which backend a service asked for (`--backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,7 +166,13 @@ pub enum BackendError {
     #[error("tensor {tensor}: dtype {dtype} cannot be converted for the compute copy")]
     Dtype { tensor: String, dtype: String },
     #[error("manifest check failed: {0}")]
-    Manifest(String),
+    Manifest(#[from] ManifestError),
+    #[error("duplicating {what} failed: {source}")]
+    Dup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("digest mismatch for {what}: expected {expected}, computed {actual}")]
     Digest {
         what: &'static str,
@@ -257,59 +265,74 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
         });
     }
     if manifest.tensors.len() != model.tensors().len() {
-        return Err(BackendError::Manifest(format!(
-            "manifest lists {} tensors, the model has {}",
-            manifest.tensors.len(),
-            model.tensors().len()
-        )));
+        return Err(ManifestError::TensorCount {
+            listed: manifest.tensors.len(),
+            model: model.tensors().len(),
+        }
+        .into());
     }
     let mut spans: Vec<(u32, u64, u64, &str)> = Vec::with_capacity(manifest.tensors.len());
     for t in &manifest.tensors {
         let Some(info) = model.tensor(&t.name) else {
-            return Err(BackendError::Manifest(format!(
-                "tensor {} is not in the model",
-                t.name
-            )));
+            return Err(ManifestError::UnknownTensor {
+                tensor: t.name.clone(),
+            }
+            .into());
         };
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
         if shape != t.shape {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: manifest shape {:?}, model shape {:?}",
-                t.name, t.shape, shape
-            )));
+            return Err(ManifestError::Shape {
+                tensor: t.name.clone(),
+                manifest: t.shape.clone(),
+                model: shape,
+            }
+            .into());
         }
         let Some(arena) = manifest.arenas.get(t.arena as usize) else {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: arena {} does not exist",
-                t.name, t.arena
-            )));
+            return Err(ManifestError::NoArena {
+                tensor: t.name.clone(),
+                arena: t.arena,
+            }
+            .into());
         };
-        let end = t.offset.checked_add(t.len).ok_or_else(|| {
-            BackendError::Manifest(format!("tensor {}: offset overflows", t.name))
-        })?;
+        let end = t
+            .offset
+            .checked_add(t.len)
+            .ok_or_else(|| ManifestError::OffsetOverflow {
+                tensor: t.name.clone(),
+            })?;
         if end > arena.used || arena.used > arena.size {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: bytes {}..{} outside arena {} ({} used of {})",
-                t.name, t.offset, end, t.arena, arena.used, arena.size
-            )));
+            return Err(ManifestError::OutsideArena {
+                tensor: t.name.clone(),
+                offset: t.offset,
+                end,
+                arena: t.arena,
+                used: arena.used,
+                size: arena.size,
+            }
+            .into());
         }
         let elem = t.dtype.size() as u64;
         let count: u64 = t.shape.iter().product();
         if count * elem != t.len {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: {} bytes for {} elements of {}",
-                t.name, t.len, count, t.dtype
-            )));
+            return Err(ManifestError::Length {
+                tensor: t.name.clone(),
+                len: t.len,
+                count,
+                dtype: t.dtype,
+            }
+            .into());
         }
         spans.push((t.arena, t.offset, end, &t.name));
     }
     spans.sort();
     for w in spans.windows(2) {
         if w[0].0 == w[1].0 && w[1].1 < w[0].2 {
-            return Err(BackendError::Manifest(format!(
-                "tensors {} and {} overlap",
-                w[0].3, w[1].3
-            )));
+            return Err(ManifestError::Overlap {
+                first: w[0].3.to_string(),
+                second: w[1].3.to_string(),
+            }
+            .into());
         }
     }
     Ok(())

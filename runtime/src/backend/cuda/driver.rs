@@ -31,7 +31,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, ManifestError};
 
 /// The driver entry points this backend and the parts of cudarc it uses call. `Driver::load`
 /// refuses a libcuda that lacks one, instead of letting cudarc panic in the middle of a call.
@@ -655,11 +655,14 @@ impl Drop for LegacyImport {
     }
 }
 
-fn range_error(what: &str, offset: u64, len: u64, size: u64) -> BackendError {
-    BackendError::Manifest(format!(
-        "{what} of bytes {offset}..{} is outside device memory of {size} bytes",
-        offset.saturating_add(len)
-    ))
+fn range_error(what: &'static str, offset: u64, len: u64, size: u64) -> BackendError {
+    ManifestError::OutsideDeviceMemory {
+        what,
+        offset,
+        end: offset.saturating_add(len),
+        size,
+    }
+    .into()
 }
 
 /// Copies `out.len()` bytes from `mem` at `offset` into `out`, synchronously (for checks and
@@ -790,9 +793,7 @@ impl Stager {
             return Err(range_error("an upload", 0, len, dst.size()));
         }
         if !Arc::ptr_eq(dst.context(), &self.ctx) && dst.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(BackendError::Manifest(
-                "an upload to memory of another CUDA context".into(),
-            ));
+            return Err(ManifestError::ForeignContext.into());
         }
         bind(&self.ctx)?;
         let mut in_flight = [false; 2];

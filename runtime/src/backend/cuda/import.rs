@@ -24,7 +24,7 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DeviceSlice, SyncOnDrop
 use super::digest::{self, device_digest};
 use super::driver::{self, Access, DeviceMemory, Driver, LegacyImport, Stager, VmmArena};
 use super::plan::{format_uuid, parse_uuid, IpcMode};
-use crate::backend::{BackendError, Manifest};
+use crate::backend::{BackendError, Manifest, ManifestError};
 use crate::model::Dtype;
 
 /// Bytes per chunk when a worker reads its arenas back for the digest (two pinned buffers of
@@ -43,45 +43,41 @@ pub struct Checked {
 /// the number of fds that came with it.
 pub fn precheck(manifest: &Manifest, fds: usize) -> Result<Checked, BackendError> {
     if manifest.backend != crate::protocol::Backend::Cuda {
-        return Err(BackendError::Manifest(format!(
-            "backend {:?} is not cuda",
-            manifest.backend.to_string()
-        )));
+        return Err(ManifestError::NotCuda {
+            backend: manifest.backend,
+        }
+        .into());
     }
-    let mode = IpcMode::from_ipc(manifest.ipc).ok_or_else(|| {
-        BackendError::Manifest(format!(
-            "ipc {:?} is not a CUDA mode (vmm or legacy)",
-            manifest.ipc.to_string()
-        ))
-    })?;
-    let device = manifest
-        .device
-        .as_ref()
-        .ok_or_else(|| BackendError::Manifest("a CUDA manifest must name its device".into()))?;
+    let mode =
+        IpcMode::from_ipc(manifest.ipc).ok_or(ManifestError::NotCudaIpc { ipc: manifest.ipc })?;
+    let device = manifest.device.as_ref().ok_or(ManifestError::NoDevice)?;
     if parse_uuid(&device.uuid).is_none() {
-        return Err(BackendError::Manifest(format!(
-            "device UUID {:?} is not GPU- and 8-4-4-4-12 hex digits",
-            device.uuid
-        )));
+        return Err(ManifestError::BadUuid {
+            uuid: device.uuid.clone(),
+        }
+        .into());
     }
     digest::check_spelling(&manifest.content_digest)?;
     for (i, a) in manifest.arenas.iter().enumerate() {
         if a.size == 0 || a.used > a.size {
-            return Err(BackendError::Manifest(format!(
-                "arena {i}: {} bytes used of {}",
-                a.used, a.size
-            )));
+            return Err(ManifestError::ArenaUsed {
+                arena: i,
+                used: a.used,
+                size: a.size,
+            }
+            .into());
         }
         let handle_ok = match mode {
             IpcMode::Vmm => a.legacy_handle.is_empty(),
             IpcMode::Legacy => a.legacy_handle.len() == 64,
         };
         if !handle_ok {
-            return Err(BackendError::Manifest(format!(
-                "arena {i}: {} bytes of legacy IPC handle with ipc {}",
-                a.legacy_handle.len(),
-                mode.as_str()
-            )));
+            return Err(ManifestError::LegacyHandle {
+                arena: i,
+                len: a.legacy_handle.len(),
+                ipc: mode.as_str(),
+            }
+            .into());
         }
     }
     let expected = match mode {
@@ -161,7 +157,11 @@ pub(crate) fn map_arenas(
             }
             IpcMode::Legacy => {
                 let handle: [u8; 64] = a.legacy_handle.as_slice().try_into().map_err(|_| {
-                    BackendError::Manifest(format!("arena {i}: legacy handle is not 64 bytes"))
+                    ManifestError::LegacyHandle {
+                        arena: i,
+                        len: a.legacy_handle.len(),
+                        ipc: mode.as_str(),
+                    }
                 })?;
                 ImportedArena::Legacy(LegacyImport::open(ctx, &handle, a.size)?)
             }
@@ -525,9 +525,46 @@ mod tests {
 
     fn expect_manifest_error(m: &Manifest, fds: usize, needle: &str) {
         match precheck(m, fds) {
-            Err(BackendError::Manifest(msg)) => assert!(msg.contains(needle), "{msg}"),
+            Err(BackendError::Manifest(e)) => assert!(e.to_string().contains(needle), "{e}"),
             other => panic!("expected a manifest error about {needle:?}, got {other:?}"),
         }
+    }
+
+    /// A refusal says which value was wrong as a field, not only in its text.
+    #[test]
+    fn precheck_refusals_carry_the_wrong_values() {
+        let mut m = manifest("vmm", 1);
+        m.arenas[0].used = m.arenas[0].size + 1;
+        match precheck(&m, 1) {
+            Err(BackendError::Manifest(ManifestError::ArenaUsed { arena, used, size })) => {
+                assert_eq!((arena, used), (0, size + 1));
+            }
+            other => panic!("expected ArenaUsed, got {other:?}"),
+        }
+        let mut m = manifest("vmm", 1);
+        m.backend = crate::protocol::Backend::Host;
+        assert!(matches!(
+            precheck(&m, 1),
+            Err(BackendError::Manifest(ManifestError::NotCuda {
+                backend: crate::protocol::Backend::Host
+            }))
+        ));
+        let mut m = manifest("legacy", 1);
+        m.arenas[0].legacy_handle.truncate(10);
+        assert!(matches!(
+            precheck(&m, 0),
+            Err(BackendError::Manifest(ManifestError::LegacyHandle {
+                arena: 0,
+                len: 10,
+                ipc: "legacy"
+            }))
+        ));
+        let mut m = manifest("vmm", 1);
+        m.device = None;
+        assert!(matches!(
+            precheck(&m, 1),
+            Err(BackendError::Manifest(ManifestError::NoDevice))
+        ));
     }
 
     #[test]

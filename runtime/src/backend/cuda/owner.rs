@@ -30,6 +30,7 @@ use super::plan::{self, Capabilities, IpcMode};
 use super::DeviceInfo;
 use crate::backend::{
     check_manifest, ArenaInfo, BackendError, DeviceBackend, DeviceId, Export, IpcChoice, Manifest,
+    ManifestError,
 };
 use crate::model::{Dtype, Model};
 
@@ -175,11 +176,11 @@ impl CudaBackend {
     ) -> Result<Export, BackendError> {
         let checked = import::precheck(&manifest, fds.len())?;
         if checked.mode != IpcMode::Vmm {
-            return Err(BackendError::Manifest(format!(
-                "generation {} uses {} IPC, which dies with its owner; it cannot be adopted",
-                manifest.generation,
-                checked.mode.as_str()
-            )));
+            return Err(ManifestError::NotAdoptable {
+                generation: manifest.generation,
+                ipc: checked.mode.as_str(),
+            }
+            .into());
         }
         if checked.uuid != self.info.uuid || checked.ordinal != self.info.ordinal {
             return Err(BackendError::DeviceMismatch {
@@ -189,10 +190,10 @@ impl CudaBackend {
             });
         }
         if self.generations.contains_key(&manifest.generation) {
-            return Err(BackendError::Manifest(format!(
-                "generation {} is already held by this owner",
-                manifest.generation
-            )));
+            return Err(ManifestError::GenerationHeld {
+                generation: manifest.generation,
+            }
+            .into());
         }
         check_manifest(&manifest, model)?;
         let start = Instant::now();
@@ -244,9 +245,7 @@ impl DeviceBackend for CudaBackend {
 
     fn export(&mut self, model: &Model, generation: u64) -> Result<Export, BackendError> {
         if self.generations.contains_key(&generation) {
-            return Err(BackendError::Manifest(format!(
-                "generation {generation} was already exported by this owner"
-            )));
+            return Err(ManifestError::GenerationExported { generation }.into());
         }
         let start = Instant::now();
         let plan = plan::plan_arenas(model.tensors(), self.granularity, self.arena_cap)?;
@@ -264,9 +263,7 @@ impl DeviceBackend for CudaBackend {
                 .map(|t| (t.dtype, model.data(t)))
                 .collect();
             let image = ArenaImage::new(&plan.tensors[a.tensors.clone()], &sources, a.used);
-            let dst = arena.memory_mut().ok_or_else(|| {
-                BackendError::Manifest("an adopted arena cannot be written".into())
-            })?;
+            let dst = arena.memory_mut().ok_or(ManifestError::AdoptedArenaWrite)?;
             stager.upload(dst, image.used(), |offset, buf| {
                 image.fill(offset, buf);
                 staged.update(buf);
