@@ -547,8 +547,9 @@ fn serve(stream: &mut UnixStream, held: &Held, model: &Model) {
 fn owner(model: &Model, device: u32, ipc: IpcChoice) -> Answer {
     let mut backend = match CudaBackend::new(device, ipc) {
         Ok(b) => b,
-        Err(BackendError::CudaUnavailable(reason)) => {
-            return Ok((Msg::Unavailable { reason }, Vec::new(), Held::Nothing))
+        Err(BackendError::CudaUnavailable(why)) => {
+            let reason = why.to_string();
+            return Ok((Msg::Unavailable { reason }, Vec::new(), Held::Nothing));
         }
         Err(e) => return Err(e.to_string()),
     };

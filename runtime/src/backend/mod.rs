@@ -18,6 +18,7 @@
 pub mod cuda;
 pub mod host;
 mod manifest_error;
+mod unavailable;
 
 use std::os::fd::OwnedFd;
 
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::Model;
 pub use crate::protocol::{Backend, Ipc};
 pub use manifest_error::ManifestError;
+pub use unavailable::CudaUnavailable;
 
 /// Which backend a service asked for (`--backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,9 +162,14 @@ pub struct Export {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("the CUDA backend is not available: {0}")]
-    CudaUnavailable(String),
+    CudaUnavailable(#[from] CudaUnavailable),
+    /// A driver call failed: its name, the driver's code (a `CUresult`) and its description.
     #[error("CUDA call {call} failed: {message}")]
-    Cuda { call: &'static str, message: String },
+    Cuda {
+        call: &'static str,
+        code: u32,
+        message: String,
+    },
     #[error("tensor {tensor}: dtype {dtype} cannot be converted for the compute copy")]
     Dtype { tensor: String, dtype: String },
     #[error("manifest check failed: {0}")]

@@ -24,7 +24,7 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DeviceSlice, SyncOnDrop
 use super::digest::{self, device_digest};
 use super::driver::{self, Access, DeviceMemory, Driver, LegacyImport, Stager, VmmArena};
 use super::plan::{format_uuid, parse_uuid, IpcMode};
-use crate::backend::{BackendError, Manifest, ManifestError};
+use crate::backend::{BackendError, CudaUnavailable, Manifest, ManifestError};
 use crate::model::Dtype;
 
 /// Bytes per chunk when a worker reads its arenas back for the digest (two pinned buffers of
@@ -103,9 +103,7 @@ pub(crate) fn open_device(ordinal: u32, uuid: &str) -> Result<Arc<CudaContext>, 
     let driver = Driver::load()?;
     let count = driver.device_count()?;
     if ordinal >= count {
-        return Err(BackendError::CudaUnavailable(format!(
-            "there is no CUDA device {ordinal} (the driver sees {count})"
-        )));
+        return Err(CudaUnavailable::NoSuchDevice { ordinal, count }.into());
     }
     let actual = format_uuid(driver.device(ordinal)?.uuid()?);
     if actual != uuid {
@@ -398,6 +396,7 @@ impl CudaWeights {
     pub fn mem_info(&self) -> Result<(u64, u64), BackendError> {
         let (free, total) = self.ctx.mem_get_info().map_err(|e| BackendError::Cuda {
             call: "cuMemGetInfo",
+            code: e.0 as u32,
             message: format!("{e:?}"),
         })?;
         Ok((free as u64, total as u64))

@@ -29,8 +29,8 @@ use super::import::{self, ImportedArena};
 use super::plan::{self, Capabilities, IpcMode};
 use super::DeviceInfo;
 use crate::backend::{
-    check_manifest, ArenaInfo, BackendError, DeviceBackend, DeviceId, Export, IpcChoice, Manifest,
-    ManifestError,
+    check_manifest, ArenaInfo, BackendError, CudaUnavailable, DeviceBackend, DeviceId, Export,
+    IpcChoice, Manifest, ManifestError,
 };
 use crate::model::{Dtype, Model};
 
@@ -83,9 +83,11 @@ impl CudaBackend {
         let driver = Driver::load()?;
         let count = driver.device_count()?;
         if device >= count {
-            return Err(BackendError::CudaUnavailable(format!(
-                "there is no CUDA device {device} (the driver sees {count})"
-            )));
+            return Err(CudaUnavailable::NoSuchDevice {
+                ordinal: device,
+                count,
+            }
+            .into());
         }
         let info = super::device_info(&driver, device)?;
         let decision = plan::decide_ipc(ipc, info.capabilities, device)?;
