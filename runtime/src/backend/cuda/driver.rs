@@ -35,7 +35,7 @@ use crate::backend::{BackendError, CudaUnavailable, ManifestError};
 
 /// The driver entry points this backend and the parts of cudarc it uses call. `Driver::load`
 /// refuses a libcuda that lacks one, instead of letting cudarc panic in the middle of a call.
-const REQUIRED_SYMBOLS: &[&'static str] = &[
+const REQUIRED_SYMBOLS: &[&str] = &[
     "cuInit",
     "cuDriverGetVersion",
     "cuGetErrorName",
