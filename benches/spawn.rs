@@ -95,7 +95,7 @@ fn spawn_ready(z: &mut Zygote, entry: &str, worker: u32, args: &[String]) -> (Du
     let t0 = Instant::now();
     let spawned = z
         .client
-        .spawn(entry, worker, args, None, &fds)
+        .spawn(entry, zygote_runtime::WorkerId(worker), args, None, &fds)
         .expect("spawn");
     drop(theirs);
     let mut control = mine;

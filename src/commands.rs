@@ -15,6 +15,7 @@ use zygote_runtime::protocol::{
     AdminRequest, AdminResponse, ChildMessage, ProcessStatus, Response, RestartReasons,
     ServiceStatus,
 };
+use zygote_runtime::WorkerId;
 
 use crate::cli::{SpawnArgs, StatusArgs};
 use crate::paths;
@@ -22,7 +23,7 @@ use crate::paths;
 /// `zygote spawn`: returns the exit code to exit with (the child's code, or 128 + signal).
 pub fn spawn(args: SpawnArgs) -> anyhow::Result<i32> {
     let dir = paths::runtime_dir(&args.runtime_dir);
-    let sock = dir.join(zygote_server::server::SOCKET_NAME);
+    let sock = dir.join(zygote_runtime::rundir::ZYGOTE_SOCKET);
     let mut client = ZygoteClient::connect(&sock, "zygote spawn")
         .with_context(|| format!("connecting to {}", sock.display()))?;
     let listeners: Vec<TcpListener> = args
@@ -41,7 +42,13 @@ pub fn spawn(args: SpawnArgs) -> anyhow::Result<i32> {
         control: theirs.as_fd(),
         listeners: listeners.iter().map(|l| l.as_fd()).collect(),
     };
-    let spawned = client.spawn(&args.entry, args.worker, &args.args, args.device, &fds)?;
+    let spawned = client.spawn(
+        &args.entry,
+        WorkerId(args.worker),
+        &args.args,
+        args.device,
+        &fds,
+    )?;
     drop(theirs);
     drop(listeners);
     println!("pid {}", spawned.pid);

@@ -18,7 +18,7 @@ use serde_cbor::Value;
 use zygote_runtime::client::ZygoteClient;
 use zygote_runtime::fdpass;
 use zygote_runtime::protocol::frame::{self, raw_map};
-use zygote_runtime::protocol::{ErrorCode, ProtocolError, Request, Response};
+use zygote_runtime::protocol::{ErrorCode, ProtocolError, Request, Response, WorkerId};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -55,8 +55,8 @@ fn an_idle_child_runs_reports_ready_and_exits_0_when_its_control_channel_closes(
         .unwrap_or_else(|| panic!("status lists the child {}: {status:?}", kid.pid));
     assert_eq!(
         (child.entry.as_str(), child.worker),
-        ("idle", 3),
-        "status names the child's entry and worker slot"
+        ("idle", WorkerId(3)),
+        "status names the child's entry and worker id"
     );
     let pid = kid.pid;
     drop(kid.control);
@@ -157,7 +157,7 @@ fn the_pidfd_in_the_spawn_answer_refers_to_the_child() {
         !readable_now(kid.pidfd.as_fd()),
         "a pidfd is not readable while its process lives"
     );
-    zygote_server::fork::pidfd_send_signal(kid.pidfd.as_fd(), libc::SIGTERM)
+    zygote_runtime::pidfd::send_signal(kid.pidfd.as_fd(), libc::SIGTERM)
         .expect("pidfd_send_signal through the received pidfd");
     let (ev, _) = wait_exited(&mut c, kid.pid, T);
     assert!(
@@ -315,7 +315,7 @@ fn helper_spawn(c: &mut ZygoteClient, entry: &str) -> Result<i32, ProtocolError>
         control: theirs.as_fd(),
         listeners: Vec::new(),
     };
-    Ok(c.spawn(entry, 9, &[], None, &fds)?.pid)
+    Ok(c.spawn(entry, WorkerId(9), &[], None, &fds)?.pid)
 }
 
 /// Plants weights of its own: what an attacker would leave for the next owner to adopt.
@@ -326,8 +326,8 @@ fn helper_keep(c: &mut ZygoteClient) -> Result<(), ProtocolError> {
     nix::unistd::ftruncate(&memfd, 4096).map_err(std::io::Error::from)?;
     let manifest = zygote_runtime::backend::Manifest {
         generation: 99,
-        backend: "host".into(),
-        ipc: "memfd".into(),
+        backend: zygote_runtime::backend::Backend::Host,
+        ipc: zygote_runtime::backend::Ipc::Memfd,
         model_digest: "xxh3-128:0".into(),
         content_digest: "xxh3-128:0".into(),
         device: None,
@@ -440,6 +440,18 @@ fn an_allowed_uid_may_spawn_and_signal_its_own_children_and_read_status_and_noth
 #[test]
 fn an_allowed_uid_holds_at_most_its_quota_of_connections() {
     let z = allowing_nobody();
+    // The quota is announced, for clients to plan with.
+    match z.client().hello() {
+        Some(Response::Hello { limits, .. }) => assert_eq!(
+            (
+                limits.max_connections_per_uid,
+                limits.service_reserved_connections
+            ),
+            (8, 16),
+            "{limits:?}"
+        ),
+        other => panic!("no hello: {other:?}"),
+    }
     let (_, out) = run_as_nobody(&z, "hold");
     assert_eq!(
         (

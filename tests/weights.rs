@@ -93,8 +93,8 @@ fn planted_manifest() -> zygote_runtime::backend::Manifest {
     use zygote_runtime::backend::{ArenaInfo, Manifest};
     Manifest {
         generation: 9,
-        backend: "host".into(),
-        ipc: "memfd".into(),
+        backend: zygote_runtime::backend::Backend::Host,
+        ipc: zygote_runtime::backend::Ipc::Memfd,
         model_digest: "xxh3-128:0".into(),
         content_digest: "xxh3-128:0".into(),
         device: None,

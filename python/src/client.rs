@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 use zygote_runtime::backend::{self, Manifest};
 use zygote_runtime::client::ZygoteClient;
-use zygote_runtime::protocol::ZygoteStatus;
-use zygote_runtime::worker::ZYGOTE_SOCKET;
+use zygote_runtime::protocol::{Backend, ZygoteStatus};
+use zygote_runtime::rundir::ZYGOTE_SOCKET;
 use zygote_runtime::Model;
 
 use crate::errors::{WeightsError, ZygoteError};
@@ -98,7 +98,7 @@ fn import(
         )));
     }
     // The weights are the model memfd itself: it is the model, sealed, hashed by the zygote.
-    let in_place = manifest.backend == "host"
+    let in_place = manifest.backend == Backend::Host
         && manifest.content_digest == status.model_digest
         && fds.len() == 1;
     let model = if in_place {

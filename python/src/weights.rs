@@ -43,7 +43,7 @@ impl SharedWeights {
             let Some(ptr) = ptr else { continue };
             entries.push(Entry {
                 name: t.name.clone(),
-                dtype: t.dtype.clone(),
+                dtype: t.dtype.to_string(),
                 shape: t.shape.clone(),
                 ptr,
                 len: t.len as usize,
@@ -101,13 +101,13 @@ impl SharedWeights {
     /// `"host"` or `"cuda"`.
     #[getter]
     fn backend(&self) -> String {
-        self.weights.manifest().backend.clone()
+        self.weights.manifest().backend.to_string()
     }
 
     /// `"memfd"`, `"vmm"` or `"legacy"`.
     #[getter]
     fn ipc(&self) -> String {
-        self.weights.manifest().ipc.clone()
+        self.weights.manifest().ipc.to_string()
     }
 
     /// `"cpu"` or `"cuda:N"`, in torch's spelling.

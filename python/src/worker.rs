@@ -54,10 +54,10 @@ pub fn attach() -> PyResult<PyWorker> {
 
 #[pymethods]
 impl PyWorker {
-    /// The worker slot the supervisor gave this worker.
+    /// The worker id the supervisor gave this worker (`Worker::id()`).
     #[getter]
     fn id(&self) -> u32 {
-        self.lock().id()
+        self.lock().id().0
     }
 
     /// Everything `ZYGOTE_ATTACH` said: entry, worker, args, listeners, runtime_dir,
@@ -67,7 +67,7 @@ impl PyWorker {
         let i = w.info();
         let d = PyDict::new(py);
         d.set_item("entry", &i.entry)?;
-        d.set_item("worker", i.worker)?;
+        d.set_item("worker", i.worker.0)?;
         d.set_item("args", i.args.clone())?;
         d.set_item("listeners", i.listeners)?;
         d.set_item("runtime_dir", i.runtime_dir.to_string_lossy().to_string())?;

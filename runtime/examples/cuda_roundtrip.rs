@@ -399,7 +399,7 @@ fn run(o: &Options, dir: &Path) -> Result<ExitCode, String> {
     drop(peer);
 
     // 4. Owner death.
-    if manifest.ipc == "vmm" {
+    if manifest.ipc == zygote_runtime::protocol::Ipc::Vmm {
         let _ = owner.child.kill();
         let _ = owner.child.wait();
         drop(owner);
@@ -547,8 +547,9 @@ fn serve(stream: &mut UnixStream, held: &Held, model: &Model) {
 fn owner(model: &Model, device: u32, ipc: IpcChoice) -> Answer {
     let mut backend = match CudaBackend::new(device, ipc) {
         Ok(b) => b,
-        Err(BackendError::CudaUnavailable(reason)) => {
-            return Ok((Msg::Unavailable { reason }, Vec::new(), Held::Nothing))
+        Err(BackendError::CudaUnavailable(why)) => {
+            let reason = why.to_string();
+            return Ok((Msg::Unavailable { reason }, Vec::new(), Held::Nothing));
         }
         Err(e) => return Err(e.to_string()),
     };

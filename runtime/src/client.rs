@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::fdpass;
 use crate::protocol::frame::{self, FrameReader, ReadEvent};
-use crate::protocol::{ProtocolError, Request, Response, ZygoteStatus};
+use crate::protocol::{ProtocolError, Request, Response, WorkerId, ZygoteStatus};
 
 /// Time allowed for the zygote to answer a request.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,7 +129,7 @@ impl ZygoteClient {
     pub fn spawn(
         &mut self,
         entry: &str,
-        worker: u32,
+        worker: WorkerId,
         args: &[String],
         device: Option<u32>,
         fds: &SpawnFds<'_>,

@@ -44,4 +44,5 @@ pub mod synth;
 pub mod worker;
 
 pub use model::{Model, ModelError};
+pub use protocol::WorkerId;
 pub use worker::{Worker, WorkerError};

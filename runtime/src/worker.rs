@@ -32,7 +32,7 @@ use crate::fdpass;
 use crate::model::{Model, ModelError};
 use crate::protocol::frame::{self, FrameReader, ReadEvent};
 use crate::protocol::{
-    ChildMessage, Latency, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError,
+    ChildMessage, Latency, OwnerRequest, OwnerResponse, ParentMessage, ProtocolError, WorkerId,
 };
 
 /// The control channel's fd in every child.
@@ -41,8 +41,6 @@ pub const CONTROL_FD: i32 = 3;
 pub const MODEL_FD: i32 = 4;
 /// The first listener's fd in every child.
 pub const FIRST_LISTENER_FD: i32 = 5;
-/// The zygote socket's name in the runtime directory.
-pub use crate::rundir::ZYGOTE_SOCKET;
 /// The environment variable holding [`AttachInfo`] as JSON.
 pub const ATTACH_ENV: &str = "ZYGOTE_ATTACH";
 
@@ -77,8 +75,8 @@ impl std::fmt::Display for Waiting {
 pub struct AttachInfo {
     /// The entry this child runs.
     pub entry: String,
-    /// The worker slot the requester gave it.
-    pub worker: u32,
+    /// The worker id the requester gave it.
+    pub worker: WorkerId,
     /// Arguments from the spawn request.
     pub args: Vec<String>,
     /// Number of listeners from fd 5 on.
@@ -220,8 +218,8 @@ impl Worker {
         &self.info
     }
 
-    /// The worker slot.
-    pub fn id(&self) -> u32 {
+    /// The worker id the supervisor (or whoever spawned this child) gave it.
+    pub fn id(&self) -> WorkerId {
         self.info.worker
     }
 
@@ -345,7 +343,7 @@ impl Worker {
         &self,
         device: u32,
     ) -> Result<Option<(backend::Manifest, Vec<OwnedFd>)>, ProtocolError> {
-        let socket = self.info.runtime_dir.join(ZYGOTE_SOCKET);
+        let socket = self.info.runtime_dir.join(crate::rundir::ZYGOTE_SOCKET);
         let mut client = crate::client::ZygoteClient::connect(&socket, "worker")?;
         client.fetch_weights(device)
     }

@@ -99,8 +99,9 @@ impl Exits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zygote_runtime::WorkerId;
 
-    const W: Role = Role::Worker(0);
+    const W: Role = Role::Worker(WorkerId(0));
 
     #[test]
     fn a_status_before_the_death_is_handed_to_the_death() {
@@ -145,7 +146,7 @@ mod tests {
         e.status(7, "setup failed: no such file".into(), None);
         e.status(7, "exit code 127".into(), Some(Cause::Exit));
         assert_eq!(
-            e.death(7, Role::Worker(1), true),
+            e.death(7, Role::Worker(WorkerId(1)), true),
             Some(Known {
                 text: "setup failed: no such file; exit code 127".into(),
                 cause: Some(Cause::Exit)

@@ -89,7 +89,7 @@ pub struct Config {
 /// of a socket activation, by name: used instead of binding `--listen` (one named `metrics`
 /// serves `/metrics`).
 pub fn run(cfg: Config, activated: Vec<(String, TcpListener)>) -> anyhow::Result<i32> {
-    zygote_server::server::prepare_runtime_dir(&cfg.runtime_dir)?;
+    zygote_runtime::rundir::prepare(&cfg.runtime_dir)?;
     let admin_path = cfg.runtime_dir.join(crate::paths::SUPERVISOR_SOCKET);
     if UnixStream::connect(&admin_path).is_ok() {
         bail!(

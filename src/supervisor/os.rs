@@ -22,13 +22,14 @@ use nix::unistd::Pid;
 use zygote_runtime::client::SpawnFds;
 use zygote_runtime::procfs::Memory;
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
-use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response};
+use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response, WorkerId};
 
 use super::admin::Admin;
 use super::effects::{
     AdminConn, Effects, Exit, Input, Notify, ScrapeConn, SpawnRequest, ZygoteInfo,
 };
 use super::notify::Notifier;
+use super::policy::Role;
 use super::scrape::Scrape;
 use super::zygote::{self, ZygoteProc, ZygoteSpec};
 
@@ -439,9 +440,15 @@ impl Effects for Os {
             control: theirs.as_fd(),
             listeners,
         };
+        // An owner is no worker: its spawn's worker id is only a label, its device (what the
+        // zygote's `status` has always listed for it).
+        let worker = match role {
+            Role::Worker(w) => w,
+            Role::Owner(device) => WorkerId(device),
+        };
         let spawned = z
             .client
-            .spawn(&req.entry, role.slot(), &req.args, Some(req.device), &fds)
+            .spawn(&req.entry, worker, &req.args, Some(req.device), &fds)
             .with_context(|| format!("spawning {role}"))?;
         drop(theirs);
         mine.set_nonblocking(true)?;
@@ -484,7 +491,7 @@ impl Effects for Os {
 
     fn signal(&mut self, pid: i32, signal: Signal) {
         if let Some(c) = self.children.get(&pid) {
-            let _ = zygote_server::fork::pidfd_send_signal(c.pidfd.as_fd(), signal as i32);
+            let _ = zygote_runtime::pidfd::send_signal(c.pidfd.as_fd(), signal as i32);
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use zygote_runtime::protocol::{Ipc, RestartReasons};
+use zygote_runtime::protocol::{Ipc, RestartReasons, WorkerId};
 
 /// Deaths before ready, in a row, that stop the service.
 pub const CRASH_LOOP_LIMIT: u32 = 5;
@@ -30,14 +30,14 @@ pub enum Role {
     /// The owner of one device's weights.
     Owner(u32),
     /// The worker of one slot.
-    Worker(u32),
+    Worker(WorkerId),
 }
 
 impl Role {
-    /// The device (owner) or the slot (worker).
+    /// The device (owner) or the worker id (worker), as `zygote status` lists them.
     pub fn slot(self) -> u32 {
         match self {
-            Role::Owner(n) | Role::Worker(n) => n,
+            Role::Owner(n) | Role::Worker(WorkerId(n)) => n,
         }
     }
 
@@ -50,7 +50,7 @@ impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Role::Owner(d) => write!(f, "owner {d}"),
-            Role::Worker(w) => write!(f, "worker {w}"),
+            Role::Worker(WorkerId(w)) => write!(f, "worker {w}"),
         }
     }
 }
@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_death_is_judged_by_state_and_phase() {
-        let w = Role::Worker(0);
+        let w = Role::Worker(WorkerId(0));
         let o = Role::Owner(0);
         use Phase::*;
         assert_eq!(on_death(w, State::Draining, Running, 0), Death::Expected);

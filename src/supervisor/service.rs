@@ -15,7 +15,7 @@ use anyhow::bail;
 use log::Level;
 use nix::sys::signal::Signal;
 use zygote_runtime::protocol::{
-    AdminResponse, ChildMessage, Latency, RestartReasons, ServedWeights,
+    AdminResponse, ChildMessage, Latency, RestartReasons, ServedWeights, WorkerId,
 };
 
 use super::effects::{AdminConn, Effects, Exit, Input, Notify, SpawnRequest, ZygoteInfo};
@@ -312,7 +312,7 @@ impl<E: Effects> Service<E> {
                     listeners: false,
                 }
             }
-            Role::Worker(w) => {
+            Role::Worker(WorkerId(w)) => {
                 let devices = self.devices();
                 SpawnRequest {
                     role,
@@ -380,7 +380,7 @@ impl<E: Effects> Service<E> {
         (0..self.cfg.workers).all(|w| {
             self.procs
                 .values()
-                .any(|p| p.role == Role::Worker(w) && p.state == State::Serving)
+                .any(|p| p.role == Role::Worker(WorkerId(w)) && p.state == State::Serving)
         })
     }
 
@@ -484,7 +484,7 @@ impl<E: Effects> Service<E> {
         if self.phase == Phase::Starting && self.owners_ready() {
             self.phase = Phase::Running;
             for w in 0..self.cfg.workers {
-                if let Err(e) = self.spawn(Role::Worker(w), None) {
+                if let Err(e) = self.spawn(Role::Worker(WorkerId(w)), None) {
                     self.fatal(format!("spawning worker {w}: {e:#}"));
                     return;
                 }

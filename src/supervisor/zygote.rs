@@ -264,5 +264,5 @@ pub fn start(spec: &ZygoteSpec) -> Result<ZygoteProc, StartError> {
 
 /// The zygote socket in `dir`.
 pub fn socket(dir: &Path) -> PathBuf {
-    dir.join(zygote_server::server::SOCKET_NAME)
+    dir.join(zygote_runtime::rundir::ZYGOTE_SOCKET)
 }

@@ -813,7 +813,8 @@ pub fn spawn(
         control: theirs.as_fd(),
         listeners: listeners.to_vec(),
     };
-    let Spawned { pid, pidfd } = client.spawn(entry, worker, &[], None, &fds)?;
+    let Spawned { pid, pidfd } =
+        client.spawn(entry, zygote_runtime::WorkerId(worker), &[], None, &fds)?;
     Ok(Kid {
         pid,
         pidfd,

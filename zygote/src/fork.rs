@@ -140,7 +140,7 @@ pub fn spawn(plan: ChildPlan<'_>) -> Result<Forked, ForkError> {
         }
         ForkResult::Parent { child } => {
             drop(status_w);
-            let pidfd = match pidfd_open(child.as_raw()) {
+            let pidfd = match zygote_runtime::pidfd::open(child.as_raw()) {
                 Ok(fd) => fd,
                 Err(source) => {
                     // A child nobody could track or report must not run: end and reap it.
@@ -424,10 +424,6 @@ fn set_title(title: &str) {
     // SAFETY: as above: bytes n..len of the same block, zeroed so `ps` ends the title there.
     unsafe { std::ptr::write_bytes(p.wrapping_add(n), 0, len - n) };
 }
-
-/// `pidfd_open(2)` and `pidfd_send_signal(2)`, now in [`zygote_runtime::pidfd`]; kept here
-/// under their old names for the supervisor.
-pub use zygote_runtime::pidfd::{open as pidfd_open, send_signal as pidfd_send_signal};
 
 #[cfg(test)]
 mod tests {

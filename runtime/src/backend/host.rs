@@ -49,7 +49,7 @@ pub fn plan(model: &Model) -> (Vec<TensorLayout>, u64) {
         offset = offset.div_ceil(ALIGN) * ALIGN;
         out.push(TensorLayout {
             name: t.name.clone(),
-            dtype: dtype.as_str().to_string(),
+            dtype,
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             arena: 0,
             offset,
@@ -111,8 +111,8 @@ impl DeviceBackend for HostBackend {
         drop(map);
         let manifest = Manifest {
             generation,
-            backend: "host".into(),
-            ipc: "memfd".into(),
+            backend: crate::protocol::Backend::Host,
+            ipc: crate::protocol::Ipc::Memfd,
             model_digest: model.digest().to_string(),
             content_digest,
             device: None,
@@ -123,9 +123,10 @@ impl DeviceBackend for HostBackend {
             }],
             tensors: layouts,
         };
-        let fd = sealed
-            .try_clone_fd()
-            .map_err(|e| BackendError::Manifest(format!("dup of the weights memfd failed: {e}")))?;
+        let fd = sealed.try_clone_fd().map_err(|source| BackendError::Dup {
+            what: "the weights memfd",
+            source,
+        })?;
         Ok(Export {
             manifest,
             fds: vec![fd],
@@ -138,7 +139,7 @@ impl DeviceBackend for HostBackend {
         fds: Vec<OwnedFd>,
         model: &Model,
     ) -> Result<Option<Export>, BackendError> {
-        if manifest.backend != "host" {
+        if manifest.backend != crate::protocol::Backend::Host {
             return Ok(None);
         }
         super::check_manifest(&manifest, model)?;
@@ -147,7 +148,10 @@ impl DeviceBackend for HostBackend {
             .first()
             .map(|f| f.try_clone())
             .transpose()
-            .map_err(|e| BackendError::Manifest(format!("dup of a kept memfd failed: {e}")))?;
+            .map_err(|source| BackendError::Dup {
+                what: "a kept memfd",
+                source,
+            })?;
         let weights = import(manifest.clone(), dup.into_iter().collect(), model)?;
         drop(weights);
         Ok(Some(Export { manifest, fds }))
@@ -172,7 +176,7 @@ fn export_in_place(model: &Model, generation: u64) -> Result<Option<Export>, Bac
         .iter()
         .map(|t| TensorLayout {
             name: t.name.clone(),
-            dtype: t.dtype.as_str().to_string(),
+            dtype: t.dtype,
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             arena: 0,
             offset: t.offset as u64,
@@ -182,11 +186,14 @@ fn export_in_place(model: &Model, generation: u64) -> Result<Option<Export>, Bac
     let fd = model
         .memfd()
         .try_clone_to_owned()
-        .map_err(|e| BackendError::Manifest(format!("dup of the model memfd failed: {e}")))?;
+        .map_err(|source| BackendError::Dup {
+            what: "the model memfd",
+            source,
+        })?;
     let manifest = Manifest {
         generation,
-        backend: "host".into(),
-        ipc: "memfd".into(),
+        backend: crate::protocol::Backend::Host,
+        ipc: crate::protocol::Ipc::Memfd,
         model_digest: model.digest().to_string(),
         // The arena is the whole model file, so its digest is the model's.
         content_digest: model.digest().to_string(),
@@ -250,7 +257,7 @@ impl HostWeights {
     pub fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
         let l = &self.manifest.tensors[*self.by_name.get(name)?];
         Some(HostTensor {
-            dtype: Dtype::parse(&l.dtype).ok()?,
+            dtype: l.dtype,
             shape: &l.shape,
             bytes: &self.map[l.offset as usize..(l.offset + l.len) as usize],
         })

@@ -17,12 +17,17 @@
 
 pub mod cuda;
 pub mod host;
+mod manifest_error;
+mod unavailable;
 
 use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::Model;
+pub use crate::protocol::{Backend, Ipc};
+pub use manifest_error::ManifestError;
+pub use unavailable::CudaUnavailable;
 
 /// Which backend a service asked for (`--backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,10 +103,10 @@ impl std::fmt::Display for IpcChoice {
 pub struct Manifest {
     /// Increases by one with every export by any owner of this service.
     pub generation: u64,
-    /// `"host"` or `"cuda"`.
-    pub backend: String,
-    /// `"memfd"`, `"vmm"` or `"legacy"`.
-    pub ipc: String,
+    /// `"host"` or `"cuda"` on the wire.
+    pub backend: Backend,
+    /// `"memfd"`, `"vmm"` or `"legacy"` on the wire.
+    pub ipc: Ipc,
     /// Digest of the model file the weights were built from (`Model::digest`).
     pub model_digest: String,
     /// Digest of the compute copy's bytes (all arenas, in order).
@@ -138,8 +143,8 @@ pub struct ArenaInfo {
 #[serde(deny_unknown_fields)]
 pub struct TensorLayout {
     pub name: String,
-    /// Dtype of the compute copy (safetensors spelling: `F32`, `I64`, ...).
-    pub dtype: String,
+    /// Dtype of the compute copy (safetensors spelling on the wire: `F32`, `I64`, ...).
+    pub dtype: crate::model::Dtype,
     pub shape: Vec<u64>,
     pub arena: u32,
     pub offset: u64,
@@ -157,13 +162,24 @@ pub struct Export {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("the CUDA backend is not available: {0}")]
-    CudaUnavailable(String),
+    CudaUnavailable(#[from] CudaUnavailable),
+    /// A driver call failed: its name, the driver's code (a `CUresult`) and its description.
     #[error("CUDA call {call} failed: {message}")]
-    Cuda { call: &'static str, message: String },
+    Cuda {
+        call: &'static str,
+        code: u32,
+        message: String,
+    },
     #[error("tensor {tensor}: dtype {dtype} cannot be converted for the compute copy")]
     Dtype { tensor: String, dtype: String },
     #[error("manifest check failed: {0}")]
-    Manifest(String),
+    Manifest(#[from] ManifestError),
+    #[error("duplicating {what} failed: {source}")]
+    Dup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("digest mismatch for {what}: expected {expected}, computed {actual}")]
     Digest {
         what: &'static str,
@@ -256,63 +272,74 @@ pub fn check_manifest(manifest: &Manifest, model: &Model) -> Result<(), BackendE
         });
     }
     if manifest.tensors.len() != model.tensors().len() {
-        return Err(BackendError::Manifest(format!(
-            "manifest lists {} tensors, the model has {}",
-            manifest.tensors.len(),
-            model.tensors().len()
-        )));
+        return Err(ManifestError::TensorCount {
+            listed: manifest.tensors.len(),
+            model: model.tensors().len(),
+        }
+        .into());
     }
     let mut spans: Vec<(u32, u64, u64, &str)> = Vec::with_capacity(manifest.tensors.len());
     for t in &manifest.tensors {
         let Some(info) = model.tensor(&t.name) else {
-            return Err(BackendError::Manifest(format!(
-                "tensor {} is not in the model",
-                t.name
-            )));
+            return Err(ManifestError::UnknownTensor {
+                tensor: t.name.clone(),
+            }
+            .into());
         };
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
         if shape != t.shape {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: manifest shape {:?}, model shape {:?}",
-                t.name, t.shape, shape
-            )));
+            return Err(ManifestError::Shape {
+                tensor: t.name.clone(),
+                manifest: t.shape.clone(),
+                model: shape,
+            }
+            .into());
         }
         let Some(arena) = manifest.arenas.get(t.arena as usize) else {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: arena {} does not exist",
-                t.name, t.arena
-            )));
+            return Err(ManifestError::NoArena {
+                tensor: t.name.clone(),
+                arena: t.arena,
+            }
+            .into());
         };
-        let end = t.offset.checked_add(t.len).ok_or_else(|| {
-            BackendError::Manifest(format!("tensor {}: offset overflows", t.name))
-        })?;
+        let end = t
+            .offset
+            .checked_add(t.len)
+            .ok_or_else(|| ManifestError::OffsetOverflow {
+                tensor: t.name.clone(),
+            })?;
         if end > arena.used || arena.used > arena.size {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: bytes {}..{} outside arena {} ({} used of {})",
-                t.name, t.offset, end, t.arena, arena.used, arena.size
-            )));
+            return Err(ManifestError::OutsideArena {
+                tensor: t.name.clone(),
+                offset: t.offset,
+                end,
+                arena: t.arena,
+                used: arena.used,
+                size: arena.size,
+            }
+            .into());
         }
-        let elem = crate::model::Dtype::parse(&t.dtype)
-            .map_err(|_| {
-                BackendError::Manifest(format!("tensor {}: unknown dtype {}", t.name, t.dtype))
-            })?
-            .size() as u64;
+        let elem = t.dtype.size() as u64;
         let count: u64 = t.shape.iter().product();
         if count * elem != t.len {
-            return Err(BackendError::Manifest(format!(
-                "tensor {}: {} bytes for {} elements of {}",
-                t.name, t.len, count, t.dtype
-            )));
+            return Err(ManifestError::Length {
+                tensor: t.name.clone(),
+                len: t.len,
+                count,
+                dtype: t.dtype,
+            }
+            .into());
         }
         spans.push((t.arena, t.offset, end, &t.name));
     }
     spans.sort();
     for w in spans.windows(2) {
         if w[0].0 == w[1].0 && w[1].1 < w[0].2 {
-            return Err(BackendError::Manifest(format!(
-                "tensors {} and {} overlap",
-                w[0].3, w[1].3
-            )));
+            return Err(ManifestError::Overlap {
+                first: w[0].3.to_string(),
+                second: w[1].3.to_string(),
+            }
+            .into());
         }
     }
     Ok(())
@@ -326,10 +353,9 @@ pub fn import(
     model: &Model,
 ) -> Result<Weights, BackendError> {
     check_manifest(&manifest, model)?;
-    match manifest.backend.as_str() {
-        "host" => host::import(manifest, fds, model).map(Weights::Host),
-        "cuda" => cuda::import(manifest, fds).map(Weights::Cuda),
-        other => Err(BackendError::Manifest(format!("unknown backend {other:?}"))),
+    match manifest.backend {
+        Backend::Host => host::import(manifest, fds, model).map(Weights::Host),
+        Backend::Cuda => cuda::import(manifest, fds).map(Weights::Cuda),
     }
 }
 

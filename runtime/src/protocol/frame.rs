@@ -299,7 +299,7 @@ pub fn raw_map(entries: &[(&str, Value)]) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Request;
+    use super::super::{Request, WorkerId};
     use super::*;
 
     #[test]
@@ -307,7 +307,7 @@ mod tests {
         let req = Request::Spawn {
             id: 7,
             entry: "app".into(),
-            worker: 3,
+            worker: WorkerId(3),
             args: vec!["--x".into()],
             listeners: 1,
             device: None,

@@ -112,6 +112,12 @@ pub struct Limits {
     pub max_arg_len: u32,
     pub max_connections: u32,
     pub max_children: u32,
+    /// Connections one uid other than the zygote's may hold (0 from a zygote that predates it).
+    #[serde(default)]
+    pub max_connections_per_uid: u32,
+    /// Connections only the zygote's own uid may use.
+    #[serde(default)]
+    pub service_reserved_connections: u32,
 }
 
 /// One entry of the zygote's allowlist.
@@ -134,7 +140,7 @@ pub enum Request {
     Spawn {
         id: u64,
         entry: String,
-        worker: u32,
+        worker: WorkerId,
         #[serde(default)]
         args: Vec<String>,
         listeners: u32,
@@ -236,7 +242,7 @@ pub struct ZygoteStatus {
 pub struct ChildInfo {
     pub pid: i32,
     pub entry: String,
-    pub worker: u32,
+    pub worker: WorkerId,
     pub age_ms: u64,
 }
 
@@ -247,7 +253,7 @@ pub enum OwnerRequest {
     /// Ask for the current weights. `model_digest` must match the owner's model.
     Import {
         id: u64,
-        worker: u32,
+        worker: WorkerId,
         model_digest: String,
     },
 }
@@ -267,6 +273,22 @@ pub enum OwnerResponse {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// The worker id: which of the service's workers a child is, from the supervisor's worker
+/// role through the spawn request (`worker` on the wire), the zygote's child table and the
+/// attach information to [`Worker::id()`](crate::Worker::id). One type for it everywhere, so
+/// it is never mistaken for a device or a request id. On the wire it is a bare number.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct WorkerId(pub u32);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
 
 /// The compute backend an owner serves its weights from.
@@ -472,7 +494,7 @@ pub struct ServiceStatus {
 pub struct ProcessStatus {
     /// `supervisor`, `zygote`, `owner` or `worker`.
     pub role: String,
-    /// The worker slot, for workers; the device, for owners.
+    /// The worker id, for workers; the device, for owners.
     pub slot: Option<u32>,
     pub pid: i32,
     /// `starting`, `serving`, `draining` (children); `running`, `restarting` (zygote);
@@ -544,6 +566,18 @@ mod tests {
                 served: 3,
                 latency: None
             }
+        );
+    }
+
+    /// The worker id's type is for the Rust side only: on the wire and in `ZYGOTE_ATTACH` it
+    /// stays the bare number older clients send and read.
+    #[test]
+    fn a_worker_id_is_a_bare_number_on_the_wire() {
+        assert_eq!(serde_json::to_string(&WorkerId(3)).unwrap(), "3");
+        assert_eq!(serde_json::from_str::<WorkerId>("7").unwrap(), WorkerId(7));
+        assert_eq!(
+            serde_cbor::value::to_value(WorkerId(5)).unwrap(),
+            serde_cbor::Value::Integer(5)
         );
     }
 }

@@ -92,3 +92,38 @@ impl fmt::Display for Dtype {
         f.write_str(self.as_str())
     }
 }
+
+/// On the wire (manifests) a dtype is its safetensors name, `"F32"`.
+impl serde::Serialize for Dtype {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Dtype {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Dtype::parse(&name).map_err(|name| {
+            serde::de::Error::custom(format_args!(
+                "unknown dtype {name:?} (known: {})",
+                Dtype::known_names()
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dtype_travels_as_its_safetensors_name_and_unknown_names_are_refused() {
+        for d in Dtype::ALL {
+            let text = serde_json::to_string(&d).unwrap();
+            assert_eq!(text, format!("{:?}", d.as_str()));
+            assert_eq!(serde_json::from_str::<Dtype>(&text).unwrap(), d);
+        }
+        let e = serde_json::from_str::<Dtype>("\"Q4\"").unwrap_err();
+        assert!(e.to_string().contains("unknown dtype \"Q4\""), "{e}");
+    }
+}

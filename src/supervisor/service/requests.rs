@@ -2,7 +2,7 @@
 //! roll, the scaling and the stop they start (SIGHUP, SIGTTIN and SIGTTOU, SIGTERM too).
 
 use log::Level;
-use zygote_runtime::protocol::{AdminRequest, AdminResponse, ErrorCode};
+use zygote_runtime::protocol::{AdminRequest, AdminResponse, ErrorCode, WorkerId};
 
 use super::{Effects, Service};
 use crate::supervisor::effects::Notify;
@@ -73,22 +73,22 @@ impl<E: Effects> Service<E> {
         say!(self.fx, Info, "{why}: from {old} to {n} workers");
         if self.phase == Phase::Running {
             for w in old..n {
-                if let Err(e) = self.spawn(Role::Worker(w), None) {
+                if let Err(e) = self.spawn(Role::Worker(WorkerId(w)), None) {
                     say!(self.fx, Error, "spawning worker {w}: {e:#}");
                     let at = self.fx.now() + policy::RESPAWN_RETRY;
-                    self.slot(Role::Worker(w)).restart_at = Some(at);
+                    self.slot(Role::Worker(WorkerId(w))).restart_at = Some(at);
                 }
             }
         }
         let retired: Vec<i32> = self
             .procs
             .iter()
-            .filter(|(_, p)| matches!(p.role, Role::Worker(w) if w >= n))
+            .filter(|(_, p)| matches!(p.role, Role::Worker(WorkerId(w)) if w >= n))
             .map(|(pid, _)| *pid)
             .collect();
         self.pending_rolls.retain(|(pid, _)| !retired.contains(pid));
         self.slots
-            .retain(|role, _| !matches!(role, Role::Worker(w) if *w >= n));
+            .retain(|role, _| !matches!(role, Role::Worker(WorkerId(w)) if *w >= n));
         for pid in retired {
             self.drain(pid, "scaled down");
         }

@@ -11,6 +11,7 @@ use zygote_runtime::protocol::{
     AdminRequest, AdminResponse, Backend, ChildMessage, ErrorCode, Ipc, RestartReasons,
     ServedWeights,
 };
+use zygote_runtime::WorkerId;
 
 use super::Service;
 use crate::supervisor::effects::{AdminConn, Exit, Input};
@@ -113,13 +114,13 @@ impl Harness {
         };
         let owner = spawned(&calls, Role::Owner(0))[0];
         assert!(
-            spawned(&calls, Role::Worker(0)).is_empty(),
+            spawned(&calls, Role::Worker(WorkerId(0))).is_empty(),
             "no worker before the owner is ready: {calls:?}"
         );
         svc.input(Input::Message(owner, ready(owner_detail)));
         let calls = svc.fx.take();
         let pids: Vec<i32> = (0..workers)
-            .map(|w| spawned(&calls, Role::Worker(w))[0])
+            .map(|w| spawned(&calls, Role::Worker(WorkerId(w)))[0])
             .collect();
         for &pid in &pids {
             svc.input(Input::Message(pid, ready("")));
@@ -196,7 +197,7 @@ fn workers_get_the_listeners_and_devices_in_turn_owners_get_none() {
     assert_eq!(owners.len(), 2, "one owner per device");
     svc.input(Input::Message(owners[0], ready("")));
     assert!(
-        spawned(&svc.fx.calls, Role::Worker(0)).is_empty(),
+        spawned(&svc.fx.calls, Role::Worker(WorkerId(0))).is_empty(),
         "workers wait for every owner"
     );
     svc.input(Input::Message(owners[1], ready("")));
@@ -226,9 +227,13 @@ fn a_worker_that_dies_while_serving_is_replaced_at_once() {
         .fx
         .logged(Level::Warn, "died while serving (signal SIGKILL)"));
     let calls = h.tick_after(Duration::ZERO);
-    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
-    assert_eq!(h.restarts(Role::Worker(0)), 1);
-    assert_eq!(h.restarts(Role::Worker(1)), 0);
+    assert_eq!(
+        spawned(&calls, Role::Worker(WorkerId(0))).len(),
+        1,
+        "{calls:?}"
+    );
+    assert_eq!(h.restarts(Role::Worker(WorkerId(0))), 1);
+    assert_eq!(h.restarts(Role::Worker(WorkerId(1))), 0);
 }
 
 #[test]
@@ -236,7 +241,7 @@ fn deaths_before_ready_back_off_then_stop_the_service_as_a_crash_loop() {
     let mut h = Harness::running(1, Duration::from_secs(30), "");
     let first = h.workers[0];
     h.dies(first, sig("SIGKILL"));
-    let mut pid = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let mut pid = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)))[0];
     for n in 1..CRASH_LOOP_LIMIT {
         h.dies(pid, Exit::Code(1));
         let wait = Duration::from_millis(100 << (n - 1));
@@ -247,12 +252,15 @@ fn deaths_before_ready_back_off_then_stop_the_service_as_a_crash_loop() {
         assert!(
             spawned(
                 &h.tick_after(wait - Duration::from_millis(1)),
-                Role::Worker(0)
+                Role::Worker(WorkerId(0))
             )
             .is_empty(),
             "retry {n} waits its backoff"
         );
-        pid = spawned(&h.tick_after(Duration::from_millis(1)), Role::Worker(0))[0];
+        pid = spawned(
+            &h.tick_after(Duration::from_millis(1)),
+            Role::Worker(WorkerId(0)),
+        )[0];
     }
     let calls = h.dies(pid, Exit::Code(1));
     assert!(h.svc.fx.logged(
@@ -342,7 +350,7 @@ fn a_child_not_ready_within_120_s_is_killed_and_retried() {
     let timeout = Duration::from_secs(1000);
     let mut h = Harness::running(1, timeout, "");
     h.dies(h.workers[0], sig("SIGKILL"));
-    let slow = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let slow = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)))[0];
     let calls = h.tick_after(READY_TIMEOUT);
     assert!(!calls.contains(&Call::Signal(slow, Signal::SIGKILL)));
     let calls = h.tick_after(Duration::from_millis(1));
@@ -356,7 +364,10 @@ fn a_child_not_ready_within_120_s_is_killed_and_retried() {
         .logged(Level::Warn, "killing: not ready after 120s"));
     h.dies(slow, sig("SIGKILL"));
     assert!(h.svc.fx.logged(Level::Warn, "died before it was ready"));
-    assert_eq!(h.svc.slots[&Role::Worker(0)].failures_before_ready, 1);
+    assert_eq!(
+        h.svc.slots[&Role::Worker(WorkerId(0))].failures_before_ready,
+        1
+    );
 }
 
 #[test]
@@ -381,8 +392,8 @@ fn a_roll_drains_each_old_worker_only_once_its_replacement_is_ready() {
     h.svc.input(Input::Signal(Signal::SIGHUP));
     let calls = h.tick_after(Duration::ZERO);
     let (new0, new1) = (
-        spawned(&calls, Role::Worker(0))[0],
-        spawned(&calls, Role::Worker(1))[0],
+        spawned(&calls, Role::Worker(WorkerId(0)))[0],
+        spawned(&calls, Role::Worker(WorkerId(1)))[0],
     );
     assert!(h
         .svc
@@ -400,10 +411,18 @@ fn a_roll_drains_each_old_worker_only_once_its_replacement_is_ready() {
     h.dies(old0, Exit::Code(0));
     h.dies(old1, Exit::Code(0));
     assert!(
-        spawned(&h.tick_after(Duration::from_secs(1)), Role::Worker(0)).is_empty(),
+        spawned(
+            &h.tick_after(Duration::from_secs(1)),
+            Role::Worker(WorkerId(0))
+        )
+        .is_empty(),
         "a drained worker is not replaced again"
     );
-    assert_eq!(h.restarts(Role::Worker(0)), 0, "a roll is not a restart");
+    assert_eq!(
+        h.restarts(Role::Worker(WorkerId(0))),
+        0,
+        "a roll is not a restart"
+    );
 }
 
 #[test]
@@ -411,7 +430,7 @@ fn a_replacement_that_dies_mid_roll_leaves_the_old_worker_serving_and_is_retried
     let mut h = Harness::running(1, Duration::from_secs(30), "");
     let old = h.workers[0];
     h.svc.input(Input::Signal(Signal::SIGHUP));
-    let doomed = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let doomed = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)))[0];
     let calls = h.dies(doomed, Exit::Code(1));
     assert!(!calls.contains(&Call::Drain(old)), "{calls:?}");
     assert_eq!(
@@ -424,7 +443,7 @@ fn a_replacement_that_dies_mid_roll_leaves_the_old_worker_serving_and_is_retried
         &format!("the replacement for pid {old} died; pid {old} keeps serving")
     ));
     let calls = h.tick_after(Duration::ZERO);
-    let retry = spawned(&calls, Role::Worker(0));
+    let retry = spawned(&calls, Role::Worker(WorkerId(0)));
     assert_eq!(
         retry.len(),
         1,
@@ -442,7 +461,7 @@ fn a_restarted_legacy_ipc_owner_rolls_every_worker() {
     h.dies(h.owner, sig("SIGKILL"));
     let owner = spawned(&h.tick_after(Duration::ZERO), Role::Owner(0))[0];
     assert!(
-        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0))).is_empty(),
         "the workers keep serving while the owner restarts"
     );
     h.svc
@@ -452,8 +471,16 @@ fn a_restarted_legacy_ipc_owner_rolls_every_worker() {
         "the owner restarted with legacy CUDA IPC: rolling 2"
     ));
     let calls = h.tick_after(Duration::ZERO);
-    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
-    assert_eq!(spawned(&calls, Role::Worker(1)).len(), 1, "{calls:?}");
+    assert_eq!(
+        spawned(&calls, Role::Worker(WorkerId(0))).len(),
+        1,
+        "{calls:?}"
+    );
+    assert_eq!(
+        spawned(&calls, Role::Worker(WorkerId(1))).len(),
+        1,
+        "{calls:?}"
+    );
 }
 
 #[test]
@@ -464,7 +491,10 @@ fn a_restarted_vmm_owner_leaves_the_workers_alone() {
     h.svc
         .input(Input::Message(owner, ready("backend=cuda ipc=vmm")));
     let calls = h.tick_after(Duration::ZERO);
-    assert!(spawned(&calls, Role::Worker(0)).is_empty(), "{calls:?}");
+    assert!(
+        spawned(&calls, Role::Worker(WorkerId(0))).is_empty(),
+        "{calls:?}"
+    );
 }
 
 /// The zygote launched by the last tick fails to start.
@@ -539,7 +569,11 @@ fn while_a_new_zygote_starts_supervision_goes_on_and_spawns_wait_for_it() {
     h.svc.input(Input::ZygoteStarted(Ok(z)));
     assert!(h.svc.fx.logged(Level::Info, "zygote restarted (restart 1)"));
     let calls = h.tick_after(Duration::ZERO);
-    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
+    assert_eq!(
+        spawned(&calls, Role::Worker(WorkerId(0))).len(),
+        1,
+        "{calls:?}"
+    );
     let status = h.svc.status();
     assert_eq!(
         (status.processes[1].pid, status.processes[1].restarts),
@@ -628,9 +662,12 @@ fn each_replacement_counts_under_its_reason() {
     h.dies(w[1], sig("SIGSEGV"));
     // A status after the death: counted when it comes.
     h.svc.input(Input::Died(w[3]));
-    assert_eq!(reasons(&h, Role::Worker(3)), RestartReasons::default());
+    assert_eq!(
+        reasons(&h, Role::Worker(WorkerId(3))),
+        RestartReasons::default()
+    );
     h.svc.input(Input::Status(w[3], Exit::Code(1)));
-    let r = |h: &Harness, s| reasons(h, Role::Worker(s));
+    let r = |h: &Harness, s| reasons(h, Role::Worker(WorkerId(s)));
     assert_eq!((r(&h, 0).exit, r(&h, 0).signal), (1, 0));
     assert_eq!((r(&h, 1).exit, r(&h, 1).signal), (0, 1));
     assert_eq!(r(&h, 3).exit, 1, "a status after the death is counted");
@@ -640,19 +677,19 @@ fn each_replacement_counts_under_its_reason() {
     assert!(calls.contains(&Call::Signal(silent, Signal::SIGKILL)));
     h.dies(silent, sig("SIGKILL"));
     assert_eq!(
-        reasons(&h, Role::Worker(0)),
+        reasons(&h, Role::Worker(WorkerId(0))),
         RestartReasons {
             heartbeat: 1,
             ..Default::default()
         }
     );
-    let new = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let new = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)))[0];
     h.svc.input(Input::Message(new, ready("")));
     h.svc.input(Input::Signal(Signal::SIGHUP));
-    let rolled = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let rolled = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)))[0];
     h.svc.input(Input::Message(rolled, ready("")));
     h.dies(new, Exit::Code(0));
-    let r = reasons(&h, Role::Worker(0));
+    let r = reasons(&h, Role::Worker(WorkerId(0)));
     assert_eq!(
         (r.heartbeat, r.roll, r.exit),
         (1, 1, 0),
@@ -673,8 +710,8 @@ fn scaling_adds_slots_and_drains_the_ones_past_the_new_count_touching_no_other()
     assert_eq!(resp, Some((AdminConn(1), AdminResponse::Ok { id: 7 })));
     let calls = h.svc.fx.take();
     let (w2, w3) = (
-        spawned(&calls, Role::Worker(2))[0],
-        spawned(&calls, Role::Worker(3))[0],
+        spawned(&calls, Role::Worker(WorkerId(2)))[0],
+        spawned(&calls, Role::Worker(WorkerId(3)))[0],
     );
     assert_eq!(calls.len(), 2, "only the new slots: {calls:?}");
     h.svc.input(Input::Message(w2, ready("")));
@@ -694,7 +731,10 @@ fn scaling_adds_slots_and_drains_the_ones_past_the_new_count_touching_no_other()
     assert!(calls.is_empty(), "the slots past 1 stay empty: {calls:?}");
     assert_eq!(h.state(w0), Some(State::Serving), "worker 0 is not touched");
     h.svc.input(Input::Signal(Signal::SIGTTIN));
-    assert_eq!(spawned(&h.svc.fx.take(), Role::Worker(1)).len(), 1);
+    assert_eq!(
+        spawned(&h.svc.fx.take(), Role::Worker(WorkerId(1))).len(),
+        1
+    );
     assert!(h.svc.fx.logged(Level::Info, "SIGTTIN: from 1 to 2 workers"));
 }
 
@@ -773,13 +813,13 @@ fn a_worker_at_its_request_limit_is_replaced_ready_first_and_counted_as_recycle(
     let (old, other) = (h.workers[0], h.workers[1]);
     served(&mut h, old, 11);
     assert!(
-        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0))).is_empty(),
         "the limit is 10 + a jitter of 2"
     );
     served(&mut h, old, 12);
     served(&mut h, old, 13);
     let calls = h.tick_after(Duration::ZERO);
-    let new = spawned(&calls, Role::Worker(0));
+    let new = spawned(&calls, Role::Worker(WorkerId(0)));
     assert_eq!(
         new.len(),
         1,
@@ -794,19 +834,30 @@ fn a_worker_at_its_request_limit_is_replaced_ready_first_and_counted_as_recycle(
     h.svc.input(Input::Message(new[0], ready("")));
     assert_eq!(h.svc.fx.take(), [Call::Drain(old)]);
     h.dies(old, Exit::Code(0));
-    assert!(spawned(&h.tick_after(Duration::from_secs(1)), Role::Worker(0)).is_empty());
-    let r = reasons(&h, Role::Worker(0));
+    assert!(spawned(
+        &h.tick_after(Duration::from_secs(1)),
+        Role::Worker(WorkerId(0))
+    )
+    .is_empty());
+    let r = reasons(&h, Role::Worker(WorkerId(0)));
     assert_eq!((r.recycle, r.roll, r.exit), (1, 0, 0), "{r:?}");
-    assert_eq!(h.restarts(Role::Worker(0)), 0, "a recycle is not a restart");
+    assert_eq!(
+        h.restarts(Role::Worker(WorkerId(0))),
+        0,
+        "a recycle is not a restart"
+    );
     assert_eq!(
         h.state(other),
         Some(State::Serving),
         "the other is not touched"
     );
-    assert_eq!(reasons(&h, Role::Worker(1)), RestartReasons::default());
+    assert_eq!(
+        reasons(&h, Role::Worker(WorkerId(1))),
+        RestartReasons::default()
+    );
     served(&mut h, new[0], 5);
     assert!(
-        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0))).is_empty(),
         "the replacement counts its own requests"
     );
 }
@@ -829,13 +880,17 @@ fn a_worker_over_the_memory_ceiling_is_recycled_and_owners_never_are() {
     served(&mut h, old, 1_000_000);
     served(&mut h, owner, 1);
     assert!(
-        spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty(),
+        spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0))).is_empty(),
         "512 MiB is not over --max-rss 512, and no request limit was set"
     );
     h.svc.fx.memory.insert(old, mib(513));
     served(&mut h, old, 1_000_001);
     let calls = h.tick_after(Duration::ZERO);
-    assert_eq!(spawned(&calls, Role::Worker(0)).len(), 1, "{calls:?}");
+    assert_eq!(
+        spawned(&calls, Role::Worker(WorkerId(0))).len(),
+        1,
+        "{calls:?}"
+    );
     assert!(spawned(&calls, Role::Owner(0)).is_empty(), "{calls:?}");
     assert!(h.svc.fx.logged(Level::Info, "resident memory 513 MiB"));
 }
@@ -849,14 +904,14 @@ fn a_replacement_that_dies_mid_recycle_is_retried_and_still_counts_as_recycle() 
     let mut h = recycling(1, limits, Fake::default());
     let old = h.workers[0];
     served(&mut h, old, 1);
-    let doomed = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let doomed = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)))[0];
     h.dies(doomed, Exit::Code(1));
     assert_eq!(h.state(old), Some(State::Serving));
-    let retry = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0));
+    let retry = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)));
     assert_eq!(retry.len(), 1);
     h.svc.input(Input::Message(retry[0], ready("")));
     assert_eq!(h.svc.fx.take(), [Call::Drain(old)]);
-    let r = reasons(&h, Role::Worker(0));
+    let r = reasons(&h, Role::Worker(WorkerId(0)));
     assert_eq!((r.recycle, r.roll, r.exit), (1, 0, 1), "{r:?}");
 }
 
@@ -870,7 +925,7 @@ fn nothing_is_recycled_while_the_service_stops() {
     let old = h.workers[0];
     h.svc.input(Input::Signal(Signal::SIGTERM));
     served(&mut h, old, 5);
-    assert!(spawned(&h.tick_after(Duration::ZERO), Role::Worker(0)).is_empty());
+    assert!(spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0))).is_empty());
 }
 
 #[test]
@@ -910,7 +965,7 @@ fn metrics_keep_the_counts_of_gone_workers_and_dropped_slots() {
         AdminConn(1),
         AdminRequest::Scale { id: 1, workers: 1 },
     ));
-    assert!(h.svc.slots.keys().all(|r| *r != Role::Worker(1)));
+    assert!(h.svc.slots.keys().all(|r| *r != Role::Worker(WorkerId(1))));
     h.dies(w1, Exit::Code(0));
     let m = h.svc.metrics();
     assert_eq!(
@@ -942,7 +997,7 @@ fn the_manager_hears_ready_once_all_serve_reloading_for_a_roll_and_stopping() {
     );
     // A death: the counts, and no second READY=1 for the replacement.
     h.dies(h.workers[0], sig("SIGKILL"));
-    let new = spawned(&h.tick_after(Duration::ZERO), Role::Worker(0))[0];
+    let new = spawned(&h.tick_after(Duration::ZERO), Role::Worker(WorkerId(0)))[0];
     h.svc.input(Input::Message(new, ready("")));
     assert_eq!(
         std::mem::take(&mut h.svc.fx.notes),
@@ -956,8 +1011,8 @@ fn the_manager_hears_ready_once_all_serve_reloading_for_a_roll_and_stopping() {
     h.svc.input(Input::Signal(Signal::SIGHUP));
     let calls = h.tick_after(Duration::ZERO);
     let (r0, r1) = (
-        spawned(&calls, Role::Worker(0))[0],
-        spawned(&calls, Role::Worker(1))[0],
+        spawned(&calls, Role::Worker(WorkerId(0)))[0],
+        spawned(&calls, Role::Worker(WorkerId(1)))[0],
     );
     h.svc.input(Input::Message(r1, ready("")));
     h.dies(old1, Exit::Code(0));

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use log::Level;
+use zygote_runtime::WorkerId;
 
 use super::{Effects, Service};
 use crate::supervisor::effects::ZygoteInfo;
@@ -101,7 +102,7 @@ impl<E: Effects> Service<E> {
                 .procs
                 .values()
                 .any(|p| p.role == role && p.state != State::Draining);
-            let retired = matches!(role, Role::Worker(w) if w >= self.cfg.workers);
+            let retired = matches!(role, Role::Worker(WorkerId(w)) if w >= self.cfg.workers);
             if occupied || retired {
                 self.slot(role).restart_at = None;
                 continue;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use zygote_runtime::backend::Export;
 use zygote_runtime::fdpass;
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
-use zygote_runtime::protocol::{ErrorCode, OwnerRequest, OwnerResponse};
+use zygote_runtime::protocol::{ErrorCode, OwnerRequest, OwnerResponse, WorkerId};
 
 /// How long one import connection may take, from accept to its last fd.
 pub const IMPORT_DEADLINE: Duration = frame::READ_DEADLINE;
@@ -41,7 +41,7 @@ struct Import {
     /// Set when the answer carries the weights (not an error).
     sends_weights: bool,
     deadline: Instant,
-    worker: Option<u32>,
+    worker: Option<WorkerId>,
 }
 
 /// The open import connections.
@@ -123,7 +123,10 @@ impl Imports {
                 Turn::Open => self.conns.push(c),
                 Turn::Done => {
                     self.served += u64::from(c.sends_weights);
-                    log::debug!("weights sent to worker {}", c.worker.unwrap_or(u32::MAX));
+                    match c.worker {
+                        Some(w) => log::debug!("weights sent to worker {w}"),
+                        None => log::debug!("weights sent to a worker"),
+                    }
                 }
                 Turn::Failed(why) => match c.worker {
                     Some(w) => log::warn!("an import of worker {w} failed: {why}"),

@@ -169,7 +169,7 @@ fn obtain(
     let socket = worker
         .info()
         .runtime_dir
-        .join(zygote_runtime::worker::ZYGOTE_SOCKET);
+        .join(zygote_runtime::rundir::ZYGOTE_SOCKET);
     let mut zygote = match ZygoteClient::connect(&socket, "owner") {
         Ok(c) => Some(c),
         Err(e) => {
@@ -196,7 +196,7 @@ fn obtain(
     }
     let export = backend.export(worker.model(), generation)?;
     // Legacy CUDA handles die with this process: keeping them would only mislead.
-    if export.manifest.ipc != "legacy" {
+    if export.manifest.ipc != zygote_runtime::protocol::Ipc::Legacy {
         if let Some(z) = zygote.as_mut() {
             if let Err(e) = z.keep_weights(device, &export.manifest, &export.fds) {
                 log::warn!("leaving the weights with the zygote failed: {e}");

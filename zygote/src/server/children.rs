@@ -12,7 +12,7 @@ use std::time::Instant;
 use mio::Token;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use zygote_runtime::protocol::{ChildInfo, Response};
+use zygote_runtime::protocol::{ChildInfo, Response, WorkerId};
 
 /// One live child.
 #[derive(Debug)]
@@ -27,7 +27,7 @@ pub(super) struct Child {
     pub entry: String,
     /// How logs name it: `owner 0`, `worker 3`.
     pub role: String,
-    pub worker: u32,
+    pub worker: WorkerId,
     pub started: Instant,
     pub pidfd: OwnedFd,
     pub status: Option<OwnedFd>,

@@ -14,7 +14,7 @@ use mio::net::UnixStream;
 use zygote_runtime::backend::Manifest;
 use zygote_runtime::fdpass;
 use zygote_runtime::protocol::frame::{self, FrameReader};
-use zygote_runtime::protocol::Response;
+use zygote_runtime::protocol::{Response, WorkerId};
 
 use super::trust::Peer;
 
@@ -36,7 +36,7 @@ pub(super) enum Awaiting {
     /// A spawn: stdin, stdout, stderr, the control channel, then the listeners.
     Spawn {
         entry: String,
-        worker: u32,
+        worker: WorkerId,
         args: Vec<String>,
         listeners: u32,
         device: Option<u32>,

@@ -33,7 +33,7 @@ impl KeptWeights {
     pub fn describe(&self) -> Vec<(u32, u64, String)> {
         self.by_device
             .iter()
-            .map(|(d, (m, _))| (*d, m.generation, m.ipc.clone()))
+            .map(|(d, (m, _))| (*d, m.generation, m.ipc.to_string()))
             .collect()
     }
 }

@@ -38,7 +38,7 @@ use nix::unistd::Pid;
 use zygote_runtime::model::Model;
 use zygote_runtime::protocol::frame::{self, ReadEvent};
 use zygote_runtime::protocol::{ErrorCode, Limits, ProtocolError, Response};
-use zygote_runtime::rundir::{RunDirError, SocketClaim};
+use zygote_runtime::rundir::{RunDirError, SocketClaim, ZYGOTE_SOCKET};
 
 use children::{Children, StatusRead};
 use conn::{Conn, FdProgress};
@@ -56,8 +56,6 @@ pub use trust::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID, SERVICE_RESERVED_CONNE
 pub const MAX_CHILDREN: u32 = 1024;
 /// Most fds one `keep_weights` may carry (one per arena).
 pub const MAX_KEPT_FDS: u32 = 64;
-/// The name of the socket in the runtime directory.
-pub const SOCKET_NAME: &str = zygote_runtime::worker::ZYGOTE_SOCKET;
 
 const LISTENER: Token = Token(0);
 const FIRST_DYNAMIC: usize = 1;
@@ -110,10 +108,6 @@ struct Server {
     uid: u32,
 }
 
-/// Creates the runtime directory (0700, ours) or checks an existing one (moved to
-/// [`zygote_runtime::rundir::prepare`]; kept here for the supervisor).
-pub use zygote_runtime::rundir::prepare as prepare_runtime_dir;
-
 /// Runs the zygote until a `shutdown` request. Returns the exit code.
 pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
     zygote_runtime::rundir::prepare(&cfg.runtime_dir)?;
@@ -139,7 +133,7 @@ pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
     };
     // The claim (a lock beside the socket) keeps a second zygote in this directory from
     // rebinding the socket under a live one; it is held until `run` returns.
-    let (claim, listener) = SocketClaim::bind(&cfg.runtime_dir, SOCKET_NAME, socket_mode)?;
+    let (claim, listener) = SocketClaim::bind(&cfg.runtime_dir, ZYGOTE_SOCKET, socket_mode)?;
     let path = claim.path().to_path_buf();
     chmod(&cfg.runtime_dir, dir_mode)?;
     let bind_err = |source| ServerError::Bind {
@@ -189,6 +183,8 @@ fn limits() -> Limits {
         max_args: MAX_ARGS,
         max_arg_len: MAX_ARG_LEN,
         max_connections: MAX_CONNECTIONS,
+        max_connections_per_uid: MAX_CONNECTIONS_PER_UID,
+        service_reserved_connections: SERVICE_RESERVED_CONNECTIONS,
         max_children: MAX_CHILDREN,
     }
 }

@@ -8,7 +8,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use nix::unistd::Pid;
 use zygote_runtime::protocol::frame;
-use zygote_runtime::protocol::{ErrorCode, Request, Response, ZygoteStatus};
+use zygote_runtime::protocol::{ErrorCode, Request, Response, WorkerId, ZygoteStatus};
 use zygote_runtime::worker::AttachInfo;
 
 use super::children::Child;
@@ -216,7 +216,7 @@ impl Server {
             let msg = format!("signal {signal} is not a named signal (1 to 31) that may be sent");
             return self.fail(t, Some(id), ErrorCode::BadSignal, msg, false);
         }
-        match fork::pidfd_send_signal(child.pidfd.as_fd(), signal) {
+        match zygote_runtime::pidfd::send_signal(child.pidfd.as_fd(), signal) {
             Ok(()) => {
                 log::info!("sent signal {signal} to {} (pid {pid})", child.role);
                 self.send(t, &Response::Ok { id })
@@ -376,7 +376,7 @@ impl Server {
             // A child whose exit would never be seen must not run: it would be neither reaped
             // nor reported. End it, reap it, and say so.
             let _ = reg.deregister(&mut SourceFd(&forked.pidfd.as_raw_fd()));
-            let _ = fork::pidfd_send_signal(forked.pidfd.as_fd(), libc::SIGKILL);
+            let _ = zygote_runtime::pidfd::send_signal(forked.pidfd.as_fd(), libc::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
             log::error!("watching the new {role} (pid {pid}) failed ({e}); it was killed");
             let msg = format!("registering the child's pidfd failed: {e}");
@@ -454,7 +454,7 @@ fn announced_spawn_fds(body: &[u8]) -> SpawnFds {
 /// A spawn whose fds have arrived: stdin, stdout, stderr, the control channel, the listeners.
 struct SpawnRequest {
     entry: String,
-    worker: u32,
+    worker: WorkerId,
     args: Vec<String>,
     listeners: u32,
     device: Option<u32>,

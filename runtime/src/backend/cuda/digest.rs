@@ -12,7 +12,7 @@
 //! every serving machine; the driver alone is enough for this.
 
 use super::driver::{DeviceMemory, Stager};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, ManifestError};
 
 /// Prefix of every content digest.
 pub const PREFIX: &str = "xxh3-128:";
@@ -57,9 +57,11 @@ pub fn check_spelling(digest: &str) -> Result<(), BackendError> {
     if ok {
         Ok(())
     } else {
-        Err(BackendError::Manifest(format!(
-            "content digest {digest:?} is not {PREFIX} and 32 hex digits"
-        )))
+        Err(ManifestError::BadContentDigest {
+            digest: digest.to_string(),
+            prefix: PREFIX,
+        }
+        .into())
     }
 }
 

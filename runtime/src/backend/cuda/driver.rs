@@ -31,7 +31,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, CudaUnavailable, ManifestError};
 
 /// The driver entry points this backend and the parts of cudarc it uses call. `Driver::load`
 /// refuses a libcuda that lacks one, instead of letting cudarc panic in the middle of a call.
@@ -112,6 +112,7 @@ impl From<DriverFailure> for BackendError {
     fn from(f: DriverFailure) -> Self {
         BackendError::Cuda {
             call: f.call,
+            code: f.code as u32,
             message: f.describe(),
         }
     }
@@ -131,7 +132,7 @@ fn cudarc_failure(call: &'static str) -> impl Fn(DriverError) -> DriverFailure {
 }
 
 /// Whether [`Driver::load`] succeeded in this process (and why not), once it was called.
-static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+static LOADED: OnceLock<Result<(), CudaUnavailable>> = OnceLock::new();
 
 /// Proof that libcuda is loaded, complete, and initialised in this process.
 #[derive(Debug, Clone, Copy)]
@@ -185,19 +186,15 @@ impl Driver {
     }
 }
 
-fn load_uncached() -> Result<(), String> {
+fn load_uncached() -> Result<(), CudaUnavailable> {
     // SAFETY: `is_culib_present` only tries to dlopen each candidate name of libcuda and drops
     // the handle again; it calls no CUDA function.
     if !unsafe { sys::is_culib_present() } {
-        return Err(
-            "libcuda was not found (no NVIDIA driver on this machine, or not on the \
-                    library path)"
-                .into(),
-        );
+        return Err(CudaUnavailable::NoLibrary);
     }
     // SAFETY: the library loads (just checked), so `culib` returns it instead of panicking.
     let lib = unsafe { sys::culib() };
-    let missing: Vec<&str> = REQUIRED_SYMBOLS
+    let missing: Vec<&'static str> = REQUIRED_SYMBOLS
         .iter()
         .copied()
         .filter(|name| {
@@ -206,14 +203,14 @@ fn load_uncached() -> Result<(), String> {
         })
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "libcuda lacks {} (the NVIDIA driver is too old for this build)",
-            missing.join(", ")
-        ));
+        return Err(CudaUnavailable::MissingSymbols { missing });
     }
     // SAFETY: every symbol is present, so cudarc's lazy lookup of `cuInit` cannot panic.
     let code = unsafe { sys::cuInit(0) };
-    check("cuInit", code).map_err(|f| format!("cuInit failed: {}", f.describe()))
+    check("cuInit", code).map_err(|f| CudaUnavailable::Init {
+        code: f.code as u32,
+        message: f.describe(),
+    })
 }
 
 /// A CUDA device (ordinal and driver handle).
@@ -655,11 +652,14 @@ impl Drop for LegacyImport {
     }
 }
 
-fn range_error(what: &str, offset: u64, len: u64, size: u64) -> BackendError {
-    BackendError::Manifest(format!(
-        "{what} of bytes {offset}..{} is outside device memory of {size} bytes",
-        offset.saturating_add(len)
-    ))
+fn range_error(what: &'static str, offset: u64, len: u64, size: u64) -> BackendError {
+    ManifestError::OutsideDeviceMemory {
+        what,
+        offset,
+        end: offset.saturating_add(len),
+        size,
+    }
+    .into()
 }
 
 /// Copies `out.len()` bytes from `mem` at `offset` into `out`, synchronously (for checks and
@@ -790,9 +790,7 @@ impl Stager {
             return Err(range_error("an upload", 0, len, dst.size()));
         }
         if !Arc::ptr_eq(dst.context(), &self.ctx) && dst.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(BackendError::Manifest(
-                "an upload to memory of another CUDA context".into(),
-            ));
+            return Err(ManifestError::ForeignContext.into());
         }
         bind(&self.ctx)?;
         let mut in_flight = [false; 2];
@@ -914,8 +912,13 @@ mod tests {
             code: CUresult::CUDA_ERROR_OUT_OF_MEMORY,
         };
         match BackendError::from(f) {
-            BackendError::Cuda { call, message } => {
+            BackendError::Cuda {
+                call,
+                code,
+                message,
+            } => {
                 assert_eq!(call, "cuMemCreate");
+                assert_eq!(code, CUresult::CUDA_ERROR_OUT_OF_MEMORY as u32);
                 // Without libcuda the driver cannot name the code; the enum's name stands in.
                 assert!(message.contains("OUT_OF_MEMORY"), "{message}");
             }

@@ -24,7 +24,7 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DeviceSlice, SyncOnDrop
 use super::digest::{self, device_digest};
 use super::driver::{self, Access, DeviceMemory, Driver, LegacyImport, Stager, VmmArena};
 use super::plan::{format_uuid, parse_uuid, IpcMode};
-use crate::backend::{BackendError, Manifest};
+use crate::backend::{BackendError, CudaUnavailable, Manifest, ManifestError};
 use crate::model::Dtype;
 
 /// Bytes per chunk when a worker reads its arenas back for the digest (two pinned buffers of
@@ -42,46 +42,42 @@ pub struct Checked {
 /// Checks everything about a CUDA manifest that can be checked without touching CUDA, given
 /// the number of fds that came with it.
 pub fn precheck(manifest: &Manifest, fds: usize) -> Result<Checked, BackendError> {
-    if manifest.backend != "cuda" {
-        return Err(BackendError::Manifest(format!(
-            "backend {:?} is not cuda",
-            manifest.backend
-        )));
+    if manifest.backend != crate::protocol::Backend::Cuda {
+        return Err(ManifestError::NotCuda {
+            backend: manifest.backend,
+        }
+        .into());
     }
-    let mode = IpcMode::parse(&manifest.ipc).ok_or_else(|| {
-        BackendError::Manifest(format!(
-            "ipc {:?} is not a CUDA mode (vmm or legacy)",
-            manifest.ipc
-        ))
-    })?;
-    let device = manifest
-        .device
-        .as_ref()
-        .ok_or_else(|| BackendError::Manifest("a CUDA manifest must name its device".into()))?;
+    let mode =
+        IpcMode::from_ipc(manifest.ipc).ok_or(ManifestError::NotCudaIpc { ipc: manifest.ipc })?;
+    let device = manifest.device.as_ref().ok_or(ManifestError::NoDevice)?;
     if parse_uuid(&device.uuid).is_none() {
-        return Err(BackendError::Manifest(format!(
-            "device UUID {:?} is not GPU- and 8-4-4-4-12 hex digits",
-            device.uuid
-        )));
+        return Err(ManifestError::BadUuid {
+            uuid: device.uuid.clone(),
+        }
+        .into());
     }
     digest::check_spelling(&manifest.content_digest)?;
     for (i, a) in manifest.arenas.iter().enumerate() {
         if a.size == 0 || a.used > a.size {
-            return Err(BackendError::Manifest(format!(
-                "arena {i}: {} bytes used of {}",
-                a.used, a.size
-            )));
+            return Err(ManifestError::ArenaUsed {
+                arena: i,
+                used: a.used,
+                size: a.size,
+            }
+            .into());
         }
         let handle_ok = match mode {
             IpcMode::Vmm => a.legacy_handle.is_empty(),
             IpcMode::Legacy => a.legacy_handle.len() == 64,
         };
         if !handle_ok {
-            return Err(BackendError::Manifest(format!(
-                "arena {i}: {} bytes of legacy IPC handle with ipc {}",
-                a.legacy_handle.len(),
-                mode.as_str()
-            )));
+            return Err(ManifestError::LegacyHandle {
+                arena: i,
+                len: a.legacy_handle.len(),
+                ipc: mode.as_str(),
+            }
+            .into());
         }
     }
     let expected = match mode {
@@ -107,9 +103,7 @@ pub(crate) fn open_device(ordinal: u32, uuid: &str) -> Result<Arc<CudaContext>, 
     let driver = Driver::load()?;
     let count = driver.device_count()?;
     if ordinal >= count {
-        return Err(BackendError::CudaUnavailable(format!(
-            "there is no CUDA device {ordinal} (the driver sees {count})"
-        )));
+        return Err(CudaUnavailable::NoSuchDevice { ordinal, count }.into());
     }
     let actual = format_uuid(driver.device(ordinal)?.uuid()?);
     if actual != uuid {
@@ -161,7 +155,11 @@ pub(crate) fn map_arenas(
             }
             IpcMode::Legacy => {
                 let handle: [u8; 64] = a.legacy_handle.as_slice().try_into().map_err(|_| {
-                    BackendError::Manifest(format!("arena {i}: legacy handle is not 64 bytes"))
+                    ManifestError::LegacyHandle {
+                        arena: i,
+                        len: a.legacy_handle.len(),
+                        ipc: mode.as_str(),
+                    }
                 })?;
                 ImportedArena::Legacy(LegacyImport::open(ctx, &handle, a.size)?)
             }
@@ -336,7 +334,7 @@ impl CudaWeights {
             ptr: arena.memory().ptr() + l.offset,
             len: l.len,
             shape: &l.shape,
-            dtype: Dtype::parse(&l.dtype).ok()?,
+            dtype: l.dtype,
         })
     }
 
@@ -398,6 +396,7 @@ impl CudaWeights {
     pub fn mem_info(&self) -> Result<(u64, u64), BackendError> {
         let (free, total) = self.ctx.mem_get_info().map_err(|e| BackendError::Cuda {
             call: "cuMemGetInfo",
+            code: e.0 as u32,
             message: format!("{e:?}"),
         })?;
         Ok((free as u64, total as u64))
@@ -497,8 +496,8 @@ mod tests {
     pub(crate) fn manifest(ipc: &str, arenas: usize) -> Manifest {
         Manifest {
             generation: 1,
-            backend: "cuda".into(),
-            ipc: ipc.into(),
+            backend: crate::protocol::Backend::Cuda,
+            ipc: crate::protocol::Ipc::from_name(ipc).expect("an ipc name"),
             model_digest: crate::backend::digest_bytes(&[b"model"]),
             content_digest: crate::backend::digest_bytes(&[b"content"]),
             device: Some(DeviceId {
@@ -514,7 +513,7 @@ mod tests {
                 .collect(),
             tensors: vec![TensorLayout {
                 name: "w".into(),
-                dtype: "F32".into(),
+                dtype: crate::model::Dtype::F32,
                 shape: vec![256],
                 arena: 0,
                 offset: 0,
@@ -525,9 +524,46 @@ mod tests {
 
     fn expect_manifest_error(m: &Manifest, fds: usize, needle: &str) {
         match precheck(m, fds) {
-            Err(BackendError::Manifest(msg)) => assert!(msg.contains(needle), "{msg}"),
+            Err(BackendError::Manifest(e)) => assert!(e.to_string().contains(needle), "{e}"),
             other => panic!("expected a manifest error about {needle:?}, got {other:?}"),
         }
+    }
+
+    /// A refusal says which value was wrong as a field, not only in its text.
+    #[test]
+    fn precheck_refusals_carry_the_wrong_values() {
+        let mut m = manifest("vmm", 1);
+        m.arenas[0].used = m.arenas[0].size + 1;
+        match precheck(&m, 1) {
+            Err(BackendError::Manifest(ManifestError::ArenaUsed { arena, used, size })) => {
+                assert_eq!((arena, used), (0, size + 1));
+            }
+            other => panic!("expected ArenaUsed, got {other:?}"),
+        }
+        let mut m = manifest("vmm", 1);
+        m.backend = crate::protocol::Backend::Host;
+        assert!(matches!(
+            precheck(&m, 1),
+            Err(BackendError::Manifest(ManifestError::NotCuda {
+                backend: crate::protocol::Backend::Host
+            }))
+        ));
+        let mut m = manifest("legacy", 1);
+        m.arenas[0].legacy_handle.truncate(10);
+        assert!(matches!(
+            precheck(&m, 0),
+            Err(BackendError::Manifest(ManifestError::LegacyHandle {
+                arena: 0,
+                len: 10,
+                ipc: "legacy"
+            }))
+        ));
+        let mut m = manifest("vmm", 1);
+        m.device = None;
+        assert!(matches!(
+            precheck(&m, 1),
+            Err(BackendError::Manifest(ManifestError::NoDevice))
+        ));
     }
 
     #[test]
@@ -542,7 +578,7 @@ mod tests {
     #[test]
     fn bad_manifests_fail_before_cuda_is_touched() {
         let mut m = manifest("vmm", 1);
-        m.backend = "host".into();
+        m.backend = crate::protocol::Backend::Host;
         expect_manifest_error(&m, 1, "not cuda");
 
         expect_manifest_error(&manifest("memfd", 1), 1, "not a CUDA mode");

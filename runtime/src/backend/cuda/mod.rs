@@ -48,7 +48,7 @@ pub use owner::CudaBackend;
 pub use plan::{Capabilities, IpcMode};
 
 use super::host::HostBackend;
-use super::{BackendChoice, BackendError, DeviceBackend, IpcChoice};
+use super::{BackendChoice, BackendError, CudaUnavailable, DeviceBackend, IpcChoice};
 
 /// What the driver says about one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,9 +91,7 @@ pub fn probe() -> Result<DeviceSummary, BackendError> {
     let driver = driver::Driver::load()?;
     let count = driver.device_count()?;
     if count == 0 {
-        return Err(BackendError::CudaUnavailable(
-            "the driver sees no CUDA device".into(),
-        ));
+        return Err(CudaUnavailable::NoDevice.into());
     }
     let devices = (0..count)
         .map(|i| device_info(&driver, i))
@@ -157,7 +155,7 @@ mod tests {
     fn probe_explains_why_cuda_is_unavailable_and_never_panics() {
         match probe() {
             Ok(summary) => assert!(!summary.devices.is_empty()),
-            Err(BackendError::CudaUnavailable(why)) => assert!(!why.is_empty()),
+            Err(BackendError::CudaUnavailable(why)) => assert!(!why.to_string().is_empty()),
             Err(other) => panic!("probe must report CudaUnavailable, got {other:?}"),
         }
     }
@@ -192,8 +190,17 @@ mod tests {
 
     #[test]
     fn a_device_that_does_not_exist_is_unavailable() {
+        // With a driver the refusal names the device and the count; without one, why not.
         match CudaBackend::new(4096, IpcChoice::Auto) {
-            Err(BackendError::CudaUnavailable(_)) => {}
+            Err(BackendError::CudaUnavailable(CudaUnavailable::NoSuchDevice {
+                ordinal: 4096,
+                ..
+            })) => {}
+            Err(BackendError::CudaUnavailable(
+                CudaUnavailable::NoLibrary
+                | CudaUnavailable::MissingSymbols { .. }
+                | CudaUnavailable::Init { .. },
+            )) if !cuda_usable() => {}
             other => panic!("expected CudaUnavailable, got {other:?}"),
         }
     }

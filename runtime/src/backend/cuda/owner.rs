@@ -29,7 +29,8 @@ use super::import::{self, ImportedArena};
 use super::plan::{self, Capabilities, IpcMode};
 use super::DeviceInfo;
 use crate::backend::{
-    check_manifest, ArenaInfo, BackendError, DeviceBackend, DeviceId, Export, IpcChoice, Manifest,
+    check_manifest, ArenaInfo, BackendError, CudaUnavailable, DeviceBackend, DeviceId, Export,
+    IpcChoice, Manifest, ManifestError,
 };
 use crate::model::{Dtype, Model};
 
@@ -82,9 +83,11 @@ impl CudaBackend {
         let driver = Driver::load()?;
         let count = driver.device_count()?;
         if device >= count {
-            return Err(BackendError::CudaUnavailable(format!(
-                "there is no CUDA device {device} (the driver sees {count})"
-            )));
+            return Err(CudaUnavailable::NoSuchDevice {
+                ordinal: device,
+                count,
+            }
+            .into());
         }
         let info = super::device_info(&driver, device)?;
         let decision = plan::decide_ipc(ipc, info.capabilities, device)?;
@@ -175,11 +178,11 @@ impl CudaBackend {
     ) -> Result<Export, BackendError> {
         let checked = import::precheck(&manifest, fds.len())?;
         if checked.mode != IpcMode::Vmm {
-            return Err(BackendError::Manifest(format!(
-                "generation {} uses {} IPC, which dies with its owner; it cannot be adopted",
-                manifest.generation,
-                checked.mode.as_str()
-            )));
+            return Err(ManifestError::NotAdoptable {
+                generation: manifest.generation,
+                ipc: checked.mode.as_str(),
+            }
+            .into());
         }
         if checked.uuid != self.info.uuid || checked.ordinal != self.info.ordinal {
             return Err(BackendError::DeviceMismatch {
@@ -189,10 +192,10 @@ impl CudaBackend {
             });
         }
         if self.generations.contains_key(&manifest.generation) {
-            return Err(BackendError::Manifest(format!(
-                "generation {} is already held by this owner",
-                manifest.generation
-            )));
+            return Err(ManifestError::GenerationHeld {
+                generation: manifest.generation,
+            }
+            .into());
         }
         check_manifest(&manifest, model)?;
         let start = Instant::now();
@@ -231,7 +234,7 @@ impl DeviceBackend for CudaBackend {
         fds: Vec<OwnedFd>,
         model: &Model,
     ) -> Result<Option<Export>, BackendError> {
-        if manifest.ipc != "vmm" {
+        if manifest.ipc != crate::protocol::Ipc::Vmm {
             // Legacy handles die with the owner that exported them.
             return Ok(None);
         }
@@ -244,9 +247,7 @@ impl DeviceBackend for CudaBackend {
 
     fn export(&mut self, model: &Model, generation: u64) -> Result<Export, BackendError> {
         if self.generations.contains_key(&generation) {
-            return Err(BackendError::Manifest(format!(
-                "generation {generation} was already exported by this owner"
-            )));
+            return Err(ManifestError::GenerationExported { generation }.into());
         }
         let start = Instant::now();
         let plan = plan::plan_arenas(model.tensors(), self.granularity, self.arena_cap)?;
@@ -264,9 +265,7 @@ impl DeviceBackend for CudaBackend {
                 .map(|t| (t.dtype, model.data(t)))
                 .collect();
             let image = ArenaImage::new(&plan.tensors[a.tensors.clone()], &sources, a.used);
-            let dst = arena.memory_mut().ok_or_else(|| {
-                BackendError::Manifest("an adopted arena cannot be written".into())
-            })?;
+            let dst = arena.memory_mut().ok_or(ManifestError::AdoptedArenaWrite)?;
             stager.upload(dst, image.used(), |offset, buf| {
                 image.fill(offset, buf);
                 staged.update(buf);
@@ -308,8 +307,8 @@ impl DeviceBackend for CudaBackend {
         }
         let manifest = Manifest {
             generation,
-            backend: "cuda".into(),
-            ipc: self.ipc.as_str().into(),
+            backend: crate::protocol::Backend::Cuda,
+            ipc: self.ipc.ipc(),
             model_digest: model.digest().to_string(),
             content_digest: staged,
             device: Some(self.device()),
@@ -390,8 +389,8 @@ mod tests {
         assert!(plan.arenas.len() >= 2, "{plan:?}");
         let manifest = Manifest {
             generation: 3,
-            backend: "cuda".into(),
-            ipc: "legacy".into(),
+            backend: crate::protocol::Backend::Cuda,
+            ipc: crate::protocol::Ipc::Legacy,
             model_digest: model.digest().to_string(),
             content_digest: crate::backend::digest_bytes(&[b"device"]),
             device: Some(DeviceId {

@@ -21,7 +21,7 @@
 use std::ops::Range;
 
 use crate::backend::host;
-use crate::backend::{BackendError, IpcChoice, TensorLayout};
+use crate::backend::{BackendError, IpcChoice, ManifestError, TensorLayout};
 use crate::model::TensorInfo;
 
 /// Alignment of every tensor inside an arena, in bytes.
@@ -81,19 +81,22 @@ pub fn plan_arenas(
     cap: u64,
 ) -> Result<ArenaPlan, BackendError> {
     if granularity == 0 {
-        return Err(BackendError::Manifest(
-            "allocation granularity of 0 bytes".into(),
-        ));
+        return Err(ManifestError::ZeroGranularity.into());
     }
     let cap = (cap / granularity).max(1) * granularity;
-    let overflow = |name: &str| BackendError::Manifest(format!("tensor {name}: size overflows"));
+    let overflow = |name: &str| -> BackendError {
+        ManifestError::TensorSizeOverflow {
+            tensor: name.to_string(),
+        }
+        .into()
+    };
     let mut arenas = Vec::new();
     let mut layouts: Vec<TensorLayout> = Vec::with_capacity(tensors.len());
     let mut first = 0usize;
     let mut used = 0u64;
     let close = |first: usize, end: usize, used: u64| -> Result<PlannedArena, BackendError> {
-        let size = round_up(used.max(1), granularity)
-            .ok_or_else(|| BackendError::Manifest(format!("arena of {used} bytes overflows")))?;
+        let size =
+            round_up(used.max(1), granularity).ok_or(ManifestError::ArenaSizeOverflow { used })?;
         Ok(PlannedArena {
             size,
             used,
@@ -117,7 +120,7 @@ pub fn plan_arenas(
         }
         layouts.push(TensorLayout {
             name: t.name.clone(),
-            dtype: dtype.as_str().to_string(),
+            dtype,
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             arena: arenas.len() as u32,
             offset,
@@ -161,7 +164,24 @@ impl IpcMode {
         }
     }
 
-    /// Parses `Manifest::ipc`.
+    /// The manifest's spelling of this mode.
+    pub fn ipc(self) -> crate::protocol::Ipc {
+        match self {
+            Self::Vmm => crate::protocol::Ipc::Vmm,
+            Self::Legacy => crate::protocol::Ipc::Legacy,
+        }
+    }
+
+    /// The mode of a manifest's `ipc`, when it is a CUDA one.
+    pub fn from_ipc(ipc: crate::protocol::Ipc) -> Option<Self> {
+        match ipc {
+            crate::protocol::Ipc::Vmm => Some(Self::Vmm),
+            crate::protocol::Ipc::Legacy => Some(Self::Legacy),
+            crate::protocol::Ipc::Memfd => None,
+        }
+    }
+
+    /// Parses an `--ipc`-style name.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "vmm" => Some(Self::Vmm),
