@@ -46,29 +46,26 @@ fn sig(name: &str) -> Exit {
     Exit::Signal(name.into())
 }
 
-/// A `ready` message; `detail` of the form `backend=B ipc=I` makes it an owner's, with those
-/// weights, as the owner sends it.
+/// A `ready` message; a `detail` that names `backend=B` makes it an owner's, serving weights of
+/// that backend with `ipc=I` (default memfd) and `bytes=N` (default 1 MiB), as an owner sends it.
 fn ready(detail: &str) -> ChildMessage {
     let word = |key: &str| {
         detail
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
     };
-    let weights = match (word("backend"), word("ipc")) {
-        (Some(b), Some(i)) => Some(ServedWeights {
-            backend: match b {
-                "cuda" => Backend::Cuda,
-                _ => Backend::Host,
-            },
-            ipc: match i {
-                "legacy" => Ipc::Legacy,
-                "vmm" => Ipc::Vmm,
-                _ => Ipc::Memfd,
-            },
-            bytes: 1 << 20,
-        }),
-        _ => None,
-    };
+    let weights = word("backend").map(|b| ServedWeights {
+        backend: match b {
+            "cuda" => Backend::Cuda,
+            _ => Backend::Host,
+        },
+        ipc: match word("ipc") {
+            Some("legacy") => Ipc::Legacy,
+            Some("vmm") => Ipc::Vmm,
+            _ => Ipc::Memfd,
+        },
+        bytes: word("bytes").map_or(1 << 20, |n| n.parse().expect("bytes=N")),
+    });
     ChildMessage::Ready {
         pid: 0,
         generation: Some(1),

@@ -281,9 +281,11 @@ impl Conn {
         }
         if self.is_idle() {
             if let Some(since) = draining_since {
-                // An idle keep-alive connection is closed at once; one that has sent nothing
-                // yet (accepted from the queue) gets a short grace for its first request.
-                return self.answered > 0 || now.duration_since(since) >= limits.drain_grace;
+                // An idle connection, keep-alive or accepted from the queue with nothing sent
+                // yet, gets a short grace for its next request, answered with
+                // `Connection: close`: closing it at once would reset a request sent just as
+                // the drain began (the loop clients of a roll do that every time).
+                return now.duration_since(since) >= limits.drain_grace;
             }
             return now.duration_since(self.last_activity) >= limits.idle_timeout;
         }

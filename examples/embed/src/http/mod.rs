@@ -69,7 +69,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Time an answer may stay unread (without any progress) before the connection is dropped.
     pub write_timeout: Duration,
-    /// While draining: time a connection that has not sent a byte yet is waited for.
+    /// While draining: time an idle connection (keep-alive, or accepted with nothing sent yet)
+    /// is waited for its next request, which is answered with `Connection: close`.
     pub drain_grace: Duration,
     /// Interval of heartbeats to the supervisor.
     pub heartbeat: Duration,
