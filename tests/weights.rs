@@ -8,27 +8,44 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    spawn, synthetic_model, wait_exited, wait_ready, wait_until, TempDir, Zygote, ZygoteOptions,
+    spawn, synthetic_model, wait_exited, wait_ready, wait_until, Kid, TempDir, Zygote,
+    ZygoteOptions,
 };
+use zygote_runtime::client::ZygoteClient;
 use zygote_runtime::model::Dtype;
 
 const READY: Duration = Duration::from_secs(30);
+
+/// A zygote started on a synthetic model of `bytes` written in `dir`.
+fn on_synthetic_model(dir: &TempDir, bytes: u64, dtype: Dtype) -> Zygote {
+    let model = synthetic_model(dir.path(), bytes, dtype);
+    Zygote::start_with(ZygoteOptions {
+        model: Some(model),
+        ..ZygoteOptions::default()
+    })
+}
+
+/// Asserts that the zygote keeps no generation, `why` naming what the test expects.
+fn assert_nothing_kept(client: &mut ZygoteClient, why: &str) {
+    let kept = client.status().expect("status").kept;
+    assert!(kept.is_empty(), "{why}: {kept:?}");
+}
+
+/// The owner of device 0, spawned through `client` and waited for until ready.
+fn ready_owner(z: &Zygote, client: &mut ZygoteClient) -> Kid {
+    let mut owner = spawn(z, client, "owner", 0, &[]).expect("spawn owner");
+    wait_ready(&mut owner, READY);
+    owner
+}
 
 #[test]
 fn a_kept_generation_serves_workers_while_no_owner_is_up_and_is_adopted_by_the_next_owner() {
     let dir = TempDir::new("kept");
     // f16: the owner builds an f32 copy of its own, so what is kept is not the model memfd.
-    let model = synthetic_model(dir.path(), 4 << 20, Dtype::F16);
-    let z = Zygote::start_with(ZygoteOptions {
-        model: Some(model),
-        ..ZygoteOptions::default()
-    });
+    let z = on_synthetic_model(&dir, 4 << 20, Dtype::F16);
     let mut client = z.client();
 
-    assert!(
-        client.status().expect("status").kept.is_empty(),
-        "nothing is kept before an owner ran"
-    );
+    assert_nothing_kept(&mut client, "nothing is kept before an owner ran");
     let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
     let detail = wait_ready(&mut owner, READY);
     assert!(
@@ -132,10 +149,7 @@ fn keep_weights_with_a_wrong_fd_count_is_refused_and_nothing_is_kept() {
         other => panic!("expected bad_fd_count, got {other:?}"),
     }
     let mut client = z.client();
-    assert!(
-        client.status().expect("status").kept.is_empty(),
-        "a refused keep_weights keeps nothing"
-    );
+    assert_nothing_kept(&mut client, "a refused keep_weights keeps nothing");
 }
 
 #[test]
@@ -143,11 +157,7 @@ fn keep_weights_from_a_process_that_is_not_the_live_owner_is_refused() {
     use zygote_runtime::protocol::{ErrorCode, ProtocolError};
 
     let dir = TempDir::new("planted");
-    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F16);
-    let z = Zygote::start_with(ZygoteOptions {
-        model: Some(model),
-        ..ZygoteOptions::default()
-    });
+    let z = on_synthetic_model(&dir, 1 << 20, Dtype::F16);
     let mut client = z.client();
     let memfd =
         nix::sys::memfd::memfd_create(c"planted", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
@@ -164,8 +174,7 @@ fn keep_weights_from_a_process_that_is_not_the_live_owner_is_refused() {
         other => panic!("planting weights is refused with not_allowed: {other:?}"),
     }
     // With an owner live, still refused: only the owner itself may keep weights.
-    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
-    wait_ready(&mut owner, READY);
+    let _owner = ready_owner(&z, &mut client);
     let mut other = z.client();
     assert!(
         matches!(
@@ -190,14 +199,9 @@ fn a_second_owner_for_a_device_is_refused_while_the_first_lives() {
     use zygote_runtime::protocol::{ErrorCode, ProtocolError};
 
     let dir = TempDir::new("two-owners");
-    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
-    let z = Zygote::start_with(ZygoteOptions {
-        model: Some(model),
-        ..ZygoteOptions::default()
-    });
+    let z = on_synthetic_model(&dir, 1 << 20, Dtype::F32);
     let mut client = z.client();
-    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
-    wait_ready(&mut owner, READY);
+    let owner = ready_owner(&z, &mut client);
     match spawn(&z, &mut client, "owner", 0, &[]) {
         Err(ProtocolError::Remote {
             code: ErrorCode::Conflict,
@@ -216,11 +220,7 @@ fn a_second_owner_for_a_device_is_refused_while_the_first_lives() {
 #[test]
 fn a_worker_without_an_owner_backs_off_logs_once_and_imports_when_an_owner_comes() {
     let dir = TempDir::new("no-owner");
-    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
-    let z = Zygote::start_with(ZygoteOptions {
-        model: Some(model),
-        ..ZygoteOptions::default()
-    });
+    let z = on_synthetic_model(&dir, 1 << 20, Dtype::F32);
     let mut client = z.client();
     let mut worker = spawn(&z, &mut client, "probe", 0, &[]).expect("spawn probe");
     let waiting = "no owner of device 0 is up";
@@ -240,8 +240,7 @@ fn a_worker_without_an_owner_backs_off_logs_once_and_imports_when_an_owner_comes
         "five tries took only {:?}: no backoff",
         first.elapsed()
     );
-    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
-    wait_ready(&mut owner, READY);
+    let _owner = ready_owner(&z, &mut client);
     let detail = wait_ready(&mut worker, READY);
     assert!(detail.contains("generation 1"), "{detail}");
     let log = z.log_tail();
@@ -262,11 +261,7 @@ fn an_owner_whose_socket_is_claimed_stops_and_leaves_the_socket_alone() {
     use zygote_runtime::rundir::SocketClaim;
 
     let dir = TempDir::new("claimed");
-    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
-    let z = Zygote::start_with(ZygoteOptions {
-        model: Some(model),
-        ..ZygoteOptions::default()
-    });
+    let z = on_synthetic_model(&dir, 1 << 20, Dtype::F32);
     // A live owner the zygote does not know (one started by an earlier zygote, say).
     let (claim, _listener) =
         SocketClaim::bind(&z.runtime_dir, "owner-0.sock", 0o600).expect("claiming owner-0.sock");
@@ -285,10 +280,7 @@ fn an_owner_whose_socket_is_claimed_stops_and_leaves_the_socket_alone() {
     );
     std::os::unix::net::UnixStream::connect(claim.path())
         .expect("the live owner's socket is still there and served");
-    assert!(
-        client.status().expect("status").kept.is_empty(),
-        "nothing was kept by the owner that stopped"
-    );
+    assert_nothing_kept(&mut client, "nothing was kept by the owner that stopped");
 }
 
 #[test]
@@ -296,14 +288,9 @@ fn a_silent_client_of_the_owner_socket_does_not_stall_imports() {
     use std::io::Write;
 
     let dir = TempDir::new("stalled-import");
-    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
-    let z = Zygote::start_with(ZygoteOptions {
-        model: Some(model),
-        ..ZygoteOptions::default()
-    });
+    let z = on_synthetic_model(&dir, 1 << 20, Dtype::F32);
     let mut client = z.client();
-    let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
-    wait_ready(&mut owner, READY);
+    let _owner = ready_owner(&z, &mut client);
     let socket = zygote_runtime::worker::owner_socket(&z.runtime_dir, 0);
     // One client says nothing; another starts a frame and stops. Each has 5 s before the owner
     // drops it, and a blocking owner would make every import wait behind them.
@@ -333,11 +320,7 @@ fn an_owner_says_what_it_serves_in_typed_fields_of_its_ready() {
     use zygote_runtime::protocol::{frame, Backend, ChildMessage, Ipc};
 
     let dir = TempDir::new("typed-ready");
-    let model = synthetic_model(dir.path(), 1 << 20, Dtype::F32);
-    let z = Zygote::start_with(ZygoteOptions {
-        model: Some(model),
-        ..ZygoteOptions::default()
-    });
+    let z = on_synthetic_model(&dir, 1 << 20, Dtype::F32);
     let mut client = z.client();
     let mut owner = spawn(&z, &mut client, "owner", 0, &[]).expect("spawn owner");
     let ready = loop {

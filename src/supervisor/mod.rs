@@ -19,6 +19,7 @@
 //! | [`exits`] | exit statuses matched with deaths |
 //! | [`status`] | `zygote status`'s answer |
 //! | [`admin`] | the admin socket |
+//! | [`conns`] | what the admin socket and `--metrics` share: accept with a cap, a deadline per connection, one answer |
 //! | [`scrape`] | the `--metrics` HTTP endpoint |
 //! | [`notify`] | systemd's `sd_notify` protocol: ready, reloading, stopping, status, watchdog |
 //! | [`metrics`] | `/metrics`'s snapshot and its encoding (the only user of prometheus-client) |
@@ -35,6 +36,7 @@
 //! a row stop the service with an error.
 
 mod admin;
+mod conns;
 mod effects;
 mod exits;
 #[cfg(test)]

@@ -1,23 +1,21 @@
 //! The `--metrics HOST:PORT` endpoint: a minimal HTTP/1.1 server for `GET /metrics`, inside
 //! the supervisor's one poll, so that it answers while workers restart.
 //!
-//! Like the admin socket, no client can stall supervision: connections are non-blocking, each
-//! has [`CONNECTION_DEADLINE`] from its accept to its answer's last byte, a request head is at
+//! Like the admin socket (both are served by [`super::conns`]), no client can stall
+//! supervision: connections are non-blocking, each has [`CONNECTION_DEADLINE`] from its accept to its answer's last byte, a request head is at
 //! most [`MAX_HEAD`] bytes, at most [`MAX_CONNECTIONS`] are open at once (the next ones are
 //! closed at once), and every answer closes its connection. A complete `GET /metrics` becomes
 //! [`Input::Scrape`]; the event loop answers it with [`Scrape::answer`]. `GET /healthz` is
 //! answered here with 200 (the supervisor's loop turns: a liveness probe), and so is anything
 //! else: 404 for another path, 405 for another method, 400 for a bad head.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
-use mio::{Interest, Registry, Token};
+use mio::{Registry, Token};
 
+use super::conns::Server;
 use super::effects::{Input, ScrapeConn};
 
 /// Time a client gets from its connection to the end of its answer.
@@ -86,23 +84,17 @@ pub fn response(
     out
 }
 
-#[derive(Debug)]
-struct Conn {
-    stream: TcpStream,
+/// What a metrics connection has read.
+#[derive(Debug, Default)]
+struct Request {
     head: Vec<u8>,
-    deadline: Instant,
     head_only: bool,
-    /// The answer's bytes not written yet (`None` while the request is read or awaited).
-    out: Option<Vec<u8>>,
 }
 
 /// The metrics listener and its connections.
 #[derive(Debug)]
 pub struct Scrape {
-    listener: TcpListener,
-    conns: HashMap<Token, Conn>,
-    next: usize,
-    registry: Option<Registry>,
+    server: Server<TcpListener, Request>,
 }
 
 impl Scrape {
@@ -115,177 +107,100 @@ impl Scrape {
     /// Serves on a listener bound elsewhere (socket activation), non-blocking already.
     pub fn adopt(listener: TcpListener) -> Self {
         Self {
-            listener,
-            conns: HashMap::new(),
-            next: FIRST_TOKEN,
-            registry: None,
+            server: Server::new(
+                listener,
+                "metrics",
+                MAX_CONNECTIONS,
+                CONNECTION_DEADLINE,
+                FIRST_TOKEN,
+            ),
         }
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.server.listener().local_addr().ok()
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> std::io::Result<()> {
-        registry.register(
-            &mut SourceFd(&self.listener.as_raw_fd()),
-            token,
-            Interest::READABLE,
-        )?;
-        self.registry = Some(registry.try_clone()?);
-        Ok(())
+        self.server.register(registry, token)
     }
 
     pub fn owns(&self, token: Token) -> bool {
-        self.conns.contains_key(&token)
+        self.server.owns(token)
     }
 
     /// Accepts every waiting connection (closing those over the cap) and reads what each
     /// already sent.
     pub fn accept(&mut self, now: Instant, out: &mut Vec<Input>) {
-        loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!("metrics accept: {e}");
-                    return;
-                }
-            };
-            if self.conns.len() >= MAX_CONNECTIONS {
+        let refusal = |_: &TcpStream, full: bool| {
+            full.then(|| {
                 log::warn!("metrics: {MAX_CONNECTIONS} connections open; closed one more");
-                continue;
-            }
-            if stream.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let token = Token(self.next);
-            self.next += 1;
-            let registered = self.registry.as_ref().map(|r| {
-                r.register(
-                    &mut SourceFd(&stream.as_raw_fd()),
-                    token,
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-            });
-            if !matches!(registered, Some(Ok(()))) {
-                log::warn!("metrics: could not watch a connection: {registered:?}");
-                continue;
-            }
-            let conn = Conn {
-                stream,
-                head: Vec::new(),
-                deadline: now + CONNECTION_DEADLINE,
-                head_only: false,
-                out: None,
-            };
-            self.conns.insert(token, conn);
-            self.ready(token, out);
-        }
+                Vec::new()
+            })
+        };
+        self.server
+            .accept(now, refusal, |server, token| read_head(server, token, out));
     }
 
     /// A connection is readable or writable: reads its request, or writes more of its answer.
     pub fn ready(&mut self, token: Token, out: &mut Vec<Input>) {
-        let Some(c) = self.conns.get_mut(&token) else {
-            return;
-        };
-        if c.out.is_some() {
-            return self.flush(token);
-        }
-        let mut buf = [0u8; 1024];
-        loop {
-            match c.stream.read(&mut buf) {
-                Ok(0) => return self.close(token),
-                Ok(n) => {
-                    let room = MAX_HEAD - c.head.len();
-                    c.head.extend_from_slice(&buf[..n.min(room)]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return self.close(token),
-            }
-            if c.head.len() >= MAX_HEAD {
-                break;
-            }
-        }
-        match parse(&c.head) {
-            Head::Partial => {}
-            Head::Metrics { head_only } => {
-                c.head_only = head_only;
-                // Read no more: the answer is awaited from the event loop.
-                c.out = Some(Vec::new());
-                out.push(Input::Scrape(ScrapeConn(token.0)));
-            }
-            Head::Healthz => {
-                c.out = Some(response(200, "OK", "text/plain", "ok\n", false));
-                self.flush(token);
-            }
-            Head::Refuse(status, reason) => {
-                let body = format!("{status} {reason}\n");
-                c.out = Some(response(status, reason, "text/plain", &body, false));
-                self.flush(token);
-            }
-        }
+        read_head(&mut self.server, token, out);
     }
 
     /// Queues the metrics text as the answer, and writes what the socket takes now.
     pub fn answer(&mut self, conn: ScrapeConn, content_type: &str, body: &str) {
         let token = Token(conn.0);
-        let Some(c) = self.conns.get_mut(&token) else {
+        let Some(req) = self.server.state(token) else {
             return;
         };
-        c.out = Some(response(200, "OK", content_type, body, c.head_only));
-        self.flush(token);
-    }
-
-    fn flush(&mut self, token: Token) {
-        let Some(c) = self.conns.get_mut(&token) else {
-            return;
-        };
-        let Some(bytes) = c.out.as_mut() else {
-            return;
-        };
-        if bytes.is_empty() {
-            return; // awaiting the answer
-        }
-        while !bytes.is_empty() {
-            match c.stream.write(bytes) {
-                Ok(n) => {
-                    bytes.drain(..n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        self.close(token);
+        let bytes = response(200, "OK", content_type, body, req.head_only);
+        self.server.answer(token, bytes);
     }
 
     /// Closes the connections past their deadline.
     pub fn expire(&mut self, now: Instant) {
-        let late: Vec<Token> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| now >= c.deadline)
-            .map(|(t, _)| *t)
-            .collect();
-        if !late.is_empty() {
-            log::warn!(
-                "metrics: closed {} connection(s) not done in {}s",
-                late.len(),
-                CONNECTION_DEADLINE.as_secs()
-            );
+        self.server.expire(now);
+    }
+}
+
+/// Reads what a connection sent; a complete `GET /metrics` becomes [`Input::Scrape`], any
+/// other complete head is answered here.
+fn read_head(server: &mut Server<TcpListener, Request>, token: Token, out: &mut Vec<Input>) {
+    let Some(c) = server.readable(token) else {
+        return;
+    };
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => return server.close(token),
+            Ok(n) => {
+                let room = MAX_HEAD - c.state.head.len();
+                c.state.head.extend_from_slice(&buf[..n.min(room)]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return server.close(token),
         }
-        for t in late {
-            self.close(t);
+        if c.state.head.len() >= MAX_HEAD {
+            break;
         }
     }
-
-    fn close(&mut self, token: Token) {
-        if let Some(c) = self.conns.remove(&token) {
-            if let Some(r) = &self.registry {
-                let _ = r.deregister(&mut SourceFd(&c.stream.as_raw_fd()));
-            }
+    match parse(&c.state.head) {
+        Head::Partial => {}
+        Head::Metrics { head_only } => {
+            c.state.head_only = head_only;
+            // Read no more: the answer is awaited from the event loop.
+            server.await_answer(token);
+            out.push(Input::Scrape(ScrapeConn(token.0)));
+        }
+        Head::Healthz => {
+            let bytes = response(200, "OK", "text/plain", "ok\n", false);
+            server.answer(token, bytes);
+        }
+        Head::Refuse(status, reason) => {
+            let body = format!("{status} {reason}\n");
+            let bytes = response(status, reason, "text/plain", &body, false);
+            server.answer(token, bytes);
         }
     }
 }

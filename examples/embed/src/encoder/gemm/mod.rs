@@ -35,20 +35,25 @@ fn last_index(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
         .and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)))
 }
 
+/// Panics when a `rows × cols` view with strides `rs`, `cs` would reach past `len` elements
+/// or its strides would not fit in an `isize` (a bug in the caller): what both views check.
+fn check_reach(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
+    if let Some(last) = last_index(rows, cols, rs, cs) {
+        assert!(
+            last < len,
+            "matrix {rows}x{cols} (strides {rs}, {cs}) overruns {len} elements"
+        );
+    }
+    assert!(
+        rs <= isize::MAX as usize && cs <= isize::MAX as usize,
+        "stride overflow"
+    );
+}
+
 impl<'a> Mat<'a> {
     /// A strided view. Panics when the view would reach past `data` (a bug in the caller).
     pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        if let Some(last) = last_index(rows, cols, rs, cs) {
-            assert!(
-                last < data.len(),
-                "matrix {rows}x{cols} (strides {rs}, {cs}) overruns {} elements",
-                data.len()
-            );
-        }
-        assert!(
-            rs <= isize::MAX as usize && cs <= isize::MAX as usize,
-            "stride overflow"
-        );
+        check_reach(data.len(), rows, cols, rs, cs);
         Self {
             data,
             rows,
@@ -103,17 +108,7 @@ impl<'a> MatMut<'a> {
             distinct,
             "strides ({rs}, {cs}) of a {rows}x{cols} matrix would alias"
         );
-        if let Some(last) = last_index(rows, cols, rs, cs) {
-            assert!(
-                last < data.len(),
-                "matrix {rows}x{cols} (strides {rs}, {cs}) overruns {} elements",
-                data.len()
-            );
-        }
-        assert!(
-            rs <= isize::MAX as usize && cs <= isize::MAX as usize,
-            "stride overflow"
-        );
+        check_reach(data.len(), rows, cols, rs, cs);
         Self {
             data,
             rows,
@@ -483,6 +478,19 @@ mod tests {
         }
     }
 
+    /// [`check_linear_rows`] on `out × inp` weights and `rows × inp` inputs filled with
+    /// repeating patterns, each value `pattern index · step - offset` for `(step, offset)` of
+    /// `w` and `x`.
+    fn check_patterns(inp: usize, out: usize, rows: usize, w: (f32, f32), x: (f32, f32), tol: f32) {
+        let wv: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 13) % 29) as f32 * w.0 - w.1)
+            .collect();
+        let xt: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 11) % 19) as f32 * x.0 - x.1)
+            .collect();
+        check_linear_rows(&wv, &xt, out, rows, tol);
+    }
+
     #[test]
     fn linear_rows_matches_a_plain_sum_on_every_edge() {
         // Every tile shape and edge: outputs not a multiple of 3, rows not a multiple of 4, and
@@ -490,13 +498,7 @@ mod tests {
         for inp in [1, 7, 8, 9, 16, 33] {
             for out in 1..=7 {
                 for rows in 1..=13 {
-                    let w: Vec<f32> = (0..out * inp)
-                        .map(|i| ((i * 13) % 29) as f32 * 0.125 - 1.5)
-                        .collect();
-                    let xt: Vec<f32> = (0..rows * inp)
-                        .map(|i| ((i * 11) % 19) as f32 * 0.25 - 2.0)
-                        .collect();
-                    check_linear_rows(&w, &xt, out, rows, 1e-4);
+                    check_patterns(inp, out, rows, (0.125, 1.5), (0.25, 2.0), 1e-4);
                 }
             }
         }
@@ -508,13 +510,7 @@ mod tests {
         for inp in [384, 768, 1536, 3072] {
             for out in [1, 2, 3, 4, 7] {
                 for rows in [1, 2, 3, 4, 5, 13] {
-                    let w: Vec<f32> = (0..out * inp)
-                        .map(|i| ((i * 13) % 29) as f32 * 0.0625 - 0.875)
-                        .collect();
-                    let xt: Vec<f32> = (0..rows * inp)
-                        .map(|i| ((i * 11) % 19) as f32 * 0.125 - 1.0)
-                        .collect();
-                    check_linear_rows(&w, &xt, out, rows, 1e-3);
+                    check_patterns(inp, out, rows, (0.0625, 0.875), (0.125, 1.0), 1e-3);
                 }
             }
         }
