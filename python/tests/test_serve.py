@@ -171,7 +171,7 @@ def test_fastapi_example(service, tmp_path):
     assert s.stop() == 0
 
 
-# Known gap, seen once in three CI runs on a loaded machine: a connection the draining uvicorn
+# Known gap, seen in two of five runs here: a connection the draining uvicorn
 # worker accepted just before its drain can be closed without an answer (RemoteDisconnected).
 # Kept running, and reported, until the Python worker's drain answers every accepted connection.
 @pytest.mark.xfail(
