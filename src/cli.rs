@@ -194,6 +194,11 @@ pub struct ZygoteArgs {
     pub runtime_dir: PathBuf,
     #[arg(long)]
     pub model: PathBuf,
+    /// The model's bytes are already in this inherited sealed memfd (copied from `--model` by
+    /// the supervisor, which keeps it): validate and hash it instead of reading the file, so a
+    /// restarted zygote shares the pages the running owner and workers map.
+    #[arg(long)]
+    pub model_fd: Option<u32>,
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
     #[arg(long = "allow-uid")]

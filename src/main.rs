@@ -94,7 +94,8 @@ fn main() {
     };
     let keep = activated.as_ref().map_or(0, |a| a.count() as u32);
     let inherited = match &cli.command {
-        Command::Start(_) | Command::Zygote(_) => Some(inherited_fds::close(keep)),
+        Command::Start(_) => Some(inherited_fds::close(keep, None)),
+        Command::Zygote(z) => Some(inherited_fds::close(keep, z.model_fd)),
         _ => None,
     };
     zygote_runtime::logging::init(tag);

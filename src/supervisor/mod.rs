@@ -99,6 +99,12 @@ pub fn run(cfg: Config, activated: Vec<(String, TcpListener)>) -> anyhow::Result
             cfg.runtime_dir.display()
         );
     }
+    // The model's bytes, held here for the service's life and inherited by every zygote (a
+    // restarted one maps these pages instead of a second copy); the zygote validates them.
+    let model_memfd = std::sync::Arc::new(
+        zygote_runtime::Model::seal_file(&cfg.model)
+            .with_context(|| format!("reading the model {}", cfg.model.display()))?,
+    );
     let notifier = notify::Notifier::from_env().context("NOTIFY_SOCKET")?;
     let (mut listeners, mut metrics_listener) = (Vec::new(), None);
     let inherited = !activated.is_empty();
@@ -134,6 +140,7 @@ pub fn run(cfg: Config, activated: Vec<(String, TcpListener)>) -> anyhow::Result
         allow_uids: cfg.allow_uids.clone(),
         command: cfg.command.clone(),
         expect_digest: None,
+        model_memfd: Some(model_memfd),
         start_timeout: Duration::from_secs(300),
         // Only when app workers will run: `--workers 0` (client mode) serves any model file.
         serve_app: cfg.entry == "app" && cfg.command.is_empty() && cfg.workers > 0,
