@@ -29,6 +29,11 @@ pub enum Command {
     Stop(DirArgs),
     /// Roll the workers of a running service (as SIGHUP does).
     Reload(DirArgs),
+    /// Drain every worker and the owner of a running service, keeping the zygote and the
+    /// listeners (connections queue until it wakes).
+    Sleep(DirArgs),
+    /// Start the owner and the workers of a sleeping service again.
+    Wake(DirArgs),
     /// Change the number of workers of a running service (SIGTTIN and SIGTTOU add and remove
     /// one); the other workers are not touched.
     Scale(ScaleArgs),
@@ -104,6 +109,10 @@ pub struct StartArgs {
     /// Replace a worker whose resident memory (MiB) grew past this, the same way.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_rss: Option<u64>,
+    /// Sleep (as `zygote sleep`) after this many seconds without a request; the first
+    /// connection while asleep wakes the service, and is answered once a worker serves.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_sleep: Option<u64>,
     /// Serve Prometheus metrics (OpenMetrics text) at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<SocketAddr>,

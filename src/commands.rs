@@ -238,6 +238,18 @@ pub fn scale(dir: &Path, workers: u32) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+pub fn sleep(dir: &Path) -> anyhow::Result<i32> {
+    admin(dir, &AdminRequest::Sleep { id: 1 })?;
+    println!("draining the workers and the owners; the service sleeps");
+    Ok(0)
+}
+
+pub fn wake(dir: &Path) -> anyhow::Result<i32> {
+    admin(dir, &AdminRequest::Wake { id: 1 })?;
+    println!("waking: starting the owners and the workers");
+    Ok(0)
+}
+
 pub fn reload(dir: &Path) -> anyhow::Result<i32> {
     admin(dir, &AdminRequest::Reload { id: 1 })?;
     println!("rolling the workers");

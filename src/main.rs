@@ -73,6 +73,7 @@ fn start(
             max_rss_mib: args.max_rss,
         },
         metrics: args.metrics,
+        idle_sleep: args.idle_sleep.map(Duration::from_secs),
     };
     supervisor::run(cfg, activated.listeners)
 }
@@ -108,6 +109,8 @@ fn main() {
         Command::Status(a) => commands::status(a),
         Command::Stop(a) => commands::stop(&paths::runtime_dir(&a.runtime_dir)),
         Command::Reload(a) => commands::reload(&paths::runtime_dir(&a.runtime_dir)),
+        Command::Sleep(a) => commands::sleep(&paths::runtime_dir(&a.runtime_dir)),
+        Command::Wake(a) => commands::wake(&paths::runtime_dir(&a.runtime_dir)),
         Command::Scale(a) => commands::scale(&paths::runtime_dir(&a.runtime_dir), a.workers),
         Command::FetchModel(a) => {
             fetch::ensure(&a.dest.unwrap_or_else(paths::default_model_dir)).map(|()| 0)

@@ -94,6 +94,9 @@ pub enum Input {
     ZygoteStarted(Result<ZygoteInfo, String>),
     /// A complete `GET /metrics`: the event loop answers it with the service's snapshot.
     Scrape(ScrapeConn),
+    /// A listener became readable while watched ([`Effects::watch_listeners`]): a connection
+    /// waits in its queue.
+    Connection,
 }
 
 /// What the service tells a service manager (systemd's `sd_notify`), each with a status line.
@@ -131,6 +134,9 @@ pub trait Effects {
     fn stop_accepting(&mut self);
     /// No worker is left: close the listeners, so that new connections are refused.
     fn close_listeners(&mut self);
+    /// While asleep: say [`Input::Connection`] when a connection is queued on a listener
+    /// (none is accepted here: the workers of the wake accept it).
+    fn watch_listeners(&mut self, on: bool);
     /// Asks the zygote (if one runs) to shut down and waits for it (killing it after a
     /// deadline); a zygote still starting is killed.
     fn stop_zygote(&mut self, pid: Option<i32>);

@@ -43,6 +43,8 @@ pub struct Fake {
     /// What the service told the service manager, in order (apart from `calls`, so that the
     /// tests of other paths need not list them).
     pub notes: Vec<Notify>,
+    /// Whether the listeners are watched for a connection (while asleep).
+    pub watching: bool,
 }
 
 impl Default for Fake {
@@ -58,6 +60,7 @@ impl Default for Fake {
             memory: HashMap::new(),
             draw: 0,
             notes: Vec::new(),
+            watching: false,
         }
     }
 }
@@ -143,6 +146,10 @@ impl Effects for Fake {
 
     fn close_listeners(&mut self) {
         self.calls.push(Call::CloseListeners);
+    }
+
+    fn watch_listeners(&mut self, on: bool) {
+        self.watching = on;
     }
 
     fn stop_zygote(&mut self, pid: Option<i32>) {

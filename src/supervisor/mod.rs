@@ -85,6 +85,8 @@ pub struct Config {
     pub recycle: policy::RecycleLimits,
     /// Where `/metrics` is served (`--metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Sleep after this long without a request (`--idle-sleep`).
+    pub idle_sleep: Option<Duration>,
 }
 
 /// Runs a service until it is stopped. Returns the exit code. `activated` are the listeners

@@ -38,6 +38,8 @@ const ZYGOTE: Token = Token(1);
 const ADMIN: Token = Token(2);
 const LAUNCH: Token = Token(3);
 const METRICS: Token = Token(4);
+/// Every listener, while the service sleeps.
+const LISTENERS: Token = Token(5);
 const FIRST_DYNAMIC: usize = 16;
 
 /// What a dynamic token stands for.
@@ -80,6 +82,8 @@ pub struct Os {
     /// When the watchdog is pinged next.
     next_watchdog: Option<Instant>,
     devnull: File,
+    /// The listeners are registered in the poll (the service sleeps).
+    watching: bool,
 }
 
 impl Os {
@@ -139,6 +143,7 @@ impl Os {
                 .map(|_| Instant::now()),
             notifier,
             devnull: File::open("/dev/null")?,
+            watching: false,
         })
     }
 
@@ -191,6 +196,11 @@ impl Os {
                 ZYGOTE => self.zygote_readable(&mut out),
                 ADMIN => self.admin.accept(Instant::now(), &mut out),
                 LAUNCH => self.launch_progress(&mut out),
+                LISTENERS => {
+                    if !out.iter().any(|i| matches!(i, Input::Connection)) {
+                        out.push(Input::Connection);
+                    }
+                }
                 METRICS => {
                     if let Some(s) = self.scrape.as_mut() {
                         s.accept(Instant::now(), &mut out);
@@ -524,9 +534,32 @@ impl Effects for Os {
     }
 
     fn close_listeners(&mut self) {
+        // The workers share these open files: a registration would outlive our fds.
+        self.watch_listeners(false);
         if !self.listeners.is_empty() {
             log::info!("no worker left: closing the listeners");
             self.listeners.clear();
+        }
+    }
+
+    fn watch_listeners(&mut self, on: bool) {
+        if on == self.watching {
+            return;
+        }
+        self.watching = on;
+        let reg = self.poll.registry();
+        for l in &self.listeners {
+            let fd = l.as_raw_fd();
+            // Readable means a connection is queued; it stays queued for a worker to accept.
+            // Registering reports one already queued, so none is missed between the two.
+            let done = if on {
+                reg.register(&mut SourceFd(&fd), LISTENERS, Interest::READABLE)
+            } else {
+                reg.deregister(&mut SourceFd(&fd))
+            };
+            if let Err(e) = done {
+                log::warn!("watching the listener (fd {fd}) for connections: {e}");
+            }
         }
     }
 

@@ -101,6 +101,12 @@ pub struct Service<E: Effects> {
     told_ready: bool,
     pub(super) reloading: bool,
     told_status: Option<String>,
+    /// Asleep, and a wake was asked for: it happens once the last child of the sleep exits.
+    wake_requested: bool,
+    /// When a worker's heartbeat last counted a new request (or the last wake): `--idle-sleep`.
+    last_request: Instant,
+    /// When the last wake began, until every worker serves.
+    woke_at: Option<Instant>,
 }
 
 /// Adds a worker's latencies to a histogram of [`REQUEST_LATENCY_BOUNDS`] (counts of other
@@ -138,6 +144,9 @@ impl<E: Effects> Service<E> {
             told_ready: false,
             reloading: false,
             told_status: None,
+            wake_requested: false,
+            last_request: started,
+            woke_at: None,
         }
     }
 
@@ -145,7 +154,7 @@ impl<E: Effects> Service<E> {
         &mut self.fx
     }
 
-    fn devices(&self) -> Vec<u32> {
+    pub(super) fn devices(&self) -> Vec<u32> {
         if self.cfg.devices.is_empty() {
             vec![0]
         } else {
@@ -278,12 +287,13 @@ impl<E: Effects> Service<E> {
             Input::ZygoteStarted(result) => self.zygote_started(result),
             // The event loop answers scrapes itself, from `Service::metrics`.
             Input::Scrape(_) => {}
+            Input::Connection => self.wake("a connection arrived while asleep"),
         }
         None
     }
 
     /// A fatal reason: the service stops, and exits 1 with the first one.
-    fn fatal(&mut self, reason: String) {
+    pub(super) fn fatal(&mut self, reason: String) {
         if self.phase != Phase::Stopping {
             say!(self.fx, Error, "{reason}; stopping the service");
             self.begin_stop();
@@ -291,7 +301,11 @@ impl<E: Effects> Service<E> {
         self.stop_reason.get_or_insert(reason);
     }
 
-    fn spawn(&mut self, role: Role, replaces: Option<(i32, policy::Cause)>) -> anyhow::Result<()> {
+    pub(super) fn spawn(
+        &mut self,
+        role: Role,
+        replaces: Option<(i32, policy::Cause)>,
+    ) -> anyhow::Result<()> {
         if self.zygote.is_none() {
             bail!("no zygote to spawn {role} from");
         }
@@ -377,7 +391,7 @@ impl<E: Effects> Service<E> {
         })
     }
 
-    fn all_workers_serving(&self) -> bool {
+    pub(super) fn all_workers_serving(&self) -> bool {
         (0..self.cfg.workers).all(|w| {
             self.procs
                 .values()
@@ -414,8 +428,12 @@ impl<E: Effects> Service<E> {
                 }
             }
             ChildMessage::Heartbeat { served, latency } => {
+                let more = served > p.served;
                 p.served = served;
                 p.latency = latency.or(p.latency.take());
+                if more {
+                    self.saw_requests(now);
+                }
                 self.check_recycle(pid);
             }
             ChildMessage::Draining { in_flight } => {
@@ -497,10 +515,11 @@ impl<E: Effects> Service<E> {
             && self.all_workers_serving()
         {
             say!(self.fx, Info, "all {} workers serving", self.cfg.workers);
+            self.check_awake();
         }
     }
 
-    fn drain(&mut self, pid: i32, why: &str) {
+    pub(super) fn drain(&mut self, pid: i32, why: &str) {
         let graceful = self.cfg.graceful_timeout;
         let now = self.fx.now();
         let Some(p) = self.procs.get_mut(&pid) else {
@@ -520,7 +539,7 @@ impl<E: Effects> Service<E> {
     }
 
     /// Kills a child; `cause` is what its death counts as, when it is a restart.
-    fn kill(&mut self, pid: i32, why: &str, cause: Option<policy::Cause>) {
+    pub(super) fn kill(&mut self, pid: i32, why: &str, cause: Option<policy::Cause>) {
         if let Some(p) = self.procs.get_mut(&pid) {
             p.killed_for = p.killed_for.or(cause);
             let role = p.role;
@@ -532,6 +551,7 @@ impl<E: Effects> Service<E> {
 
 mod deaths;
 mod requests;
+mod sleep;
 mod timers;
 
 #[cfg(test)]

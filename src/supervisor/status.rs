@@ -24,6 +24,7 @@ impl<E: Effects> Service<E> {
                 Phase::Starting => "starting",
                 Phase::Running => "running",
                 Phase::Stopping => "stopping",
+                Phase::Asleep => "asleep",
             }
             .into(),
             restarts: 0,

@@ -452,6 +452,15 @@ pub enum AdminRequest {
         id: u64,
         workers: u32,
     },
+    /// Drain every worker, then the owners, keeping the zygote (its sealed model memfd) and the
+    /// listeners: the service holds no compute copy and no worker until it wakes.
+    Sleep {
+        id: u64,
+    },
+    /// Start the owners and the workers again after a sleep (nothing to do when awake).
+    Wake {
+        id: u64,
+    },
 }
 
 /// A running `zygote start`'s answers.

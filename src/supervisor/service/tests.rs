@@ -39,6 +39,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         allow_uids: Vec::new(),
         recycle: Default::default(),
         metrics: None,
+        idle_sleep: None,
     }
 }
 
@@ -1032,4 +1033,150 @@ fn the_manager_hears_ready_once_all_serve_reloading_for_a_roll_and_stopping() {
     );
     h.svc.input(Input::Signal(Signal::SIGTERM));
     assert_eq!(h.svc.fx.notes, [Notify::Stopping]);
+}
+
+/// Sleeps `h` by an admin request and lets every child of the sleep exit.
+fn asleep(h: &mut Harness) {
+    let resp = h
+        .svc
+        .input(Input::Admin(AdminConn(1), AdminRequest::Sleep { id: 3 }));
+    assert_eq!(resp, Some((AdminConn(1), AdminResponse::Ok { id: 3 })));
+    let calls = h.svc.fx.take();
+    let drains: Vec<Call> = h.workers.iter().map(|w| Call::Drain(*w)).collect();
+    assert_eq!(calls, drains, "every worker drains, the owner not yet");
+    assert_eq!(h.svc.phase, Phase::Asleep);
+    assert!(h.svc.fx.watching, "the listeners are watched while asleep");
+    for w in h.workers.clone() {
+        h.dies(w, Exit::Code(0));
+    }
+    let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(calls, [Call::Drain(h.owner)], "then the owner drains");
+    assert!(
+        !calls.contains(&Call::CloseListeners),
+        "the listeners stay open"
+    );
+    h.dies(h.owner, Exit::Code(0));
+    assert!(h.svc.procs.is_empty());
+    let calls = h.tick_after(Duration::from_secs(60));
+    assert!(
+        calls.is_empty(),
+        "asleep, nothing is restarted and the zygote stays: {calls:?}"
+    );
+}
+
+/// Wakes `h` by `input` and checks the owner, then every worker, is spawned again.
+fn wakes(h: &mut Harness, input: Input) {
+    h.svc.input(input);
+    let calls = h.svc.fx.take();
+    let owners = spawned(&calls, Role::Owner(0));
+    assert_eq!(owners.len(), 1, "a wake starts the owner: {calls:?}");
+    assert_eq!(h.svc.phase, Phase::Starting);
+    assert!(!h.svc.fx.watching, "awake, the workers accept");
+    h.svc.fx.advance(Duration::from_millis(40));
+    h.svc.input(Input::Message(owners[0], ready("")));
+    let calls = h.svc.fx.take();
+    let workers: Vec<i32> = (0..h.workers.len() as u32)
+        .map(|w| spawned(&calls, Role::Worker(WorkerId(w)))[0])
+        .collect();
+    for &w in &workers {
+        h.svc.input(Input::Message(w, ready("")));
+    }
+    assert_eq!(h.svc.phase, Phase::Running);
+    assert!(
+        h.svc.fx.logged(
+            Level::Info,
+            "awake: every worker serves 40 ms after the wake"
+        ),
+        "{:?}",
+        h.svc.fx.logs
+    );
+    (h.owner, h.workers) = (owners[0], workers);
+}
+
+#[test]
+fn sleep_drains_the_workers_then_the_owner_and_wake_starts_them_again() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    asleep(&mut h);
+    assert_eq!(h.svc.status().processes[0].state, "asleep");
+    wakes(
+        &mut h,
+        Input::Admin(AdminConn(2), AdminRequest::Wake { id: 4 }),
+    );
+    // A second sleep works the same way, and the first connection wakes it.
+    asleep(&mut h);
+    wakes(&mut h, Input::Connection);
+    assert_eq!(
+        reasons(&h, Role::Worker(WorkerId(0))),
+        RestartReasons::default(),
+        "sleeping is not a restart"
+    );
+}
+
+#[test]
+fn a_wake_while_children_still_drain_waits_for_the_last_one() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    h.svc
+        .input(Input::Admin(AdminConn(1), AdminRequest::Sleep { id: 1 }));
+    h.svc.fx.take();
+    h.svc.input(Input::Connection);
+    assert!(
+        h.svc.fx.take().is_empty(),
+        "no owner beside the draining one"
+    );
+    h.dies(h.workers[0], Exit::Code(0));
+    assert_eq!(h.tick_after(Duration::ZERO), [Call::Drain(h.owner)]);
+    h.dies(h.owner, Exit::Code(0));
+    let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(
+        spawned(&calls, Role::Owner(0)).len(),
+        1,
+        "woken once the old owner is gone: {calls:?}"
+    );
+}
+
+#[test]
+fn idle_sleep_sleeps_after_that_long_without_a_request_and_not_before() {
+    let cfg = Config {
+        idle_sleep: Some(Duration::from_secs(10)),
+        ..config(1, Duration::from_secs(30))
+    };
+    let mut h = Harness::running_with(cfg, Fake::default(), "");
+    let w = h.workers[0];
+    h.tick_after(Duration::from_secs(6));
+    served(&mut h, w, 3);
+    assert!(h.tick_after(Duration::from_secs(6)).is_empty());
+    served(&mut h, w, 3);
+    assert_eq!(h.svc.phase, Phase::Running, "a request 6 s ago");
+    assert_eq!(h.tick_after(Duration::from_secs(4)), [Call::Drain(w)]);
+    assert_eq!(h.svc.phase, Phase::Asleep);
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Info, "no request for 10 s (--idle-sleep)"));
+}
+
+#[test]
+fn sleep_is_refused_while_starting_or_stopping_and_a_stop_while_asleep_ends_the_service() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    asleep(&mut h);
+    h.svc.input(Input::Signal(Signal::SIGTERM));
+    assert!(!h.svc.fx.watching);
+    h.tick_after(Duration::ZERO);
+    assert!(h.svc.done(), "nothing is left to drain");
+    let resp = h
+        .svc
+        .input(Input::Admin(AdminConn(1), AdminRequest::Sleep { id: 9 }));
+    assert!(
+        matches!(
+            resp,
+            Some((
+                _,
+                AdminResponse::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            ))
+        ),
+        "{resp:?}"
+    );
 }

@@ -22,7 +22,11 @@ impl<E: Effects> Service<E> {
         if self.phase == Phase::Stopping {
             return self.tick_stopping(now);
         }
+        if self.phase == Phase::Asleep {
+            return self.tick_asleep(now);
+        }
         self.tick_running(now);
+        self.check_idle(now);
         self.tell_manager();
     }
 
