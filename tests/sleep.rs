@@ -111,3 +111,57 @@ fn the_first_connection_while_asleep_wakes_the_app_and_is_answered() {
         });
     }
 }
+
+/// How many fds of `pid` are a memfd named `name`.
+fn memfds(pid: i32, name: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with(&format!("/memfd:{name}")))
+        .count()
+}
+
+/// The service's total PSS in KiB.
+fn total_pss_kib(s: &ServiceStatus) -> u64 {
+    s.processes.iter().filter_map(|p| p.pss_kib).sum()
+}
+
+#[test]
+fn asleep_the_compute_copy_is_freed_and_a_wake_builds_it_again_from_the_model_memfd() {
+    let dir = common::TempDir::new("sleepf16");
+    // f16: the owner widens it into a compute copy of its own (`zygote-weights`), twice the
+    // file's size, which the zygote keeps a handle of.
+    let model = common::synthetic_model(dir.path(), 8 << 20, zygote_runtime::model::Dtype::F16);
+    let svc = Service::start(ServiceOptions {
+        model: Some(model),
+        workers: 2,
+        entry: Some("probe".into()),
+        ..ServiceOptions::default()
+    });
+    let zygote = svc.zygote_pid();
+    assert_eq!(memfds(zygote, "zygote-weights"), 1, "the zygote keeps it");
+    let awake = total_pss_kib(&svc.status());
+    command("sleep", &svc);
+    wait_until(CHANGE_TIMEOUT, "the service sleeps", || {
+        svc.try_status().is_some_and(|s| asleep(&s))
+    });
+    wait_until(
+        CHANGE_TIMEOUT,
+        "the zygote lets the compute copy go",
+        || memfds(zygote, "zygote-weights") == 0,
+    );
+    let sleeping = total_pss_kib(&svc.status());
+    command("wake", &svc);
+    svc.wait_serving(START_TIMEOUT);
+    assert_eq!(memfds(zygote, "zygote-weights"), 1, "built and kept again");
+    let again = total_pss_kib(&svc.status());
+    eprintln!(
+        "total PSS of the service (8 MiB f16 model, 16 MiB compute copy, 2 probe workers): \
+         {awake} KiB awake, {sleeping} KiB asleep, {again} KiB awake again"
+    );
+    assert!(
+        sleeping + 12 * 1024 < awake,
+        "asleep the compute copy is gone: {sleeping} KiB asleep, {awake} KiB awake"
+    );
+}

@@ -137,6 +137,8 @@ pub trait Effects {
     /// While asleep: say [`Input::Connection`] when a connection is queued on a listener
     /// (none is accepted here: the workers of the wake accept it).
     fn watch_listeners(&mut self, on: bool);
+    /// Asks the zygote to drop the weights it keeps (asleep, once no owner is left).
+    fn release_weights(&mut self);
     /// Asks the zygote (if one runs) to shut down and waits for it (killing it after a
     /// deadline); a zygote still starting is killed.
     fn stop_zygote(&mut self, pid: Option<i32>);

@@ -22,6 +22,7 @@ pub enum Call {
     StopAccepting,
     CloseListeners,
     StopZygote(Option<i32>),
+    ReleaseWeights,
 }
 
 #[derive(Debug)]
@@ -150,6 +151,10 @@ impl Effects for Fake {
 
     fn watch_listeners(&mut self, on: bool) {
         self.watching = on;
+    }
+
+    fn release_weights(&mut self) {
+        self.calls.push(Call::ReleaseWeights);
     }
 
     fn stop_zygote(&mut self, pid: Option<i32>) {

@@ -563,6 +563,14 @@ impl Effects for Os {
         }
     }
 
+    fn release_weights(&mut self) {
+        if let Some(z) = self.zygote.as_mut() {
+            if let Err(e) = z.client.release_weights() {
+                log::warn!("asking the zygote to release the kept weights: {e}");
+            }
+        }
+    }
+
     fn stop_zygote(&mut self, pid: Option<i32>) {
         if let Some(launch) = self.launching.take() {
             launch.abandon();

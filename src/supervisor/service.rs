@@ -103,6 +103,8 @@ pub struct Service<E: Effects> {
     told_status: Option<String>,
     /// Asleep, and a wake was asked for: it happens once the last child of the sleep exits.
     wake_requested: bool,
+    /// Asleep, and the zygote was asked to drop the weights it keeps.
+    weights_released: bool,
     /// When a worker's heartbeat last counted a new request (or the last wake): `--idle-sleep`.
     last_request: Instant,
     /// When the last wake began, until every worker serves.
@@ -145,6 +147,7 @@ impl<E: Effects> Service<E> {
             reloading: false,
             told_status: None,
             wake_requested: false,
+            weights_released: false,
             last_request: started,
             woke_at: None,
         }

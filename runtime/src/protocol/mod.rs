@@ -165,6 +165,9 @@ pub enum Request {
     /// Ask for what is kept for `device`: a worker while no owner is up, or a new owner that
     /// adopts the generation instead of building it again.
     FetchWeights { id: u64, device: u32 },
+    /// Drop every kept generation (the service sleeps: once no owner and no worker maps them,
+    /// their memory is freed). Answered `ok`.
+    ReleaseWeights { id: u64 },
 }
 
 /// The zygote's answers.

@@ -25,6 +25,7 @@ impl<E: Effects> Service<E> {
         );
         self.phase = Phase::Asleep;
         self.wake_requested = false;
+        self.weights_released = false;
         self.reloading = false;
         self.pending_rolls.clear();
         for slot in self.slots.values_mut() {
@@ -94,6 +95,11 @@ impl<E: Effects> Service<E> {
             .collect();
         for pid in late {
             self.kill(pid, "drain deadline passed", None);
+        }
+        if self.procs.is_empty() && !self.weights_released && self.zygote.is_some() {
+            // No owner or worker maps the weights any more: the zygote's handles are the last.
+            self.weights_released = true;
+            self.fx.release_weights();
         }
         if self.procs.is_empty() && self.wake_requested && self.zygote.is_some() {
             self.wake_now();

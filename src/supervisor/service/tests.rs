@@ -1057,6 +1057,11 @@ fn asleep(h: &mut Harness) {
     );
     h.dies(h.owner, Exit::Code(0));
     assert!(h.svc.procs.is_empty());
+    assert_eq!(
+        h.tick_after(Duration::ZERO),
+        [Call::ReleaseWeights],
+        "then the zygote drops the weights it keeps"
+    );
     let calls = h.tick_after(Duration::from_secs(60));
     assert!(
         calls.is_empty(),
@@ -1127,6 +1132,7 @@ fn a_wake_while_children_still_drain_waits_for_the_last_one() {
     assert_eq!(h.tick_after(Duration::ZERO), [Call::Drain(h.owner)]);
     h.dies(h.owner, Exit::Code(0));
     let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(calls[0], Call::ReleaseWeights);
     assert_eq!(
         spawned(&calls, Role::Owner(0)).len(),
         1,
