@@ -1,6 +1,6 @@
 //! The client commands: `zygote spawn` (a one-child supervisor over the zygote socket),
-//! `zygote status`, `zygote stop`, `zygote reload` and `zygote scale` (requests to a running
-//! `zygote start`).
+//! `zygote status`, `zygote stop`, `zygote reload`, `zygote scale`, `zygote sleep` and `zygote wake`
+//! (requests to a running `zygote start`).
 
 use std::net::TcpListener;
 use std::os::fd::AsFd;

@@ -7,7 +7,8 @@
 //! This file holds the children's lives (spawn, ready, drain, kill);
 //! `service/deaths.rs` their ends and the zygote's (deaths, exit statuses, restarts, crash
 //! loops); `service/requests.rs` what operators ask (admin requests, rolls, scaling, the stop);
-//! `service/timers.rs` what time does (restarts, rolls' spawns, deadlines).
+//! `service/sleep.rs` sleep and wake; `service/timers.rs` what time does (restarts, rolls'
+//! spawns, deadlines).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
