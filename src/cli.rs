@@ -27,8 +27,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Drain and stop a running service.
     Stop(DirArgs),
-    /// Roll the workers of a running service (as SIGHUP does).
-    Reload(DirArgs),
+    /// Roll the workers of a running service (as SIGHUP does); with --model, onto a new model.
+    Reload(ReloadArgs),
     /// Drain every worker and the owner of a running service, keeping the zygote and the
     /// listeners (connections queue until it wakes).
     Sleep(DirArgs),
@@ -180,6 +180,17 @@ pub struct StatusArgs {
 pub struct DirArgs {
     #[arg(long)]
     pub runtime_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+    /// Serve this model file (or directory holding model.safetensors) from now on: loaded and
+    /// validated by a new zygote, exported by new owners, the workers rolled onto it. Waits
+    /// until every worker serves it, or prints why it was refused (the old model serves on).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

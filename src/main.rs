@@ -108,7 +108,7 @@ fn main() {
         Command::Spawn(a) => commands::spawn(a),
         Command::Status(a) => commands::status(a),
         Command::Stop(a) => commands::stop(&paths::runtime_dir(&a.runtime_dir)),
-        Command::Reload(a) => commands::reload(&paths::runtime_dir(&a.runtime_dir)),
+        Command::Reload(a) => commands::reload(&paths::runtime_dir(&a.runtime_dir), a.model),
         Command::Sleep(a) => commands::sleep(&paths::runtime_dir(&a.runtime_dir)),
         Command::Wake(a) => commands::wake(&paths::runtime_dir(&a.runtime_dir)),
         Command::Scale(a) => commands::scale(&paths::runtime_dir(&a.runtime_dir), a.workers),

@@ -23,6 +23,8 @@ pub enum Call {
     CloseListeners,
     StopZygote(Option<i32>),
     ReleaseWeights,
+    PrepareModel(std::path::PathBuf),
+    RetireZygote(i32),
 }
 
 #[derive(Debug)]
@@ -155,6 +157,19 @@ impl Effects for Fake {
 
     fn release_weights(&mut self) {
         self.calls.push(Call::ReleaseWeights);
+    }
+
+    fn prepare_model(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        self.calls.push(Call::PrepareModel(path.to_path_buf()));
+        // A file named `missing` is not there; any other is.
+        if path.ends_with("missing") {
+            anyhow::bail!("model {}: not found", path.display())
+        }
+        Ok(())
+    }
+
+    fn retire_zygote(&mut self, pid: i32) {
+        self.calls.push(Call::RetireZygote(pid));
     }
 
     fn stop_zygote(&mut self, pid: Option<i32>) {

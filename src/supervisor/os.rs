@@ -84,6 +84,13 @@ pub struct Os {
     devnull: File,
     /// The listeners are registered in the poll (the service sleeps).
     watching: bool,
+    /// `reload --model`: the file and its sealed memfd, for the next zygote launched.
+    next_model: Option<(
+        std::path::PathBuf,
+        std::sync::Arc<zygote_runtime::shm::SealedMemfd>,
+    )>,
+    /// The zygote being launched serves `next_model`.
+    launching_next: bool,
 }
 
 impl Os {
@@ -144,6 +151,8 @@ impl Os {
             notifier,
             devnull: File::open("/dev/null")?,
             watching: false,
+            next_model: None,
+            launching_next: false,
         })
     }
 
@@ -348,6 +357,25 @@ impl Os {
 
     /// A zygote that serves becomes the one spawns go to.
     fn adopt(&mut self, mut z: ZygoteProc) -> anyhow::Result<ZygoteInfo> {
+        if std::mem::take(&mut self.launching_next) {
+            // A reloaded model: it serves, so it is the service's from now on, and every later
+            // zygote must find its digest.
+            let status = z.client.status();
+            match (status, self.next_model.take()) {
+                (Ok(status), Some((path, memfd))) => {
+                    self.spec.model = path;
+                    self.spec.model_memfd = Some(memfd);
+                    self.spec.expect_digest = Some(status.model_digest);
+                }
+                (status, _) => {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(z.pid), Signal::SIGKILL);
+                    let e = status
+                        .err()
+                        .map_or("no model prepared".into(), |e| e.to_string());
+                    anyhow::bail!("asking the new zygote for its model: {e}");
+                }
+            }
+        }
         if self.spec.expect_digest.is_none() {
             // Every restarted zygote must serve the model the service started with.
             match z.client.status() {
@@ -383,6 +411,10 @@ impl Os {
             Ok(Some(z)) => self.adopt(z).map_err(|e| format!("{e:#}")),
             Err(e) => Err(e.to_string()),
         };
+        if result.is_err() && std::mem::take(&mut self.launching_next) {
+            // The reloaded model was refused: the next zygote serves the old one again.
+            self.next_model = None;
+        }
         if let Some(launch) = self.launching.take() {
             let fd = launch.fd().as_raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -421,7 +453,21 @@ impl Effects for Os {
     }
 
     fn launch_zygote(&mut self) -> anyhow::Result<()> {
-        let launch = zygote::launch(&self.spec).context("starting a zygote")?;
+        let spec = match &self.next_model {
+            Some((path, memfd)) => ZygoteSpec {
+                model: path.clone(),
+                model_memfd: Some(memfd.clone()),
+                expect_digest: None,
+                ..self.spec.clone()
+            },
+            None => self.spec.clone(),
+        };
+        let launch = zygote::launch(&spec);
+        if launch.is_err() {
+            self.next_model = None;
+        }
+        let launch = launch.context("starting a zygote")?;
+        self.launching_next = self.next_model.is_some();
         self.poll.registry().register(
             &mut SourceFd(&launch.fd().as_raw_fd()),
             LAUNCH,
@@ -567,6 +613,39 @@ impl Effects for Os {
         if let Some(z) = self.zygote.as_mut() {
             if let Err(e) = z.client.release_weights() {
                 log::warn!("asking the zygote to release the kept weights: {e}");
+            }
+        }
+    }
+
+    fn prepare_model(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        let memfd = zygote_runtime::Model::seal_file(path)?;
+        self.next_model = Some((path.to_path_buf(), std::sync::Arc::new(memfd)));
+        Ok(())
+    }
+
+    fn retire_zygote(&mut self, pid: i32) {
+        if let Some(mut z) = self.zygote.take() {
+            let fd = z.client.fd().as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            if let Err(e) = z.client.shutdown() {
+                log::warn!("asking the zygote to shut down: {e}");
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        // Waited for here (only this pid: the others' statuses stay for the loop), so that the
+        // next zygote finds its socket free.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = waitpid(Pid::from_raw(pid), None);
+                    break;
+                }
+                _ => break,
             }
         }
     }

@@ -110,6 +110,11 @@ pub struct Service<E: Effects> {
     last_request: Instant,
     /// When the last wake began, until every worker serves.
     woke_at: Option<Instant>,
+    /// The model file of each generation an owner was spawned for.
+    pub(super) generation_models: BTreeMap<u64, std::path::PathBuf>,
+    /// A `reload --model` in progress, and what the status shows of the last one.
+    reload_stage: Option<reload::ReloadStage>,
+    pub(super) model_reload: Option<zygote_runtime::protocol::ModelReload>,
 }
 
 /// Adds a worker's latencies to a histogram of [`REQUEST_LATENCY_BOUNDS`] (counts of other
@@ -151,6 +156,9 @@ impl<E: Effects> Service<E> {
             weights_released: false,
             last_request: started,
             woke_at: None,
+            generation_models: BTreeMap::new(),
+            reload_stage: None,
+            model_reload: None,
         }
     }
 
@@ -316,6 +324,8 @@ impl<E: Effects> Service<E> {
         let req = match role {
             Role::Owner(d) => {
                 self.generation += 1;
+                self.generation_models
+                    .insert(self.generation, self.cfg.model.clone());
                 SpawnRequest {
                     role,
                     entry: "owner".into(),
@@ -496,6 +506,7 @@ impl<E: Effects> Service<E> {
             if policy::roll_after_owner_ready(restarted, weights.map(|w| w.ipc)) {
                 self.roll("the owner restarted with legacy CUDA IPC");
             }
+            self.reload_owner_ready();
         }
         if let Some(s) = self.slots.get_mut(&role) {
             s.failures_before_ready = 0;
@@ -554,6 +565,7 @@ impl<E: Effects> Service<E> {
 }
 
 mod deaths;
+mod reload;
 mod requests;
 mod sleep;
 mod timers;

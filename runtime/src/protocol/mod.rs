@@ -446,9 +446,13 @@ pub enum AdminRequest {
     Stop {
         id: u64,
     },
-    /// Roll the workers, as SIGHUP does.
+    /// Roll the workers, as SIGHUP does; with `model`, serve that model file from now on: a
+    /// new zygote loads and validates it, a new owner generation exports it, and the workers
+    /// roll onto it (the progress and any error in [`ServiceStatus::reload`]).
     Reload {
         id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     /// Run `workers` workers from now on (1 to 256), as SIGTTIN and SIGTTOU do one at a time.
     Scale {
@@ -498,6 +502,22 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub workers: u32,
     pub processes: Vec<ProcessStatus>,
+    /// The last `reload --model`, if any.
+    #[serde(default)]
+    pub reload: Option<ModelReload>,
+}
+
+/// The progress of a `reload --model`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelReload {
+    /// The model file asked for.
+    pub model: String,
+    /// `loading` (a new zygote validates it), `owners` (the old owners drain, the new ones
+    /// start), `rolling` (the workers roll onto it), `done`, or `failed`.
+    pub state: String,
+    /// Why it failed (the old model keeps serving).
+    pub error: Option<String>,
 }
 
 /// One process of a service.
@@ -519,6 +539,12 @@ pub struct ProcessStatus {
     pub rss_kib: Option<u64>,
     pub age_ms: u64,
     pub served: Option<u64>,
+    /// The weights' generation it serves (owners and workers, once ready).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    /// The model file of that generation.
+    #[serde(default)]
+    pub model: Option<String>,
     /// Why this slot's children were replaced so far.
     #[serde(default)]
     pub restart_reasons: RestartReasons,

@@ -21,10 +21,21 @@ impl<E: Effects> Service<E> {
                 self.begin_stop();
                 AdminResponse::Ok { id }
             }
-            AdminRequest::Reload { id } => {
+            AdminRequest::Reload { id, model: None } => {
                 self.roll("reload requested");
                 AdminResponse::Ok { id }
             }
+            AdminRequest::Reload {
+                id,
+                model: Some(model),
+            } => match self.reload_model(model.into()) {
+                Ok(()) => AdminResponse::Ok { id },
+                Err(message) => AdminResponse::Error {
+                    id: Some(id),
+                    code: ErrorCode::BadRequest,
+                    message,
+                },
+            },
             AdminRequest::Sleep { id } => match self.sleep("sleep requested") {
                 Ok(()) => AdminResponse::Ok { id },
                 Err(message) => AdminResponse::Error {

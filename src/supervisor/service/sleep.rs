@@ -15,7 +15,8 @@ impl<E: Effects> Service<E> {
     pub(super) fn sleep(&mut self, why: &str) -> Result<(), String> {
         match self.phase {
             Phase::Asleep => return Ok(()),
-            Phase::Running => {}
+            Phase::Running if self.reload_stage.is_none() => {}
+            Phase::Running => return Err("a reload is in progress".into()),
             phase => return Err(format!("the service is {phase:?}, not running")),
         }
         say!(

@@ -1186,3 +1186,137 @@ fn sleep_is_refused_while_starting_or_stopping_and_a_stop_while_asleep_ends_the_
         "{resp:?}"
     );
 }
+
+fn reload(h: &mut Harness, model: &str) -> Option<(AdminConn, AdminResponse)> {
+    h.svc.input(Input::Admin(
+        AdminConn(5),
+        AdminRequest::Reload {
+            id: 11,
+            model: Some(model.into()),
+        },
+    ))
+}
+
+fn reload_state(h: &Harness) -> (String, Option<String>) {
+    let r = h.svc.status().reload.expect("a reload is shown");
+    (r.state, r.error)
+}
+
+#[test]
+fn a_reload_with_a_model_replaces_the_zygote_then_the_owner_then_rolls_every_worker() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let (w0, w1) = (h.workers[0], h.workers[1]);
+    assert_eq!(
+        reload(&mut h, "/models/b.safetensors"),
+        Some((AdminConn(5), AdminResponse::Ok { id: 11 }))
+    );
+    assert_eq!(
+        h.svc.fx.take(),
+        [
+            Call::PrepareModel("/models/b.safetensors".into()),
+            Call::RetireZygote(h.zygote),
+            Call::LaunchZygote
+        ]
+    );
+    assert_eq!(reload_state(&h).0, "loading");
+    // The old owner and workers serve on while the new zygote loads.
+    assert!(h.tick_after(Duration::from_secs(1)).is_empty());
+    let z = crate::supervisor::effects::ZygoteInfo {
+        pid: 900,
+        started: h.svc.fx.now,
+    };
+    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    assert_eq!(
+        h.svc.fx.take(),
+        [Call::Drain(h.owner)],
+        "the old owner drains"
+    );
+    assert_eq!(h.svc.status().model, "/models/b.safetensors");
+    assert!(
+        h.tick_after(Duration::ZERO).is_empty(),
+        "no new owner beside the old one"
+    );
+    h.dies(h.owner, Exit::Code(0));
+    let calls = h.tick_after(Duration::ZERO);
+    let owner = spawned(&calls, Role::Owner(0));
+    assert_eq!(owner.len(), 1, "a new owner, a new generation: {calls:?}");
+    assert_eq!(reload_state(&h).0, "owners");
+    h.svc.input(Input::Message(
+        owner[0],
+        ChildMessage::Ready {
+            pid: 0,
+            generation: Some(2),
+            weights: None,
+            detail: "owner".into(),
+        },
+    ));
+    assert_eq!(reload_state(&h).0, "rolling");
+    let calls = h.tick_after(Duration::ZERO);
+    let new: Vec<i32> = [0, 1]
+        .map(|w| spawned(&calls, Role::Worker(WorkerId(w)))[0])
+        .to_vec();
+    for (&n, old) in new.iter().zip([w0, w1]) {
+        let ready = ChildMessage::Ready {
+            pid: 0,
+            generation: Some(2),
+            weights: None,
+            detail: String::new(),
+        };
+        h.svc.input(Input::Message(n, ready));
+        assert_eq!(
+            h.svc.fx.take(),
+            [Call::Drain(old)],
+            "each old one drains after"
+        );
+    }
+    h.tick_after(Duration::ZERO);
+    assert_eq!(reload_state(&h), ("done".into(), None));
+    let s = h.svc.status();
+    let served: Vec<(Option<u64>, Option<String>)> = s
+        .processes
+        .iter()
+        .filter(|p| p.role == "worker" && p.state == "serving")
+        .map(|p| (p.generation, p.model.clone()))
+        .collect();
+    assert_eq!(
+        served,
+        vec![(Some(2), Some("/models/b.safetensors".to_string())); 2],
+        "{s:?}"
+    );
+}
+
+#[test]
+fn a_reload_the_new_zygote_refuses_leaves_the_old_model_serving_and_says_why() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    reload(&mut h, "/models/bad.safetensors");
+    h.svc.fx.take();
+    h.svc.input(Input::ZygoteStarted(Err(
+        "the zygote exited before it was ready (exit code 1)".into(),
+    )));
+    assert_eq!(
+        h.svc.fx.take(),
+        [Call::LaunchZygote],
+        "a zygote on the old model again, at once"
+    );
+    let (state, error) = reload_state(&h);
+    assert_eq!(state, "failed");
+    assert!(error.is_some_and(|e| e.contains("exit code 1")));
+    assert_eq!(h.svc.status().model, "model.safetensors");
+    assert_eq!(h.svc.zygote_restarts.restarts, 0, "not a crash");
+    assert!(h.svc.procs.contains_key(&h.owner) && h.svc.procs.contains_key(&h.workers[0]));
+    let z = crate::supervisor::effects::ZygoteInfo {
+        pid: 901,
+        started: h.svc.fx.now,
+    };
+    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    // A missing file is refused at once, with nothing touched.
+    let resp = reload(&mut h, "/nowhere/missing");
+    assert!(
+        matches!(&resp, Some((_, AdminResponse::Error { message, .. })) if message.contains("not found")),
+        "{resp:?}"
+    );
+    assert_eq!(
+        h.svc.fx.take(),
+        [Call::PrepareModel("/nowhere/missing".into())]
+    );
+}

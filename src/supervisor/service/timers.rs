@@ -35,6 +35,7 @@ impl<E: Effects> Service<E> {
             self.restart_due_slots(now);
             self.spawn_rolls();
         }
+        self.advance_reload();
         let timeout = self.cfg.timeout;
         let kills: Vec<(i32, policy::Overdue)> = self
             .procs
@@ -64,6 +65,9 @@ impl<E: Effects> Service<E> {
     /// The outcome of a launched zygote.
     pub(super) fn zygote_started(&mut self, result: Result<ZygoteInfo, String>) {
         self.zygote_launching = false;
+        if self.reload_zygote_started(&result) {
+            return;
+        }
         match result {
             Ok(z) => {
                 self.zygote = Some(z);
@@ -77,7 +81,7 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    fn zygote_start_failed(&mut self, now: Instant, e: String) {
+    pub(super) fn zygote_start_failed(&mut self, now: Instant, e: String) {
         match self.zygote_restarts.start_failed() {
             ZygoteRestart::CrashLoop { .. } => {
                 self.fatal(format!("the zygote cannot be restarted: {e}"))
