@@ -235,6 +235,14 @@ impl<E: Effects> Service<E> {
     /// Tells the service manager what changed: ready once every worker serves (at the start,
     /// and at the end of a roll), and the counts.
     pub(super) fn tell_manager(&mut self) {
+        if self.phase == Phase::Asleep {
+            let status = "asleep: no owner or worker; a connection wakes it".to_string();
+            if self.told_status.as_ref() != Some(&status) {
+                self.fx.notify(Notify::Status(status.clone()));
+                self.told_status = Some(status);
+            }
+            return;
+        }
         if self.phase != Phase::Running {
             return;
         }

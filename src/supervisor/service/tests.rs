@@ -1046,6 +1046,12 @@ fn asleep(h: &mut Harness) {
     assert_eq!(calls, drains, "every worker drains, the owner not yet");
     assert_eq!(h.svc.phase, Phase::Asleep);
     assert!(h.svc.fx.watching, "the listeners are watched while asleep");
+    assert_eq!(
+        h.svc.fx.notes.last(),
+        Some(&crate::supervisor::effects::Notify::Status(
+            "asleep: no owner or worker; a connection wakes it".into()
+        ))
+    );
     for w in h.workers.clone() {
         h.dies(w, Exit::Code(0));
     }
