@@ -1,9 +1,10 @@
 //! `zygote`: the command line. `zygote start` runs a supervised service; `zygote spawn`,
-//! `status`, `stop` and `reload` talk to a running one; `zygote __zygote` is the zygote
+//! `status`, `stop`, `reload`, `scale`, `sleep` and `wake` talk to a running one; `zygote __zygote` is the zygote
 //! process itself (started by `zygote start`). See README.md.
 //!
 //! `unsafe` is denied here but in the announced leaves: `activation` (adopting systemd's
-//! listeners) and the supervisor's `gate` (the listeners' filter during a stop); everything
+//! listeners), `inherited_fds` (closing inherited fds, taking the inherited model memfd) and
+//! the supervisor's `gate` (the listeners' filter during a stop); everything
 //! else that needs it lives in the leaves of the two library crates.
 
 #![deny(unsafe_code)]
