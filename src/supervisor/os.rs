@@ -91,6 +91,8 @@ pub struct Os {
     )>,
     /// The zygote being launched serves `next_model`.
     launching_next: bool,
+    /// Events a retired zygote had sent about its children, for the next [`Os::wait`].
+    retired_events: Vec<Input>,
 }
 
 impl Os {
@@ -153,6 +155,7 @@ impl Os {
             watching: false,
             next_model: None,
             launching_next: false,
+            retired_events: Vec::new(),
         })
     }
 
@@ -291,27 +294,11 @@ impl Os {
     }
 
     fn zygote_events(&mut self, out: &mut Vec<Input>) {
+        out.append(&mut self.retired_events);
         let Some(z) = self.zygote.as_mut() else {
             return;
         };
-        for ev in z.client.take_events() {
-            match ev {
-                Response::Exited {
-                    pid, code, signal, ..
-                } => out.push(Input::Status(pid, exit_status(code, signal))),
-                Response::ChildError {
-                    pid,
-                    stage,
-                    message,
-                    ..
-                } => out.push(Input::ChildError {
-                    pid,
-                    stage,
-                    message,
-                }),
-                other => log::debug!("zygote said {other:?}"),
-            }
-        }
+        events_to_inputs(z.client.take_events(), out);
     }
 
     fn control(&mut self, pid: i32, out: &mut Vec<Input>) {
@@ -426,6 +413,28 @@ impl Os {
         let t = Token(self.next_token);
         self.next_token += 1;
         t
+    }
+}
+
+/// A zygote's events about its children, as inputs.
+fn events_to_inputs(events: Vec<Response>, out: &mut Vec<Input>) {
+    for ev in events {
+        match ev {
+            Response::Exited {
+                pid, code, signal, ..
+            } => out.push(Input::Status(pid, exit_status(code, signal))),
+            Response::ChildError {
+                pid,
+                stage,
+                message,
+                ..
+            } => out.push(Input::ChildError {
+                pid,
+                stage,
+                message,
+            }),
+            other => log::debug!("zygote said {other:?}"),
+        }
     }
 }
 
@@ -631,6 +640,9 @@ impl Effects for Os {
                 log::warn!("asking the zygote to shut down: {e}");
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
+            // Exits it reported before it went are still the loop's to hear.
+            let _ = z.client.poll();
+            events_to_inputs(z.client.take_events(), &mut self.retired_events);
         }
         // Waited for here (only this pid: the others' statuses stay for the loop), so that the
         // next zygote finds its socket free.
