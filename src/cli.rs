@@ -27,8 +27,13 @@ pub enum Command {
     Status(StatusArgs),
     /// Drain and stop a running service.
     Stop(DirArgs),
-    /// Roll the workers of a running service (as SIGHUP does).
-    Reload(DirArgs),
+    /// Roll the workers of a running service (as SIGHUP does); with --model, onto a new model.
+    Reload(ReloadArgs),
+    /// Drain every worker and the owner of a running service, keeping the zygote and the
+    /// listeners (connections queue until it wakes).
+    Sleep(DirArgs),
+    /// Start the owner and the workers of a sleeping service again.
+    Wake(DirArgs),
     /// Change the number of workers of a running service (SIGTTIN and SIGTTOU add and remove
     /// one); the other workers are not touched.
     Scale(ScaleArgs),
@@ -104,6 +109,10 @@ pub struct StartArgs {
     /// Replace a worker whose resident memory (MiB) grew past this, the same way.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_rss: Option<u64>,
+    /// Sleep (as `zygote sleep`) after this many seconds without a request; the first
+    /// connection while asleep wakes the service, and is answered once a worker serves.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_sleep: Option<u64>,
     /// Serve Prometheus metrics (OpenMetrics text) at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<SocketAddr>,
@@ -174,6 +183,17 @@ pub struct DirArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+    /// Serve this model file (or directory holding model.safetensors) from now on: loaded and
+    /// validated by a new zygote, exported by new owners, the workers rolled onto it. Waits
+    /// until every worker serves it, or prints why it was refused (the old model serves on).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct ScaleArgs {
     /// The number of workers to run from now on.
     #[arg(value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -194,6 +214,11 @@ pub struct ZygoteArgs {
     pub runtime_dir: PathBuf,
     #[arg(long)]
     pub model: PathBuf,
+    /// The model's bytes are already in this inherited sealed memfd (copied from `--model` by
+    /// the supervisor, which keeps it): validate and hash it instead of reading the file, so a
+    /// restarted zygote shares the pages the running owner and workers map.
+    #[arg(long)]
+    pub model_fd: Option<u32>,
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
     #[arg(long = "allow-uid")]

@@ -1,6 +1,6 @@
 //! The client commands: `zygote spawn` (a one-child supervisor over the zygote socket),
-//! `zygote status`, `zygote stop`, `zygote reload` and `zygote scale` (requests to a running
-//! `zygote start`).
+//! `zygote status`, `zygote stop`, `zygote reload`, `zygote scale`, `zygote sleep` and `zygote wake`
+//! (requests to a running `zygote start`).
 
 use std::net::TcpListener;
 use std::os::fd::AsFd;
@@ -166,15 +166,42 @@ pub fn render(s: &ServiceStatus) -> String {
         s.uptime_ms as f64 / 1000.0
     );
     out.push_str(&format!(
-        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>9}{:>9}  {}\n",
-        "ROLE", "SLOT", "PID", "STATE", "RESTARTS", "PSS", "RSS", "AGE", "SERVED", "REPLACED"
+        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>9}{:>9}{:>5}  {}\n",
+        "ROLE",
+        "SLOT",
+        "PID",
+        "STATE",
+        "RESTARTS",
+        "PSS",
+        "RSS",
+        "AGE",
+        "SERVED",
+        "GEN",
+        "REPLACED"
     ));
     let mut total = 0;
+    let mut models = std::collections::BTreeMap::new();
     for p in &s.processes {
         total += p.pss_kib.unwrap_or(0);
         out.push_str(&row(p));
+        if let (Some(g), Some(m)) = (p.generation, &p.model) {
+            models.insert(g, m.as_str());
+        }
     }
     out.push_str(&format!("total PSS {}\n", kib(Some(total))));
+    if models.len() > 1 || models.values().any(|m| *m != s.model) {
+        for (g, m) in models {
+            out.push_str(&format!("generation {g}: {m}\n"));
+        }
+    }
+    if let Some(r) = &s.reload {
+        let why = r
+            .error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        out.push_str(&format!("reload {}: {}{why}\n", r.model, r.state));
+    }
     out
 }
 
@@ -201,7 +228,7 @@ fn reasons(r: &RestartReasons) -> String {
 
 fn row(p: &ProcessStatus) -> String {
     format!(
-        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>8.0}s{:>9}  {}\n",
+        "{:<11}{:>5}{:>9}  {:<11}{:>9}{:>10}{:>10}{:>8.0}s{:>9}{:>5}  {}\n",
         p.role,
         p.slot.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
         p.pid,
@@ -212,6 +239,9 @@ fn row(p: &ProcessStatus) -> String {
         p.age_ms as f64 / 1000.0,
         p.served
             .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into()),
+        p.generation
+            .map(|g| g.to_string())
             .unwrap_or_else(|| "-".into()),
         reasons(&p.restart_reasons)
     )
@@ -238,8 +268,66 @@ pub fn scale(dir: &Path, workers: u32) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn reload(dir: &Path) -> anyhow::Result<i32> {
-    admin(dir, &AdminRequest::Reload { id: 1 })?;
-    println!("rolling the workers");
+pub fn sleep(dir: &Path) -> anyhow::Result<i32> {
+    admin(dir, &AdminRequest::Sleep { id: 1 })?;
+    println!("draining the workers and the owners; the service sleeps");
     Ok(0)
+}
+
+pub fn wake(dir: &Path) -> anyhow::Result<i32> {
+    admin(dir, &AdminRequest::Wake { id: 1 })?;
+    println!("waking: starting the owners and the workers");
+    Ok(0)
+}
+
+pub fn reload(dir: &Path, model: Option<std::path::PathBuf>) -> anyhow::Result<i32> {
+    let Some(model) = model else {
+        admin(dir, &AdminRequest::Reload { id: 1, model: None })?;
+        println!("rolling the workers");
+        return Ok(0);
+    };
+    // The supervisor reads the file itself: a path relative to here would not be its own.
+    let model = std::path::absolute(&model)
+        .with_context(|| format!("resolving {}", model.display()))?
+        .display()
+        .to_string();
+    admin(
+        dir,
+        &AdminRequest::Reload {
+            id: 1,
+            model: Some(model.clone()),
+        },
+    )?;
+    println!("loading {model}");
+    // A large model takes the new zygote a while to hash; the roll takes one ready per worker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let mut last = String::new();
+    loop {
+        let AdminResponse::Status { service, .. } = admin(dir, &AdminRequest::Status { id: 2 })?
+        else {
+            bail!("the supervisor answered status with something else");
+        };
+        let Some(r) = service.reload.filter(|r| r.model == model) else {
+            bail!("the service shows no reload of {model}");
+        };
+        if r.state != last {
+            match r.state.as_str() {
+                "failed" => {
+                    let why = r.error.unwrap_or_default();
+                    eprintln!("reload of {model} refused: {why}; the old model keeps serving");
+                    return Ok(1);
+                }
+                "done" => {
+                    println!("every worker serves {model}");
+                    return Ok(0);
+                }
+                state => println!("{state}"),
+            }
+            last = r.state;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the reload of {model} did not finish within 600 s (now {last})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

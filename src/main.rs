@@ -1,9 +1,10 @@
 //! `zygote`: the command line. `zygote start` runs a supervised service; `zygote spawn`,
-//! `status`, `stop` and `reload` talk to a running one; `zygote __zygote` is the zygote
+//! `status`, `stop`, `reload`, `scale`, `sleep` and `wake` talk to a running one; `zygote __zygote` is the zygote
 //! process itself (started by `zygote start`). See README.md.
 //!
 //! `unsafe` is denied here but in the announced leaves: `activation` (adopting systemd's
-//! listeners) and the supervisor's `gate` (the listeners' filter during a stop); everything
+//! listeners), `inherited_fds` (closing inherited fds, taking the inherited model memfd) and
+//! the supervisor's `gate` (the listeners' filter during a stop); everything
 //! else that needs it lives in the leaves of the two library crates.
 
 #![deny(unsafe_code)]
@@ -73,6 +74,7 @@ fn start(
             max_rss_mib: args.max_rss,
         },
         metrics: args.metrics,
+        idle_sleep: args.idle_sleep.map(Duration::from_secs),
     };
     supervisor::run(cfg, activated.listeners)
 }
@@ -94,7 +96,8 @@ fn main() {
     };
     let keep = activated.as_ref().map_or(0, |a| a.count() as u32);
     let inherited = match &cli.command {
-        Command::Start(_) | Command::Zygote(_) => Some(inherited_fds::close(keep)),
+        Command::Start(_) => Some(inherited_fds::close(keep, None)),
+        Command::Zygote(z) => Some(inherited_fds::close(keep, z.model_fd)),
         _ => None,
     };
     zygote_runtime::logging::init(tag);
@@ -106,7 +109,9 @@ fn main() {
         Command::Spawn(a) => commands::spawn(a),
         Command::Status(a) => commands::status(a),
         Command::Stop(a) => commands::stop(&paths::runtime_dir(&a.runtime_dir)),
-        Command::Reload(a) => commands::reload(&paths::runtime_dir(&a.runtime_dir)),
+        Command::Reload(a) => commands::reload(&paths::runtime_dir(&a.runtime_dir), a.model),
+        Command::Sleep(a) => commands::sleep(&paths::runtime_dir(&a.runtime_dir)),
+        Command::Wake(a) => commands::wake(&paths::runtime_dir(&a.runtime_dir)),
         Command::Scale(a) => commands::scale(&paths::runtime_dir(&a.runtime_dir), a.workers),
         Command::FetchModel(a) => {
             fetch::ensure(&a.dest.unwrap_or_else(paths::default_model_dir)).map(|()| 0)

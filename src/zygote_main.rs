@@ -48,10 +48,23 @@ pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
     )
     .context("resetting the signal mask")?;
     let started = std::time::Instant::now();
-    let model = Model::load(&args.model)
-        .with_context(|| format!("loading the model {}", args.model.display()))?;
+    let (model, how) = match args.model_fd {
+        Some(fd) => {
+            let fd = crate::inherited_fds::take(fd)
+                .with_context(|| format!("taking the inherited model memfd (fd {fd})"))?;
+            let model = Model::adopt(fd, &args.model).with_context(|| {
+                format!("the inherited memfd of the model {}", args.model.display())
+            })?;
+            (model, "adopted from the supervisor's memfd")
+        }
+        None => {
+            let model = Model::load(&args.model)
+                .with_context(|| format!("loading the model {}", args.model.display()))?;
+            (model, "loaded")
+        }
+    };
     log::info!(
-        "model {} loaded and validated in {} ms: {} tensors, {} bytes, {}",
+        "model {} {how} and validated in {} ms: {} tensors, {} bytes, {}",
         model.path().display(),
         started.elapsed().as_millis(),
         model.tensors().len(),
@@ -61,8 +74,8 @@ pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
     if let Some(expected) = &args.expect_digest {
         if expected != model.digest() {
             anyhow::bail!(
-                "the model file {} changed since the service started (digest {expected}, now {}); \
-                 the running owner and workers serve the old one: restart the service to serve it",
+                "the model {} is not the one the service started with (digest {expected}, now {}); \
+                 the running owner and workers serve the old one",
                 model.path().display(),
                 model.digest()
             );

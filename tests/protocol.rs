@@ -219,7 +219,7 @@ const NOBODY: u32 = 65534;
 /// | action | what | outcome |
 /// |---|---|---|
 /// | `hello` | a raw connection's first answer | the answer, as JSON |
-/// | `status`, `shutdown`, `fetch` | that request | `"ok"` or the error code |
+/// | `status`, `shutdown`, `fetch`, `release` | that request (`release`: `release_weights`) | `"ok"` or the error code |
 /// | `keep` | `keep_weights` for device 0 with an unsealed memfd of its own | `"ok"` or the code |
 /// | `signal:PID` | SIGTERM to PID | `"ok"` or the code |
 /// | `spawn_own` | spawns `idle`, then SIGTERMs that child | `"ok"` or the code |
@@ -248,6 +248,7 @@ fn helper_other_uid_client() {
             ("status", _) => code(client().and_then(|mut c| c.status().map(|_| ()))),
             ("shutdown", _) => code(client().and_then(|mut c| c.shutdown())),
             ("fetch", _) => code(client().and_then(|mut c| c.fetch_weights(0).map(|_| ()))),
+            ("release", _) => code(client().and_then(|mut c| c.release_weights())),
             ("keep", _) => code(client().and_then(|mut c| helper_keep(&mut c))),
             ("signal", pid) => code(
                 client().and_then(|mut c| c.signal(pid.parse().expect("a pid"), libc::SIGTERM)),
@@ -406,7 +407,7 @@ fn an_allowed_uid_may_spawn_and_signal_its_own_children_and_read_status_and_noth
     let mut ours = spawn(&z, &mut c, "idle", 0, &[]).expect("the service's own child");
     wait_ready(&mut ours, T);
     let actions = format!(
-        "status,spawn_own,signal:{},shutdown,fetch,keep,spawn_owner",
+        "status,spawn_own,signal:{},shutdown,fetch,release,keep,spawn_owner",
         ours.pid
     );
     let (uid, out) = run_as_nobody(&z, &actions);
@@ -420,6 +421,7 @@ fn an_allowed_uid_may_spawn_and_signal_its_own_children_and_read_status_and_noth
         format!("signal:{}", ours.pid),
         "shutdown".into(),
         "fetch".into(),
+        "release".into(),
         "keep".into(),
         "spawn_owner".into(),
     ] {

@@ -380,36 +380,70 @@ fn each_bad_model_file_is_refused_before_anything_serves() {
     }
 }
 
+/// The inode of the model memfd `pid` maps (`/memfd:zygote-model`), from `/proc/PID/maps`.
+fn model_memfd_inode(pid: i32) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines()
+        .filter(|l| l.contains("/memfd:zygote-model"))
+        .find_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+}
+
+/// The service's total PSS in KiB (every process `zygote status` lists).
+fn total_pss_kib(s: &zygote_runtime::protocol::ServiceStatus) -> u64 {
+    s.processes.iter().filter_map(|p| p.pss_kib).sum()
+}
+
 #[test]
-fn a_model_file_changed_on_disk_is_refused_by_a_restarted_zygote_while_the_workers_keep_serving() {
-    let dir = TempDir::new("changed");
-    let model = dir.path().join("model.safetensors");
-    let write = |value: f32| {
-        let bytes: Vec<u8> = (0..1024).flat_map(|_| value.to_le_bytes()).collect();
-        zygote_runtime::synth::write_safetensors(
-            &model,
-            &[("w", zygote_runtime::model::Dtype::F32, &[1024], &bytes)],
-            None,
-        )
-        .expect("writing the model");
-    };
-    write(1.0);
+fn a_zygote_restarted_after_kill_9_maps_the_services_model_memfd_not_a_second_copy() {
+    const MIB: u64 = 1 << 20;
+    let dir = TempDir::new("samecopy");
+    // f32: the model memfd is the compute copy, so every process maps the one memfd.
+    let model = common::synthetic_model(dir.path(), 32 * MIB, zygote_runtime::model::Dtype::F32);
     let svc = Service::start(ServiceOptions {
         model: Some(model.clone()),
-        workers: 1,
+        workers: 2,
+        entry: Some("probe".into()),
         ..ServiceOptions::default()
     });
+    let zygote = svc.zygote_pid();
+    let inode = model_memfd_inode(zygote).expect("the zygote maps the model memfd");
     let workers = svc.pids_of("worker");
-    // Same size, other bytes: only the digest tells them apart.
-    write(2.0);
-    common::signal(svc.zygote_pid(), Signal::SIGKILL);
-    wait_until(CHANGE_TIMEOUT, "the supervisor logs the refusal", || {
-        svc.log_tail().contains("changed since the service started")
+    for pid in &workers {
+        assert_eq!(model_memfd_inode(*pid), Some(inode), "worker {pid} maps it");
+    }
+    let before = total_pss_kib(&svc.status());
+    // The file on disk changes meanwhile: the restarted zygote does not read it again.
+    std::fs::write(&model, b"not a model any more").expect("overwriting the model file");
+    common::signal(zygote, Signal::SIGKILL);
+    let z = common::wait_for(CHANGE_TIMEOUT, "a new zygote runs", || {
+        let s = svc.try_status()?;
+        procs_of(&s, "zygote")
+            .into_iter()
+            .find(|z| z.pid > 0 && z.pid != zygote && z.state == "running")
     });
     assert_eq!(
-        svc.pids_of("worker"),
-        workers,
-        "the workers built from the old model keep serving"
+        model_memfd_inode(z.pid),
+        Some(inode),
+        "the new zygote maps the memfd the service held, not a copy of the file:\n{}",
+        svc.log_tail()
+    );
+    // It serves spawns from it: a killed worker is replaced by one forked from it.
+    common::signal(workers[0], Signal::SIGKILL);
+    let after = wait_until_settled(&svc, "worker 0 is replaced by the new zygote", |s| {
+        procs_of(s, "worker").iter().all(|p| p.pid != workers[0])
+    });
+    let new = serving_in(&after, 0).expect("slot 0 serves");
+    assert_eq!(ppid(new.pid), z.pid, "forked by the new zygote");
+    assert_eq!(model_memfd_inode(new.pid), Some(inode));
+    let after = total_pss_kib(&svc.status());
+    eprintln!(
+        "total PSS of the service: {before} KiB before kill -9 of the zygote, {after} KiB after \
+         (model {} KiB)",
+        32 * MIB / 1024
+    );
+    assert!(
+        after < before + 8 * MIB / 1024,
+        "no second copy: {after} KiB after, {before} KiB before"
     );
 }
 

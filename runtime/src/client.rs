@@ -249,6 +249,13 @@ impl ZygoteClient {
         }
     }
 
+    /// Asks the zygote to drop every kept generation (the service's own uid only).
+    pub fn release_weights(&mut self) -> Result<(), ProtocolError> {
+        let id = self.id();
+        self.send(&Request::ReleaseWeights { id })?;
+        self.expect_ok(id)
+    }
+
     /// Asks the zygote to exit.
     pub fn shutdown(&mut self) -> Result<(), ProtocolError> {
         let id = self.id();

@@ -99,6 +99,31 @@ impl Model {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let file_path = Self::resolve_path(path)?;
         let memfd = copy_into_sealed_memfd(&file_path)?;
+        Self::validate(file_path, memfd)
+    }
+
+    /// Copies the model file at `path` (resolved as [`Model::resolve_path`] does) into a new
+    /// sealed memfd, without mapping or validating it: the supervisor holds this memfd for the
+    /// service's life and hands it to every zygote it starts ([`Model::adopt`]), so a restarted
+    /// zygote serves the very pages the running owner and workers map instead of a second copy.
+    pub fn seal_file(path: &Path) -> Result<SealedMemfd, ModelError> {
+        copy_into_sealed_memfd(&Self::resolve_path(path)?)
+    }
+
+    /// Builds the model from a sealed memfd made by [`Model::seal_file`] (inherited from the
+    /// supervisor): checks its seals, validates the header completely and computes the digest,
+    /// exactly as [`Model::load`] does after its copy. `path` is the file it was copied from
+    /// (for messages and for the files beside it).
+    pub fn adopt(fd: OwnedFd, path: &Path) -> Result<Self, ModelError> {
+        let memfd = SealedMemfd::from_fd(fd, None)?;
+        Self::validate(
+            Self::resolve_path(path).unwrap_or_else(|_| path.to_path_buf()),
+            memfd,
+        )
+    }
+
+    /// Maps the sealed memfd, validates the header from the mapped bytes, then hashes them.
+    fn validate(file_path: PathBuf, memfd: SealedMemfd) -> Result<Self, ModelError> {
         let map = memfd.map()?;
         let (tensors, metadata) = parse_header(&map).map_err(|reason| ModelError::Invalid {
             path: file_path.clone(),
@@ -350,6 +375,50 @@ pub(crate) mod tests {
                 .starts_with(&format!("/memfd:{MEMFD_NAME}")),
             "{link:?}"
         );
+    }
+
+    #[test]
+    fn a_sealed_file_adopted_is_the_same_memfd_validated_and_hashed_like_a_load() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = TempDir::new("model");
+        let (path, a, _) = good_model(dir.path());
+        let sealed = Model::seal_file(&path).unwrap();
+        let inode = |fd: BorrowedFd<'_>| {
+            std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .unwrap()
+                .ino()
+        };
+        let held = inode(sealed.fd());
+        let model = Model::adopt(sealed.try_clone_fd().unwrap(), &path).unwrap();
+        assert_eq!(
+            inode(model.memfd()),
+            held,
+            "the adopted model is that memfd"
+        );
+        assert_eq!(model.digest(), Model::load(&path).unwrap().digest());
+        assert_eq!(model.data(model.tensor("embed.weight").unwrap()), a);
+        assert_eq!(model.path(), path);
+    }
+
+    #[test]
+    fn an_unsealed_or_invalid_memfd_is_refused_by_adopt() {
+        let dir = TempDir::new("model");
+        let (path, _, _) = good_model(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        let mut open = crate::shm::create_sized(MEMFD_NAME, bytes.len()).unwrap();
+        std::io::Write::write_all(&mut open, &bytes).unwrap();
+        let err = Model::adopt(OwnedFd::from(open), &path).unwrap_err();
+        assert!(
+            matches!(err, ModelError::Shm(ShmError::NotSealed { .. })),
+            "{err}"
+        );
+        let junk = crate::shm::MemfdWriter::create(MEMFD_NAME, 64)
+            .unwrap()
+            .seal()
+            .unwrap();
+        let fd = junk.try_clone_fd().unwrap();
+        let err = Model::adopt(fd, &path).unwrap_err();
+        assert!(matches!(err, ModelError::Invalid { .. }), "{err}");
     }
 
     #[test]

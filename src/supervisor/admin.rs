@@ -1,5 +1,5 @@
-//! The admin socket (`supervisor.sock`, mode 0600): how `zygote status`, `zygote stop` and
-//! `zygote reload` reach a running supervisor. One request per connection; same framing as
+//! The admin socket (`supervisor.sock`, mode 0600): how `zygote status`, `stop`, `reload`,
+//! `scale`, `sleep` and `wake` reach a running supervisor. One request per connection; same framing as
 //! every other socket; same-uid peers only.
 //!
 //! No client can stall supervision: every connection is non-blocking in the supervisor's one

@@ -94,6 +94,9 @@ pub enum Input {
     ZygoteStarted(Result<ZygoteInfo, String>),
     /// A complete `GET /metrics`: the event loop answers it with the service's snapshot.
     Scrape(ScrapeConn),
+    /// A listener became readable while watched ([`Effects::watch_listeners`]): a connection
+    /// waits in its queue.
+    Connection,
 }
 
 /// What the service tells a service manager (systemd's `sd_notify`), each with a status line.
@@ -131,6 +134,18 @@ pub trait Effects {
     fn stop_accepting(&mut self);
     /// No worker is left: close the listeners, so that new connections are refused.
     fn close_listeners(&mut self);
+    /// While asleep: say [`Input::Connection`] when a connection is queued on a listener
+    /// (none is accepted here: the workers of the wake accept it).
+    fn watch_listeners(&mut self, on: bool);
+    /// Asks the zygote to drop the weights it keeps (asleep, once no owner is left).
+    fn release_weights(&mut self);
+    /// `reload --model`: copies `path` into a new sealed memfd; the next
+    /// [`Effects::launch_zygote`] starts a zygote on it (validating it). If that zygote serves,
+    /// its model is the service's from then on; if it fails, the old one stays.
+    fn prepare_model(&mut self, path: &std::path::Path) -> anyhow::Result<()>;
+    /// Asks the zygote `pid` to shut down and waits for it (killed after a deadline); its
+    /// children keep running. A new one is launched next.
+    fn retire_zygote(&mut self, pid: i32);
     /// Asks the zygote (if one runs) to shut down and waits for it (killing it after a
     /// deadline); a zygote still starting is killed.
     fn stop_zygote(&mut self, pid: Option<i32>);

@@ -22,6 +22,9 @@ pub enum Call {
     StopAccepting,
     CloseListeners,
     StopZygote(Option<i32>),
+    ReleaseWeights,
+    PrepareModel(std::path::PathBuf),
+    RetireZygote(i32),
 }
 
 #[derive(Debug)]
@@ -43,6 +46,8 @@ pub struct Fake {
     /// What the service told the service manager, in order (apart from `calls`, so that the
     /// tests of other paths need not list them).
     pub notes: Vec<Notify>,
+    /// Whether the listeners are watched for a connection (while asleep).
+    pub watching: bool,
 }
 
 impl Default for Fake {
@@ -58,6 +63,7 @@ impl Default for Fake {
             memory: HashMap::new(),
             draw: 0,
             notes: Vec::new(),
+            watching: false,
         }
     }
 }
@@ -143,6 +149,27 @@ impl Effects for Fake {
 
     fn close_listeners(&mut self) {
         self.calls.push(Call::CloseListeners);
+    }
+
+    fn watch_listeners(&mut self, on: bool) {
+        self.watching = on;
+    }
+
+    fn release_weights(&mut self) {
+        self.calls.push(Call::ReleaseWeights);
+    }
+
+    fn prepare_model(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        self.calls.push(Call::PrepareModel(path.to_path_buf()));
+        // A file named `missing` is not there; any other is.
+        if path.ends_with("missing") {
+            anyhow::bail!("model {}: not found", path.display())
+        }
+        Ok(())
+    }
+
+    fn retire_zygote(&mut self, pid: i32) {
+        self.calls.push(Call::RetireZygote(pid));
     }
 
     fn stop_zygote(&mut self, pid: Option<i32>) {

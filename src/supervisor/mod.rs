@@ -85,6 +85,8 @@ pub struct Config {
     pub recycle: policy::RecycleLimits,
     /// Where `/metrics` is served (`--metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Sleep after this long without a request (`--idle-sleep`).
+    pub idle_sleep: Option<Duration>,
 }
 
 /// Runs a service until it is stopped. Returns the exit code. `activated` are the listeners
@@ -99,6 +101,12 @@ pub fn run(cfg: Config, activated: Vec<(String, TcpListener)>) -> anyhow::Result
             cfg.runtime_dir.display()
         );
     }
+    // The model's bytes, held here for the service's life and inherited by every zygote (a
+    // restarted one maps these pages instead of a second copy); the zygote validates them.
+    let model_memfd = std::sync::Arc::new(
+        zygote_runtime::Model::seal_file(&cfg.model)
+            .with_context(|| format!("reading the model {}", cfg.model.display()))?,
+    );
     let notifier = notify::Notifier::from_env().context("NOTIFY_SOCKET")?;
     let (mut listeners, mut metrics_listener) = (Vec::new(), None);
     let inherited = !activated.is_empty();
@@ -134,6 +142,7 @@ pub fn run(cfg: Config, activated: Vec<(String, TcpListener)>) -> anyhow::Result
         allow_uids: cfg.allow_uids.clone(),
         command: cfg.command.clone(),
         expect_digest: None,
+        model_memfd: Some(model_memfd),
         start_timeout: Duration::from_secs(300),
         // Only when app workers will run: `--workers 0` (client mode) serves any model file.
         serve_app: cfg.entry == "app" && cfg.command.is_empty() && cfg.workers > 0,

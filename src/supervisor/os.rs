@@ -38,6 +38,8 @@ const ZYGOTE: Token = Token(1);
 const ADMIN: Token = Token(2);
 const LAUNCH: Token = Token(3);
 const METRICS: Token = Token(4);
+/// Every listener, while the service sleeps.
+const LISTENERS: Token = Token(5);
 const FIRST_DYNAMIC: usize = 16;
 
 /// What a dynamic token stands for.
@@ -80,6 +82,17 @@ pub struct Os {
     /// When the watchdog is pinged next.
     next_watchdog: Option<Instant>,
     devnull: File,
+    /// The listeners are registered in the poll (the service sleeps).
+    watching: bool,
+    /// `reload --model`: the file and its sealed memfd, for the next zygote launched.
+    next_model: Option<(
+        std::path::PathBuf,
+        std::sync::Arc<zygote_runtime::shm::SealedMemfd>,
+    )>,
+    /// The zygote being launched serves `next_model`.
+    launching_next: bool,
+    /// Events a retired zygote had sent about its children, for the next [`Os::wait`].
+    retired_events: Vec<Input>,
 }
 
 impl Os {
@@ -139,6 +152,10 @@ impl Os {
                 .map(|_| Instant::now()),
             notifier,
             devnull: File::open("/dev/null")?,
+            watching: false,
+            next_model: None,
+            launching_next: false,
+            retired_events: Vec::new(),
         })
     }
 
@@ -191,6 +208,11 @@ impl Os {
                 ZYGOTE => self.zygote_readable(&mut out),
                 ADMIN => self.admin.accept(Instant::now(), &mut out),
                 LAUNCH => self.launch_progress(&mut out),
+                LISTENERS => {
+                    if !out.iter().any(|i| matches!(i, Input::Connection)) {
+                        out.push(Input::Connection);
+                    }
+                }
                 METRICS => {
                     if let Some(s) = self.scrape.as_mut() {
                         s.accept(Instant::now(), &mut out);
@@ -272,27 +294,11 @@ impl Os {
     }
 
     fn zygote_events(&mut self, out: &mut Vec<Input>) {
+        out.append(&mut self.retired_events);
         let Some(z) = self.zygote.as_mut() else {
             return;
         };
-        for ev in z.client.take_events() {
-            match ev {
-                Response::Exited {
-                    pid, code, signal, ..
-                } => out.push(Input::Status(pid, exit_status(code, signal))),
-                Response::ChildError {
-                    pid,
-                    stage,
-                    message,
-                    ..
-                } => out.push(Input::ChildError {
-                    pid,
-                    stage,
-                    message,
-                }),
-                other => log::debug!("zygote said {other:?}"),
-            }
-        }
+        events_to_inputs(z.client.take_events(), out);
     }
 
     fn control(&mut self, pid: i32, out: &mut Vec<Input>) {
@@ -338,6 +344,25 @@ impl Os {
 
     /// A zygote that serves becomes the one spawns go to.
     fn adopt(&mut self, mut z: ZygoteProc) -> anyhow::Result<ZygoteInfo> {
+        if std::mem::take(&mut self.launching_next) {
+            // A reloaded model: it serves, so it is the service's from now on, and every later
+            // zygote must find its digest.
+            let status = z.client.status();
+            match (status, self.next_model.take()) {
+                (Ok(status), Some((path, memfd))) => {
+                    self.spec.model = path;
+                    self.spec.model_memfd = Some(memfd);
+                    self.spec.expect_digest = Some(status.model_digest);
+                }
+                (status, _) => {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(z.pid), Signal::SIGKILL);
+                    let e = status
+                        .err()
+                        .map_or("no model prepared".into(), |e| e.to_string());
+                    anyhow::bail!("asking the new zygote for its model: {e}");
+                }
+            }
+        }
         if self.spec.expect_digest.is_none() {
             // Every restarted zygote must serve the model the service started with.
             match z.client.status() {
@@ -373,6 +398,10 @@ impl Os {
             Ok(Some(z)) => self.adopt(z).map_err(|e| format!("{e:#}")),
             Err(e) => Err(e.to_string()),
         };
+        if result.is_err() && std::mem::take(&mut self.launching_next) {
+            // The reloaded model was refused: the next zygote serves the old one again.
+            self.next_model = None;
+        }
         if let Some(launch) = self.launching.take() {
             let fd = launch.fd().as_raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -384,6 +413,28 @@ impl Os {
         let t = Token(self.next_token);
         self.next_token += 1;
         t
+    }
+}
+
+/// A zygote's events about its children, as inputs.
+fn events_to_inputs(events: Vec<Response>, out: &mut Vec<Input>) {
+    for ev in events {
+        match ev {
+            Response::Exited {
+                pid, code, signal, ..
+            } => out.push(Input::Status(pid, exit_status(code, signal))),
+            Response::ChildError {
+                pid,
+                stage,
+                message,
+                ..
+            } => out.push(Input::ChildError {
+                pid,
+                stage,
+                message,
+            }),
+            other => log::debug!("zygote said {other:?}"),
+        }
     }
 }
 
@@ -411,7 +462,21 @@ impl Effects for Os {
     }
 
     fn launch_zygote(&mut self) -> anyhow::Result<()> {
-        let launch = zygote::launch(&self.spec).context("starting a zygote")?;
+        let spec = match &self.next_model {
+            Some((path, memfd)) => ZygoteSpec {
+                model: path.clone(),
+                model_memfd: Some(memfd.clone()),
+                expect_digest: None,
+                ..self.spec.clone()
+            },
+            None => self.spec.clone(),
+        };
+        let launch = zygote::launch(&spec);
+        if launch.is_err() {
+            self.next_model = None;
+        }
+        let launch = launch.context("starting a zygote")?;
+        self.launching_next = self.next_model.is_some();
         self.poll.registry().register(
             &mut SourceFd(&launch.fd().as_raw_fd()),
             LAUNCH,
@@ -524,9 +589,76 @@ impl Effects for Os {
     }
 
     fn close_listeners(&mut self) {
+        // The workers share these open files: a registration would outlive our fds.
+        self.watch_listeners(false);
         if !self.listeners.is_empty() {
             log::info!("no worker left: closing the listeners");
             self.listeners.clear();
+        }
+    }
+
+    fn watch_listeners(&mut self, on: bool) {
+        if on == self.watching {
+            return;
+        }
+        self.watching = on;
+        let reg = self.poll.registry();
+        for l in &self.listeners {
+            let fd = l.as_raw_fd();
+            // Readable means a connection is queued; it stays queued for a worker to accept.
+            // Registering reports one already queued, so none is missed between the two.
+            let done = if on {
+                reg.register(&mut SourceFd(&fd), LISTENERS, Interest::READABLE)
+            } else {
+                reg.deregister(&mut SourceFd(&fd))
+            };
+            if let Err(e) = done {
+                log::warn!("watching the listener (fd {fd}) for connections: {e}");
+            }
+        }
+    }
+
+    fn release_weights(&mut self) {
+        if let Some(z) = self.zygote.as_mut() {
+            if let Err(e) = z.client.release_weights() {
+                log::warn!("asking the zygote to release the kept weights: {e}");
+            }
+        }
+    }
+
+    fn prepare_model(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        let memfd = zygote_runtime::Model::seal_file(path)?;
+        self.next_model = Some((path.to_path_buf(), std::sync::Arc::new(memfd)));
+        Ok(())
+    }
+
+    fn retire_zygote(&mut self, pid: i32) {
+        if let Some(mut z) = self.zygote.take() {
+            let fd = z.client.fd().as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            if let Err(e) = z.client.shutdown() {
+                log::warn!("asking the zygote to shut down: {e}");
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            // Exits it reported before it went are still the loop's to hear.
+            let _ = z.client.poll();
+            events_to_inputs(z.client.take_events(), &mut self.retired_events);
+        }
+        // Waited for here (only this pid: the others' statuses stay for the loop), so that the
+        // next zygote finds its socket free.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = waitpid(Pid::from_raw(pid), None);
+                    break;
+                }
+                _ => break,
+            }
         }
     }
 

@@ -74,6 +74,9 @@ pub enum Phase {
     Running,
     /// Draining everything; the service exits once nothing is left.
     Stopping,
+    /// Asleep (`zygote sleep`, `--idle-sleep`): workers, then owners, drained; the zygote and
+    /// the listeners stay. A wake starts the owners again ([`Phase::Starting`]).
+    Asleep,
 }
 
 /// The wait before retry `n` (1, 2, ...): `base` × 2^(n−1), capped at [`MAX_BACKOFF`].

@@ -7,7 +7,8 @@
 //! This file holds the children's lives (spawn, ready, drain, kill);
 //! `service/deaths.rs` their ends and the zygote's (deaths, exit statuses, restarts, crash
 //! loops); `service/requests.rs` what operators ask (admin requests, rolls, scaling, the stop);
-//! `service/timers.rs` what time does (restarts, rolls' spawns, deadlines).
+//! `service/sleep.rs` sleep and wake; `service/timers.rs` what time does (restarts, rolls'
+//! spawns, deadlines).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -101,6 +102,19 @@ pub struct Service<E: Effects> {
     told_ready: bool,
     pub(super) reloading: bool,
     told_status: Option<String>,
+    /// Asleep, and a wake was asked for: it happens once the last child of the sleep exits.
+    wake_requested: bool,
+    /// Asleep, and the zygote was asked to drop the weights it keeps.
+    weights_released: bool,
+    /// When a worker's heartbeat last counted a new request (or the last wake): `--idle-sleep`.
+    last_request: Instant,
+    /// When the last wake began, until every worker serves.
+    woke_at: Option<Instant>,
+    /// The model file of each generation an owner was spawned for.
+    pub(super) generation_models: BTreeMap<u64, std::path::PathBuf>,
+    /// A `reload --model` in progress, and what the status shows of the last one.
+    reload_stage: Option<reload::ReloadStage>,
+    pub(super) model_reload: Option<zygote_runtime::protocol::ModelReload>,
 }
 
 /// Adds a worker's latencies to a histogram of [`REQUEST_LATENCY_BOUNDS`] (counts of other
@@ -138,6 +152,13 @@ impl<E: Effects> Service<E> {
             told_ready: false,
             reloading: false,
             told_status: None,
+            wake_requested: false,
+            weights_released: false,
+            last_request: started,
+            woke_at: None,
+            generation_models: BTreeMap::new(),
+            reload_stage: None,
+            model_reload: None,
         }
     }
 
@@ -145,7 +166,7 @@ impl<E: Effects> Service<E> {
         &mut self.fx
     }
 
-    fn devices(&self) -> Vec<u32> {
+    pub(super) fn devices(&self) -> Vec<u32> {
         if self.cfg.devices.is_empty() {
             vec![0]
         } else {
@@ -214,6 +235,14 @@ impl<E: Effects> Service<E> {
     /// Tells the service manager what changed: ready once every worker serves (at the start,
     /// and at the end of a roll), and the counts.
     pub(super) fn tell_manager(&mut self) {
+        if self.phase == Phase::Asleep {
+            let status = "asleep: no owner or worker; a connection wakes it".to_string();
+            if self.told_status.as_ref() != Some(&status) {
+                self.fx.notify(Notify::Status(status.clone()));
+                self.told_status = Some(status);
+            }
+            return;
+        }
         if self.phase != Phase::Running {
             return;
         }
@@ -278,12 +307,13 @@ impl<E: Effects> Service<E> {
             Input::ZygoteStarted(result) => self.zygote_started(result),
             // The event loop answers scrapes itself, from `Service::metrics`.
             Input::Scrape(_) => {}
+            Input::Connection => self.wake("a connection arrived while asleep"),
         }
         None
     }
 
     /// A fatal reason: the service stops, and exits 1 with the first one.
-    fn fatal(&mut self, reason: String) {
+    pub(super) fn fatal(&mut self, reason: String) {
         if self.phase != Phase::Stopping {
             say!(self.fx, Error, "{reason}; stopping the service");
             self.begin_stop();
@@ -291,13 +321,19 @@ impl<E: Effects> Service<E> {
         self.stop_reason.get_or_insert(reason);
     }
 
-    fn spawn(&mut self, role: Role, replaces: Option<(i32, policy::Cause)>) -> anyhow::Result<()> {
+    pub(super) fn spawn(
+        &mut self,
+        role: Role,
+        replaces: Option<(i32, policy::Cause)>,
+    ) -> anyhow::Result<()> {
         if self.zygote.is_none() {
             bail!("no zygote to spawn {role} from");
         }
         let req = match role {
             Role::Owner(d) => {
                 self.generation += 1;
+                self.generation_models
+                    .insert(self.generation, self.cfg.model.clone());
                 SpawnRequest {
                     role,
                     entry: "owner".into(),
@@ -377,7 +413,7 @@ impl<E: Effects> Service<E> {
         })
     }
 
-    fn all_workers_serving(&self) -> bool {
+    pub(super) fn all_workers_serving(&self) -> bool {
         (0..self.cfg.workers).all(|w| {
             self.procs
                 .values()
@@ -414,8 +450,12 @@ impl<E: Effects> Service<E> {
                 }
             }
             ChildMessage::Heartbeat { served, latency } => {
+                let more = served > p.served;
                 p.served = served;
                 p.latency = latency.or(p.latency.take());
+                if more {
+                    self.saw_requests(now);
+                }
                 self.check_recycle(pid);
             }
             ChildMessage::Draining { in_flight } => {
@@ -474,6 +514,7 @@ impl<E: Effects> Service<E> {
             if policy::roll_after_owner_ready(restarted, weights.map(|w| w.ipc)) {
                 self.roll("the owner restarted with legacy CUDA IPC");
             }
+            self.reload_owner_ready();
         }
         if let Some(s) = self.slots.get_mut(&role) {
             s.failures_before_ready = 0;
@@ -497,10 +538,11 @@ impl<E: Effects> Service<E> {
             && self.all_workers_serving()
         {
             say!(self.fx, Info, "all {} workers serving", self.cfg.workers);
+            self.check_awake();
         }
     }
 
-    fn drain(&mut self, pid: i32, why: &str) {
+    pub(super) fn drain(&mut self, pid: i32, why: &str) {
         let graceful = self.cfg.graceful_timeout;
         let now = self.fx.now();
         let Some(p) = self.procs.get_mut(&pid) else {
@@ -520,7 +562,7 @@ impl<E: Effects> Service<E> {
     }
 
     /// Kills a child; `cause` is what its death counts as, when it is a restart.
-    fn kill(&mut self, pid: i32, why: &str, cause: Option<policy::Cause>) {
+    pub(super) fn kill(&mut self, pid: i32, why: &str, cause: Option<policy::Cause>) {
         if let Some(p) = self.procs.get_mut(&pid) {
             p.killed_for = p.killed_for.or(cause);
             let role = p.role;
@@ -531,7 +573,9 @@ impl<E: Effects> Service<E> {
 }
 
 mod deaths;
+mod reload;
 mod requests;
+mod sleep;
 mod timers;
 
 #[cfg(test)]

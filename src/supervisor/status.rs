@@ -24,6 +24,7 @@ impl<E: Effects> Service<E> {
                 Phase::Starting => "starting",
                 Phase::Running => "running",
                 Phase::Stopping => "stopping",
+                Phase::Asleep => "asleep",
             }
             .into(),
             restarts: 0,
@@ -31,6 +32,8 @@ impl<E: Effects> Service<E> {
             rss_kib: mine.map(|m| m.rss_kib),
             age_ms: ms(self.started),
             served: None,
+            generation: None,
+            model: None,
             restart_reasons: Default::default(),
         }];
         let restarts = self.zygote_restarts.restarts;
@@ -47,6 +50,8 @@ impl<E: Effects> Service<E> {
                     rss_kib: m.map(|m| m.rss_kib),
                     age_ms: ms(z.started),
                     served: None,
+                    generation: None,
+                    model: None,
                     restart_reasons: Default::default(),
                 }
             }
@@ -60,6 +65,8 @@ impl<E: Effects> Service<E> {
                 rss_kib: None,
                 age_ms: 0,
                 served: None,
+                generation: None,
+                model: None,
                 restart_reasons: Default::default(),
             },
         });
@@ -78,6 +85,11 @@ impl<E: Effects> Service<E> {
                 rss_kib: m.map(|m| m.rss_kib),
                 age_ms: ms(p.timers.started),
                 served: Some(p.served),
+                generation: p.generation,
+                model: p
+                    .generation
+                    .and_then(|g| self.generation_models.get(&g))
+                    .map(|m| m.display().to_string()),
                 restart_reasons: slot.map(|s| s.reasons).unwrap_or_default(),
             });
         }
@@ -93,6 +105,7 @@ impl<E: Effects> Service<E> {
             uptime_ms: ms(self.started),
             workers: self.cfg.workers,
             processes,
+            reload: self.model_reload.clone(),
         }
     }
 

@@ -11,6 +11,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -19,6 +20,7 @@ use nix::unistd::Pid;
 
 use zygote_runtime::backend::BackendChoice;
 use zygote_runtime::client::ZygoteClient;
+use zygote_runtime::shm::SealedMemfd;
 
 /// How to start a zygote.
 #[derive(Debug, Clone)]
@@ -30,6 +32,10 @@ pub struct ZygoteSpec {
     pub command: Vec<String>,
     /// The model digest a restarted zygote must find (the one the service started with).
     pub expect_digest: Option<String>,
+    /// The model file's bytes in a sealed memfd the supervisor holds for the service's life:
+    /// every zygote inherits it (`--model-fd`) instead of reading the file, so one started
+    /// after a crash maps the very pages the running owner and workers map: no second copy.
+    pub model_memfd: Option<Arc<SealedMemfd>>,
     /// Time allowed to load and validate the model.
     pub start_timeout: Duration,
     /// The workers run the native `app` entry (the zygote refuses a model it cannot serve).
@@ -101,6 +107,10 @@ pub fn launch(spec: &ZygoteSpec) -> Result<Launch, StartError> {
     if spec.serve_app {
         cmd.arg("--serve-app");
     }
+    if let Some(memfd) = &spec.model_memfd {
+        cmd.arg("--model-fd")
+            .arg(memfd.fd().as_raw_fd().to_string());
+    }
     if !spec.command.is_empty() {
         cmd.arg("--").args(&spec.command);
     }
@@ -108,7 +118,11 @@ pub fn launch(spec: &ZygoteSpec) -> Result<Launch, StartError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|source| StartError::Exec {
+    let spawned = match &spec.model_memfd {
+        Some(memfd) => spawn_inheriting(&mut cmd, memfd.fd()),
+        None => cmd.spawn(),
+    };
+    let mut child = spawned.map_err(|source| StartError::Exec {
         exe: exe.clone(),
         source,
     })?;
@@ -135,6 +149,20 @@ pub fn launch(spec: &ZygoteSpec) -> Result<Launch, StartError> {
         timeout: spec.start_timeout,
         socket: socket(&spec.runtime_dir),
     })
+}
+
+/// Spawns `cmd` with `fd` inherited at its own number: close-on-exec is cleared for the spawn
+/// and set again after it. The supervisor is single-threaded, so no other exec can see the fd
+/// meanwhile; this keeps `pre_exec` (and its `unsafe`) out of the supervisor.
+fn spawn_inheriting(cmd: &mut Command, fd: BorrowedFd<'_>) -> std::io::Result<std::process::Child> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    let child = cmd.spawn();
+    if let Err(e) = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+        // The zygote is the only program this process execs, and it takes the fd anyway.
+        log::warn!("setting close-on-exec again on the model memfd: {e}");
+    }
+    child
 }
 
 impl Launch {

@@ -165,6 +165,9 @@ pub enum Request {
     /// Ask for what is kept for `device`: a worker while no owner is up, or a new owner that
     /// adopts the generation instead of building it again.
     FetchWeights { id: u64, device: u32 },
+    /// Drop every kept generation (the service sleeps: once no owner and no worker maps them,
+    /// their memory is freed). Answered `ok`.
+    ReleaseWeights { id: u64 },
 }
 
 /// The zygote's answers.
@@ -443,14 +446,27 @@ pub enum AdminRequest {
     Stop {
         id: u64,
     },
-    /// Roll the workers, as SIGHUP does.
+    /// Roll the workers, as SIGHUP does; with `model`, serve that model file from now on: a
+    /// new zygote loads and validates it, a new owner generation exports it, and the workers
+    /// roll onto it (the progress and any error in [`ServiceStatus::reload`]).
     Reload {
         id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     /// Run `workers` workers from now on (1 to 256), as SIGTTIN and SIGTTOU do one at a time.
     Scale {
         id: u64,
         workers: u32,
+    },
+    /// Drain every worker, then the owners, keeping the zygote (its sealed model memfd) and the
+    /// listeners: the service holds no compute copy and no worker until it wakes.
+    Sleep {
+        id: u64,
+    },
+    /// Start the owners and the workers again after a sleep (nothing to do when awake).
+    Wake {
+        id: u64,
     },
 }
 
@@ -486,6 +502,22 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub workers: u32,
     pub processes: Vec<ProcessStatus>,
+    /// The last `reload --model`, if any.
+    #[serde(default)]
+    pub reload: Option<ModelReload>,
+}
+
+/// The progress of a `reload --model`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelReload {
+    /// The model file asked for.
+    pub model: String,
+    /// `loading` (a new zygote validates it), `owners` (the old owners drain, the new ones
+    /// start), `rolling` (the workers roll onto it), `done`, or `failed`.
+    pub state: String,
+    /// Why it failed (the old model keeps serving).
+    pub error: Option<String>,
 }
 
 /// One process of a service.
@@ -507,6 +539,12 @@ pub struct ProcessStatus {
     pub rss_kib: Option<u64>,
     pub age_ms: u64,
     pub served: Option<u64>,
+    /// The weights' generation it serves (owners and workers, once ready).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    /// The model file of that generation.
+    #[serde(default)]
+    pub model: Option<String>,
     /// Why this slot's children were replaced so far.
     #[serde(default)]
     pub restart_reasons: RestartReasons,

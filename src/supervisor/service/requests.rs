@@ -21,8 +21,31 @@ impl<E: Effects> Service<E> {
                 self.begin_stop();
                 AdminResponse::Ok { id }
             }
-            AdminRequest::Reload { id } => {
+            AdminRequest::Reload { id, model: None } => {
                 self.roll("reload requested");
+                AdminResponse::Ok { id }
+            }
+            AdminRequest::Reload {
+                id,
+                model: Some(model),
+            } => match self.reload_model(model.into()) {
+                Ok(()) => AdminResponse::Ok { id },
+                Err(message) => AdminResponse::Error {
+                    id: Some(id),
+                    code: ErrorCode::BadRequest,
+                    message,
+                },
+            },
+            AdminRequest::Sleep { id } => match self.sleep("sleep requested") {
+                Ok(()) => AdminResponse::Ok { id },
+                Err(message) => AdminResponse::Error {
+                    id: Some(id),
+                    code: ErrorCode::BadRequest,
+                    message,
+                },
+            },
+            AdminRequest::Wake { id } => {
+                self.wake("wake requested");
                 AdminResponse::Ok { id }
             }
             AdminRequest::Scale { id, workers } => match self.scale(workers, "scale requested") {
@@ -101,6 +124,7 @@ impl<E: Effects> Service<E> {
         }
         self.phase = Phase::Stopping;
         self.pending_rolls.clear();
+        self.fx.watch_listeners(false);
         self.fx.notify(Notify::Stopping);
         // Before any worker is told to drain: nothing may be queued behind the workers' last
         // accept, or closing the listeners would reset it (see gate.rs).

@@ -39,6 +39,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         allow_uids: Vec::new(),
         recycle: Default::default(),
         metrics: None,
+        idle_sleep: None,
     }
 }
 
@@ -1032,4 +1033,296 @@ fn the_manager_hears_ready_once_all_serve_reloading_for_a_roll_and_stopping() {
     );
     h.svc.input(Input::Signal(Signal::SIGTERM));
     assert_eq!(h.svc.fx.notes, [Notify::Stopping]);
+}
+
+/// Sleeps `h` by an admin request and lets every child of the sleep exit.
+fn asleep(h: &mut Harness) {
+    let resp = h
+        .svc
+        .input(Input::Admin(AdminConn(1), AdminRequest::Sleep { id: 3 }));
+    assert_eq!(resp, Some((AdminConn(1), AdminResponse::Ok { id: 3 })));
+    let calls = h.svc.fx.take();
+    let drains: Vec<Call> = h.workers.iter().map(|w| Call::Drain(*w)).collect();
+    assert_eq!(calls, drains, "every worker drains, the owner not yet");
+    assert_eq!(h.svc.phase, Phase::Asleep);
+    assert!(h.svc.fx.watching, "the listeners are watched while asleep");
+    assert_eq!(
+        h.svc.fx.notes.last(),
+        Some(&crate::supervisor::effects::Notify::Status(
+            "asleep: no owner or worker; a connection wakes it".into()
+        ))
+    );
+    for w in h.workers.clone() {
+        h.dies(w, Exit::Code(0));
+    }
+    let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(calls, [Call::Drain(h.owner)], "then the owner drains");
+    assert!(
+        !calls.contains(&Call::CloseListeners),
+        "the listeners stay open"
+    );
+    h.dies(h.owner, Exit::Code(0));
+    assert!(h.svc.procs.is_empty());
+    assert_eq!(
+        h.tick_after(Duration::ZERO),
+        [Call::ReleaseWeights],
+        "then the zygote drops the weights it keeps"
+    );
+    let calls = h.tick_after(Duration::from_secs(60));
+    assert!(
+        calls.is_empty(),
+        "asleep, nothing is restarted and the zygote stays: {calls:?}"
+    );
+}
+
+/// Wakes `h` by `input` and checks the owner, then every worker, is spawned again.
+fn wakes(h: &mut Harness, input: Input) {
+    h.svc.input(input);
+    let calls = h.svc.fx.take();
+    let owners = spawned(&calls, Role::Owner(0));
+    assert_eq!(owners.len(), 1, "a wake starts the owner: {calls:?}");
+    assert_eq!(h.svc.phase, Phase::Starting);
+    assert!(!h.svc.fx.watching, "awake, the workers accept");
+    h.svc.fx.advance(Duration::from_millis(40));
+    h.svc.input(Input::Message(owners[0], ready("")));
+    let calls = h.svc.fx.take();
+    let workers: Vec<i32> = (0..h.workers.len() as u32)
+        .map(|w| spawned(&calls, Role::Worker(WorkerId(w)))[0])
+        .collect();
+    for &w in &workers {
+        h.svc.input(Input::Message(w, ready("")));
+    }
+    assert_eq!(h.svc.phase, Phase::Running);
+    assert!(
+        h.svc.fx.logged(
+            Level::Info,
+            "awake: every worker serves 40 ms after the wake"
+        ),
+        "{:?}",
+        h.svc.fx.logs
+    );
+    (h.owner, h.workers) = (owners[0], workers);
+}
+
+#[test]
+fn sleep_drains_the_workers_then_the_owner_and_wake_starts_them_again() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    asleep(&mut h);
+    assert_eq!(h.svc.status().processes[0].state, "asleep");
+    wakes(
+        &mut h,
+        Input::Admin(AdminConn(2), AdminRequest::Wake { id: 4 }),
+    );
+    // A second sleep works the same way, and the first connection wakes it.
+    asleep(&mut h);
+    wakes(&mut h, Input::Connection);
+    assert_eq!(
+        reasons(&h, Role::Worker(WorkerId(0))),
+        RestartReasons::default(),
+        "sleeping is not a restart"
+    );
+}
+
+#[test]
+fn a_wake_while_children_still_drain_waits_for_the_last_one() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    h.svc
+        .input(Input::Admin(AdminConn(1), AdminRequest::Sleep { id: 1 }));
+    h.svc.fx.take();
+    h.svc.input(Input::Connection);
+    assert!(
+        h.svc.fx.take().is_empty(),
+        "no owner beside the draining one"
+    );
+    h.dies(h.workers[0], Exit::Code(0));
+    assert_eq!(h.tick_after(Duration::ZERO), [Call::Drain(h.owner)]);
+    h.dies(h.owner, Exit::Code(0));
+    let calls = h.tick_after(Duration::ZERO);
+    assert_eq!(calls[0], Call::ReleaseWeights);
+    assert_eq!(
+        spawned(&calls, Role::Owner(0)).len(),
+        1,
+        "woken once the old owner is gone: {calls:?}"
+    );
+}
+
+#[test]
+fn idle_sleep_sleeps_after_that_long_without_a_request_and_not_before() {
+    let cfg = Config {
+        idle_sleep: Some(Duration::from_secs(10)),
+        ..config(1, Duration::from_secs(30))
+    };
+    let mut h = Harness::running_with(cfg, Fake::default(), "");
+    let w = h.workers[0];
+    h.tick_after(Duration::from_secs(6));
+    served(&mut h, w, 3);
+    assert!(h.tick_after(Duration::from_secs(6)).is_empty());
+    served(&mut h, w, 3);
+    assert_eq!(h.svc.phase, Phase::Running, "a request 6 s ago");
+    assert_eq!(h.tick_after(Duration::from_secs(4)), [Call::Drain(w)]);
+    assert_eq!(h.svc.phase, Phase::Asleep);
+    assert!(h
+        .svc
+        .fx
+        .logged(Level::Info, "no request for 10 s (--idle-sleep)"));
+}
+
+#[test]
+fn sleep_is_refused_while_starting_or_stopping_and_a_stop_while_asleep_ends_the_service() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    asleep(&mut h);
+    h.svc.input(Input::Signal(Signal::SIGTERM));
+    assert!(!h.svc.fx.watching);
+    h.tick_after(Duration::ZERO);
+    assert!(h.svc.done(), "nothing is left to drain");
+    let resp = h
+        .svc
+        .input(Input::Admin(AdminConn(1), AdminRequest::Sleep { id: 9 }));
+    assert!(
+        matches!(
+            resp,
+            Some((
+                _,
+                AdminResponse::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            ))
+        ),
+        "{resp:?}"
+    );
+}
+
+fn reload(h: &mut Harness, model: &str) -> Option<(AdminConn, AdminResponse)> {
+    h.svc.input(Input::Admin(
+        AdminConn(5),
+        AdminRequest::Reload {
+            id: 11,
+            model: Some(model.into()),
+        },
+    ))
+}
+
+fn reload_state(h: &Harness) -> (String, Option<String>) {
+    let r = h.svc.status().reload.expect("a reload is shown");
+    (r.state, r.error)
+}
+
+#[test]
+fn a_reload_with_a_model_replaces_the_zygote_then_the_owner_then_rolls_every_worker() {
+    let mut h = Harness::running(2, Duration::from_secs(30), "");
+    let (w0, w1) = (h.workers[0], h.workers[1]);
+    assert_eq!(
+        reload(&mut h, "/models/b.safetensors"),
+        Some((AdminConn(5), AdminResponse::Ok { id: 11 }))
+    );
+    assert_eq!(
+        h.svc.fx.take(),
+        [
+            Call::PrepareModel("/models/b.safetensors".into()),
+            Call::RetireZygote(h.zygote),
+            Call::LaunchZygote
+        ]
+    );
+    assert_eq!(reload_state(&h).0, "loading");
+    // The old owner and workers serve on while the new zygote loads.
+    assert!(h.tick_after(Duration::from_secs(1)).is_empty());
+    let z = crate::supervisor::effects::ZygoteInfo {
+        pid: 900,
+        started: h.svc.fx.now,
+    };
+    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    assert_eq!(
+        h.svc.fx.take(),
+        [Call::Drain(h.owner)],
+        "the old owner drains"
+    );
+    assert_eq!(h.svc.status().model, "/models/b.safetensors");
+    assert!(
+        h.tick_after(Duration::ZERO).is_empty(),
+        "no new owner beside the old one"
+    );
+    h.dies(h.owner, Exit::Code(0));
+    let calls = h.tick_after(Duration::ZERO);
+    let owner = spawned(&calls, Role::Owner(0));
+    assert_eq!(owner.len(), 1, "a new owner, a new generation: {calls:?}");
+    assert_eq!(reload_state(&h).0, "owners");
+    h.svc.input(Input::Message(
+        owner[0],
+        ChildMessage::Ready {
+            pid: 0,
+            generation: Some(2),
+            weights: None,
+            detail: "owner".into(),
+        },
+    ));
+    assert_eq!(reload_state(&h).0, "rolling");
+    let calls = h.tick_after(Duration::ZERO);
+    let new: Vec<i32> = [0, 1]
+        .map(|w| spawned(&calls, Role::Worker(WorkerId(w)))[0])
+        .to_vec();
+    for (&n, old) in new.iter().zip([w0, w1]) {
+        let ready = ChildMessage::Ready {
+            pid: 0,
+            generation: Some(2),
+            weights: None,
+            detail: String::new(),
+        };
+        h.svc.input(Input::Message(n, ready));
+        assert_eq!(
+            h.svc.fx.take(),
+            [Call::Drain(old)],
+            "each old one drains after"
+        );
+    }
+    h.tick_after(Duration::ZERO);
+    assert_eq!(reload_state(&h), ("done".into(), None));
+    let s = h.svc.status();
+    let served: Vec<(Option<u64>, Option<String>)> = s
+        .processes
+        .iter()
+        .filter(|p| p.role == "worker" && p.state == "serving")
+        .map(|p| (p.generation, p.model.clone()))
+        .collect();
+    assert_eq!(
+        served,
+        vec![(Some(2), Some("/models/b.safetensors".to_string())); 2],
+        "{s:?}"
+    );
+}
+
+#[test]
+fn a_reload_the_new_zygote_refuses_leaves_the_old_model_serving_and_says_why() {
+    let mut h = Harness::running(1, Duration::from_secs(30), "");
+    reload(&mut h, "/models/bad.safetensors");
+    h.svc.fx.take();
+    h.svc.input(Input::ZygoteStarted(Err(
+        "the zygote exited before it was ready (exit code 1)".into(),
+    )));
+    assert_eq!(
+        h.svc.fx.take(),
+        [Call::LaunchZygote],
+        "a zygote on the old model again, at once"
+    );
+    let (state, error) = reload_state(&h);
+    assert_eq!(state, "failed");
+    assert!(error.is_some_and(|e| e.contains("exit code 1")));
+    assert_eq!(h.svc.status().model, "model.safetensors");
+    assert_eq!(h.svc.zygote_restarts.restarts, 0, "not a crash");
+    assert!(h.svc.procs.contains_key(&h.owner) && h.svc.procs.contains_key(&h.workers[0]));
+    let z = crate::supervisor::effects::ZygoteInfo {
+        pid: 901,
+        started: h.svc.fx.now,
+    };
+    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    // A missing file is refused at once, with nothing touched.
+    let resp = reload(&mut h, "/nowhere/missing");
+    assert!(
+        matches!(&resp, Some((_, AdminResponse::Error { message, .. })) if message.contains("not found")),
+        "{resp:?}"
+    );
+    assert_eq!(
+        h.svc.fx.take(),
+        [Call::PrepareModel("/nowhere/missing".into())]
+    );
 }

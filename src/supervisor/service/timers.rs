@@ -22,7 +22,11 @@ impl<E: Effects> Service<E> {
         if self.phase == Phase::Stopping {
             return self.tick_stopping(now);
         }
+        if self.phase == Phase::Asleep {
+            return self.tick_asleep(now);
+        }
         self.tick_running(now);
+        self.check_idle(now);
         self.tell_manager();
     }
 
@@ -31,6 +35,7 @@ impl<E: Effects> Service<E> {
             self.restart_due_slots(now);
             self.spawn_rolls();
         }
+        self.advance_reload();
         let timeout = self.cfg.timeout;
         let kills: Vec<(i32, policy::Overdue)> = self
             .procs
@@ -60,6 +65,9 @@ impl<E: Effects> Service<E> {
     /// The outcome of a launched zygote.
     pub(super) fn zygote_started(&mut self, result: Result<ZygoteInfo, String>) {
         self.zygote_launching = false;
+        if self.reload_zygote_started(&result) {
+            return;
+        }
         match result {
             Ok(z) => {
                 self.zygote = Some(z);
@@ -73,7 +81,7 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    fn zygote_start_failed(&mut self, now: Instant, e: String) {
+    pub(super) fn zygote_start_failed(&mut self, now: Instant, e: String) {
         match self.zygote_restarts.start_failed() {
             ZygoteRestart::CrashLoop { .. } => {
                 self.fatal(format!("the zygote cannot be restarted: {e}"))

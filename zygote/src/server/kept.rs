@@ -29,6 +29,14 @@ impl KeptWeights {
         Some(dups.map(|d| (manifest.clone(), d)))
     }
 
+    /// Drops everything kept; returns the generations dropped.
+    pub fn release(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.by_device)
+            .into_values()
+            .map(|(m, _)| m.generation)
+            .collect()
+    }
+
     /// What `status` shows: `(device, generation, ipc)`.
     pub fn describe(&self) -> Vec<(u32, u64, String)> {
         self.by_device

@@ -94,6 +94,14 @@ impl Server {
                 self.await_fds(t, Pending::new(id, fds as usize, what));
             }
             Request::FetchWeights { id, device } => self.fetch_weights(t, id, device),
+            Request::ReleaseWeights { id } => {
+                if !self.authorized(t, id, Action::ReleaseWeights, 0) {
+                    return;
+                }
+                let gone = self.kept.release();
+                log::info!("released the kept weights (generations {gone:?})");
+                self.send(t, &Response::Ok { id });
+            }
         }
     }
 

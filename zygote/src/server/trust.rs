@@ -106,6 +106,7 @@ pub enum Action {
     },
     Shutdown,
     FetchWeights,
+    ReleaseWeights,
     /// `keep_weights` for `device`; `owner_of` is the device of the live owner child the peer
     /// is, if it is one.
     KeepWeights {
@@ -138,6 +139,7 @@ pub fn authorize(peer: &Peer, action: Action, target: i32) -> Result<(), Denied>
         Action::Spawn { owner: true } => service_only("spawn the owner"),
         Action::Shutdown => service_only("shut the zygote down"),
         Action::FetchWeights => service_only("fetch the kept weights"),
+        Action::ReleaseWeights => service_only("release the kept weights"),
         Action::Signal { requester } => match peer.standing {
             Standing::Service => Ok(()),
             Standing::Allowed if requester == peer.uid => Ok(()),
@@ -262,6 +264,7 @@ mod tests {
             Action::Spawn { owner: true },
             Action::Shutdown,
             Action::FetchWeights,
+            Action::ReleaseWeights,
         ] {
             assert!(
                 matches!(
@@ -281,6 +284,7 @@ mod tests {
             Action::Signal { requester: GUEST },
             Action::Shutdown,
             Action::FetchWeights,
+            Action::ReleaseWeights,
         ] {
             assert_eq!(authorize(&service, ok, 5), Ok(()), "{ok:?}");
         }
