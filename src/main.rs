@@ -54,6 +54,12 @@ fn start(
     if entry == "exec" && args.command.is_empty() {
         anyhow::bail!("--entry exec needs a command after --");
     }
+    if args.spares > 0 && args.workers == 0 {
+        anyhow::bail!(
+            "--spares {} needs workers to stand in for (--workers is 0)",
+            args.spares
+        );
+    }
     let cfg = supervisor::Config {
         runtime_dir: paths::runtime_dir(&args.runtime_dir),
         model,
@@ -73,6 +79,7 @@ fn start(
             max_rss_mib: args.max_rss,
         },
         metrics: args.metrics,
+        spares: args.spares,
     };
     supervisor::run(cfg, activated.listeners)
 }

@@ -311,6 +311,7 @@ mod tests {
             args: vec!["--x".into()],
             listeners: 1,
             device: None,
+            spare: false,
         };
         let bytes = encode(&req).unwrap();
         let len = check_len(bytes[..4].try_into().unwrap()).unwrap();

@@ -39,6 +39,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         allow_uids: Vec::new(),
         recycle: Default::default(),
         metrics: None,
+        spares: 0,
     }
 }
 
@@ -1033,3 +1034,5 @@ fn the_manager_hears_ready_once_all_serve_reloading_for_a_roll_and_stopping() {
     h.svc.input(Input::Signal(Signal::SIGTERM));
     assert_eq!(h.svc.fx.notes, [Notify::Stopping]);
 }
+
+mod spares;

@@ -56,6 +56,7 @@ impl Server {
                 args,
                 listeners,
                 device,
+                spare,
             } => {
                 let what = Awaiting::Spawn {
                     entry,
@@ -63,6 +64,7 @@ impl Server {
                     args,
                     listeners,
                     device,
+                    spare,
                 };
                 self.await_spawn_fds(t, id, listeners, what)
             }
@@ -106,6 +108,7 @@ impl Server {
                 args,
                 listeners,
                 device,
+                spare,
             } => self.spawn(
                 t,
                 p.id,
@@ -115,6 +118,7 @@ impl Server {
                     args,
                     listeners,
                     device,
+                    spare,
                     fds: p.fds,
                 },
             ),
@@ -331,6 +335,7 @@ impl Server {
             model_path: self.cfg.model.path().to_path_buf(),
             model_digest: self.cfg.model.digest().to_string(),
             device: req.device,
+            spare: req.spare,
         };
         let Some(entry) = self.cfg.entries.get(&req.entry) else {
             return;
@@ -458,5 +463,6 @@ struct SpawnRequest {
     args: Vec<String>,
     listeners: u32,
     device: Option<u32>,
+    spare: bool,
     fds: Vec<OwnedFd>,
 }
