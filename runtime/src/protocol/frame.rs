@@ -321,6 +321,38 @@ mod tests {
     }
 
     #[test]
+    fn a_spare_spawn_and_activate_are_on_the_wire_as_the_protocol_shows_them() {
+        use super::super::ParentMessage;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let activate = encode(&ParentMessage::Activate {
+            worker: WorkerId(0),
+        })
+        .unwrap();
+        assert_eq!(
+            hex(&activate),
+            "0000001aa3617601647479706568616374697661746566776f726b657200"
+        );
+        let spawn = |spare| Request::Spawn {
+            id: 1,
+            entry: "app".into(),
+            worker: WorkerId(1000),
+            args: vec![],
+            listeners: 1,
+            device: Some(0),
+            spare,
+        };
+        let plain = encode(&spawn(false)).unwrap();
+        assert!(
+            !hex(&plain).contains(&hex(b"spare")),
+            "no `spare` key unless it is true: older zygotes refuse unknown fields"
+        );
+        let bytes = encode(&spawn(true)).unwrap();
+        assert!(hex(&bytes).contains(&(hex(b"\x65spare") + "f5")));
+        let back: Request = decode(&bytes[4..]).unwrap();
+        assert_eq!(back, spawn(true));
+    }
+
+    #[test]
     fn oversized_frames_are_refused_before_allocating() {
         let err = check_len(((MAX_FRAME + 1) as u32).to_be_bytes()).unwrap_err();
         assert!(matches!(err, ProtocolError::FrameTooLarge { .. }));

@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""kill -9 of a worker -> first answer of its replacement, without and with warm spares
+(scripts/bench-spares.sh runs it; standard library only).
+
+    spares.py --zygote BIN --model DIR --log-dir DIR [--workers N] [--spares K]
+              [--kills R] [--clients C] [--json OUT]
+
+Loopback only, bounded: every wait has a deadline and each service is stopped (then its
+session killed) on the way out.
+
+For each of two services in turn, `--spares 0` then `--spares K` (the same binary, model,
+workers and load), it:
+
+1. starts `zygote start --backend host` on a free 127.0.0.1 port in a temporary runtime
+   directory, and waits until every worker serves (and every spare is ready);
+2. runs a load of C client threads (keep-alive POST /embed of one text) and two probe
+   threads (fresh-connection GET /healthz in a loop), each answer stamped with the time it
+   arrived and its X-Worker-Pid;
+3. R times: waits for the service to be whole (workers serving, spares ready) and 1.5 s
+   more (the spares' refill delay is 1 s), kills worker 0 with SIGKILL, and measures the time
+   from the kill to the first answer from a pid that was not a worker before the kill (the
+   replacement: a fresh worker, or the activated spare), and counts failed requests.
+
+Prints one row per configuration: the kill -> first answer figures (median, min, max, in
+ms), the failed requests, the answers served.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PID_HEADER = "X-Worker-Pid"
+TIMEOUT = 60.0
+REFILL_MARGIN = 1.5
+
+
+def log(msg):
+    print(f"bench-spares: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Service:
+    """One `zygote start` in its own session and runtime directory."""
+
+    def __init__(self, args, spares, log_dir):
+        self.args = args
+        self.spares = spares
+        self.port = free_port()
+        self.runtime_dir = tempfile.mkdtemp(prefix="zygote-spares-rt.")
+        os.chmod(self.runtime_dir, 0o700)
+        path = os.path.join(log_dir, f"service-spares-{spares}.log")
+        cmd = [
+            args.zygote,
+            "start",
+            "--model",
+            args.model,
+            "--workers",
+            str(args.workers),
+            "--spares",
+            str(spares),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--runtime-dir",
+            self.runtime_dir,
+            "--backend",
+            "host",
+        ]
+        with open(path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def status(self):
+        try:
+            out = subprocess.run(
+                [self.args.zygote, "status", "--runtime-dir", self.runtime_dir, "--json"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        if out.returncode != 0:
+            return None
+        try:
+            return json.loads(out.stdout)
+        except ValueError:
+            return None
+
+    def whole(self):
+        """The status when every worker serves and every spare is ready, else None."""
+        s = self.status()
+        if s is None:
+            return None
+        procs = s.get("processes", [])
+        workers = [p for p in procs if p["role"] == "worker" and p["state"] == "serving"]
+        spares = [p for p in procs if p["role"] == "spare" and p["state"] == "ready"]
+        starting = [p for p in procs if p["state"] in ("starting", "draining")]
+        ok = (
+            len(workers) == self.args.workers
+            and len(spares) == self.spares
+            and not starting
+        )
+        return s if ok else None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_until(pred, timeout, step=0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() >= deadline:
+            return v
+        time.sleep(step)
+
+
+class Load:
+    """Client threads; every answer is kept as (arrival time, pid), every failure counted."""
+
+    def __init__(self, port, clients):
+        self.port = port
+        self.answers = []
+        self.failed = 0
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.threads = [
+            threading.Thread(target=self.embed_client, daemon=True) for _ in range(clients)
+        ] + [threading.Thread(target=self.probe, daemon=True) for _ in range(2)]
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def stop(self):
+        self.done.set()
+        for t in self.threads:
+            t.join(timeout=TIMEOUT)
+
+    def record(self, resp):
+        pid = resp.getheader(PID_HEADER)
+        resp.read()
+        now = time.monotonic()
+        with self.lock:
+            if resp.status == 200 and pid is not None:
+                self.answers.append((now, int(pid)))
+            else:
+                self.failed += 1
+
+    def fail(self):
+        with self.lock:
+            self.failed += 1
+
+    def embed_client(self):
+        body = json.dumps({"input": "A zygote forks workers that share one copy of the weights."})
+        conn = None
+        while not self.done.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+                conn.request("POST", "/embed", body, {"Content-Type": "application/json"})
+                self.record(conn.getresponse())
+            except (OSError, http.client.HTTPException):
+                self.fail()
+                if conn is not None:
+                    conn.close()
+                conn = None
+
+    def probe(self):
+        while not self.done.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+                conn.request("GET", "/healthz")
+                self.record(conn.getresponse())
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                self.fail()
+
+    def first_answer_after(self, t0, old_pids):
+        with self.lock:
+            for t, pid in self.answers:
+                if t >= t0 and pid not in old_pids:
+                    return t
+        return None
+
+    def snapshot(self):
+        with self.lock:
+            return len(self.answers), self.failed
+
+
+def measure(args, spares, log_dir):
+    svc = Service(args, spares, log_dir)
+    figures = []
+    try:
+        if not wait_until(svc.whole, 120):
+            raise SystemExit(f"the service with --spares {spares} did not start")
+        load = Load(svc.port, args.clients)
+        load.start()
+        failed_before = 0
+        try:
+            for i in range(args.kills):
+                s = wait_until(svc.whole, TIMEOUT)
+                if not s:
+                    raise SystemExit(f"--spares {spares}: not whole again after kill {i}")
+                time.sleep(REFILL_MARGIN)
+                s = wait_until(svc.whole, TIMEOUT)
+                workers = [p for p in s["processes"] if p["role"] == "worker"]
+                old = {p["pid"] for p in workers}
+                victim = next(p["pid"] for p in workers if p["slot"] == 0)
+                _, failed_before = load.snapshot()
+                t0 = time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                t1 = wait_until(lambda: load.first_answer_after(t0, old), TIMEOUT, step=0.001)
+                if t1 is None:
+                    raise SystemExit(f"--spares {spares}: no answer from a replacement")
+                ms = (t1 - t0) * 1000
+                _, failed_after = load.snapshot()
+                figures.append({"ms": ms, "failed": failed_after - failed_before})
+                log(f"--spares {spares}: kill {i + 1}: first answer of the replacement "
+                    f"after {ms:.1f} ms, {failed_after - failed_before} failed")
+        finally:
+            load.stop()
+        answered, failed = load.snapshot()
+    finally:
+        svc.stop()
+    return {"spares": spares, "kills": figures, "answered": answered, "failed": failed}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zygote", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--log-dir", required=True)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--spares", type=int, default=1)
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    results = [measure(args, k, args.log_dir) for k in (0, args.spares)]
+    print(f"kill -9 of worker 0 -> first answer of its replacement; {args.workers} workers, "
+          f"{args.clients} clients + 2 probes, {args.kills} kills each, host backend")
+    print(f"{'spares':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} "
+          f"{'failed':>7} {'answered':>9}")
+    for r in results:
+        ms = [k["ms"] for k in r["kills"]]
+        print(f"{r['spares']:>6} {statistics.median(ms):>10.1f} {min(ms):>8.1f} "
+              f"{max(ms):>8.1f} {r['failed']:>7} {r['answered']:>9}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
