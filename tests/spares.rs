@@ -89,11 +89,22 @@ fn a_spare_answers_nothing_until_a_killed_worker_leaves_it_the_slot_and_the_pool
     }
 }
 
+/// The metrics address a service logged (`--metrics 127.0.0.1:0` picks a free port).
+fn metrics_addr(svc: &Service) -> std::net::SocketAddr {
+    wait_for(CHANGE_TIMEOUT, "the metrics address in the log", || {
+        let log = std::fs::read_to_string(&svc.log).ok()?;
+        let rest = log.split("serving metrics on http://").nth(1)?;
+        rest.split("/metrics").next()?.parse().ok()
+    })
+}
+
 #[test]
-fn spares_drain_with_the_service_and_a_roll_replaces_them() {
+fn spares_show_in_metrics_a_roll_replaces_them_and_a_stop_drains_them() {
     let svc = Service::start(ServiceOptions {
         workers: 1,
-        args: ["--spares", "2"].map(String::from).to_vec(),
+        args: ["--spares", "2", "--metrics", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec(),
         ..ServiceOptions::default()
     });
     let first: Vec<i32> = wait_for(CHANGE_TIMEOUT, "two ready spares", || {
@@ -105,6 +116,14 @@ fn spares_drain_with_the_service_and_a_roll_replaces_them() {
             .collect();
         (ready.len() == 2).then_some(ready)
     });
+    let metrics = metrics_addr(&svc);
+    let r = http(metrics, "GET", "/metrics", None, REQUEST_TIMEOUT).expect("GET /metrics");
+    assert!(
+        r.body.contains("zygote_spares{state=\"ready\"} 2\n")
+            && r.body.contains("zygote_workers{state=\"serving\"} 1\n"),
+        "{}",
+        r.body
+    );
     svc.signal(Signal::SIGHUP);
     wait_until(CHANGE_TIMEOUT, "two new spares after the roll", || {
         svc.try_status().is_some_and(|s| {

@@ -117,11 +117,7 @@ class Service:
         workers = [p for p in procs if p["role"] == "worker" and p["state"] == "serving"]
         spares = [p for p in procs if p["role"] == "spare" and p["state"] == "ready"]
         starting = [p for p in procs if p["state"] in ("starting", "draining")]
-        ok = (
-            len(workers) == self.args.workers
-            and len(spares) == self.spares
-            and not starting
-        )
+        ok = len(workers) == self.args.workers and len(spares) == self.spares and not starting
         return s if ok else None
 
     def stop(self):
@@ -242,14 +238,18 @@ def measure(args, spares, log_dir):
                 _, failed_before = load.snapshot()
                 t0 = time.monotonic()
                 os.kill(victim, signal.SIGKILL)
-                t1 = wait_until(lambda: load.first_answer_after(t0, old), TIMEOUT, step=0.001)
+                t1 = wait_until(
+                    lambda t0=t0, old=old: load.first_answer_after(t0, old), TIMEOUT, step=0.001
+                )
                 if t1 is None:
                     raise SystemExit(f"--spares {spares}: no answer from a replacement")
                 ms = (t1 - t0) * 1000
                 _, failed_after = load.snapshot()
                 figures.append({"ms": ms, "failed": failed_after - failed_before})
-                log(f"--spares {spares}: kill {i + 1}: first answer of the replacement "
-                    f"after {ms:.1f} ms, {failed_after - failed_before} failed")
+                log(
+                    f"--spares {spares}: kill {i + 1}: first answer of the replacement "
+                    f"after {ms:.1f} ms, {failed_after - failed_before} failed"
+                )
         finally:
             load.stop()
         answered, failed = load.snapshot()
@@ -270,14 +270,19 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     results = [measure(args, k, args.log_dir) for k in (0, args.spares)]
-    print(f"kill -9 of worker 0 -> first answer of its replacement; {args.workers} workers, "
-          f"{args.clients} clients + 2 probes, {args.kills} kills each, host backend")
-    print(f"{'spares':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} "
-          f"{'failed':>7} {'answered':>9}")
+    print(
+        f"kill -9 of worker 0 -> first answer of its replacement; {args.workers} workers, "
+        f"{args.clients} clients + 2 probes, {args.kills} kills each, host backend"
+    )
+    print(
+        f"{'spares':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'failed':>7} {'answered':>9}"
+    )
     for r in results:
         ms = [k["ms"] for k in r["kills"]]
-        print(f"{r['spares']:>6} {statistics.median(ms):>10.1f} {min(ms):>8.1f} "
-              f"{max(ms):>8.1f} {r['failed']:>7} {r['answered']:>9}")
+        print(
+            f"{r['spares']:>6} {statistics.median(ms):>10.1f} {min(ms):>8.1f} "
+            f"{max(ms):>8.1f} {r['failed']:>7} {r['answered']:>9}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -41,12 +41,15 @@ impl<E: Effects> Service<E> {
             say!(self.fx, Warn, "{why}: not rolling while {:?}", self.phase);
             return;
         }
+        let spares = match self.cfg.spares {
+            0 => String::new(),
+            k => format!(" and {k} spares"),
+        };
         say!(
             self.fx,
             Info,
-            "{why}: rolling {} workers and {} spares",
-            self.cfg.workers,
-            self.cfg.spares
+            "{why}: rolling {} workers{spares}",
+            self.cfg.workers
         );
         self.reloading = true;
         let status = self.status_line();
