@@ -452,6 +452,9 @@ impl Worker {
                 Some(ParentMessage::Activate { worker }) => {
                     self.info.spare = false;
                     self.info.worker = worker;
+                    // Its lines name the slot it serves from now on (its process title still
+                    // shows the spawn's id).
+                    crate::logging::set_tag(&format!("worker {worker}"));
                     return Ok(Activation::Serve);
                 }
                 Some(ParentMessage::Drain { .. }) => return Ok(Activation::Drained),
