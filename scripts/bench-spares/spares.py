@@ -22,7 +22,9 @@ workers and load), it:
    replacement: a fresh worker, or the activated spare), and counts failed requests.
 
 Prints one row per configuration: the kill -> first answer figures (median, min, max, in
-ms), the failed requests, the answers served.
+ms), the supervisor's own view from its log (death seen -> the replacement's `ready`, or
+the spare's activation: when the slot can accept again), the failed requests, the answers
+served.
 """
 
 import argparse
@@ -65,6 +67,7 @@ class Service:
         self.runtime_dir = tempfile.mkdtemp(prefix="zygote-spares-rt.")
         os.chmod(self.runtime_dir, 0o700)
         path = os.path.join(log_dir, f"service-spares-{spares}.log")
+        self.log_path = path
         cmd = [
             args.zygote,
             "start",
@@ -216,6 +219,37 @@ class Load:
             return len(self.answers), self.failed
 
 
+def stamp(line):
+    """Seconds since midnight of a log line's `HH:MM:SS.mmm` stamp, or None."""
+    try:
+        h, m, rest = line.split(" ", 1)[0].split(":")
+        return int(h) * 3600 + int(m) * 60 + float(rest)
+    except ValueError:
+        return None
+
+
+def supervisor_view(path):
+    """From the service log: for each death of worker 0 while serving, the ms until its slot
+    could accept again, as the supervisor saw it (a replacement's `ready`, or a spare's
+    activation)."""
+    out, died = [], None
+    with open(path, errors="replace") as f:
+        for line in f:
+            if "[supervisor" not in line:
+                continue
+            t = stamp(line)
+            if "worker 0 (pid" in line and "died while serving" in line:
+                died = t
+            elif died is not None and (
+                ("] worker 0 (pid" in line and ") ready in " in line)
+                or "] worker 0: spare" in line
+                and "activated" in line
+            ):
+                out.append((t - died) * 1000)
+                died = None
+    return out
+
+
 def measure(args, spares, log_dir):
     svc = Service(args, spares, log_dir)
     figures = []
@@ -255,7 +289,14 @@ def measure(args, spares, log_dir):
         answered, failed = load.snapshot()
     finally:
         svc.stop()
-    return {"spares": spares, "kills": figures, "answered": answered, "failed": failed}
+    seen = supervisor_view(svc.log_path)
+    return {
+        "spares": spares,
+        "kills": figures,
+        "supervisor_ms": seen,
+        "answered": answered,
+        "failed": failed,
+    }
 
 
 def main():
@@ -275,14 +316,21 @@ def main():
         f"{args.clients} clients + 2 probes, {args.kills} kills each, host backend"
     )
     print(
-        f"{'spares':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'failed':>7} {'answered':>9}"
+        f"{'spares':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} "
+        f"{'slot back ms':>13} {'failed':>7} {'answered':>9}"
     )
     for r in results:
         ms = [k["ms"] for k in r["kills"]]
+        back = statistics.median(r["supervisor_ms"]) if r["supervisor_ms"] else float("nan")
         print(
             f"{r['spares']:>6} {statistics.median(ms):>10.1f} {min(ms):>8.1f} "
-            f"{max(ms):>8.1f} {r['failed']:>7} {r['answered']:>9}"
+            f"{max(ms):>8.1f} {back:>13.1f} {r['failed']:>7} {r['answered']:>9}"
         )
+    print(
+        "median/min/max: kill -> first answer from a pid that was no worker before, at the "
+        "client; slot back: median of death seen -> replacement ready or spare activated, "
+        "from the supervisor's log"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
