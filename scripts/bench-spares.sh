@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kill -9 of a worker -> first answer of its replacement, without and with warm spares, under
-# load, in one run (scripts/bench-spares/spares.py does the work; its docstring says what is
+# load, in one run, the two services side by side with their kills alternating
+# (scripts/bench-spares/spares.py does the work; its docstring says what is
 # measured and how).
 #
 #   scripts/bench-spares.sh [--workers N] [--spares K] [--kills R] [--clients C]

@@ -8,18 +8,20 @@
 Loopback only, bounded: every wait has a deadline and each service is stopped (then its
 session killed) on the way out.
 
-For each of two services in turn, `--spares 0` then `--spares K` (the same binary, model,
-workers and load), it:
+Two services run side by side, `--spares 0` and `--spares K` (the same binary, model,
+workers and load), and their kills alternate, so that the machine's other work weighs on both
+alike. For each it:
 
 1. starts `zygote start --backend host` on a free 127.0.0.1 port in a temporary runtime
    directory, and waits until every worker serves (and every spare is ready);
 2. runs a load of C client threads (keep-alive POST /embed of one text) and two probe
    threads (fresh-connection GET /healthz in a loop), each answer stamped with the time it
    arrived and its X-Worker-Pid;
-3. R times: waits for the service to be whole (workers serving, spares ready) and 1.5 s
-   more (the spares' refill delay is 1 s), kills worker 0 with SIGKILL, and measures the time
-   from the kill to the first answer from a pid that was not a worker before the kill (the
-   replacement: a fresh worker, or the activated spare), and counts failed requests.
+3. R times (in turn with the other service): waits for the service to be whole (workers
+   serving, spares ready) and 1.5 s more (the spares' refill delay is 1 s), kills worker 0
+   with SIGKILL, and measures the time from the kill to the first answer from a pid that was
+   not a worker before the kill (the replacement: a fresh worker, or the activated spare),
+   and counts the requests that failed until 0.2 s after that answer.
 
 Prints one row per configuration: the kill -> first answer figures (median, min, max, in
 ms), the supervisor's own view from its log (death seen -> the replacement's `ready`, or
@@ -250,53 +252,73 @@ def supervisor_view(path):
     return out
 
 
-def measure(args, spares, log_dir):
-    svc = Service(args, spares, log_dir)
-    figures = []
+def kill_once(svc, load, label):
+    """Kills worker 0 of a whole service; the ms to its replacement's first answer, and the
+    requests that failed meanwhile."""
+    if not wait_until(svc.whole, TIMEOUT):
+        raise SystemExit(f"{label}: not whole")
+    time.sleep(REFILL_MARGIN)
+    s = wait_until(svc.whole, TIMEOUT)
+    if not s:
+        raise SystemExit(f"{label}: not whole")
+    workers = [p for p in s["processes"] if p["role"] == "worker"]
+    old = {p["pid"] for p in workers}
+    victim = next(p["pid"] for p in workers if p["slot"] == 0)
+    _, failed_before = load.snapshot()
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    t1 = wait_until(lambda: load.first_answer_after(t0, old), TIMEOUT, step=0.001)
+    if t1 is None:
+        raise SystemExit(f"{label}: no answer from a replacement")
+    # Let the killed worker's failures reach the clients before counting them.
+    time.sleep(0.2)
+    _, failed_after = load.snapshot()
+    return {"ms": (t1 - t0) * 1000, "failed": failed_after - failed_before}
+
+
+def measure(args, log_dir):
+    """Both services run side by side under their loads, and their kills alternate, so that
+    the machine's other work weighs on both alike."""
+    configs = [0, args.spares]
+    services = [Service(args, k, log_dir) for k in configs]
+    loads = []
+    figures = {k: [] for k in configs}
     try:
-        if not wait_until(svc.whole, 120):
-            raise SystemExit(f"the service with --spares {spares} did not start")
-        load = Load(svc.port, args.clients)
-        load.start()
-        failed_before = 0
-        try:
-            for i in range(args.kills):
-                s = wait_until(svc.whole, TIMEOUT)
-                if not s:
-                    raise SystemExit(f"--spares {spares}: not whole again after kill {i}")
-                time.sleep(REFILL_MARGIN)
-                s = wait_until(svc.whole, TIMEOUT)
-                workers = [p for p in s["processes"] if p["role"] == "worker"]
-                old = {p["pid"] for p in workers}
-                victim = next(p["pid"] for p in workers if p["slot"] == 0)
-                _, failed_before = load.snapshot()
-                t0 = time.monotonic()
-                os.kill(victim, signal.SIGKILL)
-                t1 = wait_until(
-                    lambda t0=t0, old=old: load.first_answer_after(t0, old), TIMEOUT, step=0.001
-                )
-                if t1 is None:
-                    raise SystemExit(f"--spares {spares}: no answer from a replacement")
-                ms = (t1 - t0) * 1000
-                _, failed_after = load.snapshot()
-                figures.append({"ms": ms, "failed": failed_after - failed_before})
+        for svc in services:
+            if not wait_until(svc.whole, 120):
+                raise SystemExit(f"the service with --spares {svc.spares} did not start")
+        loads = [Load(svc.port, args.clients) for svc in services]
+        for load in loads:
+            load.start()
+        for i in range(args.kills):
+            # Alternate which goes first.
+            order = [0, 1] if i % 2 == 0 else [1, 0]
+            for j in order:
+                svc, label = services[j], f"--spares {services[j].spares}"
+                f = kill_once(svc, loads[j], label)
+                figures[svc.spares].append(f)
                 log(
-                    f"--spares {spares}: kill {i + 1}: first answer of the replacement "
-                    f"after {ms:.1f} ms, {failed_after - failed_before} failed"
+                    f"{label}: kill {i + 1}: first answer of the replacement after "
+                    f"{f['ms']:.1f} ms, {f['failed']} failed"
                 )
-        finally:
-            load.stop()
-        answered, failed = load.snapshot()
     finally:
-        svc.stop()
-    seen = supervisor_view(svc.log_path)
-    return {
-        "spares": spares,
-        "kills": figures,
-        "supervisor_ms": seen,
-        "answered": answered,
-        "failed": failed,
-    }
+        for load in loads:
+            load.stop()
+        for svc in services:
+            svc.stop()
+    results = []
+    for svc, load in zip(services, loads, strict=True):
+        answered, failed = load.snapshot()
+        results.append(
+            {
+                "spares": svc.spares,
+                "kills": figures[svc.spares],
+                "supervisor_ms": supervisor_view(svc.log_path),
+                "answered": answered,
+                "failed": failed,
+            }
+        )
+    return results
 
 
 def main():
@@ -310,7 +332,7 @@ def main():
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--json")
     args = ap.parse_args()
-    results = [measure(args, k, args.log_dir) for k in (0, args.spares)]
+    results = measure(args, args.log_dir)
     print(
         f"kill -9 of worker 0 -> first answer of its replacement; {args.workers} workers, "
         f"{args.clients} clients + 2 probes, {args.kills} kills each, host backend"
