@@ -26,12 +26,15 @@ alike. For each it:
 Prints one row per configuration: the kill -> first answer figures (median, min, max, in
 ms), the supervisor's own view from its log (death seen -> the replacement's `ready`, or
 the spare's activation: when the slot can accept again), the failed requests, the answers
-served.
+served. Side by side on a small machine the two services do not get equal CPU (a run with
+both at `--spares 0` split the answers 1 to 20, either way round), so the answered and failed
+counts are not a comparison between them; the kill figures are per kill.
 """
 
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -149,40 +152,60 @@ def wait_until(pred, timeout, step=0.02):
 
 
 class Load:
-    """Client threads; every answer is kept as (arrival time, pid), every failure counted."""
+    """Client threads in a process of their own (so that two loads do not share one GIL);
+    every answer is sent back as (arrival time, pid), every failure as None, and kept here.
+    The arrival times are CLOCK_MONOTONIC, the same in every process."""
 
     def __init__(self, port, clients):
         self.port = port
+        self.clients = clients
         self.answers = []
         self.failed = 0
         self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.threads = [
-            threading.Thread(target=self.embed_client, daemon=True) for _ in range(clients)
-        ] + [threading.Thread(target=self.probe, daemon=True) for _ in range(2)]
+        ctx = multiprocessing.get_context("fork")
+        self.queue = ctx.Queue()
+        self.done = ctx.Event()
+        self.proc = ctx.Process(target=self.run, daemon=True)
+        self.drainer = threading.Thread(target=self.drain, daemon=True)
 
     def start(self):
-        for t in self.threads:
-            t.start()
+        self.proc.start()
+        self.drainer.start()
 
     def stop(self):
         self.done.set()
-        for t in self.threads:
-            t.join(timeout=TIMEOUT)
+        self.proc.join(timeout=TIMEOUT)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.queue.put("end")
+        self.drainer.join(timeout=TIMEOUT)
+
+    def run(self):
+        """The load process: the client threads, until `done`."""
+        threads = [threading.Thread(target=self.embed_client) for _ in range(self.clients)]
+        threads += [threading.Thread(target=self.probe) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def drain(self):
+        while (item := self.queue.get()) != "end":
+            with self.lock:
+                if item is None:
+                    self.failed += 1
+                else:
+                    self.answers.append(item)
 
     def record(self, resp):
         pid = resp.getheader(PID_HEADER)
         resp.read()
         now = time.monotonic()
-        with self.lock:
-            if resp.status == 200 and pid is not None:
-                self.answers.append((now, int(pid)))
-            else:
-                self.failed += 1
+        ok = resp.status == 200 and pid is not None
+        self.queue.put((now, int(pid)) if ok else None)
 
     def fail(self):
-        with self.lock:
-            self.failed += 1
+        self.queue.put(None)
 
     def embed_client(self):
         body = json.dumps({"input": "A zygote forks workers that share one copy of the weights."})
