@@ -4,11 +4,11 @@
 # (scripts/bench-spares/spares.py does the work; its docstring says what is
 # measured and how).
 #
-#   scripts/bench-spares.sh [--workers N] [--spares K] [--kills R] [--clients C]
+#   scripts/bench-spares.sh [--workers N] [--spares K] [--kills R] [--clients C] [--backend B]
 #
 # Loopback only (127.0.0.1, free ports), temporary runtime directories, the example app on
-# all-MiniLM-L6-v2 with the host backend, `--spares 0` then `--spares K` (default 1). Bounded:
-# R kills each (default 10), every wait has a deadline, the whole run is cut at
+# all-MiniLM-L6-v2 with the host backend (--backend cuda on a GPU), `--spares 0` beside
+# `--spares K` (default 1). Bounded: R kills each (default 10), every wait has a deadline, the whole run is cut at
 # BENCH_TIMEOUT seconds (default 600).
 #
 # Uses ZYGOTE_BIN if set, else builds and uses the release binary (target/release/zygote).

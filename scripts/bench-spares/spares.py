@@ -3,7 +3,7 @@
 (scripts/bench-spares.sh runs it; standard library only).
 
     spares.py --zygote BIN --model DIR --log-dir DIR [--workers N] [--spares K]
-              [--kills R] [--clients C] [--json OUT]
+              [--kills R] [--clients C] [--backend host|cuda|auto] [--json OUT]
 
 Loopback only, bounded: every wait has a deadline and each service is stopped (then its
 session killed) on the way out.
@@ -12,8 +12,8 @@ Two services run side by side, `--spares 0` and `--spares K` (the same binary, m
 workers and load), and their kills alternate, so that the machine's other work weighs on both
 alike. For each it:
 
-1. starts `zygote start --backend host` on a free 127.0.0.1 port in a temporary runtime
-   directory, and waits until every worker serves (and every spare is ready);
+1. starts `zygote start --backend B` (default host) on a free 127.0.0.1 port in a temporary
+   runtime directory, and waits until every worker serves (and every spare is ready);
 2. runs a load of C client threads (keep-alive POST /embed of one text) and two probe
    threads (fresh-connection GET /healthz in a loop), each answer stamped with the time it
    arrived and its X-Worker-Pid;
@@ -87,7 +87,7 @@ class Service:
             "--runtime-dir",
             self.runtime_dir,
             "--backend",
-            "host",
+            args.backend,
         ]
         with open(path, "wb") as logf:
             self.proc = subprocess.Popen(
@@ -353,12 +353,13 @@ def main():
     ap.add_argument("--spares", type=int, default=1)
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--backend", default="host", choices=["host", "cuda", "auto"])
     ap.add_argument("--json")
     args = ap.parse_args()
     results = measure(args, args.log_dir)
     print(
         f"kill -9 of worker 0 -> first answer of its replacement; {args.workers} workers, "
-        f"{args.clients} clients + 2 probes, {args.kills} kills each, host backend"
+        f"{args.clients} clients + 2 probes, {args.kills} kills each, {args.backend} backend"
     )
     print(
         f"{'spares':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} "
