@@ -35,6 +35,7 @@ macro_rules! say {
 /// One supervised child.
 #[derive(Debug)]
 pub(super) struct Child {
+    /// A spare's turns into its new slot's [`Role::Worker`] when it is activated.
     pub role: Role,
     pub state: State,
     pub timers: Timers,
