@@ -140,7 +140,7 @@ pub fn probe(mut worker: Worker) -> i32 {
     wait_for_drain(worker)
 }
 
-/// Heartbeats until drained or orphaned.
+/// Heartbeats until drained or orphaned (a spare the same way: neither entry accepts).
 fn wait_for_drain(mut worker: Worker) -> i32 {
     loop {
         let mut fds = [PollFd::new(worker.control_fd(), PollFlags::POLLIN)];
@@ -153,6 +153,10 @@ fn wait_for_drain(mut worker: Worker) -> i32 {
         }
         match worker.poll_control() {
             Ok(Some(ParentMessage::Drain { .. })) | Err(WorkerError::Orphaned) => return 0,
+            // These entries never accept: a spare and an activated one wait alike.
+            Ok(Some(ParentMessage::Activate { worker })) => {
+                log::info!("activated as worker {worker}");
+            }
             Ok(None) => {}
             Err(e) => {
                 log::error!("control channel: {e}");

@@ -55,6 +55,12 @@ fn start(
     if entry == "exec" && args.command.is_empty() {
         anyhow::bail!("--entry exec needs a command after --");
     }
+    if args.spares > 0 && args.workers == 0 {
+        anyhow::bail!(
+            "--spares {} needs workers to stand in for (--workers is 0)",
+            args.spares
+        );
+    }
     let cfg = supervisor::Config {
         runtime_dir: paths::runtime_dir(&args.runtime_dir),
         model,
@@ -75,6 +81,7 @@ fn start(
         },
         metrics: args.metrics,
         idle_sleep: args.idle_sleep.map(Duration::from_secs),
+        spares: args.spares,
     };
     supervisor::run(cfg, activated.listeners)
 }

@@ -161,5 +161,12 @@ fn message(py: Python<'_>, msg: Option<ParentMessage>) -> PyResult<Option<Bound<
             d.set_item("deadline_ms", deadline_ms)?;
             Ok(Some(d))
         }
+        // Only a spare is sent `activate` (this binding's workers are spawned as none yet).
+        Some(ParentMessage::Activate { worker }) => {
+            let d = PyDict::new(py);
+            d.set_item("type", "activate")?;
+            d.set_item("worker", worker.0)?;
+            Ok(Some(d))
+        }
     }
 }

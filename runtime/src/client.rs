@@ -134,6 +134,20 @@ impl ZygoteClient {
         device: Option<u32>,
         fds: &SpawnFds<'_>,
     ) -> Result<Spawned, ProtocolError> {
+        self.spawn_as(entry, worker, args, device, false, fds)
+    }
+
+    /// [`Self::spawn`], as a warm spare when `spare` is true: the child gets ready, then waits
+    /// for `activate` on its control channel before it accepts.
+    pub fn spawn_as(
+        &mut self,
+        entry: &str,
+        worker: WorkerId,
+        args: &[String],
+        device: Option<u32>,
+        spare: bool,
+        fds: &SpawnFds<'_>,
+    ) -> Result<Spawned, ProtocolError> {
         let id = self.id();
         let req = Request::Spawn {
             id,
@@ -142,6 +156,7 @@ impl ZygoteClient {
             args: args.to_vec(),
             listeners: fds.listeners.len() as u32,
             device,
+            spare,
         };
         self.send(&req)?;
         let mut all = vec![fds.stdin, fds.stdout, fds.stderr, fds.control];

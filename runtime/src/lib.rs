@@ -45,4 +45,4 @@ pub mod worker;
 
 pub use model::{Model, ModelError};
 pub use protocol::WorkerId;
-pub use worker::{Worker, WorkerError};
+pub use worker::{Activation, Worker, WorkerError};

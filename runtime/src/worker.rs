@@ -89,6 +89,19 @@ pub struct AttachInfo {
     pub model_digest: String,
     /// The device requested for this child, if any.
     pub device: Option<u32>,
+    /// A warm spare: after `ready` it waits for `activate` ([`Worker::wait_activation`])
+    /// before it accepts on its listeners. Absent (false) for every other child.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spare: bool,
+}
+
+/// How a spare's wait for activation ended ([`Worker::wait_activation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// It was activated (or was no spare): serve now, as [`Worker::id`].
+    Serve,
+    /// It was asked to drain before it served: exit 0.
+    Drained,
 }
 
 /// Errors of attaching and of talking to the owner and the supervisor.
@@ -420,6 +433,41 @@ impl Worker {
     /// [`Worker::poll_control`]).
     pub fn control_fd(&self) -> BorrowedFd<'_> {
         self.control.as_fd()
+    }
+
+    /// Whether this child was spawned as a warm spare (see [`Worker::wait_activation`]).
+    pub fn is_spare(&self) -> bool {
+        self.info.spare
+    }
+
+    /// A spare's wait, after `ready`: heartbeats every second and does not accept until the
+    /// supervisor sends `activate` (the worker then takes the slot it names, [`Worker::id`]),
+    /// or `drain` (the spare served nothing: it exits). A child that is no spare returns at
+    /// once. A spare holds its listeners all the while but never accepts on them, so the
+    /// other workers take every connection.
+    pub fn wait_activation(&mut self) -> Result<Activation, WorkerError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        while self.info.spare {
+            match self.poll_control()? {
+                Some(ParentMessage::Activate { worker }) => {
+                    self.info.spare = false;
+                    self.info.worker = worker;
+                    // Its lines name the slot it serves from now on (its process title still
+                    // shows the spawn's id).
+                    crate::logging::set_tag(&format!("worker {worker}"));
+                    return Ok(Activation::Serve);
+                }
+                Some(ParentMessage::Drain { .. }) => return Ok(Activation::Drained),
+                None => {}
+            }
+            self.heartbeat(0)?;
+            let mut fds = [PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(WorkerError::Control(ProtocolError::Io(e.into()))),
+            }
+        }
+        Ok(Activation::Serve)
     }
 
     /// Reads one pending message from the supervisor, if any, without blocking.

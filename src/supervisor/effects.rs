@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use zygote_runtime::procfs::Memory;
-use zygote_runtime::protocol::{AdminRequest, ChildMessage};
+use zygote_runtime::protocol::{AdminRequest, ChildMessage, WorkerId};
 
 use super::policy::{Cause, Role};
 
@@ -22,8 +22,10 @@ pub struct SpawnRequest {
     pub entry: String,
     pub args: Vec<String>,
     pub device: u32,
-    /// Whether it gets the listeners (workers do, owners do not).
+    /// Whether it gets the listeners (workers and spares do, owners do not).
     pub listeners: bool,
+    /// A warm spare: ready, but not accepting until [`Effects::activate`].
+    pub spare: bool,
 }
 
 /// A zygote that started and serves.
@@ -126,6 +128,9 @@ pub trait Effects {
     fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32>;
     /// Sends `drain` on a child's control channel; false when it could not be sent.
     fn drain(&mut self, pid: i32, deadline: Duration) -> bool;
+    /// Sends `activate` to a spare: it accepts from now on, as `worker`; false when it could
+    /// not be sent.
+    fn activate(&mut self, pid: i32, worker: WorkerId) -> bool;
     /// Signals a live child through its pidfd.
     fn signal(&mut self, pid: i32, signal: Signal);
     /// A dead child's fds can go.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use zygote_runtime::procfs::Memory;
+use zygote_runtime::WorkerId;
 
 use super::effects::{Effects, Notify, SpawnRequest, ZygoteInfo};
 
@@ -17,6 +18,7 @@ pub enum Call {
     LaunchZygote,
     Spawn(i32, SpawnRequest),
     Drain(i32),
+    Activate(i32, WorkerId),
     Signal(i32, Signal),
     Forget(i32),
     StopAccepting,
@@ -132,6 +134,11 @@ impl Effects for Fake {
 
     fn drain(&mut self, pid: i32, _deadline: Duration) -> bool {
         self.calls.push(Call::Drain(pid));
+        !self.deaf.contains(&pid)
+    }
+
+    fn activate(&mut self, pid: i32, worker: WorkerId) -> bool {
+        self.calls.push(Call::Activate(pid, worker));
         !self.deaf.contains(&pid)
     }
 

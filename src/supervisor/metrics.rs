@@ -74,6 +74,8 @@ impl Histogram {
 pub struct Snapshot {
     /// Workers by state (`starting`, `serving`, `draining`).
     pub workers: Vec<(&'static str, u64)>,
+    /// Warm spares by state (`starting`, `ready`, `draining`).
+    pub spares: Vec<(&'static str, u64)>,
     /// Replacements since the start, by reason (slots dropped by scaling included).
     pub restarts: RestartReasons,
     /// Spawn to `ready`, of every owner and worker.
@@ -130,6 +132,16 @@ impl Collector for Families {
             MetricType::Gauge,
         )?;
         for (state, n) in &s.workers {
+            ConstGauge::new(*n as i64).encode(m.encode_family(&[("state", *state)])?)?;
+        }
+
+        let mut m = describe(
+            &mut enc,
+            "zygote_spares",
+            "Warm spares (--spares) by state: ready ones do not accept until activated.",
+            MetricType::Gauge,
+        )?;
+        for (state, n) in &s.spares {
             ConstGauge::new(*n as i64).encode(m.encode_family(&[("state", *state)])?)?;
         }
 
@@ -245,6 +257,7 @@ mod tests {
         spawn_ready.observe(0.02);
         let text = encode(Snapshot {
             workers: vec![("starting", 1), ("serving", 2), ("draining", 0)],
+            spares: vec![("starting", 0), ("ready", 1), ("draining", 0)],
             restarts: RestartReasons {
                 exit: 1,
                 recycle: 3,
@@ -259,6 +272,7 @@ mod tests {
         for line in [
             "zygote_build_info{version=\"",
             "zygote_workers{state=\"serving\"} 2\n",
+            "zygote_spares{state=\"ready\"} 1\n",
             "zygote_worker_restarts_total{reason=\"recycle\"} 3\n",
             "zygote_spawn_ready_seconds_bucket{le=\"0.025\"} 1\n",
             "zygote_spawn_ready_seconds_bucket{le=\"+Inf\"} 1\n",

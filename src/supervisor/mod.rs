@@ -34,6 +34,12 @@
 //! to finish and exit). A worker that dies while serving is replaced at once; one that dies
 //! before it was ready is retried with backoff, and [`policy::CRASH_LOOP_LIMIT`] such deaths in
 //! a row stop the service with an error.
+//!
+//! With `--spares K` the service also keeps K warm spares: children spawned like workers
+//! (listeners, weights, ready) that do not accept until they are sent `activate`. A worker that
+//! dies serving, is killed for its heartbeat or is recycled is replaced by a ready spare at
+//! once (the spare becomes that slot's worker); the pool is refilled after
+//! [`policy::SPARE_REFILL_DELAY`].
 
 mod admin;
 mod conns;
@@ -87,6 +93,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Sleep after this long without a request (`--idle-sleep`).
     pub idle_sleep: Option<Duration>,
+    /// Warm spares kept ready, not accepting (`--spares`).
+    pub spares: u32,
 }
 
 /// Runs a service until it is stopped. Returns the exit code. `activated` are the listeners

@@ -29,7 +29,7 @@ use super::effects::{
     AdminConn, Effects, Exit, Input, Notify, ScrapeConn, SpawnRequest, ZygoteInfo,
 };
 use super::notify::Notifier;
-use super::policy::Role;
+use super::policy::{self, Role};
 use super::scrape::Scrape;
 use super::zygote::{self, ZygoteProc, ZygoteSpec};
 
@@ -409,6 +409,15 @@ impl Os {
         out.push(Input::ZygoteStarted(result));
     }
 
+    /// Writes one control message to a live child; false when it could not be written.
+    fn tell(&self, pid: i32, msg: &ParentMessage) -> bool {
+        let Some(c) = self.children.get(&pid) else {
+            return false;
+        };
+        frame::encode(msg)
+            .is_ok_and(|b| zygote_runtime::client::write_all_nonblocking(&c.control, &b).is_ok())
+    }
+
     fn token(&mut self) -> Token {
         let t = Token(self.next_token);
         self.next_token += 1;
@@ -510,10 +519,18 @@ impl Effects for Os {
         let worker = match role {
             Role::Worker(w) => w,
             Role::Owner(device) => WorkerId(device),
+            Role::Spare(k) => WorkerId(policy::SPARE_ID_BASE + k),
         };
         let spawned = z
             .client
-            .spawn(&req.entry, worker, &req.args, Some(req.device), &fds)
+            .spawn_as(
+                &req.entry,
+                worker,
+                &req.args,
+                Some(req.device),
+                req.spare,
+                &fds,
+            )
             .with_context(|| format!("spawning {role}"))?;
         drop(theirs);
         mine.set_nonblocking(true)?;
@@ -544,14 +561,14 @@ impl Effects for Os {
     }
 
     fn drain(&mut self, pid: i32, deadline: Duration) -> bool {
-        let Some(c) = self.children.get(&pid) else {
-            return false;
-        };
         let msg = ParentMessage::Drain {
             deadline_ms: deadline.as_millis() as u64,
         };
-        frame::encode(&msg)
-            .is_ok_and(|b| zygote_runtime::client::write_all_nonblocking(&c.control, &b).is_ok())
+        self.tell(pid, &msg)
+    }
+
+    fn activate(&mut self, pid: i32, worker: WorkerId) -> bool {
+        self.tell(pid, &ParentMessage::Activate { worker })
     }
 
     fn signal(&mut self, pid: i32, signal: Signal) {

@@ -1,6 +1,7 @@
 //! The supervisor's decisions, as pure functions of what it knows: how long to wait before a
 //! retry, when deaths before ready are a crash loop, what a child's death means, which timer
-//! has run out, when a dead zygote is restarted. Nothing here touches a process, a file or
+//! has run out, when a dead zygote is restarted, which warm spare takes a worker's place.
+//! Nothing here touches a process, a file or
 //! the clock; [`super::service`] applies the decisions through its effects.
 
 use std::time::{Duration, Instant};
@@ -23,6 +24,15 @@ pub const ZYGOTE_BACKOFF: Duration = Duration::from_millis(50);
 pub const ZYGOTE_STABLE: Duration = Duration::from_secs(10);
 /// Wait before retrying a spawn the zygote refused or could not be asked for.
 pub const RESPAWN_RETRY: Duration = Duration::from_millis(500);
+/// Most warm spares a service keeps (`--spares`).
+pub const MAX_SPARES: u32 = 16;
+/// Wait from a spare's activation (or death) to the spawn of the one that refills the pool,
+/// as Android's USAP pool waits before it refills: the fork, the import and the app's start
+/// stay off the moment that needed the spare, when the other workers carry the extra load.
+pub const SPARE_REFILL_DELAY: Duration = Duration::from_secs(1);
+/// Spare `k` is spawned as worker `SPARE_ID_BASE + k` (its process title, its logs) and takes
+/// its slot's worker id when it is activated.
+pub const SPARE_ID_BASE: u32 = 1000;
 
 /// What a supervised child is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,18 +41,31 @@ pub enum Role {
     Owner(u32),
     /// The worker of one slot.
     Worker(WorkerId),
+    /// Warm spare `k` of the pool (`--spares`): ready, not accepting, until it is activated
+    /// into a worker slot (its role becomes that [`Role::Worker`]).
+    Spare(u32),
 }
 
 impl Role {
-    /// The device (owner) or the worker id (worker), as `zygote status` lists them.
+    /// The device (owner), the worker id (worker) or the pool index (spare), as `zygote
+    /// status` lists them.
     pub fn slot(self) -> u32 {
         match self {
-            Role::Owner(n) | Role::Worker(WorkerId(n)) => n,
+            Role::Owner(n) | Role::Worker(WorkerId(n)) | Role::Spare(n) => n,
         }
     }
 
     pub fn is_worker(self) -> bool {
         matches!(self, Role::Worker(_))
+    }
+
+    pub fn is_spare(self) -> bool {
+        matches!(self, Role::Spare(_))
+    }
+
+    /// Workers and spares: the children that hold the listeners (drained first in a stop).
+    pub fn holds_listeners(self) -> bool {
+        self.is_worker() || self.is_spare()
     }
 }
 
@@ -51,6 +74,7 @@ impl std::fmt::Display for Role {
         match self {
             Role::Owner(d) => write!(f, "owner {d}"),
             Role::Worker(WorkerId(w)) => write!(f, "worker {w}"),
+            Role::Spare(k) => write!(f, "spare {k}"),
         }
     }
 }
@@ -106,7 +130,9 @@ pub fn on_death(role: Role, state: State, phase: Phase, failures: u32) -> Death 
         State::Draining => Death::Expected,
         _ if phase == Phase::Stopping => Death::Expected,
         State::Serving => Death::Replace,
-        State::Starting if phase == Phase::Starting && !role.is_worker() => Death::StartFailed,
+        State::Starting if phase == Phase::Starting && matches!(role, Role::Owner(_)) => {
+            Death::StartFailed
+        }
         State::Starting if failures >= CRASH_LOOP_LIMIT => Death::CrashLoop { failures },
         State::Starting => Death::Retry(backoff(CHILD_BACKOFF, failures)),
     }
@@ -292,6 +318,29 @@ pub fn recycle(
     }
     let (rss_mib, limit) = (rss_kib? / 1024, limits.max_rss_mib?);
     (rss_mib > limit).then_some(Recycle::Rss { rss_mib, limit })
+}
+
+/// A spare as [`pick_spare`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpareView {
+    pub pid: i32,
+    pub device: u32,
+    /// It sent `ready`.
+    pub ready: bool,
+    /// A roll is replacing it (it runs the old code or weights), or it drains.
+    pub going: bool,
+    pub started: Instant,
+}
+
+/// The spare that takes the place of a worker on `device`, if one can: ready, on that device,
+/// not being replaced by a roll; the oldest first (the longest warm, its pages settled).
+/// `None`: a fresh worker is spawned instead, as without spares.
+pub fn pick_spare(spares: &[SpareView], device: u32) -> Option<i32> {
+    spares
+        .iter()
+        .filter(|s| s.ready && !s.going && s.device == device)
+        .min_by_key(|s| (s.started, s.pid))
+        .map(|s| s.pid)
 }
 
 /// Whether the owner that just became ready needs every worker rolled: the memory of legacy
@@ -508,6 +557,63 @@ mod tests {
             })
         );
         assert_eq!(recycle(&l, 0, Some(100), None), None, "memory unread");
+    }
+
+    #[test]
+    fn the_oldest_ready_spare_of_the_device_is_picked_and_none_that_a_roll_replaces() {
+        let t0 = Instant::now();
+        let spare = |pid, device, ready, going, age_ms: u64| SpareView {
+            pid,
+            device,
+            ready,
+            going,
+            started: t0 + Duration::from_millis(1000 - age_ms),
+        };
+        assert_eq!(pick_spare(&[], 0), None, "no spare: spawn as before");
+        let pool = [
+            spare(10, 0, false, false, 900),
+            spare(11, 0, true, false, 100),
+            spare(12, 0, true, false, 500),
+            spare(13, 1, true, false, 800),
+            spare(14, 0, true, true, 700),
+        ];
+        assert_eq!(pick_spare(&pool, 0), Some(12), "the oldest ready one");
+        assert_eq!(pick_spare(&pool, 1), Some(13), "the device's own");
+        assert_eq!(pick_spare(&pool, 2), None, "no spare of that device");
+        assert_eq!(
+            pick_spare(&pool[..1], 0),
+            None,
+            "a spare not ready yet is no faster than a fresh spawn"
+        );
+        assert_eq!(
+            pick_spare(&pool[4..], 0),
+            None,
+            "a rolled spare is not used"
+        );
+    }
+
+    #[test]
+    fn a_spare_dies_like_a_worker() {
+        let s = Role::Spare(0);
+        assert_eq!(
+            on_death(s, State::Serving, Phase::Running, 0),
+            Death::Replace
+        );
+        assert_eq!(
+            on_death(s, State::Starting, Phase::Running, 2),
+            Death::Retry(200 * MS)
+        );
+        assert_eq!(
+            on_death(s, State::Starting, Phase::Running, CRASH_LOOP_LIMIT),
+            Death::CrashLoop {
+                failures: CRASH_LOOP_LIMIT
+            }
+        );
+        assert_eq!(
+            on_death(s, State::Draining, Phase::Running, 0),
+            Death::Expected
+        );
+        assert!(s.holds_listeners() && !s.is_worker());
     }
 
     #[test]

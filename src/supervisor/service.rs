@@ -36,6 +36,7 @@ macro_rules! say {
 /// One supervised child.
 #[derive(Debug)]
 pub(super) struct Child {
+    /// A spare's turns into its new slot's [`Role::Worker`] when it is activated.
     pub role: Role,
     pub state: State,
     pub timers: Timers,
@@ -347,25 +348,24 @@ impl<E: Effects> Service<E> {
                     ],
                     device: d,
                     listeners: false,
+                    spare: false,
                 }
             }
-            Role::Worker(WorkerId(w)) => {
-                let devices = self.devices();
-                SpawnRequest {
-                    role,
-                    entry: self.cfg.entry.clone(),
-                    args: Vec::new(),
-                    device: devices[w as usize % devices.len()],
-                    listeners: true,
-                }
-            }
+            Role::Worker(_) | Role::Spare(_) => SpawnRequest {
+                role,
+                entry: self.cfg.entry.clone(),
+                args: Vec::new(),
+                device: self.device_of(role),
+                listeners: true,
+                spare: role.is_spare(),
+            },
         };
         let pid = self.fx.spawn(&req)?;
         let also = replaces
             .map(|(p, _)| format!(" to replace pid {p}"))
             .unwrap_or_default();
         let request_limit = match role {
-            Role::Worker(_) => {
+            Role::Worker(_) | Role::Spare(_) => {
                 let draw = self.fx.draw();
                 policy::request_limit(&self.cfg.recycle, draw)
             }
@@ -395,10 +395,82 @@ impl<E: Effects> Service<E> {
         Ok(())
     }
 
-    /// Counts one replacement in `role`'s slot and in the service's totals.
+    /// Counts one replacement in `role`'s slot and, for a worker or an owner, in the service's
+    /// totals (`/metrics`' restarts; a spare's are in its own row of `zygote status` only).
     fn count(&mut self, role: Role, cause: policy::Cause) {
         policy::count(&mut self.slot(role).reasons, cause);
-        policy::count(&mut self.restart_totals, cause);
+        if !role.is_spare() {
+            policy::count(&mut self.restart_totals, cause);
+        }
+    }
+
+    /// The device of a worker slot or a spare: round robin over `--device`.
+    fn device_of(&self, role: Role) -> u32 {
+        let devices = self.devices();
+        devices[role.slot() as usize % devices.len()]
+    }
+
+    /// Puts a ready spare in the place of worker `slot`'s (dead, killed or recycled) worker, if
+    /// the pool has one for its device: the spare is sent `activate` and is that slot's worker
+    /// from now on; `replaces` (a recycled worker) then drains, as when a replacement is ready.
+    /// The pool is refilled after [`policy::SPARE_REFILL_DELAY`]. Returns the spare's pid.
+    pub(super) fn activate_spare(
+        &mut self,
+        slot: WorkerId,
+        replaces: Option<(i32, policy::Cause)>,
+    ) -> Option<i32> {
+        if self.phase != Phase::Running || self.cfg.spares == 0 {
+            return None;
+        }
+        let role = Role::Worker(slot);
+        let views: Vec<policy::SpareView> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.role.is_spare())
+            .map(|(pid, p)| policy::SpareView {
+                pid: *pid,
+                device: self.device_of(p.role),
+                ready: p.state == State::Serving,
+                going: self.pending_rolls.iter().any(|(old, _)| old == pid)
+                    || self
+                        .procs
+                        .values()
+                        .any(|q| q.replaces.is_some_and(|(old, _)| old == *pid)),
+                started: p.timers.started,
+            })
+            .collect();
+        let pid = policy::pick_spare(&views, self.device_of(role))?;
+        let now = self.fx.now();
+        let spare = self.procs.get(&pid)?.role;
+        if !self.fx.activate(pid, slot) {
+            say!(
+                self.fx,
+                Warn,
+                "{spare} (pid {pid}) cannot be sent `activate`; killing it"
+            );
+            self.kill(pid, "its control channel is closed", None);
+            return None;
+        }
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.role = role;
+            p.timers.last_beat = now;
+        }
+        self.slot(spare).restart_at = Some(now + policy::SPARE_REFILL_DELAY);
+        self.slot(role).restart_at = None;
+        let also = replaces
+            .map(|(p, _)| format!(" in place of pid {p}"))
+            .unwrap_or_default();
+        say!(
+            self.fx,
+            Info,
+            "{role}: {spare} (pid {pid}) activated{also}; the pool is refilled in {} ms",
+            policy::SPARE_REFILL_DELAY.as_millis()
+        );
+        if let Some((old, cause)) = replaces {
+            self.count(role, cause);
+            self.drain(old, "replaced by a spare");
+        }
+        Some(pid)
     }
 
     fn slot(&mut self, role: Role) -> &mut Slot {
@@ -495,7 +567,15 @@ impl<E: Effects> Service<E> {
             p.recycling = true;
         }
         say!(self.fx, Info, "{role} (pid {pid}) {why}: recycling it");
-        self.pending_rolls.push((pid, policy::Cause::Recycle));
+        let Role::Worker(slot) = role else {
+            return;
+        };
+        if self
+            .activate_spare(slot, Some((pid, policy::Cause::Recycle)))
+            .is_none()
+        {
+            self.pending_rolls.push((pid, policy::Cause::Recycle));
+        }
     }
 
     fn on_ready(
@@ -528,6 +608,12 @@ impl<E: Effects> Service<E> {
             for w in 0..self.cfg.workers {
                 if let Err(e) = self.spawn(Role::Worker(WorkerId(w)), None) {
                     self.fatal(format!("spawning worker {w}: {e:#}"));
+                    return;
+                }
+            }
+            for k in 0..self.cfg.spares {
+                if let Err(e) = self.spawn(Role::Spare(k), None) {
+                    self.fatal(format!("spawning spare {k}: {e:#}"));
                     return;
                 }
             }

@@ -1,5 +1,5 @@
 //! What the service reports: `zygote status`'s answer, one row per process (supervisor,
-//! zygote, owners by device, workers by slot), and the snapshot `/metrics` encodes.
+//! zygote, owners by device, workers by slot, spares by pool index), and the snapshot `/metrics` encodes.
 
 use std::collections::BTreeMap;
 
@@ -71,7 +71,7 @@ impl<E: Effects> Service<E> {
             },
         });
         let mut children: Vec<(&i32, &Child)> = self.procs.iter().collect();
-        children.sort_by_key(|(_, p)| (p.role.is_worker(), p.role.slot(), p.timers.started));
+        children.sort_by_key(|(_, p)| (role_order(p.role), p.role.slot(), p.timers.started));
         for (&pid, p) in children {
             let m = self.fx.memory(pid);
             let slot = self.slots.get(&p.role);
@@ -79,7 +79,7 @@ impl<E: Effects> Service<E> {
                 role: role_name(p.role).into(),
                 slot: Some(p.role.slot()),
                 pid,
-                state: state_name(p.state).into(),
+                state: child_state(p.role, p.state).into(),
                 restarts: slot.map(|s| s.restarts).unwrap_or(0),
                 pss_kib: m.map(|m| m.pss_kib),
                 rss_kib: m.map(|m| m.rss_kib),
@@ -119,6 +119,14 @@ impl<E: Effects> Service<E> {
                 .count();
             (state_name(state), n as u64)
         });
+        let spares = [State::Starting, State::Serving, State::Draining].map(|state| {
+            let n = self
+                .procs
+                .values()
+                .filter(|p| p.role.is_spare() && p.state == state)
+                .count();
+            (child_state(Role::Spare(0), state), n as u64)
+        });
         let me = std::process::id() as i32;
         let mut pss: BTreeMap<(&'static str, Option<u32>), u64> = BTreeMap::new();
         let mut add = |role, slot, pid: i32| {
@@ -141,6 +149,7 @@ impl<E: Effects> Service<E> {
             .sum();
         Snapshot {
             workers: workers.to_vec(),
+            spares: spares.to_vec(),
             restarts: self.restart_totals,
             spawn_ready: self.spawn_ready.clone(),
             pss_bytes: pss.into_iter().map(|((r, s), b)| (r, s, b)).collect(),
@@ -166,6 +175,25 @@ fn role_name(role: Role) -> &'static str {
     match role {
         Role::Owner(_) => "owner",
         Role::Worker(_) => "worker",
+        Role::Spare(_) => "spare",
+    }
+}
+
+/// Owners, then workers, then spares.
+fn role_order(role: Role) -> u8 {
+    match role {
+        Role::Owner(_) => 0,
+        Role::Worker(_) => 1,
+        Role::Spare(_) => 2,
+    }
+}
+
+/// A child's state as `zygote status` and `/metrics` name it: a spare that sent `ready` is
+/// `ready` (it does not serve until it is activated).
+fn child_state(role: Role, state: State) -> &'static str {
+    match (role, state) {
+        (Role::Spare(_), State::Serving) => "ready",
+        _ => state_name(state),
     }
 }
 

@@ -14,7 +14,8 @@
 //! What a worker does, in order ([`serve`]): read the model directory beside the model file
 //! ([`spec`]) and refuse an incompatible model; import the owner's weights
 //! ([`zygote_runtime::Worker::import_weights`]); build the forward pass over them without copying
-//! them ([`encoder`]); load the tokenizer ([`tokenize`]); take its listeners; report ready; serve
+//! them ([`encoder`]); load the tokenizer ([`tokenize`]); take its listeners; report ready; a
+//! warm spare (`zygote start --spares`) then waits for `activate` without accepting; serve
 //! ([`http`], [`api`]) until the supervisor drains it or goes away.
 //!
 //! The zygote binary calls [`preload`] once before it forks anything: the model directory's
@@ -42,7 +43,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use zygote_runtime::backend::{self, DeviceBackend, Weights};
-use zygote_runtime::{Model, Worker};
+use zygote_runtime::{Model, Worker, WorkerError};
 
 use tokenize::TextEncoder;
 
@@ -167,6 +168,30 @@ pub fn serve(mut worker: Worker) -> i32 {
     if let Err(e) = worker.ready(Some(generation), &detail) {
         log::error!("cannot report ready: {e}");
         return EXIT_FAILURE;
+    }
+    if worker.is_spare() {
+        // A warm spare: everything above is done, nothing accepted until `activate`.
+        log::info!("spare: {detail} ready; waiting for activation");
+        let waited = std::time::Instant::now();
+        match worker.wait_activation() {
+            Ok(zygote_runtime::Activation::Serve) => log::info!(
+                "activated as worker {} after {} ms as a spare",
+                worker.id(),
+                waited.elapsed().as_millis()
+            ),
+            Ok(zygote_runtime::Activation::Drained) => {
+                log::info!("drained as a spare, before serving");
+                return EXIT_OK;
+            }
+            Err(WorkerError::Orphaned) => {
+                log::info!("the supervisor is gone; exiting");
+                return zygote_runtime::lifeline::ORPHAN_EXIT;
+            }
+            Err(e) => {
+                log::error!("control channel: {e}");
+                return EXIT_FAILURE;
+            }
+        }
     }
     log::info!(
         "serving {detail} on {} listener(s), weights generation {generation}; set up in {} ms \

@@ -311,12 +311,45 @@ mod tests {
             args: vec!["--x".into()],
             listeners: 1,
             device: None,
+            spare: false,
         };
         let bytes = encode(&req).unwrap();
         let len = check_len(bytes[..4].try_into().unwrap()).unwrap();
         assert_eq!(len, bytes.len() - 4);
         let back: Request = decode(&bytes[4..]).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn a_spare_spawn_and_activate_are_on_the_wire_as_the_protocol_shows_them() {
+        use super::super::ParentMessage;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let activate = encode(&ParentMessage::Activate {
+            worker: WorkerId(0),
+        })
+        .unwrap();
+        assert_eq!(
+            hex(&activate),
+            "0000001aa3617601647479706568616374697661746566776f726b657200"
+        );
+        let spawn = |spare| Request::Spawn {
+            id: 1,
+            entry: "app".into(),
+            worker: WorkerId(1000),
+            args: vec![],
+            listeners: 1,
+            device: Some(0),
+            spare,
+        };
+        let plain = encode(&spawn(false)).unwrap();
+        assert!(
+            !hex(&plain).contains(&hex(b"spare")),
+            "no `spare` key unless it is true: older zygotes refuse unknown fields"
+        );
+        let bytes = encode(&spawn(true)).unwrap();
+        assert!(hex(&bytes).contains(&(hex(b"\x65spare") + "f5")));
+        let back: Request = decode(&bytes[4..]).unwrap();
+        assert_eq!(back, spawn(true));
     }
 
     #[test]

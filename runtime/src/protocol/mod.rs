@@ -146,6 +146,10 @@ pub enum Request {
         listeners: u32,
         #[serde(default)]
         device: Option<u32>,
+        /// A warm spare: it gets ready, then waits for [`ParentMessage::Activate`] before it
+        /// accepts on its listeners. Absent on the wire when false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        spare: bool,
     },
     /// Send `signal` to `pid`, which must be a live child of this zygote.
     Signal { id: u64, pid: i32, signal: i32 },
@@ -433,6 +437,9 @@ impl Latency {
 pub enum ParentMessage {
     /// Stop accepting, finish what was accepted (the accept queue included), then exit 0.
     Drain { deadline_ms: u64 },
+    /// To a spare (spawned with `spare: true`): start accepting on the listeners it holds, as
+    /// the worker of slot `worker` from now on.
+    Activate { worker: WorkerId },
 }
 
 /// A request to a running `zygote start`.

@@ -6,7 +6,7 @@ use log::Level;
 
 use super::{add_latency, Effects, Service};
 use crate::supervisor::effects::Exit;
-use crate::supervisor::policy::{self, Death, Phase, State, ZygoteRestart};
+use crate::supervisor::policy::{self, Death, Phase, Role, State, ZygoteRestart};
 
 impl<E: Effects> Service<E> {
     pub(super) fn on_died(&mut self, pid: i32) {
@@ -41,7 +41,8 @@ impl<E: Effects> Service<E> {
         } else {
             0
         };
-        match policy::on_death(role, p.state, self.phase, failures) {
+        let death = policy::on_death(role, p.state, self.phase, failures);
+        match death {
             Death::Expected if p.state == State::Draining => {
                 say!(
                     self.fx,
@@ -99,6 +100,10 @@ impl<E: Effects> Service<E> {
                 s.restart_at = s.restart_at.or(Some(now));
             }
             self.pending_rolls.push((old, cause));
+        }
+        if let (Death::Replace, Role::Worker(w)) = (death, role) {
+            // With a ready spare, no fork on the way to the slot's next answer.
+            self.activate_spare(w, None);
         }
     }
 

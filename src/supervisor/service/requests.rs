@@ -64,20 +64,30 @@ impl<E: Effects> Service<E> {
             say!(self.fx, Warn, "{why}: not rolling while {:?}", self.phase);
             return;
         }
-        say!(self.fx, Info, "{why}: rolling {} workers", self.cfg.workers);
+        let spares = match self.cfg.spares {
+            0 => String::new(),
+            k => format!(" and {k} spares"),
+        };
+        say!(
+            self.fx,
+            Info,
+            "{why}: rolling {} workers{spares}",
+            self.cfg.workers
+        );
         self.reloading = true;
         let status = self.status_line();
         self.fx.notify(Notify::Reloading { status });
         let olds = self
             .procs
             .iter()
-            .filter(|(_, p)| p.role.is_worker() && p.state != State::Draining)
+            .filter(|(_, p)| p.role.holds_listeners() && p.state != State::Draining)
             .map(|(pid, _)| (*pid, policy::Cause::Roll));
         self.pending_rolls.extend(olds);
     }
 
-    /// Runs `n` workers from now on: new slots are spawned, the workers of slots past `n`
-    /// drain; the others are not touched.
+    /// Runs `n` workers from now on: new slots take ready spares first, else are spawned; the
+    /// workers of slots past `n` drain; the others, and the spares' pool size, are not
+    /// touched.
     pub(super) fn scale(&mut self, n: u32, why: &str) -> Result<(), (ErrorCode, String)> {
         if !(1..=policy::MAX_WORKERS).contains(&n) {
             let max = policy::MAX_WORKERS;
@@ -96,6 +106,10 @@ impl<E: Effects> Service<E> {
         say!(self.fx, Info, "{why}: from {old} to {n} workers");
         if self.phase == Phase::Running {
             for w in old..n {
+                // A new slot takes a ready spare first; the pool refills after its delay.
+                if self.activate_spare(WorkerId(w), None).is_some() {
+                    continue;
+                }
                 if let Err(e) = self.spawn(Role::Worker(WorkerId(w)), None) {
                     say!(self.fx, Error, "spawning worker {w}: {e:#}");
                     let at = self.fx.now() + policy::RESPAWN_RETRY;
@@ -132,7 +146,7 @@ impl<E: Effects> Service<E> {
         let workers: Vec<i32> = self
             .procs
             .iter()
-            .filter(|(_, p)| p.role.is_worker())
+            .filter(|(_, p)| p.role.holds_listeners())
             .map(|(pid, _)| *pid)
             .collect();
         for pid in workers {

@@ -35,7 +35,7 @@ impl<E: Effects> Service<E> {
         let children: Vec<i32> = self
             .procs
             .iter()
-            .filter(|(_, p)| p.role.is_worker())
+            .filter(|(_, p)| p.role.holds_listeners())
             .map(|(pid, _)| *pid)
             .collect();
         for pid in children {
@@ -77,11 +77,11 @@ impl<E: Effects> Service<E> {
     /// While asleep: the owners drain once no worker is left; whoever passes its drain
     /// deadline is killed; a wake asked for meanwhile happens once nothing is left.
     pub(super) fn tick_asleep(&mut self, now: Instant) {
-        if !self.procs.values().any(|p| p.role.is_worker()) {
+        if !self.procs.values().any(|p| p.role.holds_listeners()) {
             let owners: Vec<i32> = self
                 .procs
                 .iter()
-                .filter(|(_, p)| !p.role.is_worker() && p.timers.drain_deadline.is_none())
+                .filter(|(_, p)| !p.role.holds_listeners() && p.timers.drain_deadline.is_none())
                 .map(|(pid, _)| *pid)
                 .collect();
             for pid in owners {

@@ -40,6 +40,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         recycle: Default::default(),
         metrics: None,
         idle_sleep: None,
+        spares: 0,
     }
 }
 
@@ -1326,3 +1327,4 @@ fn a_reload_the_new_zygote_refuses_leaves_the_old_model_serving_and_says_why() {
         [Call::PrepareModel("/nowhere/missing".into())]
     );
 }
+mod spares;

@@ -110,10 +110,19 @@ impl<E: Effects> Service<E> {
                 .procs
                 .values()
                 .any(|p| p.role == role && p.state != State::Draining);
-            let retired = matches!(role, Role::Worker(WorkerId(w)) if w >= self.cfg.workers);
+            let retired = match role {
+                Role::Worker(WorkerId(w)) => w >= self.cfg.workers,
+                Role::Spare(k) => k >= self.cfg.spares,
+                Role::Owner(_) => false,
+            };
             if occupied || retired {
                 self.slot(role).restart_at = None;
                 continue;
+            }
+            if let Role::Worker(w) = role {
+                if self.activate_spare(w, None).is_some() {
+                    continue;
+                }
             }
             if role.is_worker() && self.phase == Phase::Starting && !self.owners_ready() {
                 continue;
@@ -128,7 +137,8 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    /// Rolls and recycles: one replacement per old worker that still serves and has none yet.
+    /// Rolls and recycles: one replacement per old worker (or spare) that still serves and has
+    /// none yet; a recycled worker's is a ready spare when there is one.
     fn spawn_rolls(&mut self) {
         for (old, cause) in std::mem::take(&mut self.pending_rolls) {
             let Some(role) = self
@@ -146,6 +156,11 @@ impl<E: Effects> Service<E> {
             {
                 continue;
             }
+            if let (Role::Worker(w), Cause::Recycle) = (role, cause) {
+                if self.activate_spare(w, Some((old, cause))).is_some() {
+                    continue;
+                }
+            }
             if let Err(e) = self.spawn(role, Some((old, cause))) {
                 say!(self.fx, Error, "replacing {role}: {e:#}");
                 self.pending_rolls.push((old, cause));
@@ -153,14 +168,14 @@ impl<E: Effects> Service<E> {
         }
     }
 
-    /// The stop: workers drain first, then the owners; whoever passes its deadline is killed.
+    /// The stop: workers and spares drain first, then the owners; whoever passes its deadline is killed.
     fn tick_stopping(&mut self, now: Instant) {
-        if !self.procs.values().any(|p| p.role.is_worker()) {
+        if !self.procs.values().any(|p| p.role.holds_listeners()) {
             self.fx.close_listeners();
             let owners: Vec<i32> = self
                 .procs
                 .iter()
-                .filter(|(_, p)| !p.role.is_worker() && p.timers.drain_deadline.is_none())
+                .filter(|(_, p)| !p.role.holds_listeners() && p.timers.drain_deadline.is_none())
                 .map(|(pid, _)| *pid)
                 .collect();
             for pid in owners {

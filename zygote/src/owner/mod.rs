@@ -242,11 +242,14 @@ fn serve(worker: &mut Worker, listener: &UnixListener, export: &Export) -> Resul
             (ready(&fds[0]), ready(&fds[1]), conns)
         };
         if control_ready {
-            // Drain is the only message a supervisor sends an owner.
+            // Drain is the only message a supervisor sends an owner (it spawns no spare owner).
             match worker.poll_control() {
                 Ok(Some(ParentMessage::Drain { .. })) => {
                     log::info!("drain requested after {} imports; exiting", imports.served);
                     return Ok(());
+                }
+                Ok(Some(ParentMessage::Activate { .. })) => {
+                    log::warn!("ignoring `activate`: an owner is no spare");
                 }
                 Ok(None) => {}
                 Err(WorkerError::Orphaned) => {

@@ -40,6 +40,7 @@ pub(super) enum Awaiting {
         args: Vec<String>,
         listeners: u32,
         device: Option<u32>,
+        spare: bool,
     },
     /// `keep_weights`: one fd per arena of `manifest`, kept for `device`.
     Keep { device: u32, manifest: Manifest },

@@ -56,6 +56,7 @@ impl Server {
                 args,
                 listeners,
                 device,
+                spare,
             } => {
                 let what = Awaiting::Spawn {
                     entry,
@@ -63,6 +64,7 @@ impl Server {
                     args,
                     listeners,
                     device,
+                    spare,
                 };
                 self.await_spawn_fds(t, id, listeners, what)
             }
@@ -114,6 +116,7 @@ impl Server {
                 args,
                 listeners,
                 device,
+                spare,
             } => self.spawn(
                 t,
                 p.id,
@@ -123,6 +126,7 @@ impl Server {
                     args,
                     listeners,
                     device,
+                    spare,
                     fds: p.fds,
                 },
             ),
@@ -339,6 +343,7 @@ impl Server {
             model_path: self.cfg.model.path().to_path_buf(),
             model_digest: self.cfg.model.digest().to_string(),
             device: req.device,
+            spare: req.spare,
         };
         let Some(entry) = self.cfg.entries.get(&req.entry) else {
             return;
@@ -466,5 +471,6 @@ struct SpawnRequest {
     args: Vec<String>,
     listeners: u32,
     device: Option<u32>,
+    spare: bool,
     fds: Vec<OwnedFd>,
 }

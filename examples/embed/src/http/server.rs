@@ -405,6 +405,8 @@ pub fn run(
                                 drain = Some(start_drain(&mut s, control, service, deadline_ms)?);
                             }
                         }
+                        // Sent to a spare before it serves (`serve` waits for it); here, late.
+                        Ok(Some(ParentMessage::Activate { .. })) => {}
                         Err(WorkerError::Orphaned) => return Ok(Exit::Orphaned),
                         Err(e) => return Ok(Exit::Control(e)),
                     }
