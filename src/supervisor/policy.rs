@@ -31,6 +31,9 @@ pub enum Role {
     Owner(u32),
     /// The worker of one slot.
     Worker(WorkerId),
+    /// The Python app template (`--app`): imports the app once and forks the workers. One
+    /// slot; during a reload the new one and the old one share it.
+    Template,
 }
 
 impl Role {
@@ -38,6 +41,7 @@ impl Role {
     pub fn slot(self) -> u32 {
         match self {
             Role::Owner(n) | Role::Worker(WorkerId(n)) => n,
+            Role::Template => 0,
         }
     }
 
@@ -51,6 +55,7 @@ impl std::fmt::Display for Role {
         match self {
             Role::Owner(d) => write!(f, "owner {d}"),
             Role::Worker(WorkerId(w)) => write!(f, "worker {w}"),
+            Role::Template => write!(f, "template"),
         }
     }
 }
@@ -107,6 +112,12 @@ pub fn on_death(role: Role, state: State, phase: Phase, failures: u32) -> Death 
         State::Starting if failures >= CRASH_LOOP_LIMIT => Death::CrashLoop { failures },
         State::Starting => Death::Retry(backoff(CHILD_BACKOFF, failures)),
     }
+}
+
+/// Whether a death is a reload's new app template failing (its import raised): that
+/// template is not retried, and the old one goes on serving.
+pub fn reload_failed(role: Role, state: State, phase: Phase, replaces: bool) -> bool {
+    role == Role::Template && state == State::Starting && phase == Phase::Running && replaces
 }
 
 /// A timer of a child that ran out.

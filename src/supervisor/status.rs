@@ -153,6 +153,7 @@ fn role_name(role: Role) -> &'static str {
     match role {
         Role::Owner(_) => "owner",
         Role::Worker(_) => "worker",
+        Role::Template => "template",
     }
 }
 
