@@ -343,3 +343,26 @@ def index():
 def ppid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_the_execd_worker_program_still_serves_an_app(service):
+    # For an app that cannot be preloaded: every worker imports it itself, no template.
+    s = service(
+        [
+            "--model",
+            str(model_dir()),
+            "--",
+            sys.executable,
+            "-m",
+            "zygote.serve",
+            "slow:app",
+            "--app-dir",
+            str(APPS),
+        ],
+        workers=1,
+    )
+    s.wait_serving()
+    assert s.pid_of("template") == []
+    status, _, body = get(s.url + "/info")
+    assert status == 200 and json.loads(body)["tensors"] > 0
+    assert s.stop() == 0
