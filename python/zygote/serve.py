@@ -109,6 +109,8 @@ class Served:
         self.threads = threads
         self.served = 0
         self.in_flight = 0
+        #: Set on drain: every answer from now on says `Connection: close`.
+        self.draining = False
         self._limited = False
         self._pid = str(os.getpid()).encode()
 
@@ -127,6 +129,10 @@ class Served:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"x-worker-pid", self._pid))
+                if self.draining:
+                    # The client reconnects (to another worker) rather than sending its next
+                    # request on a connection this worker is about to close.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -197,9 +203,20 @@ def serve(
                 srv.close()
             for sock in sockets or []:
                 sock.close()
+            # A request that arrives meanwhile (on a keep-alive connection too) is answered
+            # with `Connection: close`, so its client reconnects to another worker instead of
+            # racing its next request against this worker's close.
             loop = asyncio.get_running_loop()
             deadline = loop.time() + DRAIN_GRACE
-            while loop.time() < deadline and any(_idle(c) for c in self.server_state.connections):
+            while True:
+                for c in self.server_state.connections:
+                    cycle = getattr(c, "cycle", None)
+                    if cycle is not None and not cycle.response_complete:
+                        cycle.keep_alive = False
+                if loop.time() >= deadline or not any(
+                    _idle(c) for c in self.server_state.connections
+                ):
+                    break
                 await asyncio.sleep(0.01)
             await super().shutdown(sockets=None)
 
@@ -214,6 +231,7 @@ def serve(
     server = Server(config)
 
     def on_drain(deadline: float) -> None:
+        served.draining = True
         config.timeout_graceful_shutdown = max(1, int(deadline) - 1)
         try:
             worker.draining(served.in_flight)
