@@ -175,6 +175,9 @@ pub fn render(s: &ServiceStatus) -> String {
         out.push_str(&row(p));
     }
     out.push_str(&format!("total PSS {}\n", kib(Some(total))));
+    if let Some(e) = &s.reload_error {
+        out.push_str(&format!("{e}\n"));
+    }
     out
 }
 

@@ -314,6 +314,7 @@ def test_a_reload_whose_import_fails_leaves_the_old_code_serving(service, tmp_pa
     s.proc.send_signal(signal.SIGHUP)
     wait_for("the reload to fail", lambda: "reload failed" in s.text(), 120, s.log)
     assert "RuntimeError: the new code is broken" in s.text()
+    assert "reload failed" in s.status()["reload_error"]
     assert s.template_pid() == template
     _, _, body = get(s.url + "/")
     assert json.loads(body)["version"] == 1

@@ -93,6 +93,7 @@ impl<E: Effects> Service<E> {
             uptime_ms: ms(self.started),
             workers: self.cfg.workers,
             processes,
+            reload_error: self.reload_error.clone(),
         }
     }
 

@@ -486,6 +486,10 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub workers: u32,
     pub processes: Vec<ProcessStatus>,
+    /// Why the last reload failed (its new app template died before it was ready), until a
+    /// reload succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_error: Option<String>,
 }
 
 /// One process of a service.
