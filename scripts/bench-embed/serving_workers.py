@@ -1,6 +1,6 @@
 """Prints the pids of a zygote service's serving workers, one a line (bench-python.sh).
 
-    python3 serving_workers.py ZYGOTE_BIN RUNTIME_DIR
+python3 serving_workers.py ZYGOTE_BIN RUNTIME_DIR
 """
 
 import json
