@@ -10,9 +10,14 @@
 # (scripts/pss.py: gunicorn master + workers; zygote supervisor, zygote, owner, workers);
 # throughput and latency under wrk (2 x N keep-alive connections, one sentence per POST
 # /embed, scripts/bench-embed/sentences.txt) for --duration seconds; kill -9 of a worker ->
-# first answer of its replacement, --trials times (embedctl.py restart); stop it. Prints a
-# markdown table (also OUT/table.md). The target of issue 12: zygote's total PSS at most half
-# of gunicorn's without --preload (the weights counted once).
+# first answer of its replacement, --trials times (embedctl.py restart); a reload under wrk
+# load (SIGHUP to gunicorn's master, `zygote reload`): the time until every worker is
+# replaced, and the failed requests meanwhile (wrk's socket errors and non-2xx answers); stop
+# it. For zygote also spawn -> ready of its workers (p50 of the supervisor's `ready in` lines:
+# the start's and the replacements'). Prints a markdown table (also OUT/table.md). Targets:
+# issue 12, zygote's total PSS at most half of gunicorn's without --preload; issue 13,
+# spawn -> ready <= 100 ms p50, kill -> first answer <= 150 ms median, PSS <= 0.8 x gunicorn
+# --preload's. gunicorn's HUP under --preload restarts the workers but reloads no code.
 #
 # Services: "seed" = gunicorn as seed 002 runs it (no --preload), "preload" = gunicorn
 # --preload (CPU only: with CUDA it is what fails in the seeds), "zygote" = the port in
@@ -72,8 +77,41 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A reload under load: RELOAD (a command) and PIDS (prints the serving workers' pids) in the
+# environment. Prints {"reload_s": S, "failed": N}.
+reload_run() {  # NAME URL
+    local name="$1" url="$2" before now t0 t1 wpid
+    before="$(eval "$PIDS" | sort)"
+    wrk -t 2 -c "$((2 * workers))" -d 30 -s "$here/bench-embed/embed.lua" "$url" -- \
+        "$out/bodies.txt" >"$out/$name.reload.wrk" 2>&1 &
+    wpid=$!
+    sleep 3
+    t0="$(date +%s.%N)"
+    eval "$RELOAD"
+    t1=""
+    for _ in $(seq 1 1200); do
+        now="$(eval "$PIDS" | sort)"
+        if [[ "$(echo "$now" | grep -c .)" == "$workers" ]] \
+            && [[ -z "$(comm -12 <(echo "$before") <(echo "$now"))" ]]; then
+            t1="$(date +%s.%N)"
+            break
+        fi
+        sleep 0.05
+    done
+    wait "$wpid" || true
+    python3 - "$t0" "$t1" "$out/$name.reload.wrk" <<'PY'
+import json, re, sys
+t0, t1, wrk = sys.argv[1:]
+text = open(wrk).read()
+errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+failed = errors + (int(non2xx.group(1)) if non2xx else 0)
+print(json.dumps({"reload_s": round(float(t1) - float(t0), 2) if t1 else None, "failed": failed}))
+PY
+}
+
 rows=()
-measure() {  # NAME URL PID SINCE [wait-ready args...]; RESTART_ARGS in the environment
+measure() {  # NAME URL PID SINCE [wait-ready args...]; RESTART_ARGS, RELOAD, PIDS, LOG in the environment
     local name="$1" url="$2" pid="$3" since="$4"
     shift 4
     local ready pss wrkout restart
@@ -90,10 +128,19 @@ measure() {  # NAME URL PID SINCE [wait-ready args...]; RESTART_ARGS in the envi
     restart="$("$basevenv/bin/python" "$ctl" restart --url "$url" --trials "$trials" \
         --timeout 300 --pollers "$workers" $RESTART_ARGS || echo '{}')"
     echo "$name: restart $restart" >&2
-    rows+=("$("$basevenv/bin/python" - "$name" "$ready" "$pss" "$out/$name.wrk" "$restart" <<'PY'
-import json, re, sys
-name, ready, pss, wrk, restart = sys.argv[1:]
+    reload="$(reload_run "$name" "$url" || echo '{}')"
+    echo "$name: reload $reload" >&2
+    rows+=("$("$basevenv/bin/python" - "$name" "$ready" "$pss" "$out/$name.wrk" "$restart" \
+        "$reload" "${LOG:-}" <<'PY'
+import json, re, statistics, sys
+name, ready, pss, wrk, restart, reload, log = sys.argv[1:]
 ready, pss, restart = json.loads(ready), json.loads(pss), json.loads(restart)
+reload = json.loads(reload)
+spawn = "-"
+if log:
+    ms = [int(m) for m in re.findall(r"worker \d+ \(pid \d+\) ready in (\d+) ms", open(log).read())]
+    if ms:
+        spawn = f"{statistics.median(ms):.0f} ms (n={len(ms)})"
 text = open(wrk).read()
 rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
 m = re.search(r"WRKJSON (\{.*\})", text)
@@ -101,7 +148,8 @@ lat = json.loads(m.group(1)) if m else {}
 total = pss["total"]["pss_kib"] / 1024
 print(f"| {name} | {ready.get('all_ready_s', '-')} s | {total:.0f} MiB | "
       f"{float(rps.group(1)) if rps else 0:.1f} | {lat.get('p50_us', 0) / 1000:.1f} ms | "
-      f"{restart.get('median_ms', '-')} ms |")
+      f"{restart.get('median_ms', '-')} ms | {spawn} | {reload.get('reload_s', '-')} s | "
+      f"{reload.get('failed', '-')} |")
 PY
 )")
 }
@@ -113,7 +161,8 @@ for b in $baselines; do
     setsid "$here/baseline/run.sh" "$workers" "$port" "${extra[@]}" >"$out/$b.log" 2>&1 &
     master=$!
     pgids+=("$master")
-    RESTART_ARGS="--gunicorn-master $master" measure "gunicorn $b" "http://127.0.0.1:$port" \
+    RESTART_ARGS="--gunicorn-master $master" RELOAD="kill -HUP $master" \
+        PIDS="pgrep -P $master" LOG="" measure "gunicorn $b" "http://127.0.0.1:$port" \
         "$master" "$since"
     kill -TERM -- "-$master" 2>/dev/null || true
     wait "$master" 2>/dev/null || true
@@ -128,6 +177,8 @@ HF_HUB_OFFLINE=1 PATH="$pyvenv/bin:$PATH" setsid "$zbin" start --model "$model" 
 sup=$!
 pgids+=("$sup")
 RESTART_ARGS="--zygote $zbin --runtime-dir $rdir --log $out/zygote.log" \
+    RELOAD="$zbin reload --runtime-dir $rdir >/dev/null" LOG="$out/zygote.log" \
+    PIDS="python3 $here/bench-embed/serving_workers.py $zbin $rdir" \
     measure "zygote --app" "http://127.0.0.1:$port" "$sup" "$since" \
     --zygote "$zbin" --runtime-dir "$rdir"
 kill -TERM "$sup" 2>/dev/null || true
@@ -137,7 +188,7 @@ wait "$sup" 2>/dev/null || true
     echo "seed 002 app, $workers workers, $(getconf _NPROCESSORS_ONLN) cores, torch threads ${torch_threads/#0/default}," \
         "wrk ${duration}s x $((2 * workers)) connections"
     echo
-    echo "| service | start -> all answering | total PSS | req/s | p50 | kill -9 -> first answer (median of $trials) |"
-    echo "| --- | --- | --- | --- | --- | --- |"
+    echo "| service | start -> all answering | total PSS | req/s | p50 | kill -9 -> first answer (median of $trials) | spawn -> ready p50 | reload: all replaced | failed requests during reload |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     printf '%s\n' "${rows[@]}"
 } | tee "$out/table.md"

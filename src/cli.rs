@@ -141,7 +141,7 @@ impl StartArgs {
         Ok(Some(vec![
             self.python.clone(),
             "-m".into(),
-            "zygote.serve".into(),
+            "zygote.template".into(),
             app.clone(),
             "--app-dir".into(),
             dir.to_string_lossy().into_owned(),
@@ -274,7 +274,7 @@ mod tests {
             [
                 "python3",
                 "-m",
-                "zygote.serve",
+                "zygote.template",
                 "main:app",
                 "--app-dir",
                 "/srv/app",

@@ -202,6 +202,9 @@ pub fn render(s: &ServiceStatus) -> String {
             .unwrap_or_default();
         out.push_str(&format!("reload {}: {}{why}\n", r.model, r.state));
     }
+    if let Some(e) = &s.reload_error {
+        out.push_str(&format!("{e}\n"));
+    }
     out
 }
 

@@ -33,6 +33,7 @@ fn start(
     activated: Result<activation::Activated, activation::ActivationError>,
 ) -> anyhow::Result<i32> {
     let activated = activated.context("socket activation (LISTEN_FDS)")?;
+    let template = args.app.is_some();
     if let Some(command) = args.app_command().context("--app-dir")? {
         args.command = command;
     }
@@ -71,6 +72,7 @@ fn start(
         devices: args.devices,
         entry,
         command: args.command,
+        template,
         timeout: Duration::from_secs(args.timeout.max(1)),
         graceful_timeout: Duration::from_secs(args.graceful_timeout),
         allow_uids: args.allow_uid,

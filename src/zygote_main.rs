@@ -83,12 +83,14 @@ pub fn main(args: ZygoteArgs) -> anyhow::Result<i32> {
     }
     crate::entries::preload(&model, &args.command, args.serve_app)?;
     let cfg = ServerConfig {
-        runtime_dir: args.runtime_dir.clone(),
-        model,
-        entries: crate::entries::table(&args.command),
-        allow_uids: args.allow_uid.clone(),
-        backend: args.backend.to_string(),
         on_ready: Some(announce_ready),
+        ..ServerConfig::zygote(
+            args.runtime_dir.clone(),
+            model,
+            crate::entries::table(&args.command),
+            args.allow_uid.clone(),
+            args.backend.to_string(),
+        )
     };
     Ok(zygote_server::run(cfg)?)
 }

@@ -9,6 +9,7 @@
 //! - [`weights`] and [`tensor`]: the imported weights as Python objects;
 //! - [`dlpack`] and [`buffer`]: the two ways a tensor leaves Rust without a copy (the
 //!   `unsafe` leaves);
+//! - [`template`]: the app template, the zygote server hosted in the interpreter;
 //! - [`errors`]: the exception types.
 //!
 //! See docs/PYTHON.md.
@@ -19,6 +20,7 @@ mod buffer;
 mod client;
 mod dlpack;
 mod errors;
+mod template;
 mod tensor;
 mod weights;
 mod worker;
@@ -30,6 +32,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(worker::attach, m)?)?;
     m.add_function(wrap_pyfunction!(client::connect_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(template::serve_template, m)?)?;
     m.add_function(wrap_pyfunction!(client::default_runtime_dir, m)?)?;
     m.add_class::<worker::PyWorker>()?;
     m.add_class::<weights::SharedWeights>()?;

@@ -35,21 +35,32 @@ impl PyWorker {
         // is one whole message.
         self.worker.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Wraps a worker attached in Rust (a child forked by the app template).
+    pub(crate) fn from_worker(worker: Worker) -> PyResult<Self> {
+        let control = worker.control_fd().try_clone_to_owned().map_err(|e| {
+            errors::ZygoteError::new_err(format!("dup of the control channel: {e}"))
+        })?;
+        Ok(Self {
+            worker: Mutex::new(worker),
+            control,
+        })
+    }
+
+    /// Runs `f` on the worker under its lock.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Worker) -> R) -> R {
+        f(&mut self.lock())
+    }
 }
 
-/// Attaches this process: reads `ZYGOTE_ATTACH` and adopts fds 3, 4 and the listeners.
+/// Attaches this process: reads `ZYGOTE_ATTACH` and adopts fds 3, 4 and the listeners. `role`
+/// tags the runtime's log lines (`worker N`, `template N`).
 #[pyfunction]
-pub fn attach() -> PyResult<PyWorker> {
+#[pyo3(signature = (role="worker"))]
+pub fn attach(role: &str) -> PyResult<PyWorker> {
     let worker = Worker::attach().map_err(errors::worker)?;
-    zygote_runtime::logging::init(&format!("worker {}", worker.id()));
-    let control = worker
-        .control_fd()
-        .try_clone_to_owned()
-        .map_err(|e| errors::ZygoteError::new_err(format!("dup of the control channel: {e}")))?;
-    Ok(PyWorker {
-        worker: Mutex::new(worker),
-        control,
-    })
+    zygote_runtime::logging::init(&format!("{role} {}", worker.id()));
+    PyWorker::from_worker(worker)
 }
 
 #[pymethods]

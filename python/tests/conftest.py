@@ -136,6 +136,28 @@ class Service:
             if p.get("role") == "worker" and p.get("state") == "serving"
         ]
 
+    def pid_of(self, role: str) -> list[int]:
+        """The pids of the serving processes of ``role`` (``template``, ``owner``)."""
+        return [
+            p["pid"]
+            for p in self.status()["processes"]
+            if p.get("role") == role and p.get("state") == "serving"
+        ]
+
+    _NONE = object()
+
+    def template_pid(self, default: object = _NONE) -> int:
+        """The serving app template's pid (the newest, during a reload)."""
+        pids = self.pid_of("template")
+        if not pids and default is not Service._NONE:
+            return default  # type: ignore[return-value]
+        assert pids, self.status()
+        return max(pids)
+
+    def owner_pid(self) -> int:
+        (pid,) = self.pid_of("owner")
+        return pid
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -84,19 +84,36 @@ def in_worker() -> bool:
     return _worker is not None or ATTACH_ENV in os.environ
 
 
-def attach() -> Worker:
+def attach(role: str = "worker") -> Worker:
     """Attaches this process to its supervisor (once; later calls return the same worker).
 
+    ``role`` tags the runtime's log lines (``worker N``; the app template says ``template``).
     Raises :class:`NotAttachedError` when zygote did not start this process.
     """
     global _worker
     with _lock:
         if _worker is None:
-            _worker = _native.attach()
+            _worker = _native.attach(role)
             # The native side removed the variable from the C environment; children started
             # through os.environ (subprocess) must not believe they are attached either.
             os.environ.pop(ATTACH_ENV, None)
         return _worker
+
+
+def _adopt_forked(worker: Worker) -> None:
+    """In a worker forked by the app template: ``worker`` is this process's own from now on.
+
+    The template's worker object stays referenced (``_template_worker``) and is never dropped
+    here: its descriptors' numbers belong to this child's worker now.
+    """
+    global _worker, _weights, _connection, _template_worker
+    _template_worker = _worker
+    _worker = worker
+    _weights = None
+    _connection = None
+
+
+_template_worker: Worker | None = None
 
 
 def model_dir() -> str:

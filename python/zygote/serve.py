@@ -109,6 +109,8 @@ class Served:
         self.threads = threads
         self.served = 0
         self.in_flight = 0
+        #: Set on drain: every answer from now on says `Connection: close`.
+        self.draining = False
         self._limited = False
         self._pid = str(os.getpid()).encode()
 
@@ -127,6 +129,10 @@ class Served:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"x-worker-pid", self._pid))
+                if self.draining:
+                    # The client reconnects (to another worker) rather than sending its next
+                    # request on a connection this worker is about to close.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -136,6 +142,19 @@ class Served:
         finally:
             self.in_flight -= 1
             self.served += 1
+
+
+#: How long a draining worker keeps an idle connection open for its next request (seconds).
+DRAIN_GRACE = 1.0
+
+
+def _idle(conn: Any) -> bool:
+    """Whether a uvicorn connection is open with no request in progress."""
+    transport = getattr(conn, "transport", None)
+    if transport is None or transport.is_closing():
+        return False
+    cycle = getattr(conn, "cycle", None)
+    return cycle is None or cycle.response_complete
 
 
 def serve(
@@ -169,10 +188,38 @@ def serve(
         lifespan="auto" if asgi else "off",
         log_config=None,
         access_log=False,
+        # The drain's grace (Server.shutdown) reads h11's connection state.
+        http="h11",
         timeout_graceful_shutdown=30,
     )
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Stop accepting (the listeners stay open in the other workers), then give the
+            # idle connections a grace before uvicorn closes them: one accepted just before
+            # the drain may carry a request still on its way, and closing it unanswered is a
+            # failed request for its client. A request that arrives meanwhile is answered.
+            for srv in self.servers:
+                srv.close()
+            for sock in sockets or []:
+                sock.close()
+            # A request that arrives meanwhile (on a keep-alive connection too) is answered
+            # with `Connection: close`, so its client reconnects to another worker instead of
+            # racing its next request against this worker's close.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + DRAIN_GRACE
+            while True:
+                for c in self.server_state.connections:
+                    cycle = getattr(c, "cycle", None)
+                    if cycle is not None and not cycle.response_complete:
+                        cycle.keep_alive = False
+                if loop.time() >= deadline or not any(
+                    _idle(c) for c in self.server_state.connections
+                ):
+                    break
+                await asyncio.sleep(0.01)
+            await super().shutdown(sockets=None)
+
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
@@ -184,6 +231,7 @@ def serve(
     server = Server(config)
 
     def on_drain(deadline: float) -> None:
+        served.draining = True
         config.timeout_graceful_shutdown = max(1, int(deadline) - 1)
         try:
             worker.draining(served.in_flight)
@@ -231,25 +279,48 @@ def main(argv: list[str] | None = None) -> int:
             traceback.format_exc().rstrip(),
         )
         return EXIT_IMPORT
-    started = time.monotonic()
+    return run_worker(
+        worker, app, args.app, threads=args.threads, interface=args.interface, started=None
+    )
+
+
+def run_worker(
+    worker: zygote.Worker,
+    app: Any,
+    spec: str,
+    threads: int = 4,
+    interface: str = "auto",
+    started: float | None = None,
+) -> int:
+    """The worker program once the app is imported: ``post_fork``, the control thread, the
+    server. Here after the import in an exec'd worker, and right after the fork in a worker
+    of the app template (:mod:`zygote.template`; ``started`` is then the fork's time)."""
+    if started is not None:
+        zygote._adopt_forked(worker)
+        setup_logging(f"worker {worker.id}")
+    began = time.monotonic()
     try:
         zygote.run_post_fork()
     except BaseException:
         log.error(
             "a @zygote.post_fork function of %s raised; this worker exits:\n%s",
-            args.app,
+            spec,
             traceback.format_exc().rstrip(),
         )
         return EXIT_POST_FORK
     generation = None
     if zygote._weights is not None:
         generation = zygote._weights.generation
+    since_fork = (
+        "" if started is None else f", {(time.monotonic() - started) * 1000:.0f} ms after the fork"
+    )
     log.info(
-        "post_fork done in %.0f ms (%d threads alive)",
-        (time.monotonic() - started) * 1000,
+        "post_fork done in %.0f ms%s (%d threads alive)",
+        (time.monotonic() - began) * 1000,
+        since_fork,
         threading.active_count(),
     )
-    return serve(worker, app, threads=args.threads, interface=args.interface, generation=generation)
+    return serve(worker, app, threads=threads, interface=interface, generation=generation)
 
 
 if __name__ == "__main__":

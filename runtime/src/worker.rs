@@ -23,6 +23,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -157,6 +158,21 @@ pub fn owner_socket(runtime_dir: &Path, device: u32) -> PathBuf {
     runtime_dir.join(owner_socket_name(device))
 }
 
+/// Whether this process adopted the fixed fds (see [`Worker::from_fixed_fds`]).
+static ADOPTED: AtomicBool = AtomicBool::new(false);
+
+/// Lets a forked child adopt the fixed fds again although its parent (a process hosting a
+/// zygote server, such as the Python app template, itself a worker) had adopted its own.
+///
+/// # Safety
+///
+/// Call it only in a child just forked, after the fixed numbers were given the child's own
+/// fds, and only where the parent's `Worker` is never dropped or used in this child (it would
+/// close or use the child's fds): the child runs its entry and exits.
+pub unsafe fn forget_adoption_in_child() {
+    ADOPTED.store(false, Ordering::SeqCst);
+}
+
 impl Worker {
     /// Attaches an exec'd program: reads [`ATTACH_ENV`] and adopts fds 3, 4 and the listeners.
     pub fn attach() -> Result<Self, WorkerError> {
@@ -187,8 +203,6 @@ impl Worker {
     /// and `info.listeners` listeners from [`FIRST_LISTENER_FD`] on, and nothing else in this
     /// process owns those descriptors: they become the worker's, and it closes them.
     pub unsafe fn from_fixed_fds(info: AttachInfo) -> Result<Self, WorkerError> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        static ADOPTED: AtomicBool = AtomicBool::new(false);
         if ADOPTED.swap(true, Ordering::SeqCst) {
             return Err(WorkerError::AlreadyAttached);
         }

@@ -26,6 +26,8 @@ pub struct SpawnRequest {
     pub listeners: bool,
     /// A warm spare: ready, but not accepting until [`Effects::activate`].
     pub spare: bool,
+    /// The app template to fork it (its pid), instead of the zygote.
+    pub via: Option<i32>,
 }
 
 /// A zygote that started and serves.
@@ -124,8 +126,12 @@ pub trait Effects {
     fn start_zygote(&mut self) -> anyhow::Result<ZygoteInfo>;
     /// Starts a new zygote without waiting: [`Input::ZygoteStarted`] says how it went.
     fn launch_zygote(&mut self) -> anyhow::Result<()>;
-    /// Asks the zygote for a child; returns its pid. Its deaths and messages come as inputs.
+    /// Asks the zygote (or the app template `req.via`) for a child; returns its pid. Its
+    /// deaths and messages come as inputs.
     fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32>;
+    /// Connects to the app template `pid`, which serves the zygote protocol on `socket` in
+    /// the runtime directory: from now on spawns may go `via` it.
+    fn connect_template(&mut self, pid: i32, socket: &str) -> anyhow::Result<()>;
     /// Sends `drain` on a child's control channel; false when it could not be sent.
     fn drain(&mut self, pid: i32, deadline: Duration) -> bool;
     /// Sends `activate` to a spare: it accepts from now on, as `worker`; false when it could

@@ -17,6 +17,7 @@ pub enum Call {
     StartZygote(Result<i32, String>),
     LaunchZygote,
     Spawn(i32, SpawnRequest),
+    ConnectTemplate(i32, String),
     Drain(i32),
     Activate(i32, WorkerId),
     Signal(i32, Signal),
@@ -130,6 +131,12 @@ impl Effects for Fake {
         let pid = self.pid();
         self.calls.push(Call::Spawn(pid, req.clone()));
         Ok(pid)
+    }
+
+    fn connect_template(&mut self, pid: i32, socket: &str) -> anyhow::Result<()> {
+        self.calls
+            .push(Call::ConnectTemplate(pid, socket.to_string()));
+        Ok(())
     }
 
     fn drain(&mut self, pid: i32, _deadline: Duration) -> bool {

@@ -84,6 +84,9 @@ pub struct Config {
     pub devices: Vec<u32>,
     pub entry: String,
     pub command: Vec<String>,
+    /// `command` is the app template (`--app`): it is spawned once, and the workers are
+    /// spawned through it (entry `app` on its socket) instead of through the zygote.
+    pub template: bool,
     pub timeout: Duration,
     pub graceful_timeout: Duration,
     pub allow_uids: Vec<u32>,

@@ -19,7 +19,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use zygote_runtime::client::SpawnFds;
+use zygote_runtime::client::{SpawnFds, ZygoteClient};
 use zygote_runtime::procfs::Memory;
 use zygote_runtime::protocol::frame::{self, FrameReader, ReadEvent};
 use zygote_runtime::protocol::{AdminResponse, ChildMessage, ParentMessage, Response, WorkerId};
@@ -47,6 +47,8 @@ const FIRST_DYNAMIC: usize = 16;
 enum Tok {
     Control(i32),
     Pidfd(i32),
+    /// The connection to the app template of this pid.
+    Template(i32),
 }
 
 /// The fds of one child.
@@ -72,6 +74,8 @@ pub struct Os {
     /// A new zygote, started and not ready yet.
     launching: Option<zygote::Launch>,
     children: HashMap<i32, ChildFds>,
+    /// The connections to the app templates, by pid (`--app`): workers are spawned on them.
+    templates: HashMap<i32, (ZygoteClient, Token)>,
     tokens: HashMap<Token, Tok>,
     next_token: usize,
     admin: Admin,
@@ -142,6 +146,7 @@ impl Os {
             zygote: None,
             launching: None,
             children: HashMap::new(),
+            templates: HashMap::new(),
             tokens: HashMap::new(),
             next_token: FIRST_DYNAMIC,
             admin,
@@ -174,6 +179,7 @@ impl Os {
         let mut out = Vec::new();
         // Answers to a spawn may have brought events along: they are buffered in the client.
         self.zygote_events(&mut out);
+        self.template_events(&mut out);
         let timeout = if out.is_empty() {
             timeout
         } else {
@@ -220,11 +226,13 @@ impl Os {
                 }
                 t => match self.tokens.get(&t).copied() {
                     Some(Tok::Control(pid)) => self.control(pid, &mut out),
+                    Some(Tok::Template(pid)) => self.template_readable(pid, &mut out),
                     Some(Tok::Pidfd(pid)) => {
                         // Orphans (their zygote died) are ours to reap; the zygote reports the
                         // others. Either way, the status first.
                         self.reap(&mut out);
                         self.zygote_events(&mut out);
+                        self.template_events(&mut out);
                         out.push(Input::Died(pid));
                     }
                     None if self.admin.owns(t) => self.admin.ready(t, &mut out),
@@ -298,7 +306,35 @@ impl Os {
         let Some(z) = self.zygote.as_mut() else {
             return;
         };
-        events_to_inputs(z.client.take_events(), out);
+        forker_events(z.client.take_events(), "zygote", out);
+    }
+
+    /// An app template's connection is readable: the exits of the workers it forked.
+    fn template_readable(&mut self, pid: i32, out: &mut Vec<Input>) {
+        let Some((client, _)) = self.templates.get_mut(&pid) else {
+            return;
+        };
+        let lost = client.poll().is_err();
+        self.template_events(out);
+        if lost {
+            // Its workers are ours to reap from now on (we are their subreaper).
+            self.drop_template(pid);
+            self.reap(out);
+        }
+    }
+
+    fn template_events(&mut self, out: &mut Vec<Input>) {
+        for (client, _) in self.templates.values_mut() {
+            forker_events(client.take_events(), "template", out);
+        }
+    }
+
+    fn drop_template(&mut self, pid: i32) {
+        if let Some((client, token)) = self.templates.remove(&pid) {
+            let fd = client.fd().as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            self.tokens.remove(&token);
+        }
     }
 
     fn control(&mut self, pid: i32, out: &mut Vec<Input>) {
@@ -425,8 +461,8 @@ impl Os {
     }
 }
 
-/// A zygote's events about its children, as inputs.
-fn events_to_inputs(events: Vec<Response>, out: &mut Vec<Input>) {
+/// The events of a forker's connection (the zygote's, or an app template's) as inputs.
+fn forker_events(events: Vec<Response>, who: &str, out: &mut Vec<Input>) {
     for ev in events {
         match ev {
             Response::Exited {
@@ -442,7 +478,7 @@ fn events_to_inputs(events: Vec<Response>, out: &mut Vec<Input>) {
                 stage,
                 message,
             }),
-            other => log::debug!("zygote said {other:?}"),
+            other => log::debug!("{who} said {other:?}"),
         }
     }
 }
@@ -497,8 +533,15 @@ impl Effects for Os {
 
     fn spawn(&mut self, req: &SpawnRequest) -> anyhow::Result<i32> {
         let role = req.role;
-        let Some(z) = self.zygote.as_mut() else {
-            anyhow::bail!("no zygote to spawn {role} from");
+        let client = match req.via {
+            Some(t) => match self.templates.get_mut(&t) {
+                Some((c, _)) => c,
+                None => anyhow::bail!("no connection to the app template (pid {t}) for {role}"),
+            },
+            None => match self.zygote.as_mut() {
+                Some(z) => &mut z.client,
+                None => anyhow::bail!("no zygote to spawn {role} from"),
+            },
         };
         let (mine, theirs) = UnixStream::pair().context("socketpair")?;
         let stdout = std::io::stdout();
@@ -520,9 +563,9 @@ impl Effects for Os {
             Role::Worker(w) => w,
             Role::Owner(device) => WorkerId(device),
             Role::Spare(k) => WorkerId(policy::SPARE_ID_BASE + k),
+            Role::Template => WorkerId(0),
         };
-        let spawned = z
-            .client
+        let spawned = client
             .spawn_as(
                 &req.entry,
                 worker,
@@ -560,6 +603,21 @@ impl Effects for Os {
         Ok(spawned.pid)
     }
 
+    fn connect_template(&mut self, pid: i32, socket: &str) -> anyhow::Result<()> {
+        let path = self.spec.runtime_dir.join(socket);
+        let mut client = ZygoteClient::connect(&path, "zygote start")
+            .with_context(|| format!("connecting to the app template at {}", path.display()))?;
+        let token = self.token();
+        let fd = client.fd().as_raw_fd();
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)?;
+        let _ = client.poll();
+        self.tokens.insert(token, Tok::Template(pid));
+        self.templates.insert(pid, (client, token));
+        Ok(())
+    }
+
     fn drain(&mut self, pid: i32, deadline: Duration) -> bool {
         let msg = ParentMessage::Drain {
             deadline_ms: deadline.as_millis() as u64,
@@ -586,6 +644,7 @@ impl Effects for Os {
                 self.tokens.remove(&t);
             }
         }
+        self.drop_template(pid);
     }
 
     fn stop_accepting(&mut self) {
@@ -659,7 +718,7 @@ impl Effects for Os {
             }
             // Exits it reported before it went are still the loop's to hear.
             let _ = z.client.poll();
-            events_to_inputs(z.client.take_events(), &mut self.retired_events);
+            forker_events(z.client.take_events(), "zygote", &mut self.retired_events);
         }
         // Waited for here (only this pid: the others' statuses stay for the loop), so that the
         // next zygote finds its socket free.

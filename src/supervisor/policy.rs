@@ -44,6 +44,9 @@ pub enum Role {
     /// Warm spare `k` of the pool (`--spares`): ready, not accepting, until it is activated
     /// into a worker slot (its role becomes that [`Role::Worker`]).
     Spare(u32),
+    /// The Python app template (`--app`): imports the app once and forks the workers. One
+    /// slot; during a reload the new one and the old one share it.
+    Template,
 }
 
 impl Role {
@@ -52,11 +55,16 @@ impl Role {
     pub fn slot(self) -> u32 {
         match self {
             Role::Owner(n) | Role::Worker(WorkerId(n)) | Role::Spare(n) => n,
+            Role::Template => 0,
         }
     }
 
     pub fn is_worker(self) -> bool {
         matches!(self, Role::Worker(_))
+    }
+
+    pub fn is_owner(self) -> bool {
+        matches!(self, Role::Owner(_))
     }
 
     pub fn is_spare(self) -> bool {
@@ -75,6 +83,7 @@ impl std::fmt::Display for Role {
             Role::Owner(d) => write!(f, "owner {d}"),
             Role::Worker(WorkerId(w)) => write!(f, "worker {w}"),
             Role::Spare(k) => write!(f, "spare {k}"),
+            Role::Template => write!(f, "template"),
         }
     }
 }
@@ -136,6 +145,12 @@ pub fn on_death(role: Role, state: State, phase: Phase, failures: u32) -> Death 
         State::Starting if failures >= CRASH_LOOP_LIMIT => Death::CrashLoop { failures },
         State::Starting => Death::Retry(backoff(CHILD_BACKOFF, failures)),
     }
+}
+
+/// Whether a death is a reload's new app template failing (its import raised): that
+/// template is not retried, and the old one goes on serving.
+pub fn reload_failed(role: Role, state: State, phase: Phase, replaces: bool) -> bool {
+    role == Role::Template && state == State::Starting && phase == Phase::Running && replaces
 }
 
 /// A timer of a child that ran out.

@@ -52,6 +52,8 @@ pub(super) struct Child {
     pub latency: Option<Latency>,
     /// Why the supervisor killed it, if it did (counted when it dies).
     pub killed_for: Option<policy::Cause>,
+    /// An app template's number: it serves on `template-N.sock`.
+    pub template: Option<u32>,
 }
 
 /// The history of one slot (a worker slot, or an owner's device).
@@ -116,6 +118,18 @@ pub struct Service<E: Effects> {
     /// A `reload --model` in progress, and what the status shows of the last one.
     reload_stage: Option<reload::ReloadStage>,
     pub(super) model_reload: Option<zygote_runtime::protocol::ModelReload>,
+    /// App templates spawned so far (each one's socket is numbered).
+    templates: u32,
+    /// Why the last reload's new app template failed, if it did (`zygote status`).
+    pub(super) reload_error: Option<String>,
+}
+
+/// The entry an app template serves: the app, in a forked worker.
+pub const TEMPLATE_ENTRY: &str = "app";
+
+/// The socket app template `n` serves on, in the runtime directory.
+pub fn template_socket(n: u32) -> String {
+    format!("template-{n}.sock")
 }
 
 /// Adds a worker's latencies to a histogram of [`REQUEST_LATENCY_BOUNDS`] (counts of other
@@ -160,6 +174,8 @@ impl<E: Effects> Service<E> {
             generation_models: BTreeMap::new(),
             reload_stage: None,
             model_reload: None,
+            templates: 0,
+            reload_error: None,
         }
     }
 
@@ -181,6 +197,9 @@ impl<E: Effects> Service<E> {
         self.zygote = Some(z);
         for d in self.devices() {
             self.spawn(Role::Owner(d), None)?;
+        }
+        if self.cfg.template {
+            self.spawn(Role::Template, None)?;
         }
         let listen = self.listen.join(", ");
         say!(
@@ -349,18 +368,46 @@ impl<E: Effects> Service<E> {
                     device: d,
                     listeners: false,
                     spare: false,
+                    via: None,
                 }
             }
-            Role::Worker(_) | Role::Spare(_) => SpawnRequest {
+            Role::Template => SpawnRequest {
                 role,
                 entry: self.cfg.entry.clone(),
-                args: Vec::new(),
-                device: self.device_of(role),
-                listeners: true,
-                spare: role.is_spare(),
+                args: vec!["--socket".into(), template_socket(self.templates + 1)],
+                device: 0,
+                listeners: false,
+                spare: false,
+                via: None,
             },
+            Role::Worker(_) | Role::Spare(_) => {
+                let (entry, via) = if self.cfg.template {
+                    let Some(t) = self.serving_template() else {
+                        bail!("no app template serves yet to fork {role} from");
+                    };
+                    (TEMPLATE_ENTRY.to_string(), Some(t))
+                } else {
+                    (self.cfg.entry.clone(), None)
+                };
+                SpawnRequest {
+                    role,
+                    entry,
+                    args: Vec::new(),
+                    device: self.device_of(role),
+                    listeners: true,
+                    spare: role.is_spare(),
+                    via,
+                }
+            }
         };
         let pid = self.fx.spawn(&req)?;
+        let template = match role {
+            Role::Template => {
+                self.templates += 1;
+                Some(self.templates)
+            }
+            _ => None,
+        };
         let also = replaces
             .map(|(p, _)| format!(" to replace pid {p}"))
             .unwrap_or_default();
@@ -369,7 +416,7 @@ impl<E: Effects> Service<E> {
                 let draw = self.fx.draw();
                 policy::request_limit(&self.cfg.recycle, draw)
             }
-            Role::Owner(_) => None,
+            Role::Owner(_) | Role::Template => None,
         };
         say!(self.fx, Info, "{role}: spawned pid {pid}{also}");
         let now = self.fx.now();
@@ -390,9 +437,25 @@ impl<E: Effects> Service<E> {
                 recycling: false,
                 latency: None,
                 killed_for: None,
+                template,
             },
         );
         Ok(())
+    }
+
+    /// The app template new workers fork from: the newest one that serves.
+    pub(super) fn serving_template(&self) -> Option<i32> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.role == Role::Template && p.state == State::Serving)
+            .max_by_key(|(_, p)| p.template)
+            .map(|(pid, _)| *pid)
+    }
+
+    /// Whether the workers can be spawned: every owner serves, and the app template too
+    /// when there is one.
+    fn forkers_ready(&self) -> bool {
+        self.owners_ready() && (!self.cfg.template || self.serving_template().is_some())
     }
 
     /// Counts one replacement in `role`'s slot and, for a worker or an owner, in the service's
@@ -507,6 +570,16 @@ impl<E: Effects> Service<E> {
                 ..
             } => {
                 if p.state == State::Starting {
+                    if let Some(n) = p.template {
+                        // The supervisor must reach its socket before it counts as serving.
+                        if let Err(e) = self.fx.connect_template(pid, &template_socket(n)) {
+                            let why = format!("connecting to its socket: {e:#}");
+                            return self.kill(pid, &why, Some(policy::Cause::Heartbeat));
+                        }
+                    }
+                    let Some(p) = self.procs.get_mut(&pid) else {
+                        return;
+                    };
                     p.state = State::Serving;
                     p.generation = generation;
                     let (role, replaces) = (p.role, p.replaces.take());
@@ -601,9 +674,16 @@ impl<E: Effects> Service<E> {
         }
         if let Some((old, cause)) = replaces {
             self.count(role, cause);
-            self.drain(old, "replaced by a new worker");
+            if role == Role::Template {
+                // A reload: the new code is imported; the workers roll onto it.
+                self.reload_error = None;
+                self.drain(old, "replaced by a new app template");
+                self.roll_workers();
+            } else {
+                self.drain(old, "replaced by a new worker");
+            }
         }
-        if self.phase == Phase::Starting && self.owners_ready() {
+        if self.phase == Phase::Starting && self.forkers_ready() {
             self.phase = Phase::Running;
             for w in 0..self.cfg.workers {
                 if let Err(e) = self.spawn(Role::Worker(WorkerId(w)), None) {

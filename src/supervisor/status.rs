@@ -106,6 +106,7 @@ impl<E: Effects> Service<E> {
             workers: self.cfg.workers,
             processes,
             reload: self.model_reload.clone(),
+            reload_error: self.reload_error.clone(),
         }
     }
 
@@ -176,15 +177,17 @@ fn role_name(role: Role) -> &'static str {
         Role::Owner(_) => "owner",
         Role::Worker(_) => "worker",
         Role::Spare(_) => "spare",
+        Role::Template => "template",
     }
 }
 
-/// Owners, then workers, then spares.
+/// Owners, the app template, then workers, then spares.
 fn role_order(role: Role) -> u8 {
     match role {
         Role::Owner(_) => 0,
-        Role::Worker(_) => 1,
-        Role::Spare(_) => 2,
+        Role::Template => 1,
+        Role::Worker(_) => 2,
+        Role::Spare(_) => 3,
     }
 }
 

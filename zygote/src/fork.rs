@@ -61,7 +61,16 @@ pub struct ChildPlan<'a> {
     pub control: OwnedFd,
     pub listeners: Vec<OwnedFd>,
     pub model: BorrowedFd<'a>,
+    /// The fork itself, when the process that forks is not the zygote (see [`ForkHook`]).
+    pub fork: Option<ForkHook>,
 }
+
+/// A replacement for the raw `fork(2)` of [`spawn`], for a server hosted in a process that is
+/// not single-threaded and has fork handlers of its own to run: the Python app template, whose
+/// fork is CPython's `os.fork()` (at-fork hooks, `PyOS_AfterFork_Child`). Whoever supplies the
+/// hook answers for the soundness of running Rust code in the child; [`spawn`] then skips its
+/// single-thread check.
+pub type ForkHook = fn() -> nix::Result<ForkResult>;
 
 /// A child just forked.
 #[derive(Debug)]
@@ -122,18 +131,25 @@ fn exec_plan(
 /// at the fork would leave it locked in the child forever. So this counts the threads
 /// (`/proc/self/task`) first and refuses with [`ForkError::NotSingleThreaded`] otherwise.
 pub fn spawn(plan: ChildPlan<'_>) -> Result<Forked, ForkError> {
-    let threads = zygote_runtime::procfs::thread_count(std::process::id() as i32)
-        .map_err(ForkError::Threads)?;
-    check_single_threaded(threads)?;
+    if plan.fork.is_none() {
+        let threads = zygote_runtime::procfs::thread_count(std::process::id() as i32)
+            .map_err(ForkError::Threads)?;
+        check_single_threaded(threads)?;
+    }
     let exec = match plan.entry {
         Entry::Exec { program, args } => Some(exec_plan(program, args, &plan.info)?),
         Entry::Native(_) | Entry::Owner(_) => None,
     };
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ForkError::Pipe)?;
-    // SAFETY: this process is single-threaded (checked above; nothing here starts a thread), so
-    // the child starts with consistent allocator and lock state and may run ordinary Rust code.
-    match unsafe { nix::unistd::fork() }.map_err(ForkError::Fork)? {
+    let forked = match plan.fork {
+        Some(hook) => hook(),
+        // SAFETY: this process is single-threaded (checked above; nothing here starts a
+        // thread), so the child starts with consistent allocator and lock state and may run
+        // ordinary Rust code.
+        None => unsafe { nix::unistd::fork() },
+    };
+    match forked.map_err(ForkError::Fork)? {
         ForkResult::Child => {
             drop(status_r);
             child_main(plan, exec, status_w)
@@ -196,6 +212,11 @@ fn child_main(plan: ChildPlan<'_>, exec: Option<ExecPlan>, status_w: OwnedFd) ->
             // A Rust program starts with SIGPIPE ignored; a native entry is one.
             // SAFETY: SIG_IGN installs no handler code; this process has a single thread.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+            // A child of a hosted server (the app template) inherits its parent's adoption of
+            // the fixed fds, whose numbers `setup` has just given to this child's own.
+            // SAFETY: the parent's `Worker` lives on in this child's memory only: the child
+            // runs the entry and exits without returning to the code that owns it.
+            unsafe { zygote_runtime::worker::forget_adoption_in_child() };
             // SAFETY: `setup` placed the control channel, the model memfd and the listeners at
             // the fixed numbers and forgot every other owner of them; this is the one adoption.
             let worker = match unsafe { Worker::from_fixed_fds(info) } {

@@ -512,6 +512,10 @@ pub struct ServiceStatus {
     /// The last `reload --model`, if any.
     #[serde(default)]
     pub reload: Option<ModelReload>,
+    /// Why the last code reload failed (its new app template died before it was ready), until
+    /// a reload succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_error: Option<String>,
 }
 
 /// The progress of a `reload --model`.

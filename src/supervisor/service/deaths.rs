@@ -14,6 +14,16 @@ impl<E: Effects> Service<E> {
             return;
         };
         self.fx.forget(pid);
+        if policy::reload_failed(p.role, p.state, self.phase, p.replaces.is_some()) {
+            let why = format!(
+                "reload failed: the new app template (pid {pid}) died before it was ready \
+                 (its error is above); the old template and its workers keep serving the old code"
+            );
+            say!(self.fx, Error, "{why}");
+            self.reload_error = Some(why);
+            self.reloading = false;
+            return;
+        }
         let now = self.fx.now();
         let role = p.role;
         // Deaths that are restarts count among the slot's reasons: by the kill the supervisor

@@ -105,7 +105,7 @@ impl<E: Effects> Service<E> {
                 let owners: Vec<i32> = self
                     .procs
                     .iter()
-                    .filter(|(_, p)| !p.role.holds_listeners())
+                    .filter(|(_, p)| p.role.is_owner())
                     .map(|(pid, _)| *pid)
                     .collect();
                 for pid in owners {
@@ -137,7 +137,7 @@ impl<E: Effects> Service<E> {
     pub(super) fn advance_reload(&mut self) {
         match self.reload_stage {
             Some(ReloadStage::Owners) => {
-                if self.procs.values().any(|p| !p.role.holds_listeners()) || self.zygote.is_none() {
+                if self.procs.values().any(|p| p.role.is_owner()) || self.zygote.is_none() {
                     return;
                 }
                 for d in self.devices() {

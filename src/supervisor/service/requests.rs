@@ -64,6 +64,20 @@ impl<E: Effects> Service<E> {
             say!(self.fx, Warn, "{why}: not rolling while {:?}", self.phase);
             return;
         }
+        self.reloading = true;
+        let status = self.status_line();
+        self.fx.notify(Notify::Reloading { status });
+        if let Some(old) = self.serving_template() {
+            // The code reloads: a new template imports it; the workers roll once it serves.
+            say!(
+                self.fx,
+                Info,
+                "{why}: starting a new app template, then rolling {} workers onto it",
+                self.cfg.workers
+            );
+            self.pending_rolls.push((old, policy::Cause::Roll));
+            return;
+        }
         let spares = match self.cfg.spares {
             0 => String::new(),
             k => format!(" and {k} spares"),
@@ -74,9 +88,11 @@ impl<E: Effects> Service<E> {
             "{why}: rolling {} workers{spares}",
             self.cfg.workers
         );
-        self.reloading = true;
-        let status = self.status_line();
-        self.fx.notify(Notify::Reloading { status });
+        self.roll_workers();
+    }
+
+    /// Replaces every worker that does not drain, each one before its predecessor drains.
+    pub(super) fn roll_workers(&mut self) {
         let olds = self
             .procs
             .iter()

@@ -7,7 +7,7 @@ use log::Level;
 use std::time::Instant;
 
 use super::{Effects, Service};
-use crate::supervisor::policy::Phase;
+use crate::supervisor::policy::{Phase, Role};
 
 impl<E: Effects> Service<E> {
     /// Falls asleep: every worker drains (the owners once no worker is left, in
@@ -56,7 +56,7 @@ impl<E: Effects> Service<E> {
         }
         self.wake_requested = true;
         self.fx.watch_listeners(false);
-        if self.procs.is_empty() && self.zygote.is_some() {
+        if self.slept() && self.zygote.is_some() {
             self.wake_now();
         }
     }
@@ -74,6 +74,13 @@ impl<E: Effects> Service<E> {
         }
     }
 
+    /// Whether the sleep is complete: no owner, worker or spare is left. An app template
+    /// stays up asleep (it holds the imported app, not the weights), so that a wake forks
+    /// workers at once instead of importing the app again.
+    fn slept(&self) -> bool {
+        self.procs.values().all(|p| p.role == Role::Template)
+    }
+
     /// While asleep: the owners drain once no worker is left; whoever passes its drain
     /// deadline is killed; a wake asked for meanwhile happens once nothing is left.
     pub(super) fn tick_asleep(&mut self, now: Instant) {
@@ -81,7 +88,7 @@ impl<E: Effects> Service<E> {
             let owners: Vec<i32> = self
                 .procs
                 .iter()
-                .filter(|(_, p)| !p.role.holds_listeners() && p.timers.drain_deadline.is_none())
+                .filter(|(_, p)| p.role.is_owner() && p.timers.drain_deadline.is_none())
                 .map(|(pid, _)| *pid)
                 .collect();
             for pid in owners {
@@ -97,12 +104,12 @@ impl<E: Effects> Service<E> {
         for pid in late {
             self.kill(pid, "drain deadline passed", None);
         }
-        if self.procs.is_empty() && !self.weights_released && self.zygote.is_some() {
+        if self.slept() && !self.weights_released && self.zygote.is_some() {
             // No owner or worker maps the weights any more: the zygote's handles are the last.
             self.weights_released = true;
             self.fx.release_weights();
         }
-        if self.procs.is_empty() && self.wake_requested && self.zygote.is_some() {
+        if self.slept() && self.wake_requested && self.zygote.is_some() {
             self.wake_now();
         }
     }

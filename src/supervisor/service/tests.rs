@@ -34,6 +34,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         devices: Vec::new(),
         entry: "idle".into(),
         command: Vec::new(),
+        template: false,
         timeout,
         graceful_timeout: GRACEFUL,
         allow_uids: Vec::new(),
@@ -1328,3 +1329,280 @@ fn a_reload_the_new_zygote_refuses_leaves_the_old_model_serving_and_says_why() {
     );
 }
 mod spares;
+/// A service with an app template (`--app`): its zygote, owner, template and workers serving.
+struct Templated {
+    svc: Service<Fake>,
+    owner: i32,
+    template: i32,
+    workers: Vec<i32>,
+}
+
+fn templated(workers: u32) -> Templated {
+    let cfg = Config {
+        template: true,
+        entry: "exec".into(),
+        command: vec!["python3".into(), "-m".into(), "zygote.template".into()],
+        ..config(workers, Duration::from_secs(30))
+    };
+    let mut svc = Service::new(cfg, vec![], Fake::default());
+    svc.start().expect("start");
+    let calls = svc.fx.take();
+    let owner = spawned(&calls, Role::Owner(0))[0];
+    let template = spawned(&calls, Role::Template)[0];
+    let req = calls
+        .iter()
+        .find_map(|c| match c {
+            Call::Spawn(pid, req) if *pid == template => Some(req.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(req.entry, "exec", "the zygote execs the template program");
+    assert_eq!(req.args, ["--socket", "template-1.sock"]);
+    assert!(!req.listeners && req.via.is_none(), "{req:?}");
+    svc.input(Input::Message(owner, ready("backend=host")));
+    assert!(
+        spawned(&svc.fx.take(), Role::Worker(WorkerId(0))).is_empty(),
+        "no worker before the template serves"
+    );
+    svc.input(Input::Message(template, ready("")));
+    let calls = svc.fx.take();
+    assert!(
+        calls.contains(&Call::ConnectTemplate(template, "template-1.sock".into())),
+        "{calls:?}"
+    );
+    let pids: Vec<i32> = (0..workers)
+        .map(|w| spawned(&calls, Role::Worker(WorkerId(w)))[0])
+        .collect();
+    for c in &calls {
+        if let Call::Spawn(_, req) = c {
+            assert_eq!(
+                req.via,
+                Some(template),
+                "workers fork from the template: {req:?}"
+            );
+            assert_eq!(req.entry, "app");
+        }
+    }
+    for &pid in &pids {
+        svc.input(Input::Message(pid, ready("")));
+    }
+    assert_eq!(svc.phase, Phase::Running);
+    Templated {
+        svc,
+        owner,
+        template,
+        workers: pids,
+    }
+}
+
+#[test]
+fn with_an_app_template_the_workers_fork_from_it_once_it_serves() {
+    let t = templated(2);
+    assert_eq!(t.svc.serving_template(), Some(t.template));
+}
+
+#[test]
+fn a_killed_template_is_restarted_and_its_workers_keep_serving() {
+    let mut t = templated(2);
+    t.svc.input(Input::Status(t.template, sig("SIGKILL")));
+    t.svc.input(Input::Died(t.template));
+    t.svc.fx.advance(Duration::from_millis(1));
+    t.svc.tick();
+    let calls = t.svc.fx.take();
+    let new = spawned(&calls, Role::Template);
+    assert_eq!(new.len(), 1, "one new template: {calls:?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Drain(..) | Call::Signal(..))),
+        "no worker is touched: {calls:?}"
+    );
+    for w in &t.workers {
+        assert_eq!(t.svc.procs[w].state, State::Serving);
+    }
+    t.svc.input(Input::Message(new[0], ready("")));
+    assert!(t
+        .svc
+        .fx
+        .take()
+        .contains(&Call::ConnectTemplate(new[0], "template-2.sock".into())));
+    // A worker that dies now forks from the new template.
+    t.svc.input(Input::Status(t.workers[0], sig("SIGKILL")));
+    t.svc.input(Input::Died(t.workers[0]));
+    t.svc.fx.advance(Duration::from_millis(1));
+    t.svc.tick();
+    let calls = t.svc.fx.take();
+    let req = calls.iter().find_map(|c| match c {
+        Call::Spawn(_, r) if r.role == Role::Worker(WorkerId(0)) => Some(r.clone()),
+        _ => None,
+    });
+    assert_eq!(req.and_then(|r| r.via), Some(new[0]), "{calls:?}");
+}
+
+#[test]
+fn a_reload_starts_a_new_template_then_rolls_the_workers_onto_it() {
+    let mut t = templated(2);
+    t.svc.input(Input::Signal(Signal::SIGHUP));
+    t.svc.tick();
+    let calls = t.svc.fx.take();
+    let new = spawned(&calls, Role::Template);
+    assert_eq!(new.len(), 1, "{calls:?}");
+    assert!(
+        spawned(&calls, Role::Worker(WorkerId(0))).is_empty(),
+        "the workers wait for the new code"
+    );
+    assert!(
+        spawned(&calls, Role::Owner(0)).is_empty(),
+        "the owner stays"
+    );
+    t.svc.input(Input::Message(new[0], ready("")));
+    let calls = t.svc.fx.take();
+    assert!(
+        calls.contains(&Call::Drain(t.template)),
+        "the old template retires: {calls:?}"
+    );
+    t.svc.tick();
+    let calls = t.svc.fx.take();
+    let mut replacements = Vec::new();
+    for c in &calls {
+        if let Call::Spawn(pid, req) = c {
+            assert_eq!(req.via, Some(new[0]), "{req:?}");
+            replacements.push(*pid);
+        }
+    }
+    assert_eq!(replacements.len(), 2, "{calls:?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Drain(p) if t.workers.contains(p))),
+        "no worker drains before its replacement is ready: {calls:?}"
+    );
+    t.svc.input(Input::Message(replacements[0], ready("")));
+    let calls = t.svc.fx.take();
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| matches!(c, Call::Drain(p) if t.workers.contains(p)))
+            .count(),
+        1,
+        "{calls:?}"
+    );
+    assert!(t.svc.procs.contains_key(&t.owner), "same owner");
+}
+
+#[test]
+fn a_reload_whose_template_fails_leaves_the_old_one_serving() {
+    let mut t = templated(2);
+    t.svc.input(Input::Signal(Signal::SIGHUP));
+    t.svc.tick();
+    let new = spawned(&t.svc.fx.take(), Role::Template)[0];
+    t.svc.input(Input::Status(new, Exit::Code(3)));
+    t.svc.input(Input::Died(new));
+    assert!(t
+        .svc
+        .reload_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("reload failed"));
+    for _ in 0..10 {
+        let calls = t.tick_after_ms(500);
+        assert!(
+            !calls
+                .iter()
+                .any(|c| matches!(c, Call::Spawn(..) | Call::Drain(..))),
+            "no retry, nothing drained: {calls:?}"
+        );
+    }
+    assert_eq!(t.svc.serving_template(), Some(t.template));
+    assert_eq!(t.svc.phase, Phase::Running);
+    for w in &t.workers {
+        assert_eq!(t.svc.procs[w].state, State::Serving);
+    }
+}
+
+impl Templated {
+    fn tick_after_ms(&mut self, ms: u64) -> Vec<Call> {
+        self.svc.fx.advance(Duration::from_millis(ms));
+        self.svc.tick();
+        self.svc.fx.take()
+    }
+}
+
+#[test]
+fn asleep_the_app_template_stays_and_the_wake_forks_the_workers_from_it() {
+    let mut t = templated(1);
+    t.svc
+        .input(Input::Admin(AdminConn(1), AdminRequest::Sleep { id: 1 }));
+    assert_eq!(t.svc.fx.take(), [Call::Drain(t.workers[0])]);
+    t.svc.input(Input::Status(t.workers[0], Exit::Code(0)));
+    t.svc.input(Input::Died(t.workers[0]));
+    t.svc.tick();
+    let calls = t.svc.fx.take();
+    assert!(
+        calls.contains(&Call::Drain(t.owner)) && !calls.contains(&Call::Drain(t.template)),
+        "the owner drains, the template does not: {calls:?}"
+    );
+    t.svc.input(Input::Status(t.owner, Exit::Code(0)));
+    t.svc.input(Input::Died(t.owner));
+    t.svc.tick();
+    let calls = t.svc.fx.take();
+    assert!(
+        calls.contains(&Call::ReleaseWeights),
+        "asleep with only the template left: {calls:?}"
+    );
+    t.svc.input(Input::Connection);
+    let owner = spawned(&t.svc.fx.take(), Role::Owner(0))[0];
+    t.svc.input(Input::Message(owner, ready("backend=host")));
+    let calls = t.svc.fx.take();
+    assert!(spawned(&calls, Role::Template).is_empty(), "{calls:?}");
+    let w = spawned(&calls, Role::Worker(WorkerId(0)));
+    assert_eq!(w.len(), 1, "{calls:?}");
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, Call::Spawn(p, req) if *p == w[0] && req.via == Some(t.template))));
+}
+
+#[test]
+fn a_model_reload_with_an_app_template_replaces_the_template_after_the_owners() {
+    let mut t = templated(1);
+    t.svc.input(Input::Admin(
+        AdminConn(5),
+        AdminRequest::Reload {
+            id: 1,
+            model: Some("/models/b.safetensors".into()),
+        },
+    ));
+    t.svc.fx.take();
+    let z = crate::supervisor::effects::ZygoteInfo {
+        pid: 900,
+        started: t.svc.fx.now,
+    };
+    t.svc.input(Input::ZygoteStarted(Ok(z)));
+    assert_eq!(
+        t.svc.fx.take(),
+        [Call::Drain(t.owner)],
+        "only the owner drains first"
+    );
+    t.svc.input(Input::Status(t.owner, Exit::Code(0)));
+    t.svc.input(Input::Died(t.owner));
+    t.svc.tick();
+    let owner = spawned(&t.svc.fx.take(), Role::Owner(0));
+    assert_eq!(owner.len(), 1, "the template is not waited for");
+    t.svc.input(Input::Message(
+        owner[0],
+        ChildMessage::Ready {
+            pid: 0,
+            generation: Some(2),
+            weights: None,
+            detail: "owner".into(),
+        },
+    ));
+    t.svc.tick();
+    let calls = t.svc.fx.take();
+    let new = spawned(&calls, Role::Template);
+    assert_eq!(
+        new.len(),
+        1,
+        "a new template, forked by the new model's zygote: {calls:?}"
+    );
+}

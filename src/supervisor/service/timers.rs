@@ -113,7 +113,7 @@ impl<E: Effects> Service<E> {
             let retired = match role {
                 Role::Worker(WorkerId(w)) => w >= self.cfg.workers,
                 Role::Spare(k) => k >= self.cfg.spares,
-                Role::Owner(_) => false,
+                Role::Owner(_) | Role::Template => false,
             };
             if occupied || retired {
                 self.slot(role).restart_at = None;

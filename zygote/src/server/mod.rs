@@ -45,6 +45,7 @@ use conn::{Conn, FdProgress};
 use kept::KeptWeights;
 
 use crate::entries::EntryTable;
+use crate::fork::ForkHook;
 
 /// Most listeners one spawn may pass.
 pub const MAX_LISTENERS: u32 = 16;
@@ -72,6 +73,37 @@ pub struct ServerConfig {
     pub backend: String,
     /// Called once the socket listens (the supervisor's ready signal).
     pub on_ready: Option<fn(&Path)>,
+    /// The socket's name in `runtime_dir` ([`ZYGOTE_SOCKET`] for the zygote).
+    pub socket_name: String,
+    /// The fork of every spawn, when this server is hosted in a process that forks its own way
+    /// (the Python app template); `None`: the zygote's raw, single-threaded fork.
+    pub fork: Option<ForkHook>,
+    /// Called at every turn of the loop (at least every 250 ms); `false` shuts the server
+    /// down. A hosted server heartbeats and watches its own control channel here.
+    pub tick: Option<fn() -> bool>,
+}
+
+impl ServerConfig {
+    /// The zygote's own configuration: its socket, the raw fork, no tick.
+    pub fn zygote(
+        runtime_dir: PathBuf,
+        model: Model,
+        entries: EntryTable,
+        allow_uids: Vec<u32>,
+        backend: String,
+    ) -> Self {
+        Self {
+            runtime_dir,
+            model,
+            entries,
+            allow_uids,
+            backend,
+            on_ready: None,
+            socket_name: ZYGOTE_SOCKET.to_string(),
+            fork: None,
+            tick: None,
+        }
+    }
 }
 
 /// Errors that stop the zygote.
@@ -133,7 +165,7 @@ pub fn run(cfg: ServerConfig) -> Result<i32, ServerError> {
     };
     // The claim (a lock beside the socket) keeps a second zygote in this directory from
     // rebinding the socket under a live one; it is held until `run` returns.
-    let (claim, listener) = SocketClaim::bind(&cfg.runtime_dir, ZYGOTE_SOCKET, socket_mode)?;
+    let (claim, listener) = SocketClaim::bind(&cfg.runtime_dir, &cfg.socket_name, socket_mode)?;
     let path = claim.path().to_path_buf();
     chmod(&cfg.runtime_dir, dir_mode)?;
     let bind_err = |source| ServerError::Bind {
@@ -236,6 +268,12 @@ impl Server {
             }
             self.read_round();
             self.check_deadlines();
+            if let Some(tick) = self.cfg.tick {
+                if !self.shutting_down && !tick() {
+                    log::info!("told to stop by its host");
+                    self.shutting_down = true;
+                }
+            }
         }
     }
 

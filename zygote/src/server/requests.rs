@@ -357,6 +357,7 @@ impl Server {
             control,
             listeners,
             model: self.cfg.model.memfd(),
+            fork: self.cfg.fork,
         };
         let requester = self.conns.get(&t).map_or(u32::MAX, |c| c.peer.uid);
         let started = Instant::now();
