@@ -411,7 +411,7 @@ done
     "${ctl[@]}" report "$results"
     if [[ -s "$out/forward.txt" ]]; then
         echo
-        echo "Single-thread forward pass (texts/s, one text per call, the benchmark's sentences):"
+        echo "Single-thread forward pass (texts per second of CPU time, one text per call, the benchmark's sentences):"
         grep -v '^{' "$out/forward.txt"
     fi
     if compgen -G "$out/cosine-w*.jsonl" >/dev/null; then
