@@ -67,7 +67,8 @@
 # machine (a busy machine distorts the figures: the "other" column shows it).
 # Prints a markdown table and writes it to OUT/table.md.
 #
-# Needs: scripts/baseline/setup.sh run once (venv + wrk). Every process this
+# Needs: scripts/baseline/setup.sh run once (venv + wrk + the ONNX export), and
+# for zygote target/release/zygote and its forward_bench example. Every process this
 # script starts runs in its own session and is stopped on exit (trap); every
 # loop is bounded by a deadline.
 set -euo pipefail
