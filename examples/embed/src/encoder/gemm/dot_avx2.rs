@@ -44,7 +44,7 @@ const MAX_GROUPS: usize = super::DOT_KERNEL_MAX_ROWS.div_ceil(MR);
 pub(super) struct Group {
     /// First token row.
     pub(super) r: usize,
-    /// Token rows (1 to the kernel's group size: [`MR`] for AVX2, 8 for AVX-512).
+    /// Token rows (1 to the kernel's group size: [`MR`] for AVX2, 6 for AVX-512).
     pub(super) m: usize,
     /// First line, counted from the start of the prefetched rows, that this group asks for.
     pf_first: usize,
@@ -87,7 +87,7 @@ pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], 
 /// Plans the tiles (token rows in groups of at most `mr`, the prefetches shared among them)
 /// and runs the triples `pick` gives for every three weight rows: the loop both kernels
 /// share (the AVX2 one with groups of [`MR`] rows, the AVX-512 one, which has twice the
-/// registers, with groups of up to 8).
+/// registers, with groups of up to 6).
 ///
 /// # Safety
 /// The processor runs the triples `pick` returns, which take groups of up to `mr` rows

@@ -1,21 +1,22 @@
 //! The AVX-512 kernel of [`super::linear_rows`]: the AVX2 kernel's tiles (`super::dot_avx2`,
 //! whose plan of token-row groups and prefetches it shares) with 16-lane vectors, so one step
 //! covers 16 values of `k` and each fused multiply-add does twice the work. With 32 vector
-//! registers a tile takes up to [`MR`] = 8 token rows (24 sums, 3 weight registers, one for
+//! registers a tile takes up to [`MR`] = 6 token rows (18 sums, 3 weight registers, one for
 //! the token row), so a text of 17 word pieces is 3 groups, not 5: each weight triple is read
-//! from L1 fewer times and there are fewer tile epilogues. The epilogue folds each sum's two
-//! 256-bit halves and reduces four token rows at once (as the AVX2 kernel does), not each
-//! sum on its own: with 384 inputs a tile has only 24 steps, and twelve separate 16-lane
-//! reductions cost a third as much as the steps (why the first version of this kernel, with
-//! 4-row tiles and such reductions, measured no faster than AVX2). Every function here reads
-//! through raw pointers, and each one's contract says what the caller has checked.
+//! from L1 fewer times and there are fewer tile epilogues. (Eight rows, 24 sums, measured
+//! 15-20% slower than six: the compiler spilled sums to the stack inside the loop; four rows
+//! 1-27% slower.) The epilogue folds each sum's two 256-bit halves and reduces four token rows
+//! at once (as the AVX2 kernel does), not each sum on its own: with 384 inputs a tile has only
+//! 24 steps, and twelve separate 16-lane reductions cost a third as much as the steps (why the
+//! first version of this kernel, with 4-row tiles and such reductions, measured no faster than
+//! AVX2). Every function here reads through raw pointers, and each one's contract says what the caller has checked.
 
 use std::arch::x86_64::*;
 
 use super::dot_avx2::{self, hsum4, Group, Layer, Triple};
 
-/// Token rows per tile (at most).
-const MR: usize = 8;
+/// Token rows per tile (at most): six measured fastest (see the module's doc).
+const MR: usize = 6;
 
 /// Computes every output.
 ///
@@ -64,10 +65,6 @@ unsafe fn triple<const N: usize, const INP: usize>(
     for g in groups {
         let pf = g.prefetches(pf);
         match g.m {
-            // SAFETY: this function's contract, for the group's eight rows.
-            8 => unsafe { tile::<8, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
-            // SAFETY: this function's contract, for the group's seven rows.
-            7 => unsafe { tile::<7, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's six rows.
             6 => unsafe { tile::<6, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's five rows.

@@ -256,7 +256,7 @@ pub fn dot_kernel_available() -> bool {
 /// contiguous lines and nothing is packed: the weights stream through once per call, which is
 /// what few-row products are bound by, and no row is padded. A register tile of three weight
 /// rows by up to four token rows keeps twelve sums, 8-lane on AVX2/FMA processors (by up to
-/// eight token rows, 16-lane, on AVX-512 ones, see [`dot_kernel`]); elsewhere a plain loop
+/// six token rows, 16-lane, on AVX-512 ones, see [`dot_kernel`]); elsewhere a plain loop
 /// computes the same. Panics when the
 /// slices do not hold the shapes (a bug in the caller).
 pub fn linear_rows(xt: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
