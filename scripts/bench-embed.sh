@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Embeddings benchmark: the seed 002 Python service (gunicorn + Flask +
-# sentence-transformers) against zygote, same machine, same model
-# (all-MiniLM-L6-v2), same request mix, one run.
+# sentence-transformers) and the ONNX Runtime one (gunicorn + Flask + ONNX
+# Runtime) against zygote, same machine, same model (all-MiniLM-L6-v2), same
+# request mix, one run; first the single-thread forward pass of each engine.
 #
 #   scripts/bench-embed.sh [options]
 #     --workers "2 4"     worker counts to measure (default: 2 4)
@@ -12,8 +13,8 @@
 #     --warmup S          unmeasured load once, after a service's start (default: 5)
 #     --trials K          worker kills per configuration (default: 3)
 #     --only python|zygote   measure one side only
-#     --baselines "seed t1 t1-preload"
-#                         the Python variants to measure (default: all three):
+#     --baselines "seed t1 t1-preload ort"
+#                         the Python variants to measure (default: all four):
 #                         seed        as seed 002 is written: no --preload, torch
 #                                     with one thread per core in every worker
 #                                     (oversubscribed with several workers on 2 cores)
@@ -23,11 +24,23 @@
 #                                     once in the master and shared copy-on-write
 #                                     (works on CPU; on CUDA it is what fails in
 #                                     seeds 000 and 002). seed-preload also exists.
+#                         ort         gunicorn + Flask + ONNX Runtime
+#                                     (scripts/baseline/app_onnx.py): the model
+#                                     exported to ONNX (opset 17), one intra-op
+#                                     thread per worker, --preload
+#     --forward-seconds S the single-thread forward pass, before the services:
+#                         S seconds per engine and round, --rounds rounds
+#                         (default: 5; 0: skip it): ONNX Runtime, torch and
+#                         zygote's encoder (its forward_bench example, AVX-512
+#                         where the CPU has it, then AVX2), one text per call
+#                         over scripts/bench-embed/sentences.txt, and each
+#                         service's lowest cosine to sentence-transformers
 #     --out DIR           where logs and results go (default: bench-out/embed-DATE)
 #     --quiet-wait S      before each measured load, wait up to S s for the
 #                         machine to be idle (default: 60; 0: don't)
 #
-# Environment: ZYGOTE_BIN (default target/release/zygote), ZYGOTE_MODEL (model
+# Environment: ZYGOTE_BIN (default target/release/zygote), FORWARD_BENCH
+# (default target/release/examples/forward_bench), ZYGOTE_MODEL (model
 # directory given to `zygote start --model`; default: the directory the
 # baseline loads, so both serve the same files; empty: no --model flag),
 # ZYGOTE_ARGS (extra arguments for `zygote start`), BASELINE_VENV, BASE_PORT.
@@ -54,7 +67,8 @@
 # machine (a busy machine distorts the figures: the "other" column shows it).
 # Prints a markdown table and writes it to OUT/table.md.
 #
-# Needs: scripts/baseline/setup.sh run once (venv + wrk). Every process this
+# Needs: scripts/baseline/setup.sh run once (venv + wrk + the ONNX export), and
+# for zygote target/release/zygote and its forward_bench example. Every process this
 # script starts runs in its own session and is stopped on exit (trap); every
 # loop is bounded by a deadline.
 set -euo pipefail
@@ -64,7 +78,7 @@ helpers="$repo/scripts/bench-embed"
 ctl=(python3 "$helpers/embedctl.py")
 
 workers_list="2 4"; duration=10; rounds=3; warmup=5; trials=3; only=""; quiet_wait=60
-baselines="seed t1 t1-preload"
+baselines="seed t1 t1-preload ort"; forward_seconds=5
 out="$repo/bench-out/embed-$(date +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -77,6 +91,7 @@ while [[ $# -gt 0 ]]; do
         --baselines) baselines="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --quiet-wait) quiet_wait="$2"; shift 2 ;;
+        --forward-seconds) forward_seconds="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-embed.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -88,6 +103,7 @@ done
 
 venv="${BASELINE_VENV:-$repo/.venv-baseline}"
 zbin="${ZYGOTE_BIN:-$repo/target/release/zygote}"
+fbench="${FORWARD_BENCH:-$repo/target/release/examples/forward_bench}"
 base_port="${BASE_PORT:-18400}"
 mkdir -p "$out"
 results="$out/results.jsonl"
@@ -187,7 +203,7 @@ bodies="$out/bodies.jsonl"
     echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "load: wrk, $rounds rounds of $duration s per service (after one $warmup s warm-up), 2 x workers keep-alive connections, POST /embed one sentence each from scripts/bench-embed/sentences.txt"
     if [[ $need_python == 1 ]]; then
-        echo "baseline: $("$venv/bin/python" -c 'from importlib.metadata import version as v; print("gunicorn", v("gunicorn"), "flask", v("flask"), "sentence-transformers", v("sentence-transformers"), "torch", v("torch"))')"
+        echo "baseline: $("$venv/bin/python" -c 'from importlib.metadata import version as v; print("gunicorn", v("gunicorn"), "flask", v("flask"), "sentence-transformers", v("sentence-transformers"), "torch", v("torch"), "onnxruntime", v("onnxruntime"))')"
     fi
     if [[ $need_zygote == 1 ]]; then
         echo "zygote: $zbin ($(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')), model ${model_dir:-default}"
@@ -268,12 +284,13 @@ add_service() { # KIND WORKERS TAG PGID URL RUNTIME_DIR NOTE
 # start_python WORKERS VARIANT [PHASE]: VARIANT is seed, t1, t1-preload or seed-preload; PHASE
 # (load) names the log and ready files of a second start.
 start_python() {
-    local n="$1" variant="$2" phase="${3:+.$3}" threads flag="" port note tag
+    local n="$1" variant="$2" phase="${3:+.$3}" threads flag="" app=app port note tag
     case "$variant" in
         seed) threads=default; note="seed: torch threads default" ;;
         seed-preload) threads=default; flag=--preload; note="seed + preload" ;;
         t1) threads=1; note="1 torch thread per worker" ;;
         t1-preload) threads=1; flag=--preload; note="1 torch thread, preload" ;;
+        ort) threads=1; flag=--preload; app=app_onnx; note="ONNX Runtime, 1 thread, preload" ;;
         *) say "unknown baseline variant $variant"; return 0 ;;
     esac
     next_port
@@ -281,7 +298,7 @@ start_python() {
     say "$tag: starting gunicorn on 127.0.0.1:$port"
     local t0 tt=""; t0="$(date +%s.%N)"
     [[ "$threads" != default ]] && tt="$threads"
-    TORCH_THREADS="$tt" BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag$phase.log" 2>&1 &
+    TORCH_THREADS="$tt" ORT_THREADS=1 BASELINE_APP="$app" BASELINE_VENV="$venv" setsid "$repo/scripts/baseline/run.sh" "$n" "$port" $flag > "$out/$tag$phase.log" 2>&1 &
     local pg=$!
     started+=("$pg")
     if ! run "${ctl[@]}" wait-ready --url "http://127.0.0.1:$port" --workers "$n" --since "$t0" \
@@ -322,6 +339,26 @@ start_all() { # WORKERS [PHASE]
     if [[ $need_zygote == 1 ]]; then start_zygote "$1" "${2:-}"; fi
 }
 
+# ------------------------------------------------------------ forward pass
+# The single-thread forward pass of every engine, alternating within each round, before any
+# service is up (forward.py speed; zygote's through its forward_bench example).
+if [[ $need_python == 1 && " $baselines " == *" ort "* ]]; then
+    "$venv/bin/python" "$repo/scripts/baseline/export_onnx.py" > "$out/onnx-path.txt" \
+        || { say "the ONNX export failed (scripts/baseline/export_onnx.py)"; exit 1; }
+fi
+if [[ $need_python == 1 && "$forward_seconds" != 0 ]]; then
+    fargs=(speed --seconds "$forward_seconds" --rounds "$rounds")
+    if [[ $need_zygote == 1 && -x "$fbench" ]]; then
+        fargs+=(--forward-bench "$fbench" --model "${model_dir:-$repo/models/all-MiniLM-L6-v2}")
+    else
+        say "no $fbench (cargo build --release -p zygote-embed --example forward_bench): zygote's forward pass left out"
+    fi
+    say "forward pass: ${forward_seconds}s per engine, $rounds rounds"
+    run "$venv/bin/python" "$helpers/forward.py" "${fargs[@]}" > "$out/forward.txt" 2> "$out/forward.log" \
+        || say "forward.py speed failed (see $out/forward.log)"
+    grep -v '^{' "$out/forward.txt" >&2 || true
+fi
+
 for n in $workers_list; do
     # Phase 1, each service alone: its start-up, then (after a warm-up) its PSS and the kills.
     m_kind=(); m_tag=(); m_note=()
@@ -351,6 +388,16 @@ for n in $workers_list; do
     start_all "$n" load
     count=${#svc_tag[@]}
     for ((i = 0; i < count; i++)); do warm "$i"; done
+    # The vectors each ONNX Runtime and zygote service serves, against sentence-transformers'.
+    curls=()
+    for ((i = 0; i < count; i++)); do
+        case "${svc_tag[$i]}" in *-ort | zygote-*) curls+=(--url "${svc_tag[$i]}=${svc_url[$i]}") ;; esac
+    done
+    if [[ $need_python == 1 && ${#curls[@]} -gt 0 ]]; then
+        run "$venv/bin/python" "$helpers/forward.py" cosine "${curls[@]}" > "$out/cosine-w$n.jsonl" \
+            2> "$out/cosine-w$n.log" || say "forward.py cosine failed (see $out/cosine-w$n.log)"
+        say "cosine to sentence-transformers: $(tr '\n' ' ' < "$out/cosine-w$n.jsonl")"
+    fi
     for ((r = 1; r <= rounds; r++)); do
         for ((j = 0; j < count; j++)); do load_round "$(( (j + r - 1) % count ))" "$r"; done
     done
@@ -361,5 +408,24 @@ for n in $workers_list; do
     done
 done
 
-"${ctl[@]}" report "$results" | tee "$out/table.md"
+{
+    "${ctl[@]}" report "$results"
+    if [[ -s "$out/forward.txt" ]]; then
+        echo
+        echo "Single-thread forward pass (texts per second of CPU time, one text per call, the benchmark's sentences):"
+        grep -v '^{' "$out/forward.txt"
+    fi
+    if compgen -G "$out/cosine-w*.jsonl" >/dev/null; then
+        echo
+        echo "Lowest cosine to sentence-transformers over the benchmark's sentences:"
+        echo
+        echo "| service | lowest cosine |"
+        echo "| --- | --- |"
+        cat "$out"/cosine-w*.jsonl | python3 -c 'import json, sys
+for line in sys.stdin:
+    if line.strip():
+        d = json.loads(line)
+        print("| %s | %.6f |" % (d["source"], d["min_cosine"]))'
+    fi
+} | tee "$out/table.md"
 say "logs and raw results in $out"

@@ -13,6 +13,9 @@
 # loads its own copy of the model. --preload loads it once in the master
 # before forking (works on CPU; with CUDA it is what breaks in seed 000/002).
 # The process exec'd is the gunicorn master, so $! of a caller is its pid.
+# BASELINE_APP=app_onnx serves the ONNX Runtime baseline instead (app_onnx.py,
+# one intra-op thread per worker unless ORT_THREADS says otherwise; the model
+# exported by export_onnx.py, which setup.sh runs).
 # Run scripts/baseline/setup.sh first.
 set -euo pipefail
 
@@ -38,4 +41,4 @@ fi
 # per user, which two baselines running side by side would fight over. It
 # has no part in serving requests.
 exec "$venv/bin/gunicorn" --chdir "$here" --no-control-socket \
-    -w "$workers" -b "127.0.0.1:$port" "$@" app:app
+    -w "$workers" -b "127.0.0.1:$port" "$@" "${BASELINE_APP:-app}:app"

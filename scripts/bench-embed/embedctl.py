@@ -635,6 +635,9 @@ def cmd_report(args):
         w = r.get("wrk") or {}
         return w["requests"] / (w["duration_us"] / 1e6) if w else None
 
+    def per_core_ok(r):
+        return bool(rps(r)) and (r.get("cpu") or {}).get("service_cores", 0) > 0
+
     lines = []
     for n in sorted({r["workers"] for r in rows}):
         z = [r for r in rows if r["workers"] == n and r["service"] == "zygote"]
@@ -647,6 +650,16 @@ def cmd_report(args):
         if rps(z) and best_rps:
             parts.append(
                 f"throughput {rps(z) / best_rps:.2f}x the best baseline ({best_rps:.1f} req/s)"
+            )
+        # Per core of the service's own CPU: on a busy machine the services get unequal
+        # shares of the cores (the CPU column), and this ratio leaves that out.
+        per_core = [(rps(r) / r["cpu"]["service_cores"], r) for r in py if per_core_ok(r)]
+        if per_core_ok(z) and per_core:
+            best_pc = max(x for x, _ in per_core)
+            z_pc = rps(z) / z["cpu"]["service_cores"]
+            parts.append(
+                f"per core of its own CPU {z_pc / best_pc:.2f}x "
+                f"({z_pc:.1f} against {best_pc:.1f} req per service CPU-s)"
             )
         best_pss = min((r["pss"]["total"]["pss_kib"] for r in py if r.get("pss")), default=None)
         if z.get("pss") and best_pss:

@@ -195,14 +195,16 @@ pub fn serve(mut worker: Worker) -> i32 {
     }
     log::info!(
         "serving {detail} on {} listener(s), weights generation {generation}; set up in {} ms \
-         (tokenizer {})",
+         (tokenizer {}; host dot kernel {:?}, the widest this processor has unless {} narrows it)",
         listeners.len(),
         started.elapsed().as_millis(),
         if preloaded {
             "preloaded by the zygote"
         } else {
             "loaded here"
-        }
+        },
+        encoder::gemm::dot_kernel(),
+        encoder::gemm::DOT_KERNEL_ENV,
     );
     match http::run(listeners, &mut worker, &mut app, &http_limits()) {
         Ok(http::Exit::Drained { served }) => {

@@ -44,7 +44,7 @@ const MAX_GROUPS: usize = super::DOT_KERNEL_MAX_ROWS.div_ceil(MR);
 pub(super) struct Group {
     /// First token row.
     pub(super) r: usize,
-    /// Token rows (1 to [`MR`]).
+    /// Token rows (1 to the kernel's group size: [`MR`] for AVX2, 6 for AVX-512).
     pub(super) m: usize,
     /// First line, counted from the start of the prefetched rows, that this group asks for.
     pf_first: usize,
@@ -81,15 +81,19 @@ fn share_prefetches(groups: &mut [Group], lines: usize, inp: usize) {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX2 and FMA.
-    unsafe { run(xt, rows, inp, w, b, y, pick_triple) }
+    unsafe { run(xt, rows, inp, w, b, y, MR, pick_triple) }
 }
 
-/// Plans the tiles (token rows in groups, the prefetches shared among them) and runs the
-/// triples `pick` gives for every three weight rows: the loop both kernels share.
+/// Plans the tiles (token rows in groups of at most `mr`, the prefetches shared among them)
+/// and runs the triples `pick` gives for every three weight rows: the loop both kernels
+/// share (the AVX2 one with groups of [`MR`] rows, the AVX-512 one, which has twice the
+/// registers, with groups of up to 6).
 ///
 /// # Safety
-/// The processor runs the triples `pick` returns; `w.len() == b.len() * inp`,
-/// `xt.len() >= rows * inp`, `y.len() >= b.len() * rows`.
+/// The processor runs the triples `pick` returns, which take groups of up to `mr` rows
+/// (`1 <= mr`); `w.len() == b.len() * inp`, `xt.len() >= rows * inp`,
+/// `y.len() >= b.len() * rows`.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run(
     xt: &[f32],
     rows: usize,
@@ -97,12 +101,13 @@ pub(super) unsafe fn run(
     w: &[f32],
     b: &[f32],
     y: &mut [f32],
+    mr: usize,
     pick: fn(usize, usize) -> Triple,
 ) {
     let out = b.len();
-    // Token rows in groups of at most MR, as even as possible (a tile of 3 rows does more
+    // Token rows in groups of at most mr, as even as possible (a tile of 3 rows does more
     // work per load than one of 1), planned once for every weight triple.
-    let n_groups = rows.div_ceil(MR);
+    let n_groups = rows.div_ceil(mr);
     let mut plan = [Group::default(); MAX_GROUPS];
     let mut more = Vec::new();
     let groups: &mut [Group] = if n_groups <= MAX_GROUPS {
@@ -355,7 +360,7 @@ pub unsafe fn transpose8(
 /// The lane sums of four vectors, as one 4-lane vector: lane `i` is the sum of the `i`th.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+pub(super) fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
     // Per 128-bit half: [a b c d] partial sums of that half's lanes.
     let t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t))

@@ -1,13 +1,22 @@
 //! The AVX-512 kernel of [`super::linear_rows`]: the AVX2 kernel's tiles (`super::dot_avx2`,
 //! whose plan of token-row groups and prefetches it shares) with 16-lane vectors, so one step
-//! covers 16 values of `k` and each fused multiply-add does twice the work. Run where the
-//! processor has AVX-512F and `ZYGOTE_EMBED_DOT_KERNEL=avx512` asks for it (it measured no
-//! faster than the AVX2 kernel here); every function here reads through raw pointers, and each
-//! one's contract says what the caller has checked.
+//! covers 16 values of `k` and each fused multiply-add does twice the work. With 32 vector
+//! registers a tile takes up to [`MR`] = 6 token rows (18 sums, 3 weight registers, one for
+//! the token row), so a text of 17 word pieces is 3 groups, not 5: each weight triple is read
+//! from L1 fewer times and there are fewer tile epilogues. (Eight rows, 24 sums, measured
+//! 15-20% slower than six: the compiler spilled sums to the stack inside the loop; four rows
+//! 1-27% slower.) The epilogue folds each sum's two 256-bit halves and reduces four token rows
+//! at once (as the AVX2 kernel does), not each sum on its own: with 384 inputs a tile has only
+//! 24 steps, and twelve separate 16-lane reductions cost a third as much as the steps (why the
+//! first version of this kernel, with 4-row tiles and such reductions, measured no faster than
+//! AVX2). Every function here reads through raw pointers, and each one's contract says what the caller has checked.
 
 use std::arch::x86_64::*;
 
-use super::dot_avx2::{self, Group, Layer, Triple};
+use super::dot_avx2::{self, hsum4, Group, Layer, Triple};
+
+/// Token rows per tile (at most): six measured fastest (see the module's doc).
+const MR: usize = 6;
 
 /// Computes every output.
 ///
@@ -16,7 +25,7 @@ use super::dot_avx2::{self, Group, Layer, Triple};
 /// `y.len() >= b.len() * rows`.
 pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX-512F.
-    unsafe { dot_avx2::run(xt, rows, inp, w, b, y, pick_triple) }
+    unsafe { dot_avx2::run(xt, rows, inp, w, b, y, MR, pick_triple) }
 }
 
 /// A [`triple`] for `n` weight rows and `inp` inputs, specialised for BERT's input widths as
@@ -56,6 +65,10 @@ unsafe fn triple<const N: usize, const INP: usize>(
     for g in groups {
         let pf = g.prefetches(pf);
         match g.m {
+            // SAFETY: this function's contract, for the group's six rows.
+            6 => unsafe { tile::<6, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            // SAFETY: this function's contract, for the group's five rows.
+            5 => unsafe { tile::<5, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's four rows.
             4 => unsafe { tile::<4, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's three rows.
@@ -68,7 +81,7 @@ unsafe fn triple<const N: usize, const INP: usize>(
     }
 }
 
-/// One tile: outputs `o..o+N` for token rows `r..r+M` (`M <= 4`); `INP` is 0 or `inp`. It asks
+/// One tile: outputs `o..o+N` for token rows `r..r+M` (`M <= MR`); `INP` is 0 or `inp`. It asks
 /// for the `pf_lines` 64-byte lines from `pf` on, at most `pf_per_step` per 16 values of `k`
 /// (a prefetch never faults, so `pf` needs no contract; the caller points it into `w`).
 ///
@@ -121,16 +134,33 @@ unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
         }
         k += 16;
     }
+    // Each sum's two 256-bit halves added, then four token rows reduced at once.
+    let zero = _mm256_setzero_ps();
+    let halves = |v: __m512| {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        _mm256_add_ps(lo, hi)
+    };
     for n in 0..N {
+        let pick = |m: usize| if m < M { halves(acc[m][n]) } else { zero };
         let line = &mut y[(o + n) * rows + r..][..M];
-        for (m, out) in line.iter_mut().enumerate() {
-            let mut sum = b[o + n] + _mm512_reduce_add_ps(acc[m][n]);
-            if full < inp {
-                let wtail = &w[(o + n) * inp + full..(o + n + 1) * inp];
+        for (c, chunk) in line.chunks_mut(4).enumerate() {
+            let m0 = 4 * c;
+            let v = _mm_add_ps(
+                hsum4(pick(m0), pick(m0 + 1), pick(m0 + 2), pick(m0 + 3)),
+                _mm_set1_ps(b[o + n]),
+            );
+            let mut sums = [0.0f32; 4];
+            // SAFETY: `sums` holds 4 floats.
+            unsafe { _mm_storeu_ps(sums.as_mut_ptr(), v) };
+            chunk.copy_from_slice(&sums[..chunk.len()]);
+        }
+        if full < inp {
+            let wtail = &w[(o + n) * inp + full..(o + n + 1) * inp];
+            for (m, out) in line.iter_mut().enumerate() {
                 let xtail = &xt[(r + m) * inp + full..(r + m + 1) * inp];
-                sum += wtail.iter().zip(xtail).map(|(p, q)| p * q).sum::<f32>();
+                *out += wtail.iter().zip(xtail).map(|(p, q)| p * q).sum::<f32>();
             }
-            *out = sum;
         }
     }
 }

@@ -3,7 +3,7 @@
 //! ([`linear_rows`], up to [`DOT_KERNEL_MAX_ROWS`] rows), and the transpose that feeds it
 //! ([`transpose`]). This module is the host encoder's `unsafe` leaf (the crate denies `unsafe`
 //! elsewhere): the `gemm` crate's entry point takes raw pointers and strides, and the SIMD
-//! kernels (`dot_avx2`, and `dot_avx512` on request) read through raw pointers with
+//! kernels (`dot_avx2`, and `dot_avx512` where the processor has it) read through raw pointers with
 //! intrinsics that need the CPU feature checked at run time.
 //!
 //! `gemm` takes raw pointers and strides, which is what lets the encoder multiply by a
@@ -205,29 +205,26 @@ pub enum DotKernel {
     Plain,
 }
 
-/// Environment variable that picks the kernel: `avx512` (where the processor has it),
-/// `avx2` or `plain`; anything else is ignored.
+/// Environment variable that picks the kernel: `avx2` or `plain` (where the processor has
+/// AVX-512 or AVX2, to measure one against the other); anything else is ignored.
 pub const DOT_KERNEL_ENV: &str = "ZYGOTE_EMBED_DOT_KERNEL";
 
-/// The kernel [`linear_rows`] runs (chosen once): the AVX2 one wherever the processor has AVX2
-/// and FMA, unless [`DOT_KERNEL_ENV`] asks for another. The AVX-512 kernel is not the default:
-/// on the project's AVX-512 machine it measured no faster (see the app's README), the
-/// few-row products being bound by the weights' memory traffic more than by the FMA width.
+/// The kernel [`linear_rows`] runs (chosen once, at run time): the widest the processor has,
+/// AVX-512 where it has AVX-512F (with AVX2 and FMA), AVX2 where it has AVX2 and FMA, the
+/// plain loop elsewhere, unless [`DOT_KERNEL_ENV`] asks for a narrower one.
 pub fn dot_kernel() -> DotKernel {
     static KERNEL: std::sync::OnceLock<DotKernel> = std::sync::OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        let widest = widest_kernel();
-        let avx2 = if widest == DotKernel::Plain {
-            DotKernel::Plain
-        } else {
-            DotKernel::Avx2
-        };
-        match std::env::var(DOT_KERNEL_ENV).as_deref() {
-            Ok("plain") => DotKernel::Plain,
-            Ok("avx512") => widest,
-            _ => avx2,
-        }
-    })
+    *KERNEL.get_or_init(|| choose_kernel(widest_kernel(), std::env::var(DOT_KERNEL_ENV).ok()))
+}
+
+/// The decision of [`dot_kernel`]: the `widest` kernel the processor runs, narrowed by the
+/// environment's `asked`.
+fn choose_kernel(widest: DotKernel, asked: Option<String>) -> DotKernel {
+    match (asked.as_deref(), widest) {
+        (Some("plain"), _) => DotKernel::Plain,
+        (Some("avx2"), DotKernel::Avx512) => DotKernel::Avx2,
+        _ => widest,
+    }
 }
 
 fn widest_kernel() -> DotKernel {
@@ -258,8 +255,9 @@ pub fn dot_kernel_available() -> bool {
 /// Both operands run contiguously along `k`, so each output is a dot product of two
 /// contiguous lines and nothing is packed: the weights stream through once per call, which is
 /// what few-row products are bound by, and no row is padded. A register tile of three weight
-/// rows by up to four token rows keeps twelve sums, 8-lane on AVX2/FMA processors (16-lane
-/// AVX-512 on request, see [`dot_kernel`]); elsewhere a plain loop computes the same. Panics when the
+/// rows by up to four token rows keeps twelve sums, 8-lane on AVX2/FMA processors (by up to
+/// six token rows, 16-lane, on AVX-512 ones, see [`dot_kernel`]); elsewhere a plain loop
+/// computes the same. Panics when the
 /// slices do not hold the shapes (a bug in the caller).
 pub fn linear_rows(xt: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     linear_rows_with(dot_kernel(), xt, rows, w, b, y);
@@ -541,6 +539,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_widest_kernel_is_chosen_unless_a_narrower_one_is_asked_for() {
+        use DotKernel::*;
+        let ask = |s: &str| Some(s.to_string());
+        assert_eq!(choose_kernel(Avx512, None), Avx512);
+        assert_eq!(choose_kernel(Avx512, ask("avx2")), Avx2);
+        assert_eq!(choose_kernel(Avx512, ask("plain")), Plain);
+        assert_eq!(choose_kernel(Avx512, ask("avx512")), Avx512);
+        assert_eq!(choose_kernel(Avx512, ask("bogus")), Avx512);
+        assert_eq!(choose_kernel(Avx2, None), Avx2);
+        // Never one the processor lacks.
+        assert_eq!(choose_kernel(Avx2, ask("avx512")), Avx2);
+        assert_eq!(choose_kernel(Plain, ask("avx2")), Plain);
     }
 
     #[test]
