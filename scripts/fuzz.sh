@@ -3,7 +3,8 @@
 #
 #   scripts/fuzz.sh [--smoke | --runs N | --time S] [TARGET...]
 #
-#   --smoke     each target for a few seconds (FUZZ_SMOKE_SECONDS, default 10): for CI
+#   --smoke     each target for a few seconds (FUZZ_SMOKE_SECONDS, default 10), built
+#               unoptimised: for CI
 #   --runs N    each target for N executions (default 10000000)
 #   --time S    each target for S seconds instead
 #   TARGET      frame, safetensors_header, http_request, embed_request (default: all)
@@ -41,14 +42,18 @@ cd "$(dirname "$0")/.."
 all_targets=(frame safetensors_header http_request embed_request)
 mode=runs
 runs=10000000
+# The smoke run builds unoptimised (`--dev`): a few seconds per target need coverage, not
+# speed, and an optimised instrumented build of the tree (tokenizers included) takes many
+# minutes on 2 cores.
+profile=()
 seconds=0
 targets=()
 while (($#)); do
     case "$1" in
-        --smoke) mode=time; seconds="${FUZZ_SMOKE_SECONDS:-10}" ;;
+        --smoke) mode=time; seconds="${FUZZ_SMOKE_SECONDS:-10}"; profile=(--dev) ;;
         --runs) mode=runs; runs="$2"; shift ;;
         --time) mode=time; seconds="$2"; shift ;;
-        -h | --help) sed -n "2,10p" "$0"; exit 0 ;;
+        -h | --help) sed -n "2,11p" "$0"; exit 0 ;;
         -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1") ;;
     esac
@@ -87,7 +92,7 @@ max_len() {
 
 echo "== build (sanitizer: $sanitizer)"
 start=$SECONDS
-nice -n 19 cargo fuzz build -s "$sanitizer"
+nice -n 19 cargo fuzz build "${profile[@]}" -s "$sanitizer"
 echo "built in $((SECONDS - start)) s"
 
 for t in "${targets[@]}"; do
@@ -100,7 +105,7 @@ for t in "${targets[@]}"; do
     echo "== $t (${limit[*]})"
     start=$SECONDS
     set +e
-    nice -n 19 cargo fuzz run -s "$sanitizer" "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
+    nice -n 19 cargo fuzz run "${profile[@]}" -s "$sanitizer" "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
         "${limit[@]}" -timeout="$timeout_s" -rss_limit_mb="$rss_mb" -max_len="$(max_len "$t")" \
         -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" 2>&1 |
         tee "fuzz/work/$t.log" | grep -E '^(#[0-9]+ +DONE|Done [0-9]+ runs|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|==[0-9]+== ERROR|SUMMARY|.*panicked)'
