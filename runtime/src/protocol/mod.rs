@@ -483,7 +483,7 @@ pub enum AdminRequest {
 pub enum AdminResponse {
     Status {
         id: u64,
-        service: ServiceStatus,
+        service: Box<ServiceStatus>,
     },
     Ok {
         id: u64,

@@ -14,7 +14,7 @@ impl<E: Effects> Service<E> {
         match req {
             AdminRequest::Status { id } => AdminResponse::Status {
                 id,
-                service: self.status(),
+                service: Box::new(self.status()),
             },
             AdminRequest::Stop { id } => {
                 say!(self.fx, Info, "stop requested");
