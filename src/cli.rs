@@ -118,8 +118,8 @@ pub struct StartArgs {
     pub metrics: Option<SocketAddr>,
     /// Keep this many warm spares: workers forked, weights imported and ready, but not
     /// accepting until one replaces a dead, killed or recycled worker (the pool is refilled
-    /// 1 s later). Not with `--app` (the Python worker does not wait for activation yet).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=crate::supervisor::policy::MAX_SPARES as i64), conflicts_with = "app")]
+    /// 1 s later).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=crate::supervisor::policy::MAX_SPARES as i64))]
     pub spares: u32,
     /// A program to exec in each worker instead of a native entry, with its arguments.
     #[arg(last = true)]
@@ -299,10 +299,10 @@ mod tests {
     }
 
     #[test]
-    fn spares_are_bounded_and_not_for_python_apps() {
+    fn spares_are_bounded() {
         assert_eq!(start(&[]).unwrap().spares, 0);
         assert_eq!(start(&["--spares", "16"]).unwrap().spares, 16);
         assert!(start(&["--spares", "17"]).is_err());
-        assert!(start(&["--spares", "1", "--app", "m:a"]).is_err());
+        assert_eq!(start(&["--spares", "1", "--app", "m:a"]).unwrap().spares, 1);
     }
 }

@@ -122,6 +122,10 @@ fn tick() -> bool {
                 let _ = w.draining(0);
                 return false;
             }
+            // The template is never spawned as a spare, so nothing activates it.
+            Ok(Some(ParentMessage::Activate { worker })) => {
+                log::warn!("activate (worker {worker}) sent to the app template; ignored");
+            }
             Ok(None) => {}
             Err(e) => {
                 log::info!("the control channel ended ({e}); stopping");

@@ -71,6 +71,26 @@ impl PyWorker {
         self.lock().id().0
     }
 
+    /// Whether this worker was spawned as a warm spare (`--spares`) that was not activated yet.
+    #[getter]
+    fn spare(&self) -> bool {
+        self.lock().is_spare()
+    }
+
+    /// A spare's wait, after `ready` (GIL released): heartbeats every second and accepts
+    /// nothing until the supervisor sends `activate` (returns `True`: this worker now serves
+    /// the slot in `id`) or `drain` (returns `False`: it served nothing and should exit). A
+    /// worker that is no spare returns `True` at once.
+    fn wait_activation(&self, py: Python<'_>) -> PyResult<bool> {
+        let activation = py
+            .detach(|| self.lock().wait_activation())
+            .map_err(errors::worker)?;
+        Ok(matches!(
+            activation,
+            zygote_runtime::worker::Activation::Serve
+        ))
+    }
+
     /// Everything `ZYGOTE_ATTACH` said: entry, worker, args, listeners, runtime_dir,
     /// model_path, model_digest, device.
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -172,7 +192,8 @@ fn message(py: Python<'_>, msg: Option<ParentMessage>) -> PyResult<Option<Bound<
             d.set_item("deadline_ms", deadline_ms)?;
             Ok(Some(d))
         }
-        // Only a spare is sent `activate` (this binding's workers are spawned as none yet).
+        // Only a spare is sent `activate`, and `wait_activation` reads it: a message seen here
+        // came after the activation (none is sent twice), so it is only shown.
         Some(ParentMessage::Activate { worker }) => {
             let d = PyDict::new(py);
             d.set_item("type", "activate")?;

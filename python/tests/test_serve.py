@@ -367,3 +367,37 @@ def test_the_execd_worker_program_still_serves_an_app(service):
     status, _, body = get(s.url + "/info")
     assert status == 200 and json.loads(body)["tensors"] > 0
     assert s.stop() == 0
+
+
+def test_a_python_spare_answers_nothing_until_a_dead_worker_leaves_it_the_slot(service):
+    s = service(app_args("slow:app", APPS, "--spares", "1"), workers=1)
+    s.wait_serving()
+
+    def spares() -> list[int]:
+        return [
+            p["pid"]
+            for p in s.status()["processes"]
+            if p.get("role") == "spare" and p.get("state") == "ready"
+        ]
+
+    (spare,) = wait_for("a ready spare", spares, 120, s.log)
+    assert ppid(spare) == s.template_pid(), "the spare forks from the template too"
+    (worker,) = s.worker_pids()
+    answered = {int(get(s.url + "/info")[1]["x-worker-pid"]) for _ in range(20)}
+    assert answered == {worker}, "the spare accepts nothing"
+    os.kill(worker, signal.SIGKILL)
+
+    def first_answer():
+        try:
+            return int(get(s.url + "/info", timeout=5)[1]["x-worker-pid"])
+        except OSError:
+            return None
+
+    assert wait_for("an answer after the kill", first_answer, 60, s.log) == spare
+    assert s.worker_pids() == [spare], "the spare took worker 0's slot"
+    (refill,) = wait_for(
+        "the pool refilled", lambda: [p for p in spares() if p != spare], 120, s.log
+    )
+    assert refill not in (spare, worker)
+    assert "activated as worker 0" in s.text()
+    assert s.stop() == 0

@@ -224,11 +224,24 @@ def serve(
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
                 names = ", ".join(str(s.getsockname()) for s in sockets or [])
-                kind = "asgi" if asgi else f"wsgi ({threads} threads)"
-                worker.ready(generation, f"python {kind} app on {names}")
+                if not activated:
+                    worker.ready(generation, f"python {kind} app on {names}")
                 log.info("serving %s on %s", kind, names)
 
     server = Server(config)
+    kind = "asgi" if asgi else f"wsgi ({threads} threads)"
+    activated = False
+    if worker.spare:
+        # A warm spare (--spares): ready now, but it accepts nothing (uvicorn has not started
+        # serving the listeners) until the supervisor activates it in a dead worker's slot.
+        worker.ready(generation, f"python {kind} app, spare: not accepting until activated")
+        log.info("ready as a spare; waiting for activation")
+        if not worker.wait_activation():
+            log.info("drained as a spare, having served nothing; exiting")
+            return 0
+        setup_logging(f"worker {worker.id}")
+        log.info("activated as worker %d", worker.id)
+        activated = True
 
     def on_drain(deadline: float) -> None:
         served.draining = True
