@@ -84,26 +84,8 @@ impl<E: Effects> Service<E> {
     /// While asleep: the owners drain once no worker is left; whoever passes its drain
     /// deadline is killed; a wake asked for meanwhile happens once nothing is left.
     pub(super) fn tick_asleep(&mut self, now: Instant) {
-        if !self.procs.values().any(|p| p.role.holds_listeners()) {
-            let owners: Vec<i32> = self
-                .procs
-                .iter()
-                .filter(|(_, p)| p.role.is_owner() && p.timers.drain_deadline.is_none())
-                .map(|(pid, _)| *pid)
-                .collect();
-            for pid in owners {
-                self.drain(pid, "going to sleep");
-            }
-        }
-        let late: Vec<i32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.timers.drain_deadline.is_some_and(|d| now > d))
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in late {
-            self.kill(pid, "drain deadline passed", None);
-        }
+        // An app template stays (see `slept`).
+        self.drain_the_rest(now, Role::is_owner, "going to sleep");
         if self.slept() && !self.weights_released && self.zygote.is_some() {
             // No owner or worker maps the weights any more: the zygote's handles are the last.
             self.weights_released = true;

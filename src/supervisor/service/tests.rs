@@ -562,11 +562,7 @@ fn while_a_new_zygote_starts_supervision_goes_on_and_spawns_wait_for_it() {
         [Call::Signal(w1, Signal::SIGKILL)],
         "no second launch, no spawn without a zygote, the silent worker killed"
     );
-    let z = crate::supervisor::effects::ZygoteInfo {
-        pid: 999,
-        started: h.svc.fx.now,
-    };
-    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    zygote_started(&mut h.svc, 999);
     assert!(h.svc.fx.logged(Level::Info, "zygote restarted (restart 1)"));
     let calls = h.tick_after(Duration::ZERO);
     assert_eq!(
@@ -1195,6 +1191,38 @@ fn sleep_is_refused_while_starting_or_stopping_and_a_stop_while_asleep_ends_the_
     );
 }
 
+/// The new zygote of a reload (or a restart) is up, as pid `pid`.
+fn zygote_started(svc: &mut Service<Fake>, pid: i32) {
+    let z = crate::supervisor::effects::ZygoteInfo {
+        pid,
+        started: svc.fx.now,
+    };
+    svc.input(Input::ZygoteStarted(Ok(z)));
+}
+
+/// A `reload --model /models/b.safetensors` of `svc`, up to its new zygote serving.
+fn reload_to_new_zygote(svc: &mut Service<Fake>) {
+    svc.input(Input::Admin(
+        AdminConn(5),
+        AdminRequest::Reload {
+            id: 1,
+            model: Some("/models/b.safetensors".into()),
+        },
+    ));
+    svc.fx.take();
+    zygote_started(svc, 900);
+}
+
+/// An owner's `ready` for weights generation `generation`.
+fn owner_ready(generation: u64) -> ChildMessage {
+    ChildMessage::Ready {
+        pid: 0,
+        generation: Some(generation),
+        weights: None,
+        detail: "owner".into(),
+    }
+}
+
 fn reload(h: &mut Harness, model: &str) -> Option<(AdminConn, AdminResponse)> {
     h.svc.input(Input::Admin(
         AdminConn(5),
@@ -1229,11 +1257,7 @@ fn a_reload_with_a_model_replaces_the_zygote_then_the_owner_then_rolls_every_wor
     assert_eq!(reload_state(&h).0, "loading");
     // The old owner and workers serve on while the new zygote loads.
     assert!(h.tick_after(Duration::from_secs(1)).is_empty());
-    let z = crate::supervisor::effects::ZygoteInfo {
-        pid: 900,
-        started: h.svc.fx.now,
-    };
-    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    zygote_started(&mut h.svc, 900);
     assert_eq!(
         h.svc.fx.take(),
         [Call::Drain(h.owner)],
@@ -1249,15 +1273,7 @@ fn a_reload_with_a_model_replaces_the_zygote_then_the_owner_then_rolls_every_wor
     let owner = spawned(&calls, Role::Owner(0));
     assert_eq!(owner.len(), 1, "a new owner, a new generation: {calls:?}");
     assert_eq!(reload_state(&h).0, "owners");
-    h.svc.input(Input::Message(
-        owner[0],
-        ChildMessage::Ready {
-            pid: 0,
-            generation: Some(2),
-            weights: None,
-            detail: "owner".into(),
-        },
-    ));
+    h.svc.input(Input::Message(owner[0], owner_ready(2)));
     assert_eq!(reload_state(&h).0, "rolling");
     let calls = h.tick_after(Duration::ZERO);
     let new: Vec<i32> = [0, 1]
@@ -1312,11 +1328,7 @@ fn a_reload_the_new_zygote_refuses_leaves_the_old_model_serving_and_says_why() {
     assert_eq!(h.svc.status().model, "model.safetensors");
     assert_eq!(h.svc.zygote_restarts.restarts, 0, "not a crash");
     assert!(h.svc.procs.contains_key(&h.owner) && h.svc.procs.contains_key(&h.workers[0]));
-    let z = crate::supervisor::effects::ZygoteInfo {
-        pid: 901,
-        started: h.svc.fx.now,
-    };
-    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    zygote_started(&mut h.svc, 901);
     // A missing file is refused at once, with nothing touched.
     let resp = reload(&mut h, "/nowhere/missing");
     assert!(
@@ -1565,19 +1577,7 @@ fn asleep_the_app_template_stays_and_the_wake_forks_the_workers_from_it() {
 #[test]
 fn a_model_reload_with_an_app_template_replaces_the_template_after_the_owners() {
     let mut t = templated(1);
-    t.svc.input(Input::Admin(
-        AdminConn(5),
-        AdminRequest::Reload {
-            id: 1,
-            model: Some("/models/b.safetensors".into()),
-        },
-    ));
-    t.svc.fx.take();
-    let z = crate::supervisor::effects::ZygoteInfo {
-        pid: 900,
-        started: t.svc.fx.now,
-    };
-    t.svc.input(Input::ZygoteStarted(Ok(z)));
+    reload_to_new_zygote(&mut t.svc);
     assert_eq!(
         t.svc.fx.take(),
         [Call::Drain(t.owner)],
@@ -1588,15 +1588,7 @@ fn a_model_reload_with_an_app_template_replaces_the_template_after_the_owners() 
     t.svc.tick();
     let owner = spawned(&t.svc.fx.take(), Role::Owner(0));
     assert_eq!(owner.len(), 1, "the template is not waited for");
-    t.svc.input(Input::Message(
-        owner[0],
-        ChildMessage::Ready {
-            pid: 0,
-            generation: Some(2),
-            weights: None,
-            detail: "owner".into(),
-        },
-    ));
+    t.svc.input(Input::Message(owner[0], owner_ready(2)));
     t.svc.tick();
     let calls = t.svc.fx.take();
     let new = spawned(&calls, Role::Template);

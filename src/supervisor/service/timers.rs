@@ -172,14 +172,22 @@ impl<E: Effects> Service<E> {
     fn tick_stopping(&mut self, now: Instant) {
         if !self.procs.values().any(|p| p.role.holds_listeners()) {
             self.fx.close_listeners();
-            let owners: Vec<i32> = self
+        }
+        self.drain_the_rest(now, |r| !r.holds_listeners(), "stopping");
+    }
+
+    /// The second half of a stop or a sleep: once no worker or spare is left, the children
+    /// `rest` picks are drained (`why`); whoever passed its drain deadline is killed.
+    pub(super) fn drain_the_rest(&mut self, now: Instant, rest: fn(Role) -> bool, why: &str) {
+        if !self.procs.values().any(|p| p.role.holds_listeners()) {
+            let pids: Vec<i32> = self
                 .procs
                 .iter()
-                .filter(|(_, p)| !p.role.holds_listeners() && p.timers.drain_deadline.is_none())
+                .filter(|(_, p)| rest(p.role) && p.timers.drain_deadline.is_none())
                 .map(|(pid, _)| *pid)
                 .collect();
-            for pid in owners {
-                self.drain(pid, "stopping");
+            for pid in pids {
+                self.drain(pid, why);
             }
         }
         let late: Vec<i32> = self

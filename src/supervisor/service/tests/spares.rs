@@ -345,19 +345,7 @@ fn sleep_drains_the_spares_with_the_workers_and_the_wake_makes_them_again() {
 #[test]
 fn a_model_reload_with_spares_drains_only_the_owners_first_and_rolls_the_spares() {
     let (mut h, pool) = with_spares(1, 1, |_| {});
-    h.svc.input(Input::Admin(
-        AdminConn(5),
-        AdminRequest::Reload {
-            id: 1,
-            model: Some("/models/b.safetensors".into()),
-        },
-    ));
-    h.svc.fx.take();
-    let z = crate::supervisor::effects::ZygoteInfo {
-        pid: 900,
-        started: h.svc.fx.now,
-    };
-    h.svc.input(Input::ZygoteStarted(Ok(z)));
+    reload_to_new_zygote(&mut h.svc);
     assert_eq!(
         h.svc.fx.take(),
         [Call::Drain(h.owner)],
@@ -367,15 +355,7 @@ fn a_model_reload_with_spares_drains_only_the_owners_first_and_rolls_the_spares(
     let calls = h.tick_after(Duration::ZERO);
     let owner = spawned(&calls, Role::Owner(0));
     assert_eq!(owner.len(), 1, "the new owner, a spare alive: {calls:?}");
-    h.svc.input(Input::Message(
-        owner[0],
-        ChildMessage::Ready {
-            pid: 0,
-            generation: Some(2),
-            weights: None,
-            detail: "owner".into(),
-        },
-    ));
+    h.svc.input(Input::Message(owner[0], owner_ready(2)));
     let calls = h.tick_after(Duration::ZERO);
     let new_s = spawned(&calls, Role::Spare(0));
     assert_eq!(new_s.len(), 1, "the spare rolls too: {calls:?}");
