@@ -139,7 +139,9 @@ pub fn on_death(role: Role, state: State, phase: Phase, failures: u32) -> Death 
         State::Draining => Death::Expected,
         _ if phase == Phase::Stopping => Death::Expected,
         State::Serving => Death::Replace,
-        State::Starting if phase == Phase::Starting && matches!(role, Role::Owner(_)) => {
+        State::Starting
+            if phase == Phase::Starting && matches!(role, Role::Owner(_) | Role::Template) =>
+        {
             Death::StartFailed
         }
         State::Starting if failures >= CRASH_LOOP_LIMIT => Death::CrashLoop { failures },
@@ -405,6 +407,16 @@ mod tests {
             on_death(o, State::Starting, Running, 1),
             Death::Retry(100 * MS),
             "an owner restarted later is retried like a worker"
+        );
+        assert_eq!(
+            on_death(Role::Template, State::Starting, Starting, 1),
+            Death::StartFailed,
+            "an app that fails to import stops the start at once"
+        );
+        assert_eq!(
+            on_death(Role::Spare(0), State::Starting, Starting, 1),
+            Death::Retry(100 * MS),
+            "a spare is retried like a worker"
         );
         assert_eq!(
             on_death(w, State::Starting, Running, 3),
