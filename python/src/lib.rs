@@ -33,6 +33,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(worker::attach, m)?)?;
     m.add_function(wrap_pyfunction!(client::connect_weights, m)?)?;
     m.add_function(wrap_pyfunction!(template::serve_template, m)?)?;
+    m.add_function(wrap_pyfunction!(template::page_out_file_mappings, m)?)?;
     m.add_function(wrap_pyfunction!(client::default_runtime_dir, m)?)?;
     m.add_class::<worker::PyWorker>()?;
     m.add_class::<weights::SharedWeights>()?;

@@ -42,6 +42,25 @@ struct Host {
 
 static HOST: OnceLock<Host> = OnceLock::new();
 
+/// Asks the kernel to reclaim the file pages only this process maps (the libraries' pages the
+/// import touched and the workers do not run; `zygote_runtime::pageout`). Returns
+/// `{"mappings": N, "rss_before_kib": B, "rss_after_kib": A, "ms": T}`; raises `ZygoteError`
+/// where the kernel lacks `MADV_PAGEOUT`.
+#[pyfunction]
+pub fn page_out_file_mappings(py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
+    let done = py
+        .detach(zygote_runtime::pageout::page_out_file_mappings)
+        .map_err(|e| errors::ZygoteError::new_err(e.to_string()))?;
+    Ok([
+        ("mappings", done.mappings as u64),
+        ("rss_before_kib", done.rss_before_kib),
+        ("rss_after_kib", done.rss_after_kib),
+        ("ms", done.took.as_millis() as u64),
+    ]
+    .into_iter()
+    .collect())
+}
+
 /// Serves the zygote protocol on `RUNTIME_DIR/socket_name` until the supervisor drains the
 /// template (or goes away); reports ready on the template's control channel once the socket
 /// listens. Returns the server's exit code.

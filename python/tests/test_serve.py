@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,9 @@ def test_seed002_port_four_workers_one_copy(service):
     assert all(rss > 0 for _, rss in per), per
     # ...and the four together are charged about one copy of it, not four.
     assert sum(pss for pss, _ in per) <= 1.05 * model_kib, (per, model_kib)
+    # The app's libraries log at Python's default level, as under gunicorn: at INFO,
+    # sentence-transformers would draw a progress bar into the log on every encode.
+    assert "post_fork done" in s.text() and "Batches" not in s.text(), s.text()[-2000:]
     assert s.stop() == 0
 
 
@@ -243,9 +247,46 @@ def test_workers_fork_from_the_template_which_imports_once(service):
     assert log.count("imported slow:app in") == 1, log
     assert "forking with" in log, "the template's threads are logged at each fork"
     assert "ms after the fork" in log
+    # uvicorn and a2wsgi were imported before the fork, not in each worker.
+    assert "uvicorn" in modules_of(s.url) and "a2wsgi" in modules_of(s.url)
     status, headers, body = get(s.url + "/info")
     assert status == 200 and json.loads(body)["tensors"] > 0
     assert s.stop() == 0
+
+
+def modules_of(url: str) -> set[str]:
+    """The modules the template had imported when it forked the worker answering ``url``."""
+    status, _, body = get(url + "/modules")
+    assert status == 200, body
+    return set(json.loads(body))
+
+
+def file_pss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith("Pss_File:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Pss_File in /proc/{pid}/smaps_rollup")
+
+
+def test_the_template_hands_back_the_library_pages_of_its_import(service):
+    # torch's import leaves some 300 MiB of its libraries' pages (CUDA's among them) resident
+    # in the template alone; the template hands back those no other process maps, unless
+    # told not to. (This test's own process imported torch too and shares some of them.)
+    file_kib = {}
+    for pageout in ("0", "1"):
+        env = {"ZYGOTE_TEMPLATE_PAGEOUT": pageout}
+        s = service(app_args("main:app", SEED002), workers=1, env=env)
+        s.wait_serving()
+        file_kib[pageout] = file_pss_kib(s.template_pid())
+        status, _, body = post_json(s.url + "/embed", {"input": ["a sentence"]})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 384
+        said = re.findall(r"handed back (\d+) MiB of library pages", s.text())
+        if pageout == "1":
+            assert said and int(said[0]) >= 32, s.text()[-2000:]
+        else:
+            assert not said and "pages stay resident" in s.text(), s.text()[-2000:]
+        assert s.stop() == 0
+    assert file_kib["1"] < file_kib["0"] - 32 * 1024, file_kib
 
 
 def test_kill_9_of_the_template_restarts_it_and_the_workers_keep_serving(service):

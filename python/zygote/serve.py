@@ -66,14 +66,28 @@ class _Tagged(logging.Formatter):
         )
 
 
+#: Loggers the runtime's level (``ZYGOTE_LOG``) applies to: zygote's own and the server's.
+RUNTIME_LOGGERS = ("zygote", "uvicorn")
+
+
 def setup_logging(tag: str) -> None:
-    """Python's logging in the runtime's format and level (``ZYGOTE_LOG``), on stderr."""
+    """Python's logging in the runtime's format, on stderr: zygote's and uvicorn's loggers at
+    the runtime's level (``ZYGOTE_LOG``), every other logger at Python's default, WARNING.
+
+    The app's libraries log as they would under gunicorn: sentence-transformers, for one,
+    draws a progress bar on every ``encode`` when its logger is at INFO, which would write to
+    the service's log and cost time on every request. An app that wants its own INFO lines
+    sets its loggers' levels itself.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Tagged(tag))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
     level = os.environ.get("ZYGOTE_LOG", "info").upper()
-    root.setLevel({"WARN": "WARNING", "TRACE": "DEBUG"}.get(level, level))
+    level = {"WARN": "WARNING", "TRACE": "DEBUG"}.get(level, level)
+    for name in RUNTIME_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def load_app(spec: str, app_dir: str | None) -> Any:
@@ -157,6 +171,36 @@ def _idle(conn: Any) -> bool:
     return cycle is None or cycle.response_complete
 
 
+def _server_options(asgi: bool) -> dict[str, Any]:
+    """uvicorn's options for :func:`serve` (and :func:`import_server`)."""
+    return {
+        "lifespan": "auto" if asgi else "off",
+        "log_config": None,
+        "access_log": False,
+        # The drain's grace (Server.shutdown) reads h11's connection state.
+        "http": "h11",
+        "timeout_graceful_shutdown": 30,
+    }
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that is never called (:func:`import_server` only loads a config of it)."""
+
+
+def import_server(app: Any, interface: str = "auto") -> None:
+    """Imports what :func:`serve` imports for ``app``: uvicorn, the modules its config loads
+    (the HTTP protocol, the lifespan, the WebSocket implementation) and a2wsgi for a WSGI
+    app. The app template calls it before ``gc.freeze()``, so a forked worker finds them
+    imported and shared instead of importing them between the fork and ready (14 ms alone
+    here, several times that with workers starting side by side)."""
+    import uvicorn
+
+    asgi = is_asgi(app) if interface == "auto" else interface == "asgi"
+    if not asgi:
+        import a2wsgi  # noqa: F401
+    uvicorn.Config(_no_app, **_server_options(asgi)).load()
+
+
 def serve(
     worker: zygote.Worker,
     app: Any,
@@ -183,15 +227,7 @@ def serve(
     if not sockets:
         log.error("this worker was given no listeners: nothing to serve")
         return EXIT_SERVE
-    config = uvicorn.Config(
-        served,
-        lifespan="auto" if asgi else "off",
-        log_config=None,
-        access_log=False,
-        # The drain's grace (Server.shutdown) reads h11's connection state.
-        http="h11",
-        timeout_graceful_shutdown=30,
-    )
+    config = uvicorn.Config(served, **_server_options(asgi))
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

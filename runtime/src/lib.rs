@@ -23,6 +23,7 @@
 //!   it was forked as a native entry or exec'd as a program.
 //! - [`client`]: a blocking client of the zygote socket, for supervisors written in Rust.
 //! - [`lifeline`]: ties a child's life to its control channel (an `unsafe` leaf).
+//! - [`pageout`]: the app template hands back the library pages only its import touched.
 //! - [`pidfd`]: process fds (rustix), opened by the zygote and used to signal children.
 //! - [`logging`]: a `log` backend that tags every line with the process that wrote it.
 
@@ -34,6 +35,7 @@ pub mod fdpass;
 pub mod lifeline;
 pub mod logging;
 pub mod model;
+pub mod pageout;
 pub mod pidfd;
 pub mod procfs;
 pub mod protocol;

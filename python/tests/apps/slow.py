@@ -1,6 +1,7 @@
 """A test app (Flask): slow and busy requests, and what the worker sees of the weights."""
 
 import os
+import sys
 import time
 
 from flask import Flask, request
@@ -16,11 +17,20 @@ def remember() -> None:
     w = zygote.weights()
     seen["tensors"] = len(w)
     seen["generation"] = w.generation
+    # Right after the fork: what the template had imported (the server's modules, if any).
+    seen["modules_at_fork"] = sorted(
+        m for m in sys.modules if m.split(".")[0] in ("uvicorn", "a2wsgi")
+    )
 
 
 @app.route("/info")
 def info() -> dict[str, object]:
     return {**seen, "pid": os.getpid()}
+
+
+@app.route("/modules")
+def modules() -> list[str]:
+    return [m.split(".")[0] for m in seen["modules_at_fork"]]
 
 
 @app.route("/sleep")
