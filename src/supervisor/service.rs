@@ -52,6 +52,8 @@ pub(super) struct Child {
     pub latency: Option<Latency>,
     /// Why the supervisor killed it, if it did (counted when it dies).
     pub killed_for: Option<policy::Cause>,
+    /// SIGKILL was sent: it is not sent (or logged) again while the kernel tears it down.
+    pub sigkilled: bool,
     /// An app template's number: it serves on `template-N.sock`.
     pub template: Option<u32>,
 }
@@ -437,6 +439,7 @@ impl<E: Effects> Service<E> {
                 recycling: false,
                 latency: None,
                 killed_for: None,
+                sigkilled: false,
                 template,
             },
         );
@@ -731,6 +734,10 @@ impl<E: Effects> Service<E> {
     pub(super) fn kill(&mut self, pid: i32, why: &str, cause: Option<policy::Cause>) {
         if let Some(p) = self.procs.get_mut(&pid) {
             p.killed_for = p.killed_for.or(cause);
+            if p.sigkilled {
+                return;
+            }
+            p.sigkilled = true;
             let role = p.role;
             say!(self.fx, Warn, "{role} (pid {pid}): killing: {why}");
             self.fx.signal(pid, Signal::SIGKILL);

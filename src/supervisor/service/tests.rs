@@ -383,6 +383,18 @@ fn a_serving_child_silent_past_the_timeout_is_killed_the_others_are_not() {
         .svc
         .fx
         .logged(Level::Warn, "no heartbeat for 31.0s (--timeout 30s)"));
+    // While the kernel tears it down (a large process takes a while), it is not killed, nor
+    // logged as killed, again on every tick.
+    let before = h.svc.fx.logs.len();
+    for _ in 0..5 {
+        assert_eq!(h.tick_after(Duration::from_millis(100)), []);
+    }
+    assert_eq!(
+        h.svc.fx.logs.len(),
+        before,
+        "{:?}",
+        &h.svc.fx.logs[before..]
+    );
 }
 
 #[test]
