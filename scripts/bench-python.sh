@@ -4,6 +4,7 @@
 #
 #   scripts/bench-python.sh [--workers N] [--duration S] [--trials K] [--out DIR]
 #                           [--baselines "seed preload"] [--torch-threads T]
+#                           [--zygote-threads N]
 #
 # For each service, in turn, alone on the machine: start it and time start -> every worker
 # answering (embedctl.py wait-ready); warm up 5 s; total PSS of its process tree
@@ -24,7 +25,10 @@
 # examples/python/seed002 with the host backend. --torch-threads T (default 1) sets torch's
 # intra-op threads in every worker of every service (OMP_NUM_THREADS, MKL_NUM_THREADS;
 # 0: torch's default, one per core, which oversubscribes a small machine with several
-# workers). No timed assertion: it prints figures.
+# workers). --zygote-threads N (default 1) is each zygote worker's request threads (`zygote
+# start --threads`): one, like the sync gunicorn worker of the baselines, which serves one
+# request at a time; more threads in one worker contend for the GIL between torch's ops. No
+# timed assertion: it prints figures.
 #
 # Needs: scripts/baseline/setup.sh (baseline venv, wrk), scripts/python-setup.sh (the zygote
 # package's venv), target/release/zygote (or ZYGOTE_BIN). Every process it starts runs in
@@ -38,6 +42,7 @@ duration=20
 trials=3
 baselines="seed preload"
 torch_threads=1
+zygote_threads=1
 out="$repo/bench-out/python-$(date -u +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -47,7 +52,8 @@ while [[ $# -gt 0 ]]; do
         --out) out="$2"; shift 2 ;;
         --baselines) baselines="$2"; shift 2 ;;
         --torch-threads) torch_threads="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --zygote-threads) zygote_threads="$2"; shift 2 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "bench-python.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -173,7 +179,7 @@ rdir="$out/zygote-rt"
 since="$(date +%s.%N)"
 HF_HUB_OFFLINE=1 PATH="$pyvenv/bin:$PATH" setsid "$zbin" start --model "$model" \
     --app main:app --app-dir "$repo/examples/python/seed002" --workers "$workers" \
-    --backend host --listen "127.0.0.1:$port" --runtime-dir "$rdir" >"$out/zygote.log" 2>&1 &
+    --threads "$zygote_threads" --backend host --listen "127.0.0.1:$port" --runtime-dir "$rdir" >"$out/zygote.log" 2>&1 &
 sup=$!
 pgids+=("$sup")
 RESTART_ARGS="--zygote $zbin --runtime-dir $rdir --log $out/zygote.log" \
@@ -186,7 +192,7 @@ wait "$sup" 2>/dev/null || true
 
 {
     echo "seed 002 app, $workers workers, $(getconf _NPROCESSORS_ONLN) cores, torch threads ${torch_threads/#0/default}," \
-        "wrk ${duration}s x $((2 * workers)) connections"
+        "zygote request threads $zygote_threads, wrk ${duration}s x $((2 * workers)) connections"
     echo
     echo "| service | start -> all answering | total PSS | req/s | p50 | kill -9 -> first answer (median of $trials) | spawn -> ready p50 | reload: all replaced | failed requests during reload |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
