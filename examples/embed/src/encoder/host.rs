@@ -26,7 +26,7 @@
 
 use zygote_runtime::backend::host::HostWeights;
 
-use super::gemm::{self, f16, matmul, Mat, MatMut, Weight};
+use super::gemm::{self, f16, matmul, Mat, MatMut};
 use super::SentenceEncoder;
 use crate::error::EmbedError;
 use crate::spec::{BertTensors, LayerTensors, ModelSpec, Pooling};
@@ -106,7 +106,7 @@ impl<'w> Tensor<'w> {
             Self::F32(v) => add(out, &v[i * w..(i + 1) * w]),
             Self::F16(v) => {
                 for (o, h) in out.iter_mut().zip(&v[i * w..(i + 1) * w]) {
-                    *o += h.widen();
+                    *o += h.to_f32();
                 }
             }
         }
@@ -330,9 +330,7 @@ fn linear(
                 .zip(y.chunks_mut(WIDE_ROWS * rows))
             {
                 let wide = &mut wide[..block.len()];
-                for (o, h) in wide.iter_mut().zip(block) {
-                    *o = h.widen();
-                }
+                gemm::widen(block, wide);
                 product(y, wide, block.len() / in_dim);
             }
         }

@@ -323,6 +323,23 @@ pub fn linear_rows_with<W: Weight>(
     }
 }
 
+/// `dst[i] = src[i]` as f32: an f16 weight's rows widened for the `gemm` crate (8 values per
+/// F16C instruction where the processor has the SIMD kernels; the `half` crate's conversion,
+/// one value at a time and many times slower, elsewhere). Panics when the lengths differ.
+pub fn widen(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if dot_kernel_available() {
+        // SAFETY: AVX2, FMA and F16C are available (checked at run time by
+        // `dot_kernel_available`), and the lengths agree (asserted above).
+        unsafe { dot_avx2::widen(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
 /// `dst[c][r] = src[r][c]`: the transpose of a `rows × cols` row-major matrix into a
 /// `cols × rows` one. The encoder turns its feature-major activations token-major with it
 /// before [`linear_rows`]; on AVX2 processors whole 8 × 8 blocks move through registers
@@ -538,17 +555,35 @@ mod tests {
     #[test]
     fn f16_weights_are_read_as_halves() {
         // 1 + 2^-11 is not an f16: rounded to 1, so the f16 product differs from the f32 one by
-        // exactly 2^-11 per input, on every kernel.
+        // exactly 2^-11 per input, on every kernel, widening as it loads (one group of token
+        // rows) or a weight triple at a time first (several).
         let inp = 48;
         let w = vec![1.0 + 2f32.powi(-11); inp];
         let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        let x = vec![1.0f32; inp];
-        for kernel in [DotKernel::Avx512, DotKernel::Avx2, DotKernel::Plain] {
-            let (mut y32, mut y16) = ([0.0f32], [0.0f32]);
-            linear_rows_with(kernel, &x, 1, &w, &[0.0], &mut y32);
-            linear_rows_with(kernel, &x, 1, &w16, &[0.0], &mut y16);
-            assert_eq!(y16[0], inp as f32, "{kernel:?}");
-            assert_eq!(y32[0], inp as f32 * (1.0 + 2f32.powi(-11)), "{kernel:?}");
+        for rows in [1, 13] {
+            let x = vec![1.0f32; inp * rows];
+            for kernel in [DotKernel::Avx512, DotKernel::Avx2, DotKernel::Plain] {
+                let (mut y32, mut y16) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+                linear_rows_with(kernel, &x, rows, &w, &[0.0], &mut y32);
+                linear_rows_with(kernel, &x, rows, &w16, &[0.0], &mut y16);
+                assert!(y16.iter().all(|&v| v == inp as f32), "{kernel:?} {y16:?}");
+                let want = inp as f32 * (1.0 + 2f32.powi(-11));
+                assert!(y32.iter().all(|&v| v == want), "{kernel:?} {y32:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn widen_is_exact_on_every_length() {
+        for n in [0, 1, 7, 8, 9, 33] {
+            let src: Vec<f16> = (0..n)
+                .map(|i| f16::from_bits((i as u16).wrapping_mul(2654) ^ 0x3c00))
+                .collect();
+            let mut dst = vec![f32::NAN; n];
+            widen(&src, &mut dst);
+            for (s, d) in src.iter().zip(&dst) {
+                assert!(s.to_f32() == *d || s.is_nan() && d.is_nan(), "{s:?} -> {d}");
+            }
         }
     }
 
