@@ -98,10 +98,7 @@ pub unsafe fn linear<W: Weight>(
     b: &[f32],
     y: &mut [f32],
 ) {
-    let picks = (
-        pick_triple::<W> as fn(_, _) -> _,
-        pick_triple::<f32> as fn(_, _) -> _,
-    );
+    let picks: Picks<W> = (pick_triple::<W>, pick_triple::<f32>);
     // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX2, FMA and F16C.
     unsafe { run(xt, rows, inp, w, b, y, MR, picks) }
 }
@@ -129,10 +126,7 @@ pub(super) unsafe fn run<W: Weight>(
     b: &[f32],
     y: &mut [f32],
     mr: usize,
-    (pick, pick_f32): (
-        fn(usize, usize) -> Triple<W>,
-        fn(usize, usize) -> Triple<f32>,
-    ),
+    (pick, pick_f32): Picks<W>,
 ) {
     let out = b.len();
     // Token rows in groups of at most mr, as even as possible (a tile of 3 rows does more
@@ -233,6 +227,12 @@ fn pick_triple<W: Weight>(n: usize, inp: usize) -> Triple<W> {
         _ => by_rows!(0),
     }
 }
+
+/// The triples a kernel runs: its pick for `W`, and for f32 (over a widened triple).
+pub(super) type Picks<W> = (
+    fn(usize, usize) -> Triple<W>,
+    fn(usize, usize) -> Triple<f32>,
+);
 
 /// A [`triple`] of some shape (or the AVX-512 kernel's).
 pub(super) type Triple<W> = unsafe fn(Layer<'_, W>, &mut [f32], usize, &[Group], *const W);

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::dot_avx2::{self, hsum4, Group, Layer, Triple};
+use super::dot_avx2::{self, hsum4, Group, Layer, Picks, Triple};
 use super::weight::Weight;
 
 /// Token rows per tile (at most): six measured fastest (see the module's doc).
@@ -32,10 +32,7 @@ pub unsafe fn linear<W: Weight>(
     b: &[f32],
     y: &mut [f32],
 ) {
-    let picks = (
-        pick_triple::<W> as fn(_, _) -> _,
-        pick_triple::<f32> as fn(_, _) -> _,
-    );
+    let picks: Picks<W> = (pick_triple::<W>, pick_triple::<f32>);
     // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX-512F.
     unsafe { dot_avx2::run(xt, rows, inp, w, b, y, MR, picks) }
 }
