@@ -27,14 +27,12 @@ pub(super) const NR: usize = 3;
 const PF_DIST: usize = 1;
 
 /// The operands of one linear layer: `rows` token rows of `xt` (`[rows][inp]`), the weight
-/// rows from output `w_first` on in `w` (`[_][inp]`, f32 or f16: the whole weight, with
-/// `w_first` 0, or one triple of it widened to f32) and the bias `b` (`[out]`).
+/// `w` (`[out][inp]`, f32 or f16) and the bias `b` (`[out]`).
 pub(super) struct Layer<'a, W> {
     pub(super) xt: &'a [f32],
     pub(super) rows: usize,
     pub(super) inp: usize,
     pub(super) w: &'a [W],
-    pub(super) w_first: usize,
     pub(super) b: &'a [f32],
 }
 
@@ -98,25 +96,19 @@ pub unsafe fn linear<W: Weight>(
     b: &[f32],
     y: &mut [f32],
 ) {
-    let picks: Picks<W> = (pick_triple::<W>, pick_triple::<f32>);
     // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX2, FMA and F16C.
-    unsafe { run(xt, rows, inp, w, b, y, MR, picks) }
+    unsafe { run(xt, rows, inp, w, b, y, MR, pick_triple::<W>) }
 }
 
 /// Plans the tiles (token rows in groups of at most `mr`, the prefetches shared among them)
-/// and runs the triples `picks.0` gives for every three weight rows: the loop both kernels
+/// and runs the triples `pick` gives for every three weight rows: the loop both kernels
 /// share (the AVX2 one with groups of [`MR`] rows, the AVX-512 one, which has twice the
 /// registers, with groups of up to 6).
 ///
-/// An f16 weight with more than one group of token rows is widened a triple at a time into a
-/// buffer that stays in L1, and the f32 triples of `picks.1` run over it: each weight is then
-/// widened once, not once per group (a tile widens each vector it loads, on the vector ports
-/// the FMAs use); one group widens as it loads.
-///
 /// # Safety
-/// The processor runs the triples `picks` returns, which take groups of up to `mr` rows
-/// (`1 <= mr`), and has AVX2, FMA and F16C; `w.len() == b.len() * inp`,
-/// `xt.len() >= rows * inp`, `y.len() >= b.len() * rows`.
+/// The processor runs the triples `pick` returns, which take groups of up to `mr` rows
+/// (`1 <= mr`); `w.len() == b.len() * inp`, `xt.len() >= rows * inp`,
+/// `y.len() >= b.len() * rows`.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run<W: Weight>(
     xt: &[f32],
@@ -126,7 +118,7 @@ pub(super) unsafe fn run<W: Weight>(
     b: &[f32],
     y: &mut [f32],
     mr: usize,
-    (pick, pick_f32): Picks<W>,
+    pick: fn(usize, usize) -> Triple<W>,
 ) {
     let out = b.len();
     // Token rows in groups of at most mr, as even as possible (a tile of 3 rows does more
@@ -155,15 +147,8 @@ pub(super) unsafe fn run<W: Weight>(
         rows,
         inp,
         w,
-        w_first: 0,
         b,
     };
-    let mut wide = if W::WIDENED && n_groups > 1 {
-        vec![0.0f32; NR * inp]
-    } else {
-        Vec::new()
-    };
-    let full_f32 = pick_f32(NR, inp);
     let mut o = 0;
     while o < out {
         let n = (out - o).min(NR);
@@ -176,32 +161,12 @@ pub(super) unsafe fn run<W: Weight>(
             // The last triples: fewer (or no) rows left to prefetch.
             share_prefetches(groups, lines, inp);
         }
+        let f = if n == NR { full } else { pick(n, inp) };
         let pf = w.as_ptr().wrapping_add(pf_from);
-        if !wide.is_empty() {
-            // SAFETY: rows o..o + n of w are in it (o + n <= b.len() = w.len() / inp), and
-            // `wide` holds NR * inp >= n * inp values; F16C is available (the contract).
-            unsafe { widen(&w[o * inp..(o + n) * inp], &mut wide[..n * inp]) };
-            let f = if n == NR { full_f32 } else { pick_f32(n, inp) };
-            let layer = Layer {
-                xt,
-                rows,
-                inp,
-                w: &wide[..n * inp],
-                w_first: o,
-                b,
-            };
-            // SAFETY: as below, with the triple's n rows of w in `wide` from output o on
-            // (w_first = o, n * inp values); the f16 lines prefetched are 64-byte lines
-            // whatever the pointer's type, and a prefetch never faults.
-            unsafe { f(layer, y, o, groups, pf.cast()) };
-        } else {
-            let f = if n == NR { full } else { pick(n, inp) };
-            // SAFETY: o + n <= b.len() and every group's rows lie in 0..rows, so each tile's
-            // weight rows, token rows and outputs lie inside the slices by this function's
-            // contract; the processor runs the triple (same contract). (`pf` is only
-            // prefetched.)
-            unsafe { f(layer, y, o, groups, pf) };
-        }
+        // SAFETY: o + n <= b.len() and every group's rows lie in 0..rows, so each tile's
+        // weight rows, token rows and outputs lie inside the slices by this function's
+        // contract; the processor runs the triple (same contract). (`pf` is only prefetched.)
+        unsafe { f(layer, y, o, groups, pf) };
         o += n;
     }
 }
@@ -228,12 +193,6 @@ fn pick_triple<W: Weight>(n: usize, inp: usize) -> Triple<W> {
     }
 }
 
-/// The triples a kernel runs: its pick for `W`, and for f32 (over a widened triple).
-pub(super) type Picks<W> = (
-    fn(usize, usize) -> Triple<W>,
-    fn(usize, usize) -> Triple<f32>,
-);
-
 /// A [`triple`] of some shape (or the AVX-512 kernel's).
 pub(super) type Triple<W> = unsafe fn(Layer<'_, W>, &mut [f32], usize, &[Group], *const W);
 
@@ -241,9 +200,9 @@ pub(super) type Triple<W> = unsafe fn(Layer<'_, W>, &mut [f32], usize, &[Group],
 /// call per weight triple, not one per tile). `pf` is where the next triple's rows start.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `w_first <= o`, `(o - w_first + N) * inp <= w.len()`,
-/// `o + N <= b.len()`, and for every group `(r + m) * inp <= xt.len()`,
-/// `(o + N - 1) * rows + r + m <= y.len()`, `1 <= m <= MR`.
+/// AVX2, FMA and F16C are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`, and for
+/// every group `(r + m) * inp <= xt.len()`, `(o + N - 1) * rows + r + m <= y.len()`,
+/// `1 <= m <= MR`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn triple<W: Weight, const N: usize, const INP: usize>(
     layer: Layer<'_, W>,
@@ -273,8 +232,8 @@ unsafe fn triple<W: Weight, const N: usize, const INP: usize>(
 /// prefetch never faults, so `pf` needs no contract; the caller points it into `w`).
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `w_first <= o`, `(o - w_first + N) * inp <= w.len()`,
-/// `o + N <= b.len()`, `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
+/// AVX2, FMA and F16C are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`,
+/// `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
@@ -283,7 +242,6 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
         rows,
         inp,
         w,
-        w_first,
         b,
     }: Layer<'_, W>,
     y: &mut [f32],
@@ -294,7 +252,7 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
 ) {
     // INP, when not 0, is `inp` known at compile time.
     let inp = if INP != 0 { INP } else { inp };
-    let wp = w.as_ptr().wrapping_add((o - w_first) * inp);
+    let wp = w.as_ptr().wrapping_add(o * inp);
     let mut pf_done = 0;
     let xp = xt.as_ptr().wrapping_add(r * inp);
     let mut acc = [[_mm256_setzero_ps(); N]; M];
@@ -303,8 +261,8 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
     let step = |k: usize, acc: &mut [[__m256; N]; M]| {
         let mut wv = [_mm256_setzero_ps(); N];
         for (n, v) in wv.iter_mut().enumerate() {
-            // SAFETY: wp + n * inp + k + 8 <= w + (o - w_first + n + 1) * inp <= w + w.len(),
-            // as k + 8 <= inp and (o - w_first + N) * inp <= w.len().
+            // SAFETY: wp + n * inp + k + 8 <= w + (o + n + 1) * inp <= w + w.len(), as
+            // k + 8 <= inp and o + N <= b.len() = w.len() / inp.
             // AVX2, FMA and F16C are enabled here, as `load8` needs.
             *v = unsafe { W::load8(wp.wrapping_add(n * inp + k)) };
         }
@@ -352,7 +310,7 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
             line.copy_from_slice(&sums[..M]);
         }
         if full < inp {
-            let wtail = &w[(o - w_first + n) * inp + full..(o - w_first + n + 1) * inp];
+            let wtail = &w[(o + n) * inp + full..(o + n + 1) * inp];
             for (m, out) in line.iter_mut().enumerate() {
                 let xtail = &xt[(r + m) * inp + full..(r + m + 1) * inp];
                 *out += wtail
@@ -365,10 +323,11 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
     }
 }
 
-/// `dst[i] = src[i]` as f32, 8 values at a time (the rest one by one).
+/// `dst[i] = src[i]` as f32, 8 values at a time (the rest one by one): an f16 weight's rows
+/// widened for the `gemm` crate (`super::widen`).
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `dst.len() == src.len()`.
+/// AVX2, FMA and F16C are available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn widen<W: Weight>(src: &[W], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "widen: lengths differ");

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::dot_avx2::{self, hsum4, Group, Layer, Picks, Triple};
+use super::dot_avx2::{self, hsum4, Group, Layer, Triple};
 use super::weight::Weight;
 
 /// Token rows per tile (at most): six measured fastest (see the module's doc).
@@ -32,9 +32,8 @@ pub unsafe fn linear<W: Weight>(
     b: &[f32],
     y: &mut [f32],
 ) {
-    let picks: Picks<W> = (pick_triple::<W>, pick_triple::<f32>);
     // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX-512F.
-    unsafe { dot_avx2::run(xt, rows, inp, w, b, y, MR, picks) }
+    unsafe { dot_avx2::run(xt, rows, inp, w, b, y, MR, pick_triple::<W>) }
 }
 
 /// A [`triple`] for `n` weight rows and `inp` inputs, specialised for BERT's input widths as
@@ -61,9 +60,8 @@ fn pick_triple<W: Weight>(n: usize, inp: usize) -> Triple<W> {
 /// Outputs `o..o+N` for every group of token rows, one [`tile`] per group.
 ///
 /// # Safety
-/// AVX-512F is available; `w_first <= o`, `(o - w_first + N) * inp <= w.len()`,
-/// `o + N <= b.len()`, and for every group `(r + m) * inp <= xt.len()`,
-/// `(o + N - 1) * rows + r + m <= y.len()`, `1 <= m <= MR`.
+/// AVX-512F is available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`, and for every group
+/// `(r + m) * inp <= xt.len()`, `(o + N - 1) * rows + r + m <= y.len()`, `1 <= m <= MR`.
 #[target_feature(enable = "avx512f")]
 unsafe fn triple<W: Weight, const N: usize, const INP: usize>(
     layer: Layer<'_, W>,
@@ -96,8 +94,8 @@ unsafe fn triple<W: Weight, const N: usize, const INP: usize>(
 /// (a prefetch never faults, so `pf` needs no contract; the caller points it into `w`).
 ///
 /// # Safety
-/// AVX-512F is available; `w_first <= o`, `(o - w_first + N) * inp <= w.len()`,
-/// `o + N <= b.len()`, `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
+/// AVX-512F is available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`,
+/// `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
@@ -106,7 +104,6 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
         rows,
         inp,
         w,
-        w_first,
         b,
     }: Layer<'_, W>,
     y: &mut [f32],
@@ -116,7 +113,7 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
     pf_per_step: usize,
 ) {
     let inp = if INP != 0 { INP } else { inp };
-    let wp = w.as_ptr().wrapping_add((o - w_first) * inp);
+    let wp = w.as_ptr().wrapping_add(o * inp);
     let xp = xt.as_ptr().wrapping_add(r * inp);
     let mut acc = [[_mm512_setzero_ps(); N]; M];
     let full = inp - inp % 16;
@@ -125,8 +122,8 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
     while k + 16 <= full {
         let mut wv = [_mm512_setzero_ps(); N];
         for (n, v) in wv.iter_mut().enumerate() {
-            // SAFETY: wp + n * inp + k + 16 <= w + (o - w_first + n + 1) * inp <= w + w.len(),
-            // as k + 16 <= inp and (o - w_first + N) * inp <= w.len().
+            // SAFETY: wp + n * inp + k + 16 <= w + (o + n + 1) * inp <= w + w.len(), as
+            // k + 16 <= inp and o + N <= b.len() = w.len() / inp.
             // AVX-512F is enabled here, as `load16` needs.
             *v = unsafe { W::load16(wp.wrapping_add(n * inp + k)) };
         }
@@ -168,7 +165,7 @@ unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
             chunk.copy_from_slice(&sums[..chunk.len()]);
         }
         if full < inp {
-            let wtail = &w[(o - w_first + n) * inp + full..(o - w_first + n + 1) * inp];
+            let wtail = &w[(o + n) * inp + full..(o + n + 1) * inp];
             for (m, out) in line.iter_mut().enumerate() {
                 let xtail = &xt[(r + m) * inp + full..(r + m + 1) * inp];
                 *out += wtail

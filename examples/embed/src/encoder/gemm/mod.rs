@@ -555,8 +555,7 @@ mod tests {
     #[test]
     fn f16_weights_are_read_as_halves() {
         // 1 + 2^-11 is not an f16: rounded to 1, so the f16 product differs from the f32 one by
-        // exactly 2^-11 per input, on every kernel, widening as it loads (one group of token
-        // rows) or a weight triple at a time first (several).
+        // exactly 2^-11 per input, on every kernel, for one group of token rows and several.
         let inp = 48;
         let w = vec![1.0 + 2f32.powi(-11); inp];
         let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();

@@ -19,10 +19,6 @@ pub trait Weight: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'stati
     /// Elements in one 64-byte cache line (what a prefetch asks for).
     const PER_LINE: usize;
 
-    /// Whether loading it widens it (f16), so that a kernel reading each weight several
-    /// times widens it once into f32 first.
-    const WIDENED: bool;
-
     /// The value as f32 (exact for both types).
     fn widen(self) -> f32;
 
@@ -43,7 +39,6 @@ pub trait Weight: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'stati
 
 impl Weight for f32 {
     const PER_LINE: usize = 16;
-    const WIDENED: bool = false;
 
     #[inline]
     fn widen(self) -> f32 {
@@ -69,7 +64,6 @@ impl Weight for f32 {
 
 impl Weight for f16 {
     const PER_LINE: usize = 32;
-    const WIDENED: bool = true;
 
     #[inline]
     fn widen(self) -> f32 {
