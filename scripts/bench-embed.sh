@@ -35,6 +35,13 @@
 #                         where the CPU has it, then AVX2), one text per call
 #                         over scripts/bench-embed/sentences.txt, and each
 #                         service's lowest cosine to sentence-transformers
+#     --host-weights "f32 f16"
+#                         the forms of zygote's host compute copy to measure
+#                         (default: f32): zygote's forward pass runs once per
+#                         form (forward_bench --host-weights F) and one zygote
+#                         service per form (zygote start --host-weights F,
+#                         "zygote-wN" for f32, "zygote-wN-f16" for f16), in the
+#                         same rounds as the others
 #     --out DIR           where logs and results go (default: bench-out/embed-DATE)
 #     --quiet-wait S      before each measured load, wait up to S s for the
 #                         machine to be idle (default: 60; 0: don't)
@@ -78,7 +85,7 @@ helpers="$repo/scripts/bench-embed"
 ctl=(python3 "$helpers/embedctl.py")
 
 workers_list="2 4"; duration=10; rounds=3; warmup=5; trials=3; only=""; quiet_wait=60
-baselines="seed t1 t1-preload ort"; forward_seconds=5
+baselines="seed t1 t1-preload ort"; forward_seconds=5; host_weights="f32"
 out="$repo/bench-out/embed-$(date +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -92,11 +99,15 @@ while [[ $# -gt 0 ]]; do
         --out) out="$2"; shift 2 ;;
         --quiet-wait) quiet_wait="$2"; shift 2 ;;
         --forward-seconds) forward_seconds="$2"; shift 2 ;;
+        --host-weights) host_weights="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-embed.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 case "$only" in ""|python|zygote) ;; *) echo "bench-embed.sh: --only python|zygote" >&2; exit 2 ;; esac
+for f in $host_weights; do
+    case "$f" in f32|f16) ;; *) echo "bench-embed.sh: --host-weights takes f32 and/or f16, not $f" >&2; exit 2 ;; esac
+done
 for v in "$duration:--duration" "$rounds:--rounds" "$trials:--trials"; do
     [[ "${v%%:*}" =~ ^[1-9][0-9]*$ ]] || { echo "bench-embed.sh: ${v#*:} takes a whole number above 0" >&2; exit 2; }
 done
@@ -309,12 +320,14 @@ start_python() {
     add_service python "$n" "$tag" "$pg" "http://127.0.0.1:$port" "" "$note"
 }
 
-start_zygote() { # WORKERS [PHASE]
-    local n="$1" phase="${2:+.$2}" port rdir tag="zygote-w$1"
+start_zygote() { # WORKERS FORM [PHASE]: FORM is the host compute copy's (--host-weights)
+    local n="$1" form="$2" phase="${3:+.$3}" port rdir tag="zygote-w$1" note=""
+    if [[ "$form" != f32 ]]; then tag+="-$form"; note="--host-weights $form"; fi
+    if [[ "$form" == f32 && "$host_weights" != f32 ]]; then note="--host-weights f32"; fi
     next_port
     rdir="$(mktemp -d "$out/rt-$tag$phase.XXXX")"   # mode 0700
     zygote_dirs+=("$rdir")
-    local args=(start --workers "$n" --listen "127.0.0.1:$port" --runtime-dir "$rdir")
+    local args=(start --workers "$n" --listen "127.0.0.1:$port" --runtime-dir "$rdir" --host-weights "$form")
     [[ -n "$model_dir" ]] && args+=(--model "$model_dir")
     # shellcheck disable=SC2206
     [[ -n "${ZYGOTE_ARGS:-}" ]] && args+=(${ZYGOTE_ARGS})
@@ -328,7 +341,7 @@ start_zygote() { # WORKERS [PHASE]
         say "$tag: not ready; see $out/$tag$phase.log"; stop_group "$pg" "$rdir"; return 0
     fi
     say "$tag: ready $(cat "$out/$tag$phase.ready.json")"
-    add_service zygote "$n" "$tag" "$pg" "http://127.0.0.1:$port" "$rdir" ""
+    add_service zygote "$n" "$tag" "$pg" "http://127.0.0.1:$port" "$rdir" "$note"
 }
 
 reset_services() { svc_kind=(); svc_n=(); svc_tag=(); svc_pg=(); svc_url=(); svc_rdir=(); svc_note=(); }
@@ -336,7 +349,9 @@ start_all() { # WORKERS [PHASE]
     if [[ $need_python == 1 ]]; then
         for v in $baselines; do start_python "$1" "$v" "${2:-}"; done
     fi
-    if [[ $need_zygote == 1 ]]; then start_zygote "$1" "${2:-}"; fi
+    if [[ $need_zygote == 1 ]]; then
+        for f in $host_weights; do start_zygote "$1" "$f" "${2:-}"; done
+    fi
 }
 
 # ------------------------------------------------------------ forward pass
@@ -349,7 +364,8 @@ fi
 if [[ $need_python == 1 && "$forward_seconds" != 0 ]]; then
     fargs=(speed --seconds "$forward_seconds" --rounds "$rounds")
     if [[ $need_zygote == 1 && -x "$fbench" ]]; then
-        fargs+=(--forward-bench "$fbench" --model "${model_dir:-$repo/models/all-MiniLM-L6-v2}")
+        fargs+=(--forward-bench "$fbench" --model "${model_dir:-$repo/models/all-MiniLM-L6-v2}"
+                --host-weights "$(echo $host_weights | tr ' ' ',')")
     else
         say "no $fbench (cargo build --release -p zygote-embed --example forward_bench): zygote's forward pass left out"
     fi
@@ -373,13 +389,15 @@ for n in $workers_list; do
         done
     fi
     if [[ $need_zygote == 1 ]]; then
-        reset_services
-        start_zygote "$n"
-        if (( ${#svc_tag[@]} > 0 )); then
-            warm 0; alone 0
-            m_kind+=("${svc_kind[0]}"); m_tag+=("${svc_tag[0]}"); m_note+=("${svc_note[0]}")
-            stop_group "${svc_pg[0]}" "${svc_rdir[0]}"
-        fi
+        for f in $host_weights; do
+            reset_services
+            start_zygote "$n" "$f"
+            if (( ${#svc_tag[@]} > 0 )); then
+                warm 0; alone 0
+                m_kind+=("${svc_kind[0]}"); m_tag+=("${svc_tag[0]}"); m_note+=("${svc_note[0]}")
+                stop_group "${svc_pg[0]}" "${svc_rdir[0]}"
+            fi
+        done
     fi
     # Phase 2, every service up at once (started one after the other), idle but for its own
     # turns: each round loads every service in turn, starting one further along each time, so

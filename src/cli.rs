@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use zygote_runtime::backend::{BackendChoice, IpcChoice};
+use zygote_runtime::backend::{BackendChoice, HostWeightsForm, IpcChoice};
 
 /// A forkserver-style runtime for serving models from many workers that share one copy of the
 /// weights.
@@ -70,6 +70,11 @@ pub struct StartArgs {
     /// CUDA IPC mechanism: auto, vmm or legacy.
     #[arg(long, default_value = "auto")]
     pub ipc: IpcChoice,
+    /// The form of the host backend's one compute copy: f32 (every float tensor in f32), or
+    /// f16 (matrices in f16, half the bytes; biases and norms f32), for an app whose kernels
+    /// read f16 (the example app's do; the Python torch layer refuses it).
+    #[arg(long, default_value = "f32")]
+    pub host_weights: HostWeightsForm,
     /// GPUs to use, e.g. 0,1 (one owner per device; workers spread across them).
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<u32>,
@@ -287,6 +292,15 @@ mod tests {
         assert_eq!(cmd[0], "/venv/bin/python");
         assert_eq!(cmd[5], std::env::current_dir().unwrap().to_string_lossy());
         assert!(start(&[]).unwrap().app_command().unwrap().is_none());
+    }
+
+    #[test]
+    fn host_weights_default_to_f32_and_take_f16() {
+        assert_eq!(start(&[]).unwrap().host_weights, HostWeightsForm::F32);
+        let a = start(&["--host-weights", "f16"]).unwrap();
+        assert_eq!(a.host_weights, HostWeightsForm::F16);
+        let err = start(&["--host-weights", "int8"]).unwrap_err().to_string();
+        assert!(err.contains("expected f32 or f16"), "{err}");
     }
 
     #[test]

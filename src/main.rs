@@ -69,6 +69,7 @@ fn start(
         listen: args.listen,
         backend: args.backend,
         ipc: args.ipc,
+        host_weights: args.host_weights,
         devices: args.devices,
         entry,
         command: args.command,

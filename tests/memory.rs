@@ -4,8 +4,10 @@
 //!
 //! The `probe` entry imports the owner's weights and reads one byte of every page. Two models:
 //! an f16 one, whose f32 compute copy the owner builds in its own memfd (`zygote-weights`), and
-//! an f32 one, whose compute copy is the zygote's model memfd itself (`zygote-model`). A third
-//! test measures the example app on the reference model after every worker served a request.
+//! an f32 one, whose compute copy is the zygote's model memfd itself (`zygote-model`); and the
+//! f32 one again with `--host-weights f16`, whose f16 copy (half the file) the owner builds. A
+//! last test measures the example app on the reference model after every worker served a
+//! request.
 
 mod common;
 
@@ -72,21 +74,29 @@ fn measure(svc: &Service, needle: &str) -> Sharing {
     sharing
 }
 
-/// Starts 4 `probe` workers on `model` and checks the sharing of the memfd named `needle`.
-fn four_probes_share_one_copy(dtype: Dtype, needle: &str) {
+/// Starts 4 `probe` workers on an 8 MiB model of `dtype` (`zygote start` given `args` too)
+/// and checks the sharing of the memfd named `needle`.
+fn four_probes_share_one_copy(dtype: Dtype, needle: &str, args: &[&str]) -> Sharing {
     let dir = common::TempDir::new("mem");
     let model = common::synthetic_model(dir.path(), 8 << 20, dtype);
     let svc = Service::start(ServiceOptions {
         model: Some(model),
         workers: 4,
         entry: Some("probe".into()),
+        args: args.iter().map(|a| a.to_string()).collect(),
         ..ServiceOptions::default()
     });
     let m = measure(&svc, needle);
     eprintln!("{needle}: {m:?}");
+    // 8 MiB of f16 or f32 weights: at least 8 MiB as f32, at least 4 MiB in the f16 form.
+    let least = if args.contains(&"f16") {
+        (4 << 10) - 32
+    } else {
+        8 << 10
+    };
     assert!(
-        m.one_copy_kib >= 8 << 10,
-        "the weights are at least the model's 8 MiB: {m:?}"
+        m.one_copy_kib >= least,
+        "the weights are at least {least} KiB: {m:?}"
     );
     assert!(
         m.worker_rss_kib >= 3 * m.one_copy_kib,
@@ -100,16 +110,31 @@ fn four_probes_share_one_copy(dtype: Dtype, needle: &str) {
         m.pss_kib * 4 >= m.one_copy_kib * 3,
         "the PSS sum counts the pages the workers read (at least 0.75 copies): {m:?}"
     );
+    m
 }
 
 #[test]
 fn four_workers_share_one_compute_copy_built_by_the_owner() {
-    four_probes_share_one_copy(Dtype::F16, "/memfd:zygote-weights");
+    four_probes_share_one_copy(Dtype::F16, "/memfd:zygote-weights", &[]);
 }
 
 #[test]
 fn four_workers_share_the_model_memfd_when_it_is_the_compute_copy() {
-    four_probes_share_one_copy(Dtype::F32, "/memfd:zygote-model");
+    four_probes_share_one_copy(Dtype::F32, "/memfd:zygote-model", &[]);
+}
+
+#[test]
+fn four_workers_share_one_f16_copy_with_host_weights_f16() {
+    // The f32 model's matrices in f16: a copy of half the file, built by the owner, shared.
+    let m = four_probes_share_one_copy(
+        Dtype::F32,
+        "/memfd:zygote-weights",
+        &["--host-weights", "f16"],
+    );
+    assert!(
+        m.one_copy_kib < 5 << 10,
+        "the f16 copy of an 8 MiB f32 model is about 4 MiB: {m:?}"
+    );
 }
 
 #[test]

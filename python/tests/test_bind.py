@@ -161,3 +161,21 @@ def test_hugging_face_initialiser_fills_buffers_and_writes_nothing_shared():
     assert torch.equal(e.token_type_ids, torch.zeros(1, 6, dtype=torch.long))
     for k, v in shared.items():
         assert torch.equal(v, before[k]), f"the initialiser wrote into {k}"
+
+
+def test_refuses_the_f16_form_of_the_compute_copy_by_name():
+    # What `zygote start --host-weights f16` exports: matrices in f16, vectors in f32.
+    w = weights()
+    for name in ("emb.weight", "proj.weight"):
+        w[name] = w[name].half()
+    with pytest.raises(BindError) as e:
+        zygote.torch.bind(meta_net(), w, buffers={"ids": torch.arange(5)})
+    msg = str(e.value)
+    assert "--host-weights f16" in msg and "--host-weights f32" in msg, msg
+    assert {k for k, _ in e.value.mismatched} == {"emb.weight", "proj.weight"}
+    # Another dtype mismatch does not blame the f16 form.
+    w = weights()
+    w["proj.bias"] = w["proj.bias"].double()
+    with pytest.raises(BindError) as e:
+        zygote.torch.bind(meta_net(), w, buffers={"ids": torch.arange(5)})
+    assert "--host-weights" not in str(e.value)

@@ -147,6 +147,10 @@ def bind(
     computed on the weights' device (``buffers`` gives values by name; a Hugging Face model
     computes its own, e.g. ``position_ids``). No meta tensor is left; the module is returned,
     in eval mode.
+
+    A host compute copy in the f16 form (``zygote start --host-weights f16``: matrices in f16,
+    biases and norms in f32) does not fit a torch module, whose parameters share one dtype:
+    bind refuses it with a :class:`BindError` that says so and names ``--host-weights f32``.
     """
     if weights is None:
         import zygote
@@ -156,6 +160,8 @@ def bind(
     tied = _tied_groups(module)
     missing: list[str] = []
     mismatched: list[tuple[str, str]] = []
+    # Matrices in f16 where the module has another dtype: the f16 form of the compute copy.
+    f16_form = False
     chosen: dict[str, torch.Tensor] = {}
     nonpersistent: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -173,6 +179,7 @@ def bind(
             )
         elif shared.dtype != current.dtype:
             mismatched.append((prefix + source, f"dtype {shared.dtype}, module {current.dtype}"))
+            f16_form = f16_form or shared.dtype == torch.float16
         chosen[key] = shared
     # A weight named like a non-persistent buffer (old checkpoints saved `position_ids`) fills
     # that buffer: it is then shared like the rest instead of computed.
@@ -206,7 +213,7 @@ def bind(
         else []
     )
     if missing or unexpected or mismatched:
-        raise _error(missing, unexpected, mismatched, [])
+        raise _error(missing, unexpected, mismatched, [], f16_form)
 
     device = next(iter(chosen.values())).device if chosen else torch.device("cpu")
     # assign=True: the module takes the shared tensors themselves (no copy into its own).
@@ -313,8 +320,14 @@ def _error(
     unexpected: list[str],
     mismatched: list[tuple[str, str]],
     unmaterialised: list[str],
+    f16_form: bool = False,
 ) -> BindError:
     lines = ["zygote.torch.bind: the module does not fit the shared weights"]
+    if f16_form:
+        lines.append(
+            "  the compute copy keeps its matrices in f16 (zygote start --host-weights f16), "
+            "with biases and norms in f32: a torch module cannot use that mix"
+        )
     if missing:
         lines.append(f"  missing from the weights ({len(missing)}): " + ", ".join(missing))
     if unexpected:
@@ -329,6 +342,8 @@ def _error(
             + ", ".join(unmaterialised)
         )
     fixes = []
+    if f16_form:
+        fixes.append("start the service with --host-weights f32 (the default) for torch apps")
     if missing or unexpected:
         fixes.append(
             "bind the submodule the weights belong to (e.g. model[0].auto_model for a "

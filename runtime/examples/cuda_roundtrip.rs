@@ -614,7 +614,7 @@ fn compare_with_host(model: &Model, w: &cuda::CudaWeights) -> (bool, String) {
         .tensors()
         .iter()
         .rev()
-        .find(|t| backend::host::compute_dtype(t.dtype) == Dtype::F32)
+        .find(|t| backend::host::widened_dtype(t.dtype) == Dtype::F32)
     else {
         return (true, "no f32 tensor to compare".into());
     };
@@ -633,7 +633,7 @@ fn compare_with_host(model: &Model, w: &cuda::CudaWeights) -> (bool, String) {
     };
     let src_len = n * t.dtype.size();
     let mut host = vec![0u8; n * 4];
-    backend::host::convert_into(t.dtype, &model.data(t)[..src_len], &mut host);
+    backend::host::widen_into(t.dtype, &model.data(t)[..src_len], &mut host);
     let same = host
         .chunks_exact(4)
         .zip(&device)

@@ -629,53 +629,64 @@ def cmd_report(args):
             f"| {r['service']}{note} | {r['workers']} | {perf} | {pss} | {rst} | {ready} | {cpu} |"
         )
 
-    # Against the target: zygote compared with the best baseline variant
-    # (highest req/s, lowest PSS, fastest restart) at the same worker count.
-    def rps(r):
-        w = r.get("wrk") or {}
-        return w["requests"] / (w["duration_us"] / 1e6) if w else None
-
-    def per_core_ok(r):
-        return bool(rps(r)) and (r.get("cpu") or {}).get("service_cores", 0) > 0
-
+    # Against the target: each zygote service (one per --host-weights form) against the
+    # baselines at the same worker count.
     lines = []
     for n in sorted({r["workers"] for r in rows}):
-        z = [r for r in rows if r["workers"] == n and r["service"] == "zygote"]
+        zs = [r for r in rows if r["workers"] == n and r["service"] == "zygote"]
         py = [r for r in rows if r["workers"] == n and r["service"] == "python"]
-        if not z or not py:
+        if not py:
             continue
-        z = z[0]
-        parts = []
-        best_rps = max((rps(r) for r in py if rps(r)), default=None)
-        if rps(z) and best_rps:
-            parts.append(
-                f"throughput {rps(z) / best_rps:.2f}x the best baseline ({best_rps:.1f} req/s)"
-            )
-        # Per core of the service's own CPU: on a busy machine the services get unequal
-        # shares of the cores (the CPU column), and this ratio leaves that out.
-        per_core = [(rps(r) / r["cpu"]["service_cores"], r) for r in py if per_core_ok(r)]
-        if per_core_ok(z) and per_core:
-            best_pc = max(x for x, _ in per_core)
-            z_pc = rps(z) / z["cpu"]["service_cores"]
-            parts.append(
-                f"per core of its own CPU {z_pc / best_pc:.2f}x "
-                f"({z_pc:.1f} against {best_pc:.1f} req per service CPU-s)"
-            )
-        best_pss = min((r["pss"]["total"]["pss_kib"] for r in py if r.get("pss")), default=None)
-        if z.get("pss") and best_pss:
-            parts.append(
-                f"PSS {z['pss']['total']['pss_kib'] / best_pss:.3f} of the smallest baseline "
-                f"(1/{best_pss / z['pss']['total']['pss_kib']:.1f})"
-            )
-        best_rs = min((r["restart"]["median_ms"] for r in py if r.get("restart")), default=None)
-        if z.get("restart") and best_rs:
-            parts.append(f"restart {z['restart']['median_ms']:.0f} ms vs {best_rs / 1000:.1f} s")
-        if parts:
-            lines.append(f"- {n} workers: " + "; ".join(parts))
+        for z in zs:
+            parts = against(z, py)
+            if parts:
+                note = f" ({z['note']})" if z.get("note") else ""
+                lines.append(f"- {n} workers{note}: " + "; ".join(parts))
     if lines:
         out += ["", "zygote against the Python baseline:"] + lines
     print("\n".join(out))
     return 0
+
+
+def rps(r):
+    """A results line's requests per second over its measured rounds (None without wrk)."""
+    w = r.get("wrk") or {}
+    return w["requests"] / (w["duration_us"] / 1e6) if w else None
+
+
+def per_core_ok(r):
+    return bool(rps(r)) and (r.get("cpu") or {}).get("service_cores", 0) > 0
+
+
+def against(z, py):
+    """What the report says of one zygote service against the baselines of its worker count:
+    compared with the best baseline variant (highest req/s, lowest PSS, fastest restart)."""
+    parts = []
+    best_rps = max((rps(r) for r in py if rps(r)), default=None)
+    if rps(z) and best_rps:
+        parts.append(
+            f"throughput {rps(z) / best_rps:.2f}x the best baseline ({best_rps:.1f} req/s)"
+        )
+    # Per core of the service's own CPU: on a busy machine the services get unequal
+    # shares of the cores (the CPU column), and this ratio leaves that out.
+    per_core = [(rps(r) / r["cpu"]["service_cores"], r) for r in py if per_core_ok(r)]
+    if per_core_ok(z) and per_core:
+        best_pc = max(x for x, _ in per_core)
+        z_pc = rps(z) / z["cpu"]["service_cores"]
+        parts.append(
+            f"per core of its own CPU {z_pc / best_pc:.2f}x "
+            f"({z_pc:.1f} against {best_pc:.1f} req per service CPU-s)"
+        )
+    best_pss = min((r["pss"]["total"]["pss_kib"] for r in py if r.get("pss")), default=None)
+    if z.get("pss") and best_pss:
+        parts.append(
+            f"PSS {z['pss']['total']['pss_kib'] / best_pss:.3f} of the smallest baseline "
+            f"(1/{best_pss / z['pss']['total']['pss_kib']:.1f})"
+        )
+    best_rs = min((r["restart"]["median_ms"] for r in py if r.get("restart")), default=None)
+    if z.get("restart") and best_rs:
+        parts.append(f"restart {z['restart']['median_ms']:.0f} ms vs {best_rs / 1000:.1f} s")
+    return parts
 
 
 def main():

@@ -1,6 +1,7 @@
 """The single-thread forward pass of the Python baselines, and the cosine of services' vectors.
 
-    forward.py speed [--seconds S] [--rounds R] [--forward-bench BIN --model DIR]
+    forward.py speed [--seconds S] [--rounds R] [--forward-bench BIN --model DIR
+                     [--host-weights f32,f16]]
         texts per second of CPU time (the thread's, not the wall clock's, so that a
         shared machine's other work weighs less) of ONNX Runtime
         (scripts/baseline/onnx_encoder.py) and of
@@ -9,8 +10,10 @@
         each warmed up over the whole list first. With --forward-bench, every round
         also runs zygote's `forward_bench DIR S mix/1` (the same measure of its encoder)
         once per dot kernel (ZYGOTE_EMBED_DOT_KERNEL: the one chosen at run time, then
-        avx2), so all engines share each round's machine load. Prints JSON lines, one
-        per engine, and last a markdown table.
+        avx2), so all engines share each round's machine load; with --host-weights
+        (default f32), once per kernel and form of the host compute copy
+        (`forward_bench --host-weights F`: f16 keeps the matrices in f16). Prints JSON
+        lines, one per engine, and last a markdown table.
     forward.py cosine --url [NAME=]URL [--url ...]
         POSTs every sentence to each service's /embed and prints, per service, the
         lowest cosine of its vectors to sentence-transformers' (in this process, on
@@ -77,14 +80,14 @@ def rate(encode, texts, seconds):
     return n / (time.thread_time() - cpu)
 
 
-def forward_bench(binary, model, seconds, kernel):
+def forward_bench(binary, model, seconds, kernel, form):
     env = dict(os.environ)
     if kernel:
         env["ZYGOTE_EMBED_DOT_KERNEL"] = kernel
     else:
         env.pop("ZYGOTE_EMBED_DOT_KERNEL", None)
     out = subprocess.run(
-        [binary, str(model), str(seconds), "mix/1"],
+        [binary, "--host-weights", form, str(model), str(seconds), "mix/1"],
         env=env,
         check=True,
         capture_output=True,
@@ -102,14 +105,20 @@ def cmd_speed(args):
     st = reference()
     engines = [("onnxruntime", lambda: rate(ort_enc.encode, texts, args.seconds))]
     engines.append(("torch", lambda: rate(st.encode, texts, args.seconds)))
+    forms = args.host_weights.split(",")
     if args.forward_bench:
-        for label, kernel in [("zygote (run-time choice)", ""), ("zygote (avx2)", "avx2")]:
-            engines.append(
-                (
-                    label,
-                    lambda k=kernel: forward_bench(args.forward_bench, args.model, args.seconds, k),
+        for form in forms:
+            # The f32 form keeps the labels of the runs before the f16 one existed.
+            name = "zygote" if form == "f32" else f"zygote, {form} weights"
+            for label, kernel in [(f"{name} (run-time choice)", ""), (f"{name} (avx2)", "avx2")]:
+                engines.append(
+                    (
+                        label,
+                        lambda k=kernel, f=form: forward_bench(
+                            args.forward_bench, args.model, args.seconds, k, f
+                        ),
+                    )
                 )
-            )
     out = {name: [] for name, _ in engines}
     # Every engine once per round, so a change of the machine's load weighs on all alike.
     for _ in range(args.rounds):
@@ -166,6 +175,11 @@ def main():
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--forward-bench", help="zygote's forward_bench example binary")
     s.add_argument("--model", type=Path, help="the model directory forward_bench loads")
+    s.add_argument(
+        "--host-weights",
+        default="f32",
+        help="forms of the host compute copy for forward_bench, comma-separated (f32,f16)",
+    )
     c = sub.add_parser("cosine")
     c.add_argument("--url", action="append", default=[])
     c.add_argument("--onnx", action="store_true")

@@ -64,7 +64,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use zygote_runtime::backend::{BackendChoice, IpcChoice};
+use zygote_runtime::backend::{BackendChoice, HostWeightsForm, IpcChoice};
 
 use self::effects::Input;
 use self::service::Service;
@@ -81,6 +81,8 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub backend: BackendChoice,
     pub ipc: IpcChoice,
+    /// The form of the host backend's compute copy (`--host-weights`), given to each owner.
+    pub host_weights: HostWeightsForm,
     pub devices: Vec<u32>,
     pub entry: String,
     pub command: Vec<String>,

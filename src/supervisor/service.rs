@@ -364,6 +364,8 @@ impl<E: Effects> Service<E> {
                         self.cfg.backend.to_string(),
                         "--ipc".into(),
                         self.cfg.ipc.to_string(),
+                        "--host-weights".into(),
+                        self.cfg.host_weights.to_string(),
                         "--generation".into(),
                         self.generation.to_string(),
                     ],

@@ -4,7 +4,8 @@
 //! matrix used again and again (`hot`, in cache) or a pool of 64 MiB of distinct matrices
 //! taken in turn (`cold`, from memory, as in a forward pass whose 42 MiB of encoder weights do
 //! not fit the last-level cache). The 384 × 48 shape, whose weight fits L2, shows the tile's
-//! ceiling. Prints GFLOP/s.
+//! ceiling. Prints GFLOP/s: the tile over f32 weights, over the same weights in f16 (`tile16`,
+//! half the bytes, widened as loaded), and the `gemm` crate (f32).
 //!
 //! `cargo run --release -p zygote-embed --example linear_bench [SECONDS_PER_CASE] [CASE]`
 //! (CASE, e.g. `17/384/1536/cold`, runs one case only, for profiling).
@@ -13,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use zygote_embed::encoder::gemm::{linear_rows, matmul, Mat, MatMut};
+use zygote_embed::encoder::gemm::{f16, linear_rows, matmul, Mat, MatMut};
 
 fn main() {
     let seconds: f64 = std::env::args()
@@ -22,8 +23,8 @@ fn main() {
         .unwrap_or(0.5);
     let only = std::env::args().nth(2);
     println!(
-        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10}",
-        "rows", "in", "out", "cache", "tile", "gemm"
+        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>10}",
+        "rows", "in", "out", "cache", "tile", "tile16", "gemm"
     );
     for (inp, out) in [(384, 48), (384, 384), (384, 1536), (1536, 384)] {
         let per = inp * out;
@@ -31,6 +32,7 @@ fn main() {
         let w: Vec<f32> = (0..pool * per)
             .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let b = vec![0.1f32; out];
         for rows in [4usize, 8, 12, 13, 17, 24, 36, 48, 96] {
             let x: Vec<f32> = (0..rows * inp)
@@ -45,18 +47,20 @@ fn main() {
                     continue;
                 }
                 let flops = 2.0 * (rows * inp * out) as f64;
-                let run = |f: &mut dyn FnMut(&[f32])| {
+                let run = |f: &mut dyn FnMut(usize)| {
                     let budget = Duration::from_secs_f64(seconds);
                     let start = Instant::now();
                     let mut calls = 0usize;
                     while start.elapsed() < budget {
-                        f(&w[(calls % mats) * per..][..per]);
+                        f((calls % mats) * per);
                         calls += 1;
                     }
                     calls as f64 * flops / start.elapsed().as_secs_f64() / 1e9
                 };
-                let tile = run(&mut |wm| linear_rows(&x, rows, wm, &b, &mut y));
-                let crate_ = run(&mut |wm| {
+                let tile = run(&mut |at| linear_rows(&x, rows, &w[at..][..per], &b, &mut y));
+                let tile16 = run(&mut |at| linear_rows(&x, rows, &w16[at..][..per], &b, &mut y));
+                let crate_ = run(&mut |at| {
+                    let wm = &w[at..][..per];
                     for (line, &bias) in y.chunks_exact_mut(rows).zip(&b) {
                         line.fill(bias);
                     }
@@ -68,7 +72,9 @@ fn main() {
                         true,
                     );
                 });
-                println!("{rows:>5} {inp:>5} {out:>5} {cache:>5} {tile:>10.1} {crate_:>10.1}");
+                println!(
+                    "{rows:>5} {inp:>5} {out:>5} {cache:>5} {tile:>10.1} {tile16:>10.1} {crate_:>10.1}"
+                );
             }
         }
     }

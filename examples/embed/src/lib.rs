@@ -298,8 +298,17 @@ pub fn build_app_with<'w>(
 /// worker's import (with its manifest and digest checks) done in this one process. This is the
 /// production path minus the sockets, for tests and benchmarks.
 pub fn import_host_weights(model_file: &Path) -> Result<(Model, Weights), EmbedError> {
+    import_host_weights_as(model_file, backend::HostWeightsForm::F32)
+}
+
+/// [`import_host_weights`] with the compute copy in `form` (what `zygote start --host-weights`
+/// asks the owner for).
+pub fn import_host_weights_as(
+    model_file: &Path,
+    form: backend::HostWeightsForm,
+) -> Result<(Model, Weights), EmbedError> {
     let model = Model::load(model_file)?;
-    let export = backend::host::HostBackend.export(&model, 1)?;
+    let export = backend::host::HostBackend::new(form).export(&model, 1)?;
     let weights = backend::import(export.manifest, export.fds, &model)?;
     Ok((model, weights))
 }

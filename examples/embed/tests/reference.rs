@@ -5,14 +5,17 @@
 //!
 //! The weights go through the production path: the model file is loaded and sealed as the
 //! zygote does, exported by the host backend as the owner does, and imported (manifest and
-//! digest checked) as a worker does.
+//! digest checked) as a worker does; in the default f32 form and in the f16 one
+//! (`--host-weights f16`: matrices in f16, sums in f32).
 
 #![deny(unsafe_code)]
 
 mod common;
 
 use serde::Deserialize;
-use zygote_embed::{build_app, import_host_weights, spec, ModelSpec};
+use zygote_embed::{build_app, import_host_weights_as, spec, ModelSpec};
+use zygote_runtime::backend::{HostWeightsForm, Weights};
+use zygote_runtime::model::Dtype;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -42,6 +45,15 @@ const MIN_COSINE: f64 = 0.9999;
 
 #[test]
 fn host_forward_pass_matches_sentence_transformers() {
+    forward_pass_matches(HostWeightsForm::F32);
+}
+
+#[test]
+fn host_forward_pass_with_f16_weights_matches_sentence_transformers() {
+    forward_pass_matches(HostWeightsForm::F16);
+}
+
+fn forward_pass_matches(form: HostWeightsForm) {
     let Some(dir) = common::model_dir() else {
         return;
     };
@@ -56,7 +68,21 @@ fn host_forward_pass_matches_sentence_transformers() {
 
     let spec = ModelSpec::load(&dir).expect("model directory");
     let (model, weights) =
-        import_host_weights(&dir.join("model.safetensors")).expect("host weights");
+        import_host_weights_as(&dir.join("model.safetensors"), form).expect("host weights");
+    // The form asked for is the form computed from: every matrix f16 in the f16 form, none in
+    // the f32 one; vectors f32 in both.
+    let Weights::Host(host) = &weights else {
+        panic!("host weights expected");
+    };
+    for t in &host.manifest().tensors {
+        let file = model.tensor(&t.name).expect("a tensor of the file").dtype;
+        let want = match (file, form, t.shape.len()) {
+            (Dtype::F32 | Dtype::F16 | Dtype::BF16, HostWeightsForm::F16, 2) => Dtype::F16,
+            (Dtype::F32 | Dtype::F16 | Dtype::BF16, _, _) => Dtype::F32,
+            (other, _, _) => other,
+        };
+        assert_eq!(t.dtype, want, "{form} form: {}", t.name);
+    }
     spec::check_model_file(&spec.config, &model).expect("tensor index");
     let mut app = build_app(&spec, &weights).expect("app");
     assert_eq!(app.dim(), 384);
@@ -80,7 +106,10 @@ fn host_forward_pass_matches_sentence_transformers() {
             worst = (c, i);
         }
     }
-    eprintln!("alone: worst cosine {:.9} (sentence {})", worst.0, worst.1);
+    eprintln!(
+        "{form} weights, alone: worst cosine {:.9} (sentence {})",
+        worst.0, worst.1
+    );
 
     // All of them in one request: batching (packed, in chunks) must not change a vector.
     let (got, tokens) = app.embed(&fx.sentences).expect("embed batch");
@@ -95,5 +124,5 @@ fn host_forward_pass_matches_sentence_transformers() {
         );
         worst = worst.min(c);
     }
-    eprintln!("batched: worst cosine {worst:.9}");
+    eprintln!("{form} weights, batched: worst cosine {worst:.9}");
 }

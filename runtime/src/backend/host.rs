@@ -1,12 +1,22 @@
-//! The host backend: one f32 compute copy of the weights in a sealed memfd, shared read-only by
+//! The host backend: one compute copy of the weights in a sealed memfd, shared read-only by
 //! every worker.
 //!
-//! When the model needs no conversion (every tensor already in its compute dtype, f32 tensors
-//! 4-byte aligned in the file), the compute copy *is* the zygote's sealed model memfd: the
-//! owner exports a duplicate of that fd with the tensors at their file offsets, and the weights
-//! are in memory exactly once. Otherwise the owner widens f16/bf16 tensors to f32 (every other
-//! dtype is copied as it is) into a new memfd, each tensor at a 64-byte-aligned offset, seals
-//! it and exports it with the digest of its bytes.
+//! The copy has one of two forms ([`HostWeightsForm`], chosen by the operator with
+//! `--host-weights`): `f32`, the default, where every float tensor is f32 (f16/bf16 widened),
+//! and `f16`, where the 2-D float tensors (the matrices: linear weights and embedding tables)
+//! are IEEE half precision (f32/bf16 narrowed, rounding to nearest; a value beyond f16's range
+//! is refused, never turned into an infinity) and the 1-D ones (biases, norms) f32. The f16 form
+//! halves the bytes a CPU forward pass streams per text and the copy's size, for an app whose
+//! kernels widen f16 as they load it; an app that reads only f32 must refuse it
+//! ([`HostTensor::as_f32`] is `None` for an f16 tensor; the manifest names each tensor's dtype).
+//!
+//! When the model needs no conversion (every tensor already in its compute dtype, each
+//! aligned to its element size in the file: an f32 model in the f32 form, an f16 model
+//! without 1-D f16 tensors in the f16 form), the compute copy *is* the zygote's sealed model
+//! memfd: the owner exports a duplicate of that fd with the tensors at their file offsets, and
+//! the weights are in memory exactly once. Otherwise the owner converts the tensors that need
+//! it (every other one is copied as it is) into a new memfd, each tensor at a 64-byte-aligned
+//! offset, seals it and exports it with the digest of its bytes.
 //!
 //! A worker receives the memfd, checks its seals and size, maps it read-only and verifies its
 //! contents before it reports ready: by recomputing the digest, or, when the memfd is the very
@@ -16,7 +26,9 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::{ArenaInfo, BackendError, DeviceBackend, Export, Manifest, TensorLayout};
+use super::{
+    ArenaInfo, BackendError, DeviceBackend, Export, HostWeightsForm, Manifest, TensorLayout,
+};
 use crate::model::{Dtype, Model};
 use crate::shm::{Mapping, MemfdWriter, SealedMemfd};
 
@@ -26,24 +38,61 @@ pub const ALIGN: u64 = 64;
 /// Name of the compute copy's memfd, as `/proc/PID/maps` shows it.
 pub const MEMFD_NAME: &str = "zygote-weights";
 
-/// The host backend, owner side.
-#[derive(Debug, Default)]
-pub struct HostBackend;
+/// The host backend, owner side: builds the compute copy in its `form`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostBackend {
+    pub form: HostWeightsForm,
+}
 
-/// The dtype a tensor has in the compute copy.
-pub fn compute_dtype(d: Dtype) -> Dtype {
+impl HostBackend {
+    pub fn new(form: HostWeightsForm) -> Self {
+        Self { form }
+    }
+}
+
+/// The dtype a tensor of dtype `d` with `rank` dimensions has in the compute copy of `form`:
+/// in the f16 form a 2-D float tensor is f16; otherwise f16/bf16 are widened to f32 and every
+/// other dtype is kept.
+pub fn compute_dtype(d: Dtype, rank: usize, form: HostWeightsForm) -> Dtype {
+    match (d, form) {
+        (Dtype::F32 | Dtype::F16 | Dtype::BF16, HostWeightsForm::F16) if rank == 2 => Dtype::F16,
+        _ => widened_dtype(d),
+    }
+}
+
+/// The dtype of `d` in the f32 form (also the CUDA backend's compute dtype): f16/bf16 widened
+/// to f32, every other dtype kept.
+pub fn widened_dtype(d: Dtype) -> Dtype {
     match d {
         Dtype::F16 | Dtype::BF16 => Dtype::F32,
         other => other,
     }
 }
 
-/// Plans where each tensor goes: `(layouts, total bytes)`, tensors in model order.
-pub fn plan(model: &Model) -> (Vec<TensorLayout>, u64) {
+/// Writes [`widened_dtype`]'s form of `src` (a tensor of dtype `d`) into `dst`.
+pub fn widen_into(d: Dtype, src: &[u8], dst: &mut [u8]) {
+    match d {
+        Dtype::F16 | Dtype::BF16 => {
+            let widen = if d == Dtype::F16 {
+                f16_to_f32
+            } else {
+                bf16_to_f32
+            };
+            for (s, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
+                o.copy_from_slice(&widen(u16::from_le_bytes([s[0], s[1]])).to_le_bytes());
+            }
+        }
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// Plans where each tensor goes in the compute copy of `form`: `(layouts, total bytes)`,
+/// tensors in model order.
+pub fn plan(model: &Model, form: HostWeightsForm) -> (Vec<TensorLayout>, u64) {
     let mut offset = 0u64;
     let mut out = Vec::with_capacity(model.tensors().len());
     for t in model.tensors() {
-        let dtype = compute_dtype(t.dtype);
+        let dtype = compute_dtype(t.dtype, t.shape.len(), form);
         let count: u64 = t.shape.iter().map(|&d| d as u64).product();
         let len = count * dtype.size() as u64;
         offset = offset.div_ceil(ALIGN) * ALIGN;
@@ -65,22 +114,53 @@ fn f16_to_f32(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-/// Writes the compute form of `src` (a tensor of dtype `d`) into `dst`.
-pub fn convert_into(d: Dtype, src: &[u8], dst: &mut [u8]) {
-    match d {
-        Dtype::F16 => {
-            for (s, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
-                o.copy_from_slice(&f16_to_f32(u16::from_le_bytes([s[0], s[1]])).to_le_bytes());
+/// bf16 to f32: exact (the high half of an f32).
+fn bf16_to_f32(bits: u16) -> f32 {
+    half::bf16::from_bits(bits).to_f32()
+}
+
+/// Writes tensor `name`'s bytes `src` (dtype `from`) into `dst` as dtype `to` (what
+/// [`compute_dtype`] gave): widened, narrowed to f16 (rounding to nearest even; a finite
+/// value beyond f16's range is [`BackendError::F16Range`]), or copied when the dtypes agree.
+pub fn convert_into(
+    name: &str,
+    from: Dtype,
+    to: Dtype,
+    src: &[u8],
+    dst: &mut [u8],
+) -> Result<(), BackendError> {
+    match (from, to) {
+        _ if from == to => dst.copy_from_slice(src),
+        (Dtype::F16 | Dtype::BF16, Dtype::F32) => widen_into(from, src, dst),
+        (Dtype::F32 | Dtype::BF16, Dtype::F16) => {
+            let value = |i: usize| {
+                if from == Dtype::F32 {
+                    f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+                } else {
+                    bf16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]]))
+                }
+            };
+            for (i, o) in dst.chunks_exact_mut(2).enumerate() {
+                let v = value(i);
+                let h = half::f16::from_f32(v);
+                if h.is_infinite() && v.is_finite() {
+                    return Err(BackendError::F16Range {
+                        tensor: name.to_string(),
+                        index: i,
+                        value: v,
+                    });
+                }
+                o.copy_from_slice(&h.to_bits().to_le_bytes());
             }
         }
-        Dtype::BF16 => {
-            for (s, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
-                let v = half::bf16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
-                o.copy_from_slice(&v.to_le_bytes());
-            }
+        _ => {
+            return Err(BackendError::Dtype {
+                tensor: name.to_string(),
+                dtype: format!("{from} (to {to})"),
+            })
         }
-        _ => dst.copy_from_slice(src),
     }
+    Ok(())
 }
 
 impl DeviceBackend for HostBackend {
@@ -93,18 +173,19 @@ impl DeviceBackend for HostBackend {
     }
 
     fn export(&mut self, model: &Model, generation: u64) -> Result<Export, BackendError> {
-        if let Some(export) = export_in_place(model, generation)? {
+        if let Some(export) = export_in_place(model, generation, self.form)? {
             return Ok(export);
         }
-        let (layouts, total) = plan(model);
+        let (layouts, total) = plan(model, self.form);
         let mut writer = MemfdWriter::create(MEMFD_NAME, total as usize)?;
         {
             let dst = writer.as_mut_slice();
             for (t, l) in model.tensors().iter().zip(&layouts) {
                 let out = &mut dst[l.offset as usize..(l.offset + l.len) as usize];
-                convert_into(t.dtype, model.data(t), out);
+                convert_into(&t.name, t.dtype, l.dtype, model.data(t), out)?;
             }
         }
+        log::info!("host compute copy: {} form, {total} bytes", self.form);
         let sealed = writer.seal()?;
         let map = sealed.map()?;
         let content_digest = super::digest_bytes(&[&map]);
@@ -143,6 +224,10 @@ impl DeviceBackend for HostBackend {
             return Ok(None);
         }
         super::check_manifest(&manifest, model)?;
+        if !has_form(&manifest, model, self.form) {
+            // Kept by an owner of another form: this one builds its own.
+            return Ok(None);
+        }
         // The same checks a worker makes: seals, size, contents.
         let dup = fds
             .first()
@@ -158,17 +243,31 @@ impl DeviceBackend for HostBackend {
     }
 }
 
-/// Whether the model's own bytes can serve as the compute copy.
-pub fn usable_in_place(model: &Model) -> bool {
-    model
-        .tensors()
-        .iter()
-        .all(|t| compute_dtype(t.dtype) == t.dtype && t.offset % t.dtype.size().max(1) == 0)
+/// Whether every tensor of `manifest` (checked against `model`) has the dtype the compute copy
+/// of `form` gives it.
+pub fn has_form(manifest: &Manifest, model: &Model, form: HostWeightsForm) -> bool {
+    manifest.tensors.iter().all(|l| {
+        model
+            .tensor(&l.name)
+            .is_some_and(|t| compute_dtype(t.dtype, t.shape.len(), form) == l.dtype)
+    })
+}
+
+/// Whether the model's own bytes can serve as the compute copy of `form`.
+pub fn usable_in_place(model: &Model, form: HostWeightsForm) -> bool {
+    model.tensors().iter().all(|t| {
+        compute_dtype(t.dtype, t.shape.len(), form) == t.dtype
+            && t.offset % t.dtype.size().max(1) == 0
+    })
 }
 
 /// Exports the model memfd itself when no tensor needs converting.
-fn export_in_place(model: &Model, generation: u64) -> Result<Option<Export>, BackendError> {
-    if !usable_in_place(model) {
+fn export_in_place(
+    model: &Model,
+    generation: u64,
+    form: HostWeightsForm,
+) -> Result<Option<Export>, BackendError> {
+    if !usable_in_place(model, form) {
         return Ok(None);
     }
     let layouts = model
@@ -231,12 +330,22 @@ pub struct HostTensor<'a> {
 }
 
 impl<'a> HostTensor<'a> {
-    /// The elements as f32, when the tensor is f32 (every tensor's offset is 64-byte aligned).
+    /// The elements as f32, when the tensor is f32 (every tensor's offset is 64-byte aligned,
+    /// or, in place, a multiple of its element size).
     pub fn as_f32(&self) -> Option<&'a [f32]> {
         if self.dtype != Dtype::F32 {
             return None;
         }
-        // The mapping is page aligned and every offset a multiple of ALIGN, so this never fails.
+        // The mapping is page aligned and every offset a multiple of 4, so this never fails.
+        bytemuck::try_cast_slice(self.bytes).ok()
+    }
+
+    /// The elements as IEEE half precision, when the tensor is f16 (the f16 form's matrices).
+    pub fn as_f16(&self) -> Option<&'a [half::f16]> {
+        if self.dtype != Dtype::F16 {
+            return None;
+        }
+        // The mapping is page aligned and every offset even, so this never fails.
         bytemuck::try_cast_slice(self.bytes).ok()
     }
 }
@@ -319,6 +428,7 @@ pub fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn f16_widening_is_exact() {
@@ -339,7 +449,177 @@ mod tests {
     #[test]
     fn bf16_widening_keeps_the_high_bits() {
         let mut out = [0u8; 4];
-        convert_into(Dtype::BF16, &0x3f80u16.to_le_bytes(), &mut out);
+        convert_into(
+            "t",
+            Dtype::BF16,
+            Dtype::F32,
+            &0x3f80u16.to_le_bytes(),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(f32::from_le_bytes(out), 1.0);
+    }
+
+    #[test]
+    fn the_f16_form_keeps_matrices_in_f16_and_vectors_in_f32() {
+        use HostWeightsForm::{F16, F32};
+        for d in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            assert_eq!(compute_dtype(d, 2, F16), Dtype::F16, "{d}");
+            assert_eq!(compute_dtype(d, 1, F16), Dtype::F32, "{d}");
+            assert_eq!(compute_dtype(d, 3, F16), Dtype::F32, "{d}");
+            assert_eq!(compute_dtype(d, 2, F32), Dtype::F32, "{d}");
+        }
+        assert_eq!(compute_dtype(Dtype::I64, 2, F16), Dtype::I64);
+        assert_eq!(compute_dtype(Dtype::F64, 2, F16), Dtype::F64);
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// A model file of `tensors` (name, dtype, shape; values `i / 8 - 1` for float ones, as
+    /// f16/bf16/f32 exactly), loaded.
+    fn model(dir: &std::path::Path, tensors: &[(&str, Dtype, &[usize])]) -> Model {
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|&(_, d, shape)| {
+                let n: usize = shape.iter().product();
+                (0..n)
+                    .flat_map(|i| {
+                        let v = i as f32 / 8.0 - 1.0;
+                        match d {
+                            Dtype::F32 => v.to_le_bytes().to_vec(),
+                            Dtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                            Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                            _ => (i as i64).to_le_bytes().to_vec(),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let list: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
+            .iter()
+            .zip(&data)
+            .map(|(&(name, d, shape), bytes)| (name, d, shape, bytes.as_slice()))
+            .collect();
+        let path = dir.join("model.safetensors");
+        crate::synth::write_safetensors(&path, &list, None).unwrap();
+        Model::load(&path).unwrap()
+    }
+
+    fn export_import(model: &Model, form: HostWeightsForm) -> (Export, HostWeights) {
+        let export = HostBackend::new(form).export(model, 1).unwrap();
+        let fds = export.fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        let weights = import(export.manifest.clone(), fds, model).unwrap();
+        (export, weights)
+    }
+
+    #[test]
+    fn the_f16_form_narrows_matrices_and_widens_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model(
+            dir.path(),
+            &[
+                ("emb", Dtype::F32, &[5, 8]),
+                ("w", Dtype::BF16, &[8, 8]),
+                ("b", Dtype::F16, &[8]),
+                ("ids", Dtype::I64, &[3]),
+            ],
+        );
+        let (export, weights) = export_import(&model, HostWeightsForm::F16);
+        crate::backend::check_manifest(&export.manifest, &model).unwrap();
+        let want = |n: usize| (0..n).map(|i| i as f32 / 8.0 - 1.0).collect::<Vec<_>>();
+        for (name, n) in [("emb", 40), ("w", 64)] {
+            let t = weights.tensor(name).unwrap();
+            assert_eq!(t.dtype, Dtype::F16, "{name}");
+            assert!(t.as_f32().is_none(), "{name}");
+            let got: Vec<f32> = t.as_f16().unwrap().iter().map(|h| h.to_f32()).collect();
+            assert_eq!(got, want(n), "{name}");
+        }
+        let (b, shape) = weights.f32("b").unwrap();
+        assert_eq!((b, shape), (want(8).as_slice(), [8u64].as_slice()));
+        assert_eq!(weights.tensor("ids").unwrap().dtype, Dtype::I64);
+        // The f32 form of the same model: every float tensor f32, as before.
+        let (_, weights) = export_import(&model, HostWeightsForm::F32);
+        assert_eq!(weights.f32("emb").unwrap().0, want(40).as_slice());
+        assert_eq!(weights.f32("w").unwrap().0, want(64).as_slice());
+        assert!(weights.tensor("w").unwrap().as_f16().is_none());
+    }
+
+    #[test]
+    fn an_f16_model_in_the_f16_form_is_served_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model(
+            dir.path(),
+            &[("w", Dtype::F16, &[8, 8]), ("b", Dtype::F32, &[8])],
+        );
+        assert!(usable_in_place(&model, HostWeightsForm::F16));
+        assert!(!usable_in_place(&model, HostWeightsForm::F32));
+        let (export, weights) = export_import(&model, HostWeightsForm::F16);
+        // The compute copy is the model memfd itself: nothing widened or copied.
+        assert_eq!(export.manifest.content_digest, model.digest());
+        assert!(same_file(export.fds[0].as_fd(), model.memfd()));
+        assert_eq!(weights.tensor("w").unwrap().as_f16().unwrap().len(), 64);
+    }
+
+    #[test]
+    fn a_kept_copy_of_the_other_form_is_not_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model(
+            dir.path(),
+            &[("w", Dtype::F32, &[8, 8]), ("b", Dtype::F32, &[8])],
+        );
+        let (kept, _) = export_import(&model, HostWeightsForm::F32);
+        let fds = || kept.fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        let mut f16 = HostBackend::new(HostWeightsForm::F16);
+        assert!(f16
+            .adopt(kept.manifest.clone(), fds(), &model)
+            .unwrap()
+            .is_none());
+        let mut f32 = HostBackend::new(HostWeightsForm::F32);
+        assert!(f32
+            .adopt(kept.manifest.clone(), fds(), &model)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn narrowing_to_f16_rounds_to_nearest() {
+        let src = f32_bytes(&[1.0, -2.5, 1.0 + 2f32.powi(-11) * 1.5, 65504.0, 1e-8]);
+        let mut out = vec![0u8; 10];
+        convert_into("t", Dtype::F32, Dtype::F16, &src, &mut out).unwrap();
+        let got: Vec<f32> = out
+            .chunks_exact(2)
+            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        assert_eq!(got, [1.0, -2.5, 1.0 + 2f32.powi(-10), 65504.0, 0.0]);
+        // bf16 1.0 (0x3f80) narrows to f16 1.0 (0x3c00).
+        let mut one = [0u8; 2];
+        convert_into(
+            "t",
+            Dtype::BF16,
+            Dtype::F16,
+            &0x3f80u16.to_le_bytes(),
+            &mut one,
+        )
+        .unwrap();
+        assert_eq!(u16::from_le_bytes(one), 0x3c00);
+    }
+
+    #[test]
+    fn narrowing_refuses_values_beyond_f16() {
+        let src = f32_bytes(&[0.5, -70000.0]);
+        let mut out = vec![0u8; 4];
+        let err = convert_into("enc.w", Dtype::F32, Dtype::F16, &src, &mut out).unwrap_err();
+        assert!(
+            matches!(&err, BackendError::F16Range { tensor, index: 1, value } if tensor == "enc.w" && *value == -70000.0),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("--host-weights f32"), "{err}");
+        // Infinities and NaNs stay what they are.
+        let src = f32_bytes(&[f32::INFINITY, f32::NAN]);
+        convert_into("t", Dtype::F32, Dtype::F16, &src, &mut out).unwrap();
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x7c00);
+        assert!(f16_to_f32(u16::from_le_bytes([out[2], out[3]])).is_nan());
     }
 }

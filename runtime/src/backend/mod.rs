@@ -8,7 +8,7 @@
 //!
 //! | | host ([`host`]) | CUDA ([`cuda`]) |
 //! |---|---|---|
-//! | compute copy | f32 (f16/bf16 widened) in a sealed memfd | device arenas |
+//! | compute copy | f32 (f16/bf16 widened), or matrices in f16 (`--host-weights f16`), in a sealed memfd | device arenas |
 //! | handle | the memfd | VMM fds, or legacy IPC handle bytes |
 //! | worker import | read-only `mmap` | map into its own CUDA context |
 //!
@@ -59,6 +59,40 @@ impl std::fmt::Display for BackendChoice {
             Self::Auto => "auto",
             Self::Host => "host",
             Self::Cuda => "cuda",
+        })
+    }
+}
+
+/// The form of the host backend's compute copy (`--host-weights`): `f32` (every float tensor
+/// widened to f32, the default) or `f16` (2-D float tensors, the matrices, kept as IEEE half
+/// precision: half the bytes for an app whose kernels widen them as they load them; 1-D
+/// tensors, biases and norms, stay f32). The CUDA backend ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostWeightsForm {
+    #[default]
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for HostWeightsForm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!(
+                "unknown host weights form {other:?} (expected f32 or f16)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for HostWeightsForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
         })
     }
 }
@@ -172,6 +206,17 @@ pub enum BackendError {
     },
     #[error("tensor {tensor}: dtype {dtype} cannot be converted for the compute copy")]
     Dtype { tensor: String, dtype: String },
+    /// A value of a tensor lies beyond f16's range (±65504), so the f16 form would turn it into
+    /// an infinity.
+    #[error(
+        "tensor {tensor}: value {value} at element {index} does not fit f16 (largest 65504); \
+         serve this model with --host-weights f32"
+    )]
+    F16Range {
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
     #[error("manifest check failed: {0}")]
     Manifest(#[from] ManifestError),
     #[error("duplicating {what} failed: {source}")]

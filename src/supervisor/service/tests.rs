@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use log::Level;
 use nix::sys::signal::Signal;
-use zygote_runtime::backend::{BackendChoice, IpcChoice};
+use zygote_runtime::backend::{BackendChoice, HostWeightsForm, IpcChoice};
 use zygote_runtime::procfs::Memory;
 use zygote_runtime::protocol::{
     AdminRequest, AdminResponse, Backend, ChildMessage, ErrorCode, Ipc, RestartReasons,
@@ -31,6 +31,7 @@ fn config(workers: u32, timeout: Duration) -> Config {
         listen: Vec::new(),
         backend: BackendChoice::Host,
         ipc: IpcChoice::Auto,
+        host_weights: HostWeightsForm::F32,
         devices: Vec::new(),
         entry: "idle".into(),
         command: Vec::new(),
@@ -1609,4 +1610,32 @@ fn a_model_reload_with_an_app_template_replaces_the_template_after_the_owners() 
         1,
         "a new template, forked by the new model's zygote: {calls:?}"
     );
+}
+
+#[test]
+fn the_owner_is_asked_for_the_host_weights_form() {
+    for form in [HostWeightsForm::F32, HostWeightsForm::F16] {
+        let cfg = Config {
+            host_weights: form,
+            ..config(1, Duration::from_secs(30))
+        };
+        let mut svc = Service::new(cfg, vec![], Fake::default());
+        svc.start().expect("start");
+        let calls = svc.fx.take();
+        let owner = spawned(&calls, Role::Owner(0))[0];
+        let req = calls
+            .iter()
+            .find_map(|c| match c {
+                Call::Spawn(pid, req) if *pid == owner => Some(req.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let at = req.args.iter().position(|a| a == "--host-weights");
+        assert_eq!(
+            at.map(|i| req.args[i + 1].as_str()),
+            Some(form.to_string().as_str()),
+            "{:?}",
+            req.args
+        );
+    }
 }

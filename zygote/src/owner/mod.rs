@@ -2,7 +2,7 @@
 //! to workers.
 //!
 //! The supervisor spawns it through the zygote like any child (entry `owner`, arguments
-//! `--backend B --ipc I --generation G`). It picks the backend (probing CUDA happens here and
+//! `--backend B --ipc I --host-weights F --generation G`). It picks the backend (probing CUDA happens here and
 //! nowhere else), exports generation `G`, listens on the owner socket of its device
 //! ([`zygote_runtime::worker::owner_socket`]), reports ready, and then answers each worker's
 //! `import` with the manifest and the handles ([`imports`], non-blocking: no worker can stall
@@ -20,7 +20,9 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use zygote_runtime::backend::{BackendChoice, BackendError, DeviceBackend, Export, IpcChoice};
+use zygote_runtime::backend::{
+    BackendChoice, BackendError, DeviceBackend, Export, HostWeightsForm, IpcChoice,
+};
 use zygote_runtime::client::ZygoteClient;
 use zygote_runtime::protocol::{Backend, Ipc, ParentMessage, ServedWeights};
 use zygote_runtime::rundir::{RunDirError, SocketClaim};
@@ -57,15 +59,18 @@ pub const OWNER_FAILED: i32 = 1;
 pub struct OwnerOptions {
     pub backend: BackendChoice,
     pub ipc: IpcChoice,
+    /// The form of the host backend's compute copy (`--host-weights`).
+    pub host_weights: HostWeightsForm,
     pub generation: u64,
 }
 
 impl OwnerOptions {
-    /// Parses `--backend B --ipc I --generation G` (each optional).
+    /// Parses `--backend B --ipc I --host-weights F --generation G` (each optional).
     pub fn parse(args: &[String]) -> Result<Self, String> {
         let mut o = Self {
             backend: BackendChoice::Auto,
             ipc: IpcChoice::Auto,
+            host_weights: HostWeightsForm::F32,
             generation: 1,
         };
         let mut it = args.iter();
@@ -74,6 +79,7 @@ impl OwnerOptions {
             match a.as_str() {
                 "--backend" => o.backend = v.parse()?,
                 "--ipc" => o.ipc = v.parse()?,
+                "--host-weights" => o.host_weights = v.parse()?,
                 "--generation" => {
                     o.generation = v.parse().map_err(|e| format!("--generation {v}: {e}"))?
                 }
@@ -86,7 +92,7 @@ impl OwnerOptions {
 
 /// Chooses the backend. Only the owner calls this: probing CUDA loads libcuda.
 pub fn select_backend(opts: &OwnerOptions, device: u32) -> Result<Box<dyn DeviceBackend>, String> {
-    zygote_runtime::backend::cuda::select_backend(opts.backend, opts.ipc, device)
+    zygote_runtime::backend::cuda::select_backend(opts.backend, opts.ipc, opts.host_weights, device)
         .map_err(|e| e.to_string())
 }
 
@@ -278,19 +284,32 @@ mod tests {
 
     #[test]
     fn owner_arguments_parse_and_refuse_nonsense() {
-        let args: Vec<String> = ["--backend", "host", "--ipc", "vmm", "--generation", "7"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "--backend",
+            "host",
+            "--ipc",
+            "vmm",
+            "--host-weights",
+            "f16",
+            "--generation",
+            "7",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let o = OwnerOptions::parse(&args).unwrap();
         assert_eq!(
             o,
             OwnerOptions {
                 backend: BackendChoice::Host,
                 ipc: IpcChoice::Vmm,
+                host_weights: HostWeightsForm::F16,
                 generation: 7
             }
         );
+        let default = OwnerOptions::parse(&[]).unwrap();
+        assert_eq!(default.host_weights, HostWeightsForm::F32);
+        assert!(OwnerOptions::parse(&["--host-weights".into(), "int8".into()]).is_err());
         assert!(OwnerOptions::parse(&["--backend".into()]).is_err());
         assert!(OwnerOptions::parse(&["--backend".into(), "tpu".into()]).is_err());
         assert!(OwnerOptions::parse(&["--exec".into(), "/bin/sh".into()]).is_err());

@@ -1,7 +1,10 @@
-//! The BERT forward pass on the CPU, over the owner's shared f32 weights.
+//! The BERT forward pass on the CPU, over the owner's shared weights.
 //!
-//! Every weight is a `&[f32]` borrowed from the read-only mapping the worker imported; nothing
-//! of it is copied. Linear layers compute `x · Wᵀ + b` over the weight as torch stores it
+//! Every weight is a slice borrowed from the read-only mapping the worker imported; nothing
+//! of it is copied. The compute copy is f32, or, in the owner's `--host-weights f16` form, has
+//! its matrices (linear weights, embedding tables) in f16 and its vectors (biases, LayerNorm)
+//! in f32: the kernels widen an f16 matrix as they load it and sum in f32, so that form streams
+//! half the bytes per text ([`Tensor`]). Linear layers compute `x · Wᵀ + b` over the weight as torch stores it
 //! ([`super::gemm`]): up to [`super::gemm::DOT_KERNEL_MAX_ROWS`] word pieces with a packing-free
 //! register tile, more with the `gemm` crate over strided views, so the transposed weight is a
 //! view, not a copy. Per-request activations live in one scratch space per encoder, allocated
@@ -23,7 +26,7 @@
 
 use zygote_runtime::backend::host::HostWeights;
 
-use super::gemm::{self, matmul, Mat, MatMut};
+use super::gemm::{self, f16, matmul, Mat, MatMut};
 use super::SentenceEncoder;
 use crate::error::EmbedError;
 use crate::spec::{BertTensors, LayerTensors, ModelSpec, Pooling};
@@ -63,9 +66,51 @@ struct Scratch {
     scores: Vec<f32>,
     /// A linear layer's input turned token-major, `[R][in]`, for the few-row kernel.
     xt: Vec<f32>,
+    /// A block of an f16 weight's rows widened to f32, for the `gemm` crate (many rows).
+    wide: Vec<f32>,
+    /// One token's embedding, summed from the three tables.
+    emb: Vec<f32>,
     /// Per-row statistics of LayerNorm, `[R]`.
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+}
+
+/// A tensor as the encoder binds it: a vector (1-D: biases, LayerNorm) is always f32; a matrix
+/// (2-D: linear weights, embedding tables) is f32 or, in the f16 form of the compute copy, f16.
+#[derive(Debug, Clone, Copy)]
+enum Tensor<'w> {
+    F32(&'w [f32]),
+    F16(&'w [f16]),
+}
+
+impl<'w> Tensor<'w> {
+    fn len(self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+
+    /// The f32 values of a vector ([`HostEncoder::new`] binds every 1-D tensor as f32).
+    fn vector(self) -> &'w [f32] {
+        match self {
+            Self::F32(v) => v,
+            Self::F16(_) => unreachable!("1-D tensors are bound as f32"),
+        }
+    }
+
+    /// Row `i` of a `[_, width]` matrix, added to `out` (`width` values).
+    fn add_row(self, i: usize, out: &mut [f32]) {
+        let w = out.len();
+        match self {
+            Self::F32(v) => add(out, &v[i * w..(i + 1) * w]),
+            Self::F16(v) => {
+                for (o, h) in out.iter_mut().zip(&v[i * w..(i + 1) * w]) {
+                    *o += h.to_f32();
+                }
+            }
+        }
+    }
 }
 
 fn ensure(buf: &mut Vec<f32>, len: usize) {
@@ -77,7 +122,7 @@ fn ensure(buf: &mut Vec<f32>, len: usize) {
 /// The CPU encoder, borrowing the weights for its whole life.
 #[derive(Debug)]
 pub struct HostEncoder<'w> {
-    t: BertTensors<&'w [f32]>,
+    t: BertTensors<Tensor<'w>>,
     dims: Dims,
     pooling: Pooling,
     normalize: bool,
@@ -86,7 +131,8 @@ pub struct HostEncoder<'w> {
 }
 
 impl<'w> HostEncoder<'w> {
-    /// Binds every tensor of `spec`'s encoder in `weights` (checking names and shapes).
+    /// Binds every tensor of `spec`'s encoder in `weights` (checking names and shapes): a
+    /// vector must be f32 in the compute copy, a matrix f32 or f16.
     pub fn new(spec: &ModelSpec, weights: &'w HostWeights) -> Result<Self, EmbedError> {
         let t = BertTensors::bind(
             &spec.config,
@@ -102,10 +148,12 @@ impl<'w> HostEncoder<'w> {
                         actual: tensor.shape.to_vec(),
                     });
                 }
-                tensor
-                    .as_f32()
-                    .map(Some)
-                    .ok_or_else(|| EmbedError::NotF32 { name: name.into() })
+                let bound = match (tensor.as_f32(), tensor.as_f16()) {
+                    (Some(v), _) => Tensor::F32(v),
+                    (None, Some(m)) if shape.len() == 2 => Tensor::F16(m),
+                    _ => return Err(EmbedError::NotF32 { name: name.into() }),
+                };
+                Ok(Some(bound))
             },
         )?;
         let c = &spec.config;
@@ -147,26 +195,29 @@ impl<'w> HostEncoder<'w> {
         ensure(&mut s.inter, rows * d.inter);
         ensure(&mut s.mean, rows);
         ensure(&mut s.inv_std, rows);
+        ensure(&mut s.emb, h);
 
         // Embeddings: word + position + token type.
         for i in first..last {
             let span = batch.span(i);
             for (pos, r) in span.clone().enumerate() {
                 let (id, ty) = (batch.ids[r] as usize, batch.type_ids[r] as usize);
-                let word = &self.t.word[id * h..(id + 1) * h];
-                let posv = &self.t.position[pos * h..(pos + 1) * h];
-                let tyv = &self.t.token_type[ty * h..(ty + 1) * h];
+                let emb = &mut s.emb[..h];
+                emb.fill(0.0);
+                self.t.word.add_row(id, emb);
+                self.t.position.add_row(pos, emb);
+                self.t.token_type.add_row(ty, emb);
                 let t = r - r0;
-                for f in 0..h {
-                    s.x[f * rows + t] = word[f] + posv[f] + tyv[f];
+                for (f, v) in emb.iter().enumerate() {
+                    s.x[f * rows + t] = *v;
                 }
             }
         }
         layer_norm(
             &mut s.x[..rows * h],
             rows,
-            self.t.emb_ln_w,
-            self.t.emb_ln_b,
+            self.t.emb_ln_w.vector(),
+            self.t.emb_ln_b.vector(),
             d.eps,
             &mut s.mean,
             &mut s.inv_std,
@@ -231,34 +282,69 @@ impl SentenceEncoder for HostEncoder<'_> {
 /// `y = x · Wᵀ + b` for `rows` rows, feature-major: `x` is `[in][rows]`, `y` is `[out][rows]`,
 /// and `W` is `[out, in]` row-major as torch stores it. Few rows (one to a couple of texts,
 /// up to [`gemm::DOT_KERNEL_MAX_ROWS`]) go to the packing-free kernel over a token-major copy
-/// of `x` made in `xt` (a few KiB); the rest go to the `gemm` crate, which reads `Wᵀ` as a
-/// view of the shared weight with swapped strides. Neither copies the weight.
-fn linear(x: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32], xt: &mut Vec<f32>) {
+/// of `x` made in `xt` (a few KiB), which reads an f16 weight as it is; the rest go to the
+/// `gemm` crate, which reads an f32 `Wᵀ` as a view of the shared weight with swapped strides,
+/// and an f16 one [`WIDE_ROWS`] rows at a time widened into `wide` (a private scratch of a
+/// few hundred KiB, never the whole weight).
+fn linear(
+    x: &[f32],
+    rows: usize,
+    w: Tensor<'_>,
+    b: Tensor<'_>,
+    y: &mut [f32],
+    xt: &mut Vec<f32>,
+    wide: &mut Vec<f32>,
+) {
+    let b = b.vector();
     let out_dim = b.len();
     let in_dim = w.len() / out_dim;
     let y = &mut y[..out_dim * rows];
     if rows <= gemm::DOT_KERNEL_MAX_ROWS && gemm::dot_kernel_available() {
         ensure(xt, rows * in_dim);
         gemm::transpose(&x[..in_dim * rows], in_dim, rows, xt);
-        gemm::linear_rows(&xt[..rows * in_dim], rows, w, b, y);
+        let xt = &xt[..rows * in_dim];
+        match w {
+            Tensor::F32(w) => gemm::linear_rows(xt, rows, w, b, y),
+            Tensor::F16(w) => gemm::linear_rows(xt, rows, w, b, y),
+        }
         return;
     }
     for (line, &bias) in y.chunks_exact_mut(rows).zip(b) {
         line.fill(bias);
     }
-    matmul(
-        MatMut::col_major(y, rows, out_dim),
-        Mat::col_major(x, rows, in_dim),
-        Mat::row_major(w, out_dim, in_dim).t(),
-        1.0,
-        true,
-    );
+    let product = |y: &mut [f32], w: &[f32], n: usize| {
+        matmul(
+            MatMut::col_major(y, rows, n),
+            Mat::col_major(x, rows, in_dim),
+            Mat::row_major(w, n, in_dim).t(),
+            1.0,
+            true,
+        )
+    };
+    match w {
+        Tensor::F32(w) => product(y, w, out_dim),
+        Tensor::F16(w) => {
+            ensure(wide, WIDE_ROWS.min(out_dim) * in_dim);
+            for (block, y) in w
+                .chunks(WIDE_ROWS * in_dim)
+                .zip(y.chunks_mut(WIDE_ROWS * rows))
+            {
+                let wide = &mut wide[..block.len()];
+                gemm::widen(block, wide);
+                product(y, wide, block.len() / in_dim);
+            }
+        }
+    }
 }
+
+/// Weight rows of an f16 matrix widened at a time for the `gemm` crate: 64 rows of 1536
+/// inputs are 384 KiB, in L2, and the product over many token rows repays the widening.
+const WIDE_ROWS: usize = 64;
 
 /// One encoder layer over rows `r0..r0 + rows` (texts `first..last`), in place on `s.x`.
 #[allow(clippy::too_many_arguments)]
 fn encoder_layer(
-    l: &LayerTensors<&[f32]>,
+    l: &LayerTensors<Tensor<'_>>,
     d: Dims,
     batch: &TokenBatch,
     first: usize,
@@ -268,9 +354,33 @@ fn encoder_layer(
     s: &mut Scratch,
 ) {
     let n = rows * d.hidden;
-    linear(&s.x, rows, l.query_w, l.query_b, &mut s.q, &mut s.xt);
-    linear(&s.x, rows, l.key_w, l.key_b, &mut s.k, &mut s.xt);
-    linear(&s.x, rows, l.value_w, l.value_b, &mut s.v, &mut s.xt);
+    linear(
+        &s.x,
+        rows,
+        l.query_w,
+        l.query_b,
+        &mut s.q,
+        &mut s.xt,
+        &mut s.wide,
+    );
+    linear(
+        &s.x,
+        rows,
+        l.key_w,
+        l.key_b,
+        &mut s.k,
+        &mut s.xt,
+        &mut s.wide,
+    );
+    linear(
+        &s.x,
+        rows,
+        l.value_w,
+        l.value_b,
+        &mut s.v,
+        &mut s.xt,
+        &mut s.wide,
+    );
 
     let scale = 1.0 / (d.head_dim as f32).sqrt();
     for i in first..last {
@@ -302,29 +412,46 @@ fn encoder_layer(
         l.attn_out_b,
         &mut s.tmp,
         &mut s.xt,
+        &mut s.wide,
     );
     add(&mut s.x[..n], &s.tmp[..n]);
     layer_norm(
         &mut s.x[..n],
         rows,
-        l.attn_ln_w,
-        l.attn_ln_b,
+        l.attn_ln_w.vector(),
+        l.attn_ln_b.vector(),
         d.eps,
         &mut s.mean,
         &mut s.inv_std,
     );
 
-    linear(&s.x, rows, l.inter_w, l.inter_b, &mut s.inter, &mut s.xt);
+    linear(
+        &s.x,
+        rows,
+        l.inter_w,
+        l.inter_b,
+        &mut s.inter,
+        &mut s.xt,
+        &mut s.wide,
+    );
     for v in &mut s.inter[..rows * d.inter] {
         *v = gelu(*v);
     }
-    linear(&s.inter, rows, l.out_w, l.out_b, &mut s.tmp, &mut s.xt);
+    linear(
+        &s.inter,
+        rows,
+        l.out_w,
+        l.out_b,
+        &mut s.tmp,
+        &mut s.xt,
+        &mut s.wide,
+    );
     add(&mut s.x[..n], &s.tmp[..n]);
     layer_norm(
         &mut s.x[..n],
         rows,
-        l.out_ln_w,
-        l.out_ln_b,
+        l.out_ln_w.vector(),
+        l.out_ln_b.vector(),
         d.eps,
         &mut s.mean,
         &mut s.inv_std,
@@ -455,35 +582,66 @@ mod tests {
         let b = [0.5, 0.0, -1.0];
         let x = [1.0, 0.0, 1.0, 2.0];
         let mut y = [0.0; 6];
-        linear(&x, 2, &w, &b, &mut y, &mut Vec::new());
+        let (t, bt) = (Tensor::F32(&w), Tensor::F32(&b));
+        linear(&x, 2, t, bt, &mut y, &mut Vec::new(), &mut Vec::new());
         // Rows [3.5, 7, 10] and [4.5, 8, 11], feature-major.
         assert_eq!(y, [3.5, 4.5, 7.0, 8.0, 10.0, 11.0]);
     }
 
     #[test]
     fn linear_agrees_on_both_sides_of_the_kernel_switch() {
-        // Rows just under, at and over the few-row kernel's limit, against a plain sum.
-        let (inp, out) = (40, 7);
+        // Rows just under, at and over the few-row kernel's limit, against a plain sum, with
+        // the weight in f32 and in f16; 150 outputs are two whole blocks of widened f16 rows
+        // and a part of one.
+        let (inp, out) = (40, 150);
         let w: Vec<f32> = (0..out * inp)
             .map(|i| ((i * 7) % 23) as f32 * 0.1 - 1.0)
             .collect();
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.25).collect();
         for rows in [1, gemm::DOT_KERNEL_MAX_ROWS, gemm::DOT_KERNEL_MAX_ROWS + 1] {
+            for (t, wk) in [
+                (Tensor::F32(&w), w.clone()),
+                (Tensor::F16(&w16), w16.iter().map(|h| h.to_f32()).collect()),
+            ] {
+                check_linear(t, &wk, &b, inp, rows);
+            }
+        }
+    }
+
+    /// [`linear`] over the weight `t` (whose values as f32 are `wk`) against a plain sum.
+    fn check_linear(t: Tensor<'_>, wk: &[f32], b: &[f32], inp: usize, rows: usize) {
+        let out = b.len();
+        {
             let x: Vec<f32> = (0..inp * rows)
                 .map(|i| ((i * 5) % 17) as f32 * 0.2 - 1.5)
                 .collect();
             let mut y = vec![0.0; out * rows];
-            linear(&x, rows, &w, &b, &mut y, &mut Vec::new());
+            let mut wide = Vec::new();
+            linear(
+                &x,
+                rows,
+                t,
+                Tensor::F32(b),
+                &mut y,
+                &mut Vec::new(),
+                &mut wide,
+            );
+            assert!(
+                wide.len() <= WIDE_ROWS * inp,
+                "widened {} values",
+                wide.len()
+            );
             for o in 0..out {
                 for r in 0..rows {
                     let want = b[o]
                         + (0..inp)
-                            .map(|k| w[o * inp + k] * x[k * rows + r])
+                            .map(|k| wk[o * inp + k] * x[k * rows + r])
                             .sum::<f32>();
                     let got = y[o * rows + r];
                     assert!(
                         (got - want).abs() < 1e-4,
-                        "rows {rows}: y[{o}][{r}] = {got}, not {want}"
+                        "{t:?}: rows {rows}: y[{o}][{r}] = {got}, not {want}"
                     );
                 }
             }

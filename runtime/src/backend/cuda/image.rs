@@ -75,13 +75,13 @@ impl<'a> ArenaImage<'a> {
 
 /// Writes bytes `from .. from + dst.len()` of the compute form of `p` into `dst`.
 fn convert_range(p: &Piece<'_>, from: usize, dst: &mut [u8]) {
-    let out_size = host::compute_dtype(p.src_dtype).size();
+    let out_size = host::widened_dtype(p.src_dtype).size();
     let in_size = p.src_dtype.size();
     if out_size == in_size {
         dst.copy_from_slice(&p.src[from..from + dst.len()]);
         return;
     }
-    // Widened: whole elements go straight through `convert_into`; an element cut by the chunk
+    // Widened: whole elements go straight through `widen_into`; an element cut by the chunk
     // boundary is converted into a scratch element and the wanted bytes are copied out of it.
     let to = from + dst.len();
     let mut pos = from;
@@ -93,11 +93,11 @@ fn convert_range(p: &Piece<'_>, from: usize, dst: &mut [u8]) {
         if within == 0 && whole > 0 {
             let src = &p.src[elem * in_size..(elem + whole) * in_size];
             let out = &mut dst[pos - from..pos - from + whole * out_size];
-            host::convert_into(p.src_dtype, src, out);
+            host::widen_into(p.src_dtype, src, out);
             pos += whole * out_size;
         } else {
             let src = &p.src[elem * in_size..(elem + 1) * in_size];
-            host::convert_into(p.src_dtype, src, &mut scratch[..out_size]);
+            host::widen_into(p.src_dtype, src, &mut scratch[..out_size]);
             let n = (out_size - within).min(to - pos);
             dst[pos - from..pos - from + n].copy_from_slice(&scratch[within..within + n]);
             pos += n;
@@ -122,7 +122,7 @@ mod tests {
         let mut out = vec![0u8; used as usize];
         for (l, (d, src)) in layouts.iter().zip(sources) {
             let dst = &mut out[l.offset as usize..(l.offset + l.len) as usize];
-            host::convert_into(*d, src, dst);
+            host::widen_into(*d, src, dst);
         }
         out
     }
@@ -177,7 +177,7 @@ mod tests {
         image.fill(2, &mut hi);
         let bits = u16::from_le_bytes([data[0].1[0], data[0].1[1]]);
         let mut one = [0u8; 4];
-        host::convert_into(Dtype::F16, &bits.to_le_bytes(), &mut one);
+        host::widen_into(Dtype::F16, &bits.to_le_bytes(), &mut one);
         assert_eq!([lo[0], lo[1], hi[0], hi[1]], one);
     }
 }

@@ -48,7 +48,9 @@ pub use owner::CudaBackend;
 pub use plan::{Capabilities, IpcMode};
 
 use super::host::HostBackend;
-use super::{BackendChoice, BackendError, CudaUnavailable, DeviceBackend, IpcChoice};
+use super::{
+    BackendChoice, BackendError, CudaUnavailable, DeviceBackend, HostWeightsForm, IpcChoice,
+};
 
 /// What the driver says about one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,22 +104,30 @@ pub fn probe() -> Result<DeviceSummary, BackendError> {
     })
 }
 
-/// The owner's backend for `--backend choice --ipc ipc` on device `device`, with the decision
-/// logged: `host` is the host backend; `cuda` is [`CudaBackend`] or an error (without CUDA:
+/// The owner's backend for `--backend choice --ipc ipc --host-weights host_weights` on device
+/// `device`, with the decision logged: `host` is the host backend (its compute copy in the
+/// form `host_weights`); `cuda` is [`CudaBackend`] or an error (without CUDA:
 /// [`BackendError::CudaUnavailable`]); `auto` is [`CudaBackend`] when CUDA is usable and the
 /// host backend otherwise. Only the owner calls this (it may load libcuda).
 pub fn select_backend(
     choice: BackendChoice,
     ipc: IpcChoice,
+    host_weights: HostWeightsForm,
     device: u32,
 ) -> Result<Box<dyn DeviceBackend>, BackendError> {
+    let cuda_ignores = || {
+        if host_weights != HostWeightsForm::F32 {
+            log::warn!("--host-weights {host_weights} applies to the host backend only");
+        }
+    };
     match choice {
         BackendChoice::Host => {
-            log::info!("backend host (asked for)");
-            Ok(Box::new(HostBackend))
+            log::info!("backend host (asked for), {host_weights} weights");
+            Ok(Box::new(HostBackend::new(host_weights)))
         }
         BackendChoice::Cuda => {
             let b = CudaBackend::new(device, ipc)?;
+            cuda_ignores();
             log::info!(
                 "backend cuda (asked for) on device {device}, ipc {}",
                 b.ipc()
@@ -126,6 +136,7 @@ pub fn select_backend(
         }
         BackendChoice::Auto => match CudaBackend::new(device, ipc) {
             Ok(b) => {
+                cuda_ignores();
                 log::info!(
                     "backend auto: using CUDA on device {device}, ipc {}",
                     b.ipc()
@@ -133,8 +144,11 @@ pub fn select_backend(
                 Ok(Box::new(b))
             }
             Err(BackendError::CudaUnavailable(why)) => {
-                log::warn!("backend auto: CUDA is not usable ({why}); using the host backend");
-                Ok(Box::new(HostBackend))
+                log::warn!(
+                    "backend auto: CUDA is not usable ({why}); using the host backend, \
+                     {host_weights} weights"
+                );
+                Ok(Box::new(HostBackend::new(host_weights)))
             }
             Err(e) => Err(e),
         },
@@ -162,7 +176,12 @@ mod tests {
 
     #[test]
     fn backend_cuda_without_cuda_is_a_clear_error() {
-        let r = select_backend(BackendChoice::Cuda, IpcChoice::Auto, 0);
+        let r = select_backend(
+            BackendChoice::Cuda,
+            IpcChoice::Auto,
+            HostWeightsForm::F32,
+            0,
+        );
         if cuda_usable() {
             assert_eq!(r.unwrap().name(), "cuda");
         } else {
@@ -181,10 +200,17 @@ mod tests {
 
     #[test]
     fn backend_auto_falls_back_to_host_and_host_is_host() {
-        let auto = select_backend(BackendChoice::Auto, IpcChoice::Auto, 0).unwrap();
+        let auto = select_backend(
+            BackendChoice::Auto,
+            IpcChoice::Auto,
+            HostWeightsForm::F32,
+            0,
+        )
+        .unwrap();
         let want = if cuda_usable() { "cuda" } else { "host" };
         assert_eq!(auto.name(), want);
-        let host = select_backend(BackendChoice::Host, IpcChoice::Vmm, 0).unwrap();
+        let host =
+            select_backend(BackendChoice::Host, IpcChoice::Vmm, HostWeightsForm::F32, 0).unwrap();
         assert_eq!((host.name(), host.ipc()), ("host", "memfd"));
     }
 

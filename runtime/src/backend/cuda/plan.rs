@@ -14,7 +14,7 @@
 //!   Opening a handle costs time in every worker, so one handle per tensor would be slow.
 //! - An arena's size is its used bytes rounded up to the allocation granularity
 //!   (`cuMemGetAllocationGranularity`), as `cuMemCreate` and `cuMemMap` require.
-//! - The dtypes are those of the host backend ([`host::compute_dtype`]): f16 and bf16 are
+//! - The dtypes are those of the host backend ([`host::widened_dtype`], its f32 form): f16 and bf16 are
 //!   widened to f32, so that a worker's outputs on the GPU are comparable with the host
 //!   backend's and the app has one code path per dtype.
 
@@ -104,7 +104,7 @@ pub fn plan_arenas(
         })
     };
     for t in tensors {
-        let dtype = host::compute_dtype(t.dtype);
+        let dtype = host::widened_dtype(t.dtype);
         let len = t
             .shape
             .iter()

@@ -15,6 +15,8 @@
 
 use std::arch::x86_64::*;
 
+use super::weight::Weight;
+
 /// Token rows per tile.
 pub(super) const MR: usize = 4;
 /// Weight rows per tile: 4 × 3 accumulators and 3 weight registers fill 15 of the sixteen
@@ -25,15 +27,22 @@ pub(super) const NR: usize = 3;
 const PF_DIST: usize = 1;
 
 /// The operands of one linear layer: `rows` token rows of `xt` (`[rows][inp]`), the weight
-/// `w` (`[out][inp]`) and the bias `b` (`[out]`).
-#[derive(Clone, Copy)]
-pub(super) struct Layer<'a> {
+/// `w` (`[out][inp]`, f32 or f16) and the bias `b` (`[out]`).
+pub(super) struct Layer<'a, W> {
     pub(super) xt: &'a [f32],
     pub(super) rows: usize,
     pub(super) inp: usize,
-    pub(super) w: &'a [f32],
+    pub(super) w: &'a [W],
     pub(super) b: &'a [f32],
 }
+
+impl<W> Clone for Layer<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for Layer<'_, W> {}
 
 /// Groups of token rows planned on the stack: [`super::DOT_KERNEL_MAX_ROWS`] rows in
 /// groups of [`MR`].
@@ -57,8 +66,8 @@ pub(super) struct Group {
 impl Group {
     /// Where this group's share of the prefetches starts (from the prefetched rows' start
     /// `pf`) and how many 64-byte lines it asks for.
-    pub(super) fn prefetches(&self, pf: *const f32) -> (*const f32, usize) {
-        (pf.wrapping_add(self.pf_first * 16), self.pf_lines)
+    pub(super) fn prefetches<W: Weight>(&self, pf: *const W) -> (*const W, usize) {
+        (pf.wrapping_add(self.pf_first * W::PER_LINE), self.pf_lines)
     }
 }
 
@@ -76,12 +85,19 @@ fn share_prefetches(groups: &mut [Group], lines: usize, inp: usize) {
 /// Computes every output.
 ///
 /// # Safety
-/// AVX2 and FMA are available; `w.len() == b.len() * inp`, `xt.len() >= rows * inp`,
+/// AVX2, FMA and F16C are available; `w.len() == b.len() * inp`, `xt.len() >= rows * inp`,
 /// `y.len() >= b.len() * rows`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
-    // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX2 and FMA.
-    unsafe { run(xt, rows, inp, w, b, y, MR, pick_triple) }
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn linear<W: Weight>(
+    xt: &[f32],
+    rows: usize,
+    inp: usize,
+    w: &[W],
+    b: &[f32],
+    y: &mut [f32],
+) {
+    // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX2, FMA and F16C.
+    unsafe { run(xt, rows, inp, w, b, y, MR, pick_triple::<W>) }
 }
 
 /// Plans the tiles (token rows in groups of at most `mr`, the prefetches shared among them)
@@ -94,15 +110,15 @@ pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], 
 /// (`1 <= mr`); `w.len() == b.len() * inp`, `xt.len() >= rows * inp`,
 /// `y.len() >= b.len() * rows`.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn run(
+pub(super) unsafe fn run<W: Weight>(
     xt: &[f32],
     rows: usize,
     inp: usize,
-    w: &[f32],
+    w: &[W],
     b: &[f32],
     y: &mut [f32],
     mr: usize,
-    pick: fn(usize, usize) -> Triple,
+    pick: fn(usize, usize) -> Triple<W>,
 ) {
     let out = b.len();
     // Token rows in groups of at most mr, as even as possible (a tile of 3 rows does more
@@ -123,7 +139,7 @@ pub(super) unsafe fn run(
         group.m = (rows - r) / (n_groups - g);
         r += group.m;
     }
-    let full_lines = (NR * inp).div_ceil(16);
+    let full_lines = (NR * inp).div_ceil(W::PER_LINE);
     share_prefetches(groups, full_lines, inp);
     let full = pick(NR, inp);
     let layer = Layer {
@@ -140,7 +156,7 @@ pub(super) unsafe fn run(
         // come from memory while this triple is computed, with few misses in flight at once.
         let pf_from = (o + PF_DIST * NR).min(out) * inp;
         let pf_to = (o + (PF_DIST + 1) * NR).min(out) * inp;
-        let lines = (pf_to - pf_from).div_ceil(16);
+        let lines = (pf_to - pf_from).div_ceil(W::PER_LINE);
         if lines != full_lines {
             // The last triples: fewer (or no) rows left to prefetch.
             share_prefetches(groups, lines, inp);
@@ -158,13 +174,13 @@ pub(super) unsafe fn run(
 /// A [`triple`] for `n` weight rows and `inp` inputs: specialised for the input widths of
 /// BERT-base-like models (the row offsets become constants, which frees the registers that
 /// would hold seven row pointers), generic otherwise.
-fn pick_triple(n: usize, inp: usize) -> Triple {
+fn pick_triple<W: Weight>(n: usize, inp: usize) -> Triple<W> {
     macro_rules! by_rows {
         ($w:literal) => {
             match n {
-                3 => triple::<3, $w>,
-                2 => triple::<2, $w>,
-                _ => triple::<1, $w>,
+                3 => triple::<W, 3, $w>,
+                2 => triple::<W, 2, $w>,
+                _ => triple::<W, 1, $w>,
             }
         };
     }
@@ -178,35 +194,35 @@ fn pick_triple(n: usize, inp: usize) -> Triple {
 }
 
 /// A [`triple`] of some shape (or the AVX-512 kernel's).
-pub(super) type Triple = unsafe fn(Layer<'_>, &mut [f32], usize, &[Group], *const f32);
+pub(super) type Triple<W> = unsafe fn(Layer<'_, W>, &mut [f32], usize, &[Group], *const W);
 
 /// Outputs `o..o+N` for every group of token rows, one [`tile`] per group (inlined: one
 /// call per weight triple, not one per tile). `pf` is where the next triple's rows start.
 ///
 /// # Safety
-/// AVX2 and FMA are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`, and for
+/// AVX2, FMA and F16C are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`, and for
 /// every group `(r + m) * inp <= xt.len()`, `(o + N - 1) * rows + r + m <= y.len()`,
 /// `1 <= m <= MR`.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn triple<const N: usize, const INP: usize>(
-    layer: Layer<'_>,
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn triple<W: Weight, const N: usize, const INP: usize>(
+    layer: Layer<'_, W>,
     y: &mut [f32],
     o: usize,
     groups: &[Group],
-    pf: *const f32,
+    pf: *const W,
 ) {
     for g in groups {
         let pf = g.prefetches(pf);
         // Each arm is a direct call (inlined), not one through a pointer picked by `m`.
         match g.m {
             // SAFETY: this function's contract, for the group's four rows.
-            4 => unsafe { tile::<4, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            4 => unsafe { tile::<W, 4, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's three rows.
-            3 => unsafe { tile::<3, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            3 => unsafe { tile::<W, 3, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's two rows.
-            2 => unsafe { tile::<2, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            2 => unsafe { tile::<W, 2, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's one row (m >= 1).
-            _ => unsafe { tile::<1, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            _ => unsafe { tile::<W, 1, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
         }
     }
 }
@@ -216,22 +232,22 @@ unsafe fn triple<const N: usize, const INP: usize>(
 /// prefetch never faults, so `pf` needs no contract; the caller points it into `w`).
 ///
 /// # Safety
-/// AVX2 and FMA are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`,
+/// AVX2, FMA and F16C are available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`,
 /// `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
+unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
     Layer {
         xt,
         rows,
         inp,
         w,
         b,
-    }: Layer<'_>,
+    }: Layer<'_, W>,
     y: &mut [f32],
     o: usize,
     r: usize,
-    (pf, pf_lines): (*const f32, usize),
+    (pf, pf_lines): (*const W, usize),
     pf_per_step: usize,
 ) {
     // INP, when not 0, is `inp` known at compile time.
@@ -247,7 +263,8 @@ unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
         for (n, v) in wv.iter_mut().enumerate() {
             // SAFETY: wp + n * inp + k + 8 <= w + (o + n + 1) * inp <= w + w.len(), as
             // k + 8 <= inp and o + N <= b.len() = w.len() / inp.
-            *v = unsafe { _mm256_loadu_ps(wp.wrapping_add(n * inp + k)) };
+            // AVX2, FMA and F16C are enabled here, as `load8` needs.
+            *v = unsafe { W::load8(wp.wrapping_add(n * inp + k)) };
         }
         for (m, line) in acc.iter_mut().enumerate() {
             // SAFETY: xp + m * inp + k + 8 <= xt + (r + M) * inp <= xt + xt.len().
@@ -265,7 +282,7 @@ unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
         for _ in 0..pf_per_step {
             if pf_done < pf_lines {
                 // A prefetch never faults, and `wrapping_add` makes no claim on the address.
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(pf_done * 16).cast());
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(pf_done * W::PER_LINE).cast());
                 pf_done += 1;
             }
         }
@@ -296,9 +313,34 @@ unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
             let wtail = &w[(o + n) * inp + full..(o + n + 1) * inp];
             for (m, out) in line.iter_mut().enumerate() {
                 let xtail = &xt[(r + m) * inp + full..(r + m + 1) * inp];
-                *out += wtail.iter().zip(xtail).map(|(p, q)| p * q).sum::<f32>();
+                *out += wtail
+                    .iter()
+                    .zip(xtail)
+                    .map(|(p, q)| p.widen() * q)
+                    .sum::<f32>();
             }
         }
+    }
+}
+
+/// `dst[i] = src[i]` as f32, 8 values at a time (the rest one by one): an f16 weight's rows
+/// widened for the `gemm` crate (`super::widen`).
+///
+/// # Safety
+/// AVX2, FMA and F16C are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn widen<W: Weight>(src: &[W], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    let full = src.len() - src.len() % 8;
+    for k in (0..full).step_by(8) {
+        // SAFETY: k + 8 <= full <= src.len(): eight values from k on lie inside src; F16C
+        // (and AVX2) are available by the contract.
+        let v = unsafe { W::load8(src.as_ptr().wrapping_add(k)) };
+        // SAFETY: k + 8 <= dst.len() = src.len() (asserted); the store is unaligned.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr().wrapping_add(k), v) };
+    }
+    for (d, s) in dst[full..].iter_mut().zip(&src[full..]) {
+        *d = s.widen();
     }
 }
 

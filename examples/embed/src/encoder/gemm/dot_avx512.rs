@@ -14,6 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::dot_avx2::{self, hsum4, Group, Layer, Triple};
+use super::weight::Weight;
 
 /// Token rows per tile (at most): six measured fastest (see the module's doc).
 const MR: usize = 6;
@@ -23,20 +24,27 @@ const MR: usize = 6;
 /// # Safety
 /// AVX-512F is available; `w.len() == b.len() * inp`, `xt.len() >= rows * inp`,
 /// `y.len() >= b.len() * rows`.
-pub unsafe fn linear(xt: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
+pub unsafe fn linear<W: Weight>(
+    xt: &[f32],
+    rows: usize,
+    inp: usize,
+    w: &[W],
+    b: &[f32],
+    y: &mut [f32],
+) {
     // SAFETY: this function's contract, and `pick_triple`'s tiles need AVX-512F.
-    unsafe { dot_avx2::run(xt, rows, inp, w, b, y, MR, pick_triple) }
+    unsafe { dot_avx2::run(xt, rows, inp, w, b, y, MR, pick_triple::<W>) }
 }
 
 /// A [`triple`] for `n` weight rows and `inp` inputs, specialised for BERT's input widths as
 /// the AVX2 kernel's are.
-fn pick_triple(n: usize, inp: usize) -> Triple {
+fn pick_triple<W: Weight>(n: usize, inp: usize) -> Triple<W> {
     macro_rules! by_rows {
         ($w:literal) => {
             match n {
-                3 => triple::<3, $w>,
-                2 => triple::<2, $w>,
-                _ => triple::<1, $w>,
+                3 => triple::<W, 3, $w>,
+                2 => triple::<W, 2, $w>,
+                _ => triple::<W, 1, $w>,
             }
         };
     }
@@ -55,28 +63,28 @@ fn pick_triple(n: usize, inp: usize) -> Triple {
 /// AVX-512F is available; `(o + N) * inp <= w.len()`, `o + N <= b.len()`, and for every group
 /// `(r + m) * inp <= xt.len()`, `(o + N - 1) * rows + r + m <= y.len()`, `1 <= m <= MR`.
 #[target_feature(enable = "avx512f")]
-unsafe fn triple<const N: usize, const INP: usize>(
-    layer: Layer<'_>,
+unsafe fn triple<W: Weight, const N: usize, const INP: usize>(
+    layer: Layer<'_, W>,
     y: &mut [f32],
     o: usize,
     groups: &[Group],
-    pf: *const f32,
+    pf: *const W,
 ) {
     for g in groups {
         let pf = g.prefetches(pf);
         match g.m {
             // SAFETY: this function's contract, for the group's six rows.
-            6 => unsafe { tile::<6, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            6 => unsafe { tile::<W, 6, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's five rows.
-            5 => unsafe { tile::<5, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            5 => unsafe { tile::<W, 5, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's four rows.
-            4 => unsafe { tile::<4, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            4 => unsafe { tile::<W, 4, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's three rows.
-            3 => unsafe { tile::<3, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            3 => unsafe { tile::<W, 3, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's two rows.
-            2 => unsafe { tile::<2, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            2 => unsafe { tile::<W, 2, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
             // SAFETY: this function's contract, for the group's one row (m >= 1).
-            _ => unsafe { tile::<1, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
+            _ => unsafe { tile::<W, 1, N, INP>(layer, y, o, g.r, pf, g.pf_per_step) },
         }
     }
 }
@@ -90,18 +98,18 @@ unsafe fn triple<const N: usize, const INP: usize>(
 /// `(r + M) * inp <= xt.len()`, and `(o + N - 1) * rows + r + M <= y.len()`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
+unsafe fn tile<W: Weight, const M: usize, const N: usize, const INP: usize>(
     Layer {
         xt,
         rows,
         inp,
         w,
         b,
-    }: Layer<'_>,
+    }: Layer<'_, W>,
     y: &mut [f32],
     o: usize,
     r: usize,
-    (pf, pf_lines): (*const f32, usize),
+    (pf, pf_lines): (*const W, usize),
     pf_per_step: usize,
 ) {
     let inp = if INP != 0 { INP } else { inp };
@@ -116,7 +124,8 @@ unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
         for (n, v) in wv.iter_mut().enumerate() {
             // SAFETY: wp + n * inp + k + 16 <= w + (o + n + 1) * inp <= w + w.len(), as
             // k + 16 <= inp and o + N <= b.len() = w.len() / inp.
-            *v = unsafe { _mm512_loadu_ps(wp.wrapping_add(n * inp + k)) };
+            // AVX-512F is enabled here, as `load16` needs.
+            *v = unsafe { W::load16(wp.wrapping_add(n * inp + k)) };
         }
         for (m, line) in acc.iter_mut().enumerate() {
             // SAFETY: xp + m * inp + k + 16 <= xt + (r + M) * inp <= xt + xt.len().
@@ -128,7 +137,7 @@ unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
         for _ in 0..pf_per_step {
             if pf_done < pf_lines {
                 // A prefetch never faults, and `wrapping_add` makes no claim on the address.
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(pf_done * 16).cast());
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(pf_done * W::PER_LINE).cast());
                 pf_done += 1;
             }
         }
@@ -159,7 +168,11 @@ unsafe fn tile<const M: usize, const N: usize, const INP: usize>(
             let wtail = &w[(o + n) * inp + full..(o + n + 1) * inp];
             for (m, out) in line.iter_mut().enumerate() {
                 let xtail = &xt[(r + m) * inp + full..(r + m + 1) * inp];
-                *out += wtail.iter().zip(xtail).map(|(p, q)| p * q).sum::<f32>();
+                *out += wtail
+                    .iter()
+                    .zip(xtail)
+                    .map(|(p, q)| p.widen() * q)
+                    .sum::<f32>();
             }
         }
     }

@@ -15,6 +15,8 @@
 //! reach lies inside their slice; [`matmul`] checks that the shapes agree. Past those checks
 //! the call cannot read or write outside the slices.
 
+pub use weight::{f16, Weight};
+
 /// A read-only matrix over a slice: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Mat<'a> {
@@ -197,9 +199,9 @@ pub const DOT_KERNEL_MAX_ROWS: usize = 40;
 /// Which kernel [`linear_rows`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DotKernel {
-    /// 16-lane tiles (AVX-512F, with AVX2 and FMA).
+    /// 16-lane tiles (AVX-512F, with AVX2, FMA and F16C).
     Avx512,
-    /// 8-lane tiles (AVX2 and FMA).
+    /// 8-lane tiles (AVX2, FMA and F16C, which widens f16 weights).
     Avx2,
     /// A plain loop (other processors).
     Plain,
@@ -210,8 +212,8 @@ pub enum DotKernel {
 pub const DOT_KERNEL_ENV: &str = "ZYGOTE_EMBED_DOT_KERNEL";
 
 /// The kernel [`linear_rows`] runs (chosen once, at run time): the widest the processor has,
-/// AVX-512 where it has AVX-512F (with AVX2 and FMA), AVX2 where it has AVX2 and FMA, the
-/// plain loop elsewhere, unless [`DOT_KERNEL_ENV`] asks for a narrower one.
+/// AVX-512 where it has AVX-512F (with AVX2, FMA and F16C), AVX2 where it has AVX2, FMA and F16C
+/// (every AVX2 processor has F16C, which came a generation earlier), the plain loop elsewhere, unless [`DOT_KERNEL_ENV`] asks for a narrower one.
 pub fn dot_kernel() -> DotKernel {
     static KERNEL: std::sync::OnceLock<DotKernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| choose_kernel(widest_kernel(), std::env::var(DOT_KERNEL_ENV).ok()))
@@ -231,7 +233,8 @@ fn widest_kernel() -> DotKernel {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
         if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
             return DotKernel::Avx512;
         }
@@ -243,7 +246,7 @@ fn widest_kernel() -> DotKernel {
 }
 
 /// Whether [`linear_rows`] runs a SIMD kernel on this processor, and [`transpose`] its AVX2
-/// blocks (both need AVX2 and FMA, which every AVX-512 processor also has).
+/// blocks (both need AVX2 and FMA, which every AVX-512 processor also has; the kernels F16C too).
 pub fn dot_kernel_available() -> bool {
     dot_kernel() != DotKernel::Plain
 }
@@ -257,19 +260,20 @@ pub fn dot_kernel_available() -> bool {
 /// what few-row products are bound by, and no row is padded. A register tile of three weight
 /// rows by up to four token rows keeps twelve sums, 8-lane on AVX2/FMA processors (by up to
 /// six token rows, 16-lane, on AVX-512 ones, see [`dot_kernel`]); elsewhere a plain loop
-/// computes the same. Panics when the
-/// slices do not hold the shapes (a bug in the caller).
-pub fn linear_rows(xt: &[f32], rows: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
+/// computes the same. The weight is f32 or [`f16`] (widened to f32 as each vector of it is
+/// loaded; the sums are f32 either way). Panics when the slices do not hold the shapes (a bug
+/// in the caller).
+pub fn linear_rows<W: Weight>(xt: &[f32], rows: usize, w: &[W], b: &[f32], y: &mut [f32]) {
     linear_rows_with(dot_kernel(), xt, rows, w, b, y);
 }
 
 /// [`linear_rows`] with the kernel `kernel`; one the processor lacks computes with the plain
 /// loop instead.
-pub fn linear_rows_with(
+pub fn linear_rows_with<W: Weight>(
     kernel: DotKernel,
     xt: &[f32],
     rows: usize,
-    w: &[f32],
+    w: &[W],
     b: &[f32],
     y: &mut [f32],
 ) {
@@ -299,7 +303,7 @@ pub fn linear_rows_with(
             return;
         }
         if kernel != DotKernel::Plain && widest != DotKernel::Plain {
-            // SAFETY: the processor has AVX2 and FMA (checked at run time just above), and
+            // SAFETY: the processor has AVX2, FMA and F16C (checked at run time just above), and
             // the asserts above establish the lengths `dot_avx2` relies on (as above).
             unsafe { dot_avx2::linear(xt, rows, inp, w, b, y) };
             return;
@@ -309,8 +313,30 @@ pub fn linear_rows_with(
         let wrow = &w[o * inp..(o + 1) * inp];
         for r in 0..rows {
             let xrow = &xt[r * inp..(r + 1) * inp];
-            y[o * rows + r] = b[o] + wrow.iter().zip(xrow).map(|(a, c)| a * c).sum::<f32>();
+            y[o * rows + r] = b[o]
+                + wrow
+                    .iter()
+                    .zip(xrow)
+                    .map(|(a, c)| a.widen() * c)
+                    .sum::<f32>();
         }
+    }
+}
+
+/// `dst[i] = src[i]` as f32: an f16 weight's rows widened for the `gemm` crate (8 values per
+/// F16C instruction where the processor has the SIMD kernels; the `half` crate's conversion,
+/// one value at a time and many times slower, elsewhere). Panics when the lengths differ.
+pub fn widen(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if dot_kernel_available() {
+        // SAFETY: AVX2, FMA and F16C are available (checked at run time by
+        // `dot_kernel_available`), and the lengths agree (asserted above).
+        unsafe { dot_avx2::widen(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
     }
 }
 
@@ -367,6 +393,7 @@ fn transpose_plain(
 mod dot_avx2;
 #[cfg(target_arch = "x86_64")]
 mod dot_avx512;
+mod weight;
 
 #[cfg(test)]
 mod tests {
@@ -449,14 +476,24 @@ mod tests {
     }
 
     /// Runs [`linear_rows`] for `rows` token rows of `xt` against the `out` weight rows of `w`
-    /// (biases `0.5 - o`) and compares every output with a plain sum, within `tol` relative.
+    /// (biases `0.5 - o`) and compares every output with a plain sum, within `tol` relative:
+    /// with every kernel, and with the weight as f32 and as f16.
     fn check_linear_rows(w: &[f32], xt: &[f32], out: usize, rows: usize, tol: f32) {
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         for kernel in [DotKernel::Avx512, DotKernel::Avx2, DotKernel::Plain] {
             check_kernel(kernel, w, xt, out, rows, tol);
+            check_kernel(kernel, &w16, xt, out, rows, tol);
         }
     }
 
-    fn check_kernel(kernel: DotKernel, w: &[f32], xt: &[f32], out: usize, rows: usize, tol: f32) {
+    fn check_kernel<W: Weight>(
+        kernel: DotKernel,
+        w: &[W],
+        xt: &[f32],
+        out: usize,
+        rows: usize,
+        tol: f32,
+    ) {
         let inp = w.len() / out;
         let b: Vec<f32> = (0..out).map(|i| 0.5 - i as f32).collect();
         let mut y = vec![f32::NAN; out * rows];
@@ -465,12 +502,13 @@ mod tests {
             for r in 0..rows {
                 let want = b[o]
                     + (0..inp)
-                        .map(|k| w[o * inp + k] as f64 * xt[r * inp + k] as f64)
+                        .map(|k| w[o * inp + k].widen() as f64 * xt[r * inp + k] as f64)
                         .sum::<f64>() as f32;
                 let got = y[o * rows + r];
                 assert!(
                     (got - want).abs() <= tol * want.abs().max(1.0),
-                    "{kernel:?}: in {inp} out {out} rows {rows}: y[{o}][{r}] = {got}, not {want}"
+                    "{kernel:?} {}: in {inp} out {out} rows {rows}: y[{o}][{r}] = {got}, not {want}",
+                    std::any::type_name::<W>()
                 );
             }
         }
@@ -510,6 +548,40 @@ mod tests {
                 for rows in [1, 2, 3, 4, 5, 13] {
                     check_patterns(inp, out, rows, (0.0625, 0.875), (0.125, 1.0), 1e-3);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_weights_are_read_as_halves() {
+        // 1 + 2^-11 is not an f16: rounded to 1, so the f16 product differs from the f32 one by
+        // exactly 2^-11 per input, on every kernel, for one group of token rows and several.
+        let inp = 48;
+        let w = vec![1.0 + 2f32.powi(-11); inp];
+        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        for rows in [1, 13] {
+            let x = vec![1.0f32; inp * rows];
+            for kernel in [DotKernel::Avx512, DotKernel::Avx2, DotKernel::Plain] {
+                let (mut y32, mut y16) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+                linear_rows_with(kernel, &x, rows, &w, &[0.0], &mut y32);
+                linear_rows_with(kernel, &x, rows, &w16, &[0.0], &mut y16);
+                assert!(y16.iter().all(|&v| v == inp as f32), "{kernel:?} {y16:?}");
+                let want = inp as f32 * (1.0 + 2f32.powi(-11));
+                assert!(y32.iter().all(|&v| v == want), "{kernel:?} {y32:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn widen_is_exact_on_every_length() {
+        for n in [0, 1, 7, 8, 9, 33] {
+            let src: Vec<f16> = (0..n)
+                .map(|i| f16::from_bits((i as u16).wrapping_mul(2654) ^ 0x3c00))
+                .collect();
+            let mut dst = vec![f32::NAN; n];
+            widen(&src, &mut dst);
+            for (s, d) in src.iter().zip(&dst) {
+                assert!(s.to_f32() == *d || s.is_nan() && d.is_nan(), "{s:?} -> {d}");
             }
         }
     }
