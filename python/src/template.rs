@@ -47,7 +47,9 @@ static HOST: OnceLock<Host> = OnceLock::new();
 /// `{"mappings": N, "rss_before_kib": B, "rss_after_kib": A, "ms": T}`; raises `ZygoteError`
 /// where the kernel lacks `MADV_PAGEOUT`.
 #[pyfunction]
-pub fn page_out_file_mappings(py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
+pub fn page_out_file_mappings(
+    py: Python<'_>,
+) -> PyResult<std::collections::HashMap<&'static str, u64>> {
     let done = py
         .detach(zygote_runtime::pageout::page_out_file_mappings)
         .map_err(|e| errors::ZygoteError::new_err(e.to_string()))?;
