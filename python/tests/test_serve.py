@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,32 @@ def test_sigterm_finishes_the_requests_in_flight(service, tmp_path):
     assert results == [b"slept"] * 6, results
     assert s.proc.wait(60) == 0
     assert "drain requested" in s.text()
+
+
+def test_a_worker_whose_request_threads_are_busy_leaves_new_connections_to_the_others(
+    service, tmp_path
+):
+    # One request thread each: while worker A sleeps through a request, every new connection
+    # goes to worker B and is answered at once, instead of waiting in A behind the sleep.
+    env = {"SLOW_APP_MARKS": str(tmp_path)}
+    s = service(app_args("slow:app", APPS, "--threads", "1"), workers=2, env=env)
+    s.wait_serving()
+    slept: list[object] = []
+    sleeper = threading.Thread(target=lambda: slept.append(get(s.url + "/sleep?s=4")))
+    sleeper.start()
+    wait_for("the sleep in flight", lambda: any(tmp_path.iterdir()), 30, s.log)
+    busy = int(next(tmp_path.iterdir()).name.split("-")[0])
+    answered = []
+    for _ in range(8):
+        began = time.monotonic()
+        status, headers, _ = get(s.url + "/info")
+        answered.append((int(headers["x-worker-pid"]), time.monotonic() - began))
+        assert status == 200
+    assert all(pid != busy for pid, _ in answered), (busy, answered)
+    assert max(t for _, t in answered) < 2.0, answered
+    sleeper.join(30)
+    assert slept and slept[0][0] == 200
+    assert s.stop() == 0
 
 
 def test_a_request_computing_twice_the_timeout_keeps_its_worker(service):

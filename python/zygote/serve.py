@@ -9,7 +9,8 @@ entry). In order, it:
 4. starts the control thread (heartbeats every second, also while a request computes; the
    drain request);
 5. serves the supervisor's listeners with uvicorn (ASGI apps as they are, WSGI apps through
-   a2wsgi's thread pool of ``--threads`` threads) and reports ready once it listens;
+   a2wsgi's thread pool of ``--threads`` threads, accepting only while a thread is free:
+   :mod:`zygote.accept`) and reports ready once it listens;
 6. on drain: stops accepting, finishes the requests in flight and exits 0.
 
 Every answer carries ``X-Worker-Pid``. A failure before ready (the app does not import, a
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zygote
+from zygote.accept import AcceptGate, one_at_a_time
 
 log = logging.getLogger("zygote")
 
@@ -118,9 +120,12 @@ def is_asgi(app: Any) -> bool:
 class Served:
     """ASGI middleware: ``X-Worker-Pid`` on every answer, and the counts of requests."""
 
-    def __init__(self, app: Callable[..., Any], threads: int | None):
+    def __init__(
+        self, app: Callable[..., Any], threads: int | None, gate: AcceptGate | None = None
+    ):
         self.app = app
         self.threads = threads
+        self.gate = gate
         self.served = 0
         self.in_flight = 0
         #: Set on drain: every answer from now on says `Connection: close`.
@@ -151,11 +156,15 @@ class Served:
             await send(message)
 
         self.in_flight += 1
+        if self.gate is not None:
+            self.gate.enter()
         try:
             await self.app(scope, receive, send_with_pid)
         finally:
             self.in_flight -= 1
             self.served += 1
+            if self.gate is not None:
+                self.gate.leave()
 
 
 #: How long a draining worker keeps an idle connection open for its next request (seconds).
@@ -222,8 +231,11 @@ def serve(
         from a2wsgi import WSGIMiddleware
 
         inner = WSGIMiddleware(app, workers=threads)
-    served = Served(inner, threads if asgi else None)
-    sockets = [socket.socket(fileno=fd) for fd in worker.take_listener_fds()]
+    # A WSGI worker accepts only while one of its request threads is free (zygote/accept.py).
+    gate = None if asgi else AcceptGate(threads)
+    served = Served(inner, threads if asgi else None, gate)
+    listen = socket.socket if asgi else one_at_a_time
+    sockets = [listen(fileno=fd) for fd in worker.take_listener_fds()]
     if not sockets:
         log.error("this worker was given no listeners: nothing to serve")
         return EXIT_SERVE
@@ -258,6 +270,8 @@ def serve(
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
+            if gate is not None:
+                gate.bind(self.servers)
             if self.started and not self.should_exit:
                 names = ", ".join(str(s.getsockname()) for s in sockets or [])
                 if not activated:
