@@ -55,6 +55,23 @@ def test_binds_without_copying_and_reties():
     assert not net.training
 
 
+def test_a_module_that_customises_loading_is_bound_through_load_state_dict():
+    # bind puts tensors straight into the slots only when no module customises loading; a
+    # load hook still runs (here it records the keys it saw).
+    net = meta_net()
+    seen: list[str] = []
+
+    def hook(module, state_dict, prefix, *rest):  # noqa: ANN001, ANN202 - torch's signature
+        seen.extend(k for k in state_dict if k.startswith(prefix))
+
+    net.proj._register_load_state_dict_pre_hook(hook, with_module=True)
+    w = weights()
+    zygote.torch.bind(net, w, buffers={"ids": torch.arange(5)})
+    assert sorted(seen) == ["proj.bias", "proj.weight"], seen
+    assert net.proj.weight.data_ptr() == w["proj.weight"].data_ptr()
+    assert all(not p.requires_grad for p in net.parameters())
+
+
 def test_every_mismatch_in_one_error():
     w = weights()
     del w["proj.bias"]

@@ -129,6 +129,39 @@ def _set(module: nn.Module, path: str, value: Any) -> None:
         sub._buffers[leaf] = value
 
 
+def _assign(module: nn.Module, chosen: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(chosen, strict=False, assign=True)``: the module takes the shared
+    tensors themselves (no copy into its own).
+
+    When no module of the tree customises loading (load hooks, its own
+    ``_load_from_state_dict``) and every key names a parameter or buffer slot, the tensors go
+    straight into the slots: what ``assign=True`` does, without ``load_state_dict``'s walk of
+    every module and key (the seed 002 model, MiniLM-L6, bound in one process here: 3-7 ms
+    against 10-17 ms through ``load_state_dict``; several times that with workers binding side
+    by side). Otherwise ``load_state_dict`` itself runs.
+    """
+    subs = dict(module.named_modules(remove_duplicate=False))
+    plain = all(
+        not getattr(m, "_load_state_dict_pre_hooks", None)
+        and not getattr(m, "_load_state_dict_post_hooks", None)
+        and type(m)._load_from_state_dict is nn.Module._load_from_state_dict
+        for m in subs.values()
+    )
+    slots = []
+    for key, tensor in chosen.items():
+        owner, _, leaf = key.rpartition(".")
+        sub = subs.get(owner)
+        if not plain or sub is None or (leaf not in sub._parameters and leaf not in sub._buffers):
+            module.load_state_dict(chosen, strict=False, assign=True)
+            return
+        slots.append((sub, leaf, tensor))
+    for sub, leaf, tensor in slots:
+        if leaf in sub._parameters:
+            sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            sub._buffers[leaf] = tensor
+
+
 def bind(
     module: nn.Module,
     weights: Mapping[str, torch.Tensor] | None = None,
@@ -216,8 +249,7 @@ def bind(
         raise _error(missing, unexpected, mismatched, [], f16_form)
 
     device = next(iter(chosen.values())).device if chosen else torch.device("cpu")
-    # assign=True: the module takes the shared tensors themselves (no copy into its own).
-    module.load_state_dict(chosen, strict=False, assign=True)
+    _assign(module, chosen)
     for name, shared in nonpersistent.items():
         _set(module, name, shared)
     _retie(module, tied)
