@@ -311,6 +311,8 @@ def test_the_template_hands_back_the_library_pages_of_its_import(service):
         assert status == 200 and len(body["data"][0]["embedding"]) == 384
         said = re.findall(r"handed back (\d+) MiB of library pages", s.text())
         if pageout == "1":
+            # The figure may be 0 here: in the full suite this process has imported the same
+            # libraries and maps their pages too.
             assert said, s.text()[-2000:]
             # What only the template maps is what it touched since (its fork loop's pages).
             assert kib["1"] < 16 * 1024, kib

@@ -164,9 +164,10 @@ def page_out() -> None:
         log.warning("the import's library pages stay resident: %s", e)
         return
     log.info(
-        "handed back %.0f MiB of library pages only the import touched (%d mappings, "
+        "handed back %d MiB of library pages only the import touched (%d mappings, "
         "%.0f MiB before, %.0f MiB left) in %d ms",
-        (done["rss_before_kib"] - done["rss_after_kib"]) / 1024,
+        # Pages faulted back in meanwhile can leave more than before: never a negative figure.
+        max(0, done["rss_before_kib"] - done["rss_after_kib"]) // 1024,
         done["mappings"],
         done["rss_before_kib"] / 1024,
         done["rss_after_kib"] / 1024,
