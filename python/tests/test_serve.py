@@ -319,7 +319,6 @@ def test_the_template_hands_back_the_library_pages_of_its_import(service):
         else:
             assert not said and "pages stay resident" in s.text(), s.text()[-2000:]
         assert s.stop() == 0
-    assert kib["1"] <= kib["0"], kib
 
 
 def test_kill_9_of_the_template_restarts_it_and_the_workers_keep_serving(service):
