@@ -5,7 +5,9 @@
 //! taken in turn (`cold`, from memory, as in a forward pass whose 42 MiB of encoder weights do
 //! not fit the last-level cache). The 384 × 48 shape, whose weight fits L2, shows the tile's
 //! ceiling. Prints GFLOP/s: the tile over f32 weights, over the same weights in f16 (`tile16`,
-//! half the bytes, widened as loaded), and the `gemm` crate (f32).
+//! half the bytes, widened as loaded), `encoder::gemm::linear_cols` over both (`cols`,
+//! `cols16`: the token-vector kernel for batches, AVX-512 only, a plain loop elsewhere), and the
+//! `gemm` crate (f32).
 //!
 //! `cargo run --release -p zygote-embed --example linear_bench [SECONDS_PER_CASE] [CASE]`
 //! (CASE, e.g. `17/384/1536/cold`, runs one case only, for profiling).
@@ -14,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use zygote_embed::encoder::gemm::{f16, linear_rows, matmul, Mat, MatMut};
+use zygote_embed::encoder::gemm::{f16, linear_cols, linear_rows, matmul, Mat, MatMut};
 
 fn main() {
     let seconds: f64 = std::env::args()
@@ -23,8 +25,8 @@ fn main() {
         .unwrap_or(0.5);
     let only = std::env::args().nth(2);
     println!(
-        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>10}",
-        "rows", "in", "out", "cache", "tile", "tile16", "gemm"
+        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "rows", "in", "out", "cache", "tile", "tile16", "cols", "cols16", "gemm"
     );
     for (inp, out) in [(384, 48), (384, 384), (384, 1536), (1536, 384)] {
         let per = inp * out;
@@ -34,7 +36,7 @@ fn main() {
             .collect();
         let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let b = vec![0.1f32; out];
-        for rows in [4usize, 8, 12, 13, 17, 24, 36, 48, 96] {
+        for rows in [4usize, 8, 12, 13, 17, 24, 36, 48, 64, 96, 160] {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 31) % 97) as f32 * 1e-2)
                 .collect();
@@ -59,6 +61,11 @@ fn main() {
                 };
                 let tile = run(&mut |at| linear_rows(&x, rows, &w[at..][..per], &b, &mut y));
                 let tile16 = run(&mut |at| linear_rows(&x, rows, &w16[at..][..per], &b, &mut y));
+                let mut wide = Vec::new();
+                let cols =
+                    run(&mut |at| linear_cols(&x, rows, &w[at..][..per], &b, &mut y, &mut wide));
+                let cols16 =
+                    run(&mut |at| linear_cols(&x, rows, &w16[at..][..per], &b, &mut y, &mut wide));
                 let crate_ = run(&mut |at| {
                     let wm = &w[at..][..per];
                     for (line, &bias) in y.chunks_exact_mut(rows).zip(&b) {
@@ -73,7 +80,7 @@ fn main() {
                     );
                 });
                 println!(
-                    "{rows:>5} {inp:>5} {out:>5} {cache:>5} {tile:>10.1} {tile16:>10.1} {crate_:>10.1}"
+                    "{rows:>5} {inp:>5} {out:>5} {cache:>5} {tile:>10.1} {tile16:>10.1} {cols:>10.1} {cols16:>10.1} {crate_:>10.1}"
                 );
             }
         }

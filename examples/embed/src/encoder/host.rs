@@ -5,9 +5,10 @@
 //! its matrices (linear weights, embedding tables) in f16 and its vectors (biases, LayerNorm)
 //! in f32: the kernels widen an f16 matrix as they load it and sum in f32, so that form streams
 //! half the bytes per text ([`Tensor`]). Linear layers compute `x · Wᵀ + b` over the weight as torch stores it
-//! ([`super::gemm`]): up to [`super::gemm::DOT_KERNEL_MAX_ROWS`] word pieces with a packing-free
-//! register tile, more with the `gemm` crate over strided views, so the transposed weight is a
-//! view, not a copy. Per-request activations live in one scratch space per encoder, allocated
+//! ([`super::gemm`]): on AVX-512 processors a batch (from [`super::gemm::COLS_KERNEL_MIN_ROWS`]
+//! word pieces) with vectors along the tokens, reading the weight in place; up to
+//! [`super::gemm::DOT_KERNEL_MAX_ROWS`] word pieces with a packing-free register tile, more with
+//! the `gemm` crate over strided views, so the transposed weight is a view, not a copy. Per-request activations live in one scratch space per encoder, allocated
 //! once and grown to the largest chunk seen, so a steady stream of requests allocates nothing
 //! in the forward pass.
 //!
@@ -280,8 +281,10 @@ impl SentenceEncoder for HostEncoder<'_> {
 }
 
 /// `y = x · Wᵀ + b` for `rows` rows, feature-major: `x` is `[in][rows]`, `y` is `[out][rows]`,
-/// and `W` is `[out, in]` row-major as torch stores it. Few rows (one to a couple of texts,
-/// up to [`gemm::DOT_KERNEL_MAX_ROWS`]) go to the packing-free kernel over a token-major copy
+/// and `W` is `[out, in]` row-major as torch stores it. On AVX-512 processors, from
+/// [`gemm::COLS_KERNEL_MIN_ROWS`] rows on (a batch, or a long text), the token-vector kernel
+/// reads `x` as it is ([`gemm::linear_cols`]). Few rows (one to a couple of texts, up to
+/// [`gemm::DOT_KERNEL_MAX_ROWS`]) go to the packing-free kernel over a token-major copy
 /// of `x` made in `xt` (a few KiB), which reads an f16 weight as it is; the rest go to the
 /// `gemm` crate, which reads an f32 `Wᵀ` as a view of the shared weight with swapped strides,
 /// and an f16 one [`WIDE_ROWS`] rows at a time widened into `wide` (a private scratch of a
@@ -299,6 +302,13 @@ fn linear(
     let out_dim = b.len();
     let in_dim = w.len() / out_dim;
     let y = &mut y[..out_dim * rows];
+    if rows >= gemm::COLS_KERNEL_MIN_ROWS && gemm::cols_kernel_available() {
+        match w {
+            Tensor::F32(w) => gemm::linear_cols(x, rows, w, b, y, wide),
+            Tensor::F16(w) => gemm::linear_cols(x, rows, w, b, y, wide),
+        }
+        return;
+    }
     if rows <= gemm::DOT_KERNEL_MAX_ROWS && gemm::dot_kernel_available() {
         ensure(xt, rows * in_dim);
         gemm::transpose(&x[..in_dim * rows], in_dim, rows, xt);
@@ -628,7 +638,7 @@ mod tests {
                 &mut wide,
             );
             assert!(
-                wide.len() <= WIDE_ROWS * inp,
+                wide.len() <= (WIDE_ROWS * inp).max(gemm::linear_cols_scratch(out, inp)),
                 "widened {} values",
                 wide.len()
             );

@@ -22,6 +22,13 @@ pub trait Weight: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'stati
     /// The value as f32 (exact for both types).
     fn widen(self) -> f32;
 
+    /// The slice itself when it is f32 (read in place), `None` when it must be widened.
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+
+    /// `dst[i] = src[i]` as f32 (SIMD where the processor has it). Panics when the lengths
+    /// differ.
+    fn widen_slice(src: &[Self], dst: &mut [f32]);
+
     /// Eight elements from `p` on, widened to f32.
     ///
     /// # Safety
@@ -43,6 +50,14 @@ impl Weight for f32 {
     #[inline]
     fn widen(self) -> f32 {
         self
+    }
+
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+
+    fn widen_slice(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -68,6 +83,14 @@ impl Weight for f16 {
     #[inline]
     fn widen(self) -> f32 {
         self.to_f32()
+    }
+
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
+    fn widen_slice(src: &[Self], dst: &mut [f32]) {
+        super::widen(src, dst);
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,289 @@
+//! The AVX-512 kernel of [`super::linear_cols`]: a linear layer over many token rows (a batch
+//! of texts), computed on the feature-major activations as they are, with the vectors running
+//! along the tokens. `y[o][r..r + 16]` is one register: for each `k`, one load of
+//! `x[k][r..r + 16]` is multiplied by `w[o][k]` broadcast from the weight row (the broadcast
+//! folds into the fused multiply-add as a memory operand), for [`NB`] = 8 outputs and up to
+//! [`T`] = 3 token vectors at once, 24 sums in registers. No horizontal sums, no transpose of
+//! the activations, no packing of an f32 weight, which is read in place. The last token vector
+//! of a block is masked, so any row count is exact.
+//!
+//! The loops run over [`KC`] values of `k` at a time, then over blocks of 48 tokens, then over
+//! the outputs, so that a block's activations (48 tokens × `KC`, 24 KiB) stay in L1 while every
+//! output reads them, and the weight's `KC` columns (a few hundred KiB) stay in L2 while every
+//! token block reads them: each value comes from memory once per call. The sums go to `y`
+//! between chunks of `k`. An f16 weight's chunk is widened once per call into `wide`; so is the
+//! last block of an f32 one whose outputs are no multiple of [`NB`], padded with zeros.
+//!
+//! Why not the dot kernel (`dot_avx512`) for batches: its tiles sum along `k`, re-read every
+//! token row once per weight triple and end with horizontal sums. Why not the `gemm` crate: on
+//! stable Rust it runs its AVX2 kernels. Every function here reads through raw pointers, and
+//! each one's contract says what the caller has checked.
+
+use std::arch::x86_64::*;
+
+use super::weight::Weight;
+
+/// Outputs per block (sums per token vector).
+pub const NB: usize = 8;
+
+/// Token vectors (16 tokens each) per block at most: 24 sums and 3 token vectors fill 27 of
+/// the 32 vector registers.
+const T: usize = 3;
+
+/// Values of `k` per chunk: 48 tokens × 128 features of activations are 24 KiB (half of L1).
+const KC: usize = 128;
+
+/// Computes every output: `y[o][r] = b[o] + Σₖ w[o][k] · x[k][r]`, `x` being `[inp][rows]` and
+/// `y` `[out][rows]` (`out = b.len()`). `wide` is scratch for widened (or padded) weight rows.
+///
+/// # Safety
+/// AVX-512F, AVX2, FMA and F16C are available; `w.len() == b.len() * inp`,
+/// `x.len() >= inp * rows`, `y.len() >= b.len() * rows`, `rows >= 1`, `inp >= 1`.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn linear<W: Weight>(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    w: &[W],
+    b: &[f32],
+    y: &mut [f32],
+    wide: &mut Vec<f32>,
+) {
+    let out = b.len();
+    let blocks = out.div_ceil(NB);
+    // Token vectors in blocks of at most T, as even as possible (a block of one vector does
+    // fewer multiply-adds per load than one of two or three).
+    let vectors = rows.div_ceil(16);
+    let token_blocks = vectors.div_ceil(T);
+    let in_place = W::as_f32(w);
+    // Blocks read from `wide`: every block of an f16 weight; the last, partial one of an f32
+    // weight whose outputs are no multiple of NB (padded with zero rows); none otherwise.
+    let widened = match in_place {
+        Some(_) if out.is_multiple_of(NB) => 0,
+        Some(_) => 1,
+        None => blocks,
+    };
+    let first_widened = blocks - widened;
+    let mut k0 = 0;
+    while k0 < inp {
+        let kc = (inp - k0).min(KC);
+        let scratch = &mut wide_to(wide, widened * NB * kc)[..widened * NB * kc];
+        for (i, line) in scratch.chunks_exact_mut(kc).enumerate() {
+            let o = first_widened * NB + i;
+            if o < out {
+                // The row NB ahead, asked for while this one is widened (a prefetch never
+                // faults, and `wrapping_add` makes no claim on the address).
+                let ahead = w.as_ptr().wrapping_add((o + NB) * inp + k0).cast::<u8>();
+                for line in (0..kc * size_of::<W>()).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                }
+                W::widen_slice(&w[o * inp + k0..o * inp + k0 + kc], line);
+            } else {
+                line.fill(0.0);
+            }
+        }
+        let scratch = &*scratch;
+        let mut v0 = 0;
+        for t in 0..token_blocks {
+            let v = (vectors - v0) / (token_blocks - t);
+            for ob in 0..blocks {
+                let o = ob * NB;
+                let nb = (out - o).min(NB);
+                let rows_w = match in_place {
+                    Some(wf) if ob < first_widened => Rows {
+                        w: &wf[o * inp + k0..],
+                        ws: inp,
+                    },
+                    _ => Rows {
+                        w: &scratch[(ob - first_widened) * NB * kc..],
+                        ws: kc,
+                    },
+                };
+                let mut bias = [0.0f32; NB];
+                bias[..nb].copy_from_slice(&b[o..o + nb]);
+                // The next block's rows of this chunk, asked for while the first token block
+                // runs, so that they come from memory while this block is computed; later
+                // token blocks find them in L2.
+                let pf = Prefetch {
+                    at: if t == 0 && ob + 1 < first_widened {
+                        w.as_ptr().wrapping_add((o + NB) * inp + k0).cast()
+                    } else {
+                        std::ptr::null()
+                    },
+                    row: inp * size_of::<W>(),
+                };
+                // SAFETY: this function's contract gives the features and the lengths of x
+                // and y; `rows_w` holds NB rows of `kc` values at stride `ws` (an f32 block
+                // in place: rows o..o+NB <= out, columns k0..k0+kc <= inp; or a block of
+                // `scratch`, NB rows of kc); 1 <= nb <= NB; the block's `v` token vectors
+                // (1 <= v <= T) start at token 16·v0 < rows and each holds at least one
+                // token (v0 + v <= vectors = ceil(rows / 16)); y's lines o..o+nb hold `rows`
+                // values each. `pf` is only prefetched.
+                unsafe {
+                    pick_tile(v, rows_w.ws)(
+                        Chunk { x, rows, k0, kc },
+                        rows_w,
+                        (k0 == 0).then_some(&bias),
+                        nb,
+                        &mut y[o * rows..],
+                        16 * v0,
+                        pf,
+                    )
+                };
+            }
+            v0 += v;
+        }
+        k0 += kc;
+    }
+}
+
+/// The most values [`linear`] grows `wide` to (an f16 weight's chunk).
+pub fn scratch(out: usize, inp: usize) -> usize {
+    out.div_ceil(NB) * NB * inp.min(KC)
+}
+
+/// `wide`, grown to at least `len` values.
+fn wide_to(wide: &mut Vec<f32>, len: usize) -> &mut Vec<f32> {
+    if wide.len() < len {
+        wide.resize(len, 0.0);
+    }
+    wide
+}
+
+/// The activations a tile reads: features `k0..k0 + kc` of `x` (`[inp][rows]`).
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    x: &'a [f32],
+    rows: usize,
+    k0: usize,
+    kc: usize,
+}
+
+/// The weight a tile reads: NB rows of the chunk's `kc` values, row `j` from `w[j * ws]` on.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    w: &'a [f32],
+    ws: usize,
+}
+
+/// The weight rows a tile asks for as it runs: NB rows of `row` bytes apart from `at` on (none
+/// when `at` is null), a line of each every 16 values of `k`, which is as many lines as an f32
+/// row's chunk has. A prefetch never faults, so the pointer needs no contract.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    at: *const u8,
+    row: usize,
+}
+
+/// A tile of NB outputs by `v` token vectors for rows `ws` apart: specialised for BERT's
+/// input widths and for [`KC`] (the weight rows' offsets become constants, which frees the
+/// registers that would hold eight row pointers), generic otherwise.
+type Tile = unsafe fn(Chunk<'_>, Rows<'_>, Option<&[f32; NB]>, usize, &mut [f32], usize, Prefetch);
+
+fn pick_tile(v: usize, ws: usize) -> Tile {
+    macro_rules! by_vectors {
+        ($ws:expr) => {
+            match v {
+                3 => tile::<3, { $ws }>,
+                2 => tile::<2, { $ws }>,
+                _ => tile::<1, { $ws }>,
+            }
+        };
+    }
+    match ws {
+        KC => by_vectors!(KC),
+        384 => by_vectors!(384),
+        1536 => by_vectors!(1536),
+        768 => by_vectors!(768),
+        3072 => by_vectors!(3072),
+        _ => by_vectors!(0),
+    }
+}
+
+/// Outputs `0..NB` of tokens `r..r + 16·V` (the last vector masked at `rows`) over the chunk's
+/// features, of which the first `nb` are stored in `y` (line `j` at `y[j * rows]`): the sums
+/// start at `bias` when it is given (the first chunk), at `y`'s partial sums otherwise. `WS`
+/// is 0 or `ws`. It asks for the rows `pf` names.
+///
+/// # Safety
+/// AVX-512F is available; `w.w.len() >= (NB - 1) * w.ws + c.kc`, `1 <= nb <= NB`,
+/// `x.len() >= (c.k0 + c.kc) * rows`, `y.len() >= nb * rows`, and `r + 16 * (V - 1) < rows`
+/// (every vector holds at least one token).
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const V: usize, const WS: usize>(
+    c: Chunk<'_>,
+    w: Rows<'_>,
+    bias: Option<&[f32; NB]>,
+    nb: usize,
+    y: &mut [f32],
+    r: usize,
+    pf: Prefetch,
+) {
+    let ws = if WS != 0 { WS } else { w.ws };
+    let rows = c.rows;
+    // Lanes of each token vector that hold tokens (the last one may be partial).
+    let mut masks = [0u16; V];
+    for (v, mask) in masks.iter_mut().enumerate() {
+        let left = rows - r - 16 * v;
+        *mask = if left >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << left) - 1
+        };
+    }
+    let yp = y.as_mut_ptr();
+    let mut acc = [[_mm512_setzero_ps(); V]; NB];
+    for (j, line) in acc.iter_mut().enumerate() {
+        match bias {
+            Some(bias) => *line = [_mm512_set1_ps(bias[j]); V],
+            None if j < nb => {
+                for (v, a) in line.iter_mut().enumerate() {
+                    // SAFETY: the lanes set are tokens r + 16v + l < rows of output j < nb,
+                    // at j * rows + r + 16v + l < nb * rows <= y.len(); masked-off lanes are
+                    // not read (AVX-512 suppresses their faults).
+                    *a = unsafe {
+                        _mm512_maskz_loadu_ps(masks[v], yp.wrapping_add(j * rows + r + 16 * v))
+                    };
+                }
+            }
+            None => {}
+        }
+    }
+    let wp = w.w.as_ptr();
+    let xp = c.x.as_ptr().wrapping_add(c.k0 * rows + r);
+    let mut k0 = 0;
+    while k0 < c.kc {
+        if !pf.at.is_null() {
+            for j in 0..NB {
+                // A prefetch never faults, and `wrapping_add` makes no claim on the address.
+                let line = pf.at.wrapping_add(j * pf.row + k0 * 4);
+                _mm_prefetch::<_MM_HINT_T0>(line.cast());
+            }
+        }
+        for k in k0..(k0 + 16).min(c.kc) {
+            let xk = xp.wrapping_add(k * rows);
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (v, xv) in xv.iter_mut().enumerate() {
+                // SAFETY: lanes set in the mask are tokens r + 16v + l < rows of feature
+                // k0 + k < k0 + kc, inside x (x.len() >= (k0 + kc) * rows); masked-off lanes
+                // are not read (AVX-512 suppresses their faults).
+                *xv = unsafe { _mm512_maskz_loadu_ps(masks[v], xk.wrapping_add(16 * v)) };
+            }
+            for (j, line) in acc.iter_mut().enumerate() {
+                // SAFETY: j < NB and k < kc, so j * ws + k < (NB - 1) * ws + kc <= w.len().
+                let wv = _mm512_set1_ps(unsafe { *wp.wrapping_add(j * ws + k) });
+                for (a, xv) in line.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(wv, *xv, *a);
+                }
+            }
+        }
+        k0 += 16;
+    }
+    for (j, line) in acc.iter().enumerate().take(nb) {
+        for (v, a) in line.iter().enumerate() {
+            // SAFETY: the lanes set are tokens r + 16v + l < rows of output j < nb, at
+            // j * rows + r + 16v + l < nb * rows <= y.len(); masked-off lanes are not written.
+            unsafe { _mm512_mask_storeu_ps(yp.wrapping_add(j * rows + r + 16 * v), masks[v], *a) };
+        }
+    }
+}
