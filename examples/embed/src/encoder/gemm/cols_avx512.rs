@@ -8,11 +8,12 @@
 //! of a block is masked, so any row count is exact.
 //!
 //! The loops run over [`KC`] values of `k` at a time, then over blocks of 48 tokens, then over
-//! the outputs, so that a block's activations (48 tokens × `KC`, 24 KiB) stay in L1 while every
-//! output reads them, and the weight's `KC` columns (a few hundred KiB) stay in L2 while every
-//! token block reads them: each value comes from memory once per call. The sums go to `y`
-//! between chunks of `k`. An f16 weight's chunk is widened once per call into `wide`; so is the
-//! last block of an f32 one whose outputs are no multiple of [`NB`], padded with zeros.
+//! the blocks of outputs: a token block's activations (48 × `KC`, 24 KiB) stay in L1 while every
+//! block of outputs reads them, and the weight's `KC` columns (a few hundred KiB) stay in L2
+//! while every token block reads them, so each weight value comes from memory once per call.
+//! The sums go to `y` between chunks of `k`. An f16 weight's block is widened into a 4 KiB
+//! scratch (`wide`) as it is reached, once per token block; so is the last block of an f32
+//! weight whose outputs are no multiple of [`NB`], padded with zero rows.
 //!
 //! Why not the dot kernel (`dot_avx512`) for batches: its tiles sum along `k`, re-read every
 //! token row once per weight triple and end with horizontal sums. Why not the `gemm` crate: on
@@ -30,7 +31,8 @@ pub const NB: usize = 8;
 /// the 32 vector registers.
 const T: usize = 3;
 
-/// Values of `k` per chunk: 48 tokens × 128 features of activations are 24 KiB (half of L1).
+/// Values of `k` per chunk: eight f32 weight rows of 128 values are 4 KiB, 48 tokens' activations
+/// 24 KiB (L1 holds both).
 const KC: usize = 128;
 
 /// Computes every output: `y[o][r] = b[o] + Σₖ w[o][k] · x[k][r]`, `x` being `[inp][rows]` and
@@ -50,72 +52,59 @@ pub unsafe fn linear<W: Weight>(
     wide: &mut Vec<f32>,
 ) {
     let out = b.len();
-    let blocks = out.div_ceil(NB);
     // Token vectors in blocks of at most T, as even as possible (a block of one vector does
     // fewer multiply-adds per load than one of two or three).
     let vectors = rows.div_ceil(16);
     let token_blocks = vectors.div_ceil(T);
-    let in_place = W::as_f32(w);
-    // Blocks read from `wide`: every block of an f16 weight; the last, partial one of an f32
-    // weight whose outputs are no multiple of NB (padded with zero rows); none otherwise.
-    let widened = match in_place {
-        Some(_) if out.is_multiple_of(NB) => 0,
-        Some(_) => 1,
-        None => blocks,
-    };
-    let first_widened = blocks - widened;
+    let scratch = wide_to(wide, NB * inp.min(KC));
     let mut k0 = 0;
     while k0 < inp {
         let kc = (inp - k0).min(KC);
-        let scratch = &mut wide_to(wide, widened * NB * kc)[..widened * NB * kc];
-        for (i, line) in scratch.chunks_exact_mut(kc).enumerate() {
-            let o = first_widened * NB + i;
-            if o < out {
-                // The row NB ahead, asked for while this one is widened (a prefetch never
-                // faults, and `wrapping_add` makes no claim on the address).
-                let ahead = w.as_ptr().wrapping_add((o + NB) * inp + k0).cast::<u8>();
-                for line in (0..kc * size_of::<W>()).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                }
-                W::widen_slice(&w[o * inp + k0..o * inp + k0 + kc], line);
-            } else {
-                line.fill(0.0);
-            }
-        }
-        let scratch = &*scratch;
         let mut v0 = 0;
         for t in 0..token_blocks {
             let v = (vectors - v0) / (token_blocks - t);
-            for ob in 0..blocks {
-                let o = ob * NB;
+            let mut o = 0;
+            while o < out {
                 let nb = (out - o).min(NB);
-                let rows_w = match in_place {
-                    Some(wf) if ob < first_widened => Rows {
+                // The block's weight: f32 rows in place (row stride inp), or (f16 rows, or the
+                // last rows of an f32 weight whose outputs are no multiple of NB) widened into
+                // the scratch, zero rows after the last output (row stride kc).
+                let rows_w = match W::as_f32(w) {
+                    Some(wf) if nb == NB => Rows {
                         w: &wf[o * inp + k0..],
                         ws: inp,
                     },
-                    _ => Rows {
-                        w: &scratch[(ob - first_widened) * NB * kc..],
-                        ws: kc,
-                    },
+                    _ => {
+                        let block = &mut scratch[..NB * kc];
+                        for (j, line) in block.chunks_exact_mut(kc).enumerate() {
+                            if j < nb {
+                                let from = (o + j) * inp + k0;
+                                W::widen_slice(&w[from..from + kc], line);
+                            } else {
+                                line.fill(0.0);
+                            }
+                        }
+                        Rows { w: block, ws: kc }
+                    }
                 };
                 let mut bias = [0.0f32; NB];
                 bias[..nb].copy_from_slice(&b[o..o + nb]);
-                // The next block's rows of this chunk, asked for while the first token block
-                // runs, so that they come from memory while this block is computed; later
-                // token blocks find them in L2.
+                // The next block's rows of this chunk (as stored: f32 or f16), asked for while
+                // the first token block runs, so that they come from memory while this block
+                // is computed; later token blocks find them in L2.
                 let pf = Prefetch {
-                    at: if t == 0 && ob + 1 < first_widened {
+                    at: if t == 0 && o + 2 * NB <= out {
                         w.as_ptr().wrapping_add((o + NB) * inp + k0).cast()
                     } else {
                         std::ptr::null()
                     },
                     row: inp * size_of::<W>(),
+                    per_k: size_of::<W>(),
                 };
                 // SAFETY: this function's contract gives the features and the lengths of x
                 // and y; `rows_w` holds NB rows of `kc` values at stride `ws` (an f32 block
-                // in place: rows o..o+NB <= out, columns k0..k0+kc <= inp; or a block of
-                // `scratch`, NB rows of kc); 1 <= nb <= NB; the block's `v` token vectors
+                // in place: rows o..o+NB <= out, columns k0..k0+kc <= inp; or the scratch,
+                // NB rows of kc); 1 <= nb <= NB; the block's `v` token vectors
                 // (1 <= v <= T) start at token 16·v0 < rows and each holds at least one
                 // token (v0 + v <= vectors = ceil(rows / 16)); y's lines o..o+nb hold `rows`
                 // values each. `pf` is only prefetched.
@@ -130,6 +119,7 @@ pub unsafe fn linear<W: Weight>(
                         pf,
                     )
                 };
+                o += nb;
             }
             v0 += v;
         }
@@ -137,9 +127,9 @@ pub unsafe fn linear<W: Weight>(
     }
 }
 
-/// The most values [`linear`] grows `wide` to (an f16 weight's chunk).
-pub fn scratch(out: usize, inp: usize) -> usize {
-    out.div_ceil(NB) * NB * inp.min(KC)
+/// The most values [`linear`] grows `wide` to: one block's chunk of rows.
+pub fn scratch(_out: usize, inp: usize) -> usize {
+    NB * inp.min(KC)
 }
 
 /// `wide`, grown to at least `len` values.
@@ -166,13 +156,14 @@ struct Rows<'a> {
     ws: usize,
 }
 
-/// The weight rows a tile asks for as it runs: NB rows of `row` bytes apart from `at` on (none
-/// when `at` is null), a line of each every 16 values of `k`, which is as many lines as an f32
-/// row's chunk has. A prefetch never faults, so the pointer needs no contract.
+/// The weight rows a tile asks for as it runs: NB rows `row` bytes apart from `at` on (none
+/// when `at` is null), `per_k` bytes per value of `k`, a line of each row every 16 values (an
+/// f16 row's line twice). A prefetch never faults, so the pointer needs no contract.
 #[derive(Clone, Copy)]
 struct Prefetch {
     at: *const u8,
     row: usize,
+    per_k: usize,
 }
 
 /// A tile of NB outputs by `v` token vectors for rows `ws` apart: specialised for BERT's
@@ -256,7 +247,7 @@ unsafe fn tile<const V: usize, const WS: usize>(
         if !pf.at.is_null() {
             for j in 0..NB {
                 // A prefetch never faults, and `wrapping_add` makes no claim on the address.
-                let line = pf.at.wrapping_add(j * pf.row + k0 * 4);
+                let line = pf.at.wrapping_add(j * pf.row + k0 * pf.per_k);
                 _mm_prefetch::<_MM_HINT_T0>(line.cast());
             }
         }

@@ -331,8 +331,7 @@ pub fn linear_rows_with<W: Weight>(
 pub const COLS_KERNEL_MIN_ROWS: usize = 20;
 
 /// The most values [`linear_cols`] grows its scratch `wide` to for `out` outputs of `inp`
-/// inputs: one chunk of every output's weight row (as many outputs as fill whole blocks, times
-/// 128 inputs), widened from f16. With MiniLM's feed-forward layer, 1536 × 128 values, 768 KiB.
+/// inputs: one block's chunk of weight rows widened from f16 (8 × 128 values, 4 KiB).
 pub fn linear_cols_scratch(out: usize, inp: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     return cols_avx512::scratch(out, inp);
