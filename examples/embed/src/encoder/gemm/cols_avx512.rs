@@ -56,10 +56,13 @@ pub unsafe fn linear<W: Weight>(
     // fewer multiply-adds per load than one of two or three).
     let vectors = rows.div_ceil(16);
     let token_blocks = vectors.div_ceil(T);
-    let scratch = wide_to(wide, NB * inp.min(KC));
+    // One token block reads its activations from L2 anyway: then k runs whole, so that each
+    // weight row streams from memory in one piece, which the hardware prefetcher follows.
+    let chunk = if token_blocks == 1 { inp } else { KC };
+    let scratch = wide_to(wide, NB * inp.min(chunk));
     let mut k0 = 0;
     while k0 < inp {
-        let kc = (inp - k0).min(KC);
+        let kc = (inp - k0).min(chunk);
         let mut v0 = 0;
         for t in 0..token_blocks {
             let v = (vectors - v0) / (token_blocks - t);
@@ -129,7 +132,7 @@ pub unsafe fn linear<W: Weight>(
 
 /// The most values [`linear`] grows `wide` to: one block's chunk of rows.
 pub fn scratch(_out: usize, inp: usize) -> usize {
-    NB * inp.min(KC)
+    NB * inp
 }
 
 /// `wide`, grown to at least `len` values.
