@@ -11,6 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# A CI checkout builds once: incremental caches would only take disk (several GiB here).
+if [[ "${CI:-}" == true ]]; then
+    export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+fi
 jobs="${CARGO_BUILD_JOBS:-2}"
 export CARGO_BUILD_JOBS="$jobs"
 venv="$PWD/.venv-python"

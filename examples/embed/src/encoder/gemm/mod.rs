@@ -267,6 +267,23 @@ pub fn linear_rows<W: Weight>(xt: &[f32], rows: usize, w: &[W], b: &[f32], y: &m
     linear_rows_with(dot_kernel(), xt, rows, w, b, y);
 }
 
+/// The inputs of a linear layer of `out` outputs whose weight holds `w` values, after checking
+/// that its input (`x` values, `rows` rows) and output (`y` values) hold the shapes; `kernel`
+/// names the caller in the panic (a bug in the caller).
+fn layer_inputs(kernel: &str, x: usize, rows: usize, w: usize, out: usize, y: usize) -> usize {
+    assert!(out > 0, "a linear layer has outputs");
+    assert!(
+        w.is_multiple_of(out),
+        "weight of {w} values for {out} outputs"
+    );
+    let inp = w / out;
+    assert!(
+        x >= rows * inp && y >= out * rows,
+        "{kernel}: {rows} rows of {inp} in, {out} out: input {x} values, output {y}"
+    );
+    inp
+}
+
 /// [`linear_rows`] with the kernel `kernel`; one the processor lacks computes with the plain
 /// loop instead.
 pub fn linear_rows_with<W: Weight>(
@@ -278,19 +295,7 @@ pub fn linear_rows_with<W: Weight>(
     y: &mut [f32],
 ) {
     let out = b.len();
-    assert!(out > 0, "a linear layer has outputs");
-    assert!(
-        w.len().is_multiple_of(out),
-        "weight of {} values for {out} outputs",
-        w.len()
-    );
-    let inp = w.len() / out;
-    assert!(
-        xt.len() >= rows * inp && y.len() >= out * rows,
-        "linear_rows: {rows} rows of {inp} in, {out} out: input {} values, output {}",
-        xt.len(),
-        y.len()
-    );
+    let inp = layer_inputs("linear_rows", xt.len(), rows, w.len(), out, y.len());
     #[cfg(target_arch = "x86_64")]
     {
         let widest = widest_kernel();
@@ -375,19 +380,7 @@ pub fn linear_cols_with<W: Weight>(
     wide: &mut Vec<f32>,
 ) {
     let out = b.len();
-    assert!(out > 0, "a linear layer has outputs");
-    assert!(
-        w.len().is_multiple_of(out),
-        "weight of {} values for {out} outputs",
-        w.len()
-    );
-    let inp = w.len() / out;
-    assert!(
-        x.len() >= rows * inp && y.len() >= out * rows,
-        "linear_cols: {rows} rows of {inp} in, {out} out: input {} values, output {}",
-        x.len(),
-        y.len()
-    );
+    let inp = layer_inputs("linear_cols", x.len(), rows, w.len(), out, y.len());
     if rows == 0 {
         return;
     }
