@@ -1,8 +1,8 @@
 //! The AVX-512 kernel of [`super::linear_cols`]: a linear layer over many token rows (a batch
 //! of texts), computed on the feature-major activations as they are, with the vectors running
 //! along the tokens. `y[o][r..r + 16]` is one register: for each `k`, one load of
-//! `x[k][r..r + 16]` is multiplied by `w[o][k]` broadcast from the weight row (the broadcast
-//! folds into the fused multiply-add as a memory operand), for [`NB`] = 8 outputs and up to
+//! `x[k][r..r + 16]` is multiplied by `w[o][k]` broadcast from the weight row (a load-port
+//! instruction, no shuffle), for [`NB`] = 8 outputs and up to
 //! [`T`] = 3 token vectors at once, 24 sums in registers. No horizontal sums, no transpose of
 //! the activations, no packing of an f32 weight, which is read in place. The last token vector
 //! of a block is masked, so any row count is exact.
@@ -11,9 +11,12 @@
 //! the blocks of outputs: a token block's activations (48 × `KC`, 24 KiB) stay in L1 while every
 //! block of outputs reads them, and the weight's `KC` columns (a few hundred KiB) stay in L2
 //! while every token block reads them, so each weight value comes from memory once per call.
-//! The sums go to `y` between chunks of `k`. An f16 weight's block is widened into a 4 KiB
-//! scratch (`wide`) as it is reached, once per token block; so is the last block of an f32
-//! weight whose outputs are no multiple of [`NB`], padded with zero rows.
+//! The sums go to `y` between chunks of `k`. A call of one token block (up to 48 rows: one
+//! text) runs `k` whole instead: its activations come from L2 either way, and a whole weight row
+//! is one stream, which the hardware prefetcher follows. An f16 weight's block is widened into a
+//! scratch (`wide`, 8 rows of the chunk: 4 KiB, or 8 whole rows) as it is reached, once per
+//! token block; so is the last block of an f32 weight whose outputs are no multiple of [`NB`],
+//! padded with zero rows.
 //!
 //! Why not the dot kernel (`dot_avx512`) for batches: its tiles sum along `k`, re-read every
 //! token row once per weight triple and end with horizontal sums. Why not the `gemm` crate: on

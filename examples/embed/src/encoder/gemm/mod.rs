@@ -330,13 +330,14 @@ pub fn linear_rows_with<W: Weight>(
 
 /// Rows from which [`linear_cols`] beats [`linear_rows`] on AVX-512 processors, measured with
 /// `examples/linear_bench.rs` on this model's shapes (Xeon with AVX-512, weights from memory):
-/// at 24 rows 57-87 GFLOP/s against 37-74 for the dot kernel, at 96 rows 74-122 against 40-52
-/// (and 40-67 for the `gemm` crate); at 12-17 rows they are even, and below the dot kernel
-/// wins (a token vector there is mostly empty lanes).
+/// at 24 rows 55-87 GFLOP/s against 37-74 for the dot kernel, at 96 rows 74-122 against 40-60
+/// (and 40-67 for the `gemm` crate); at 12-17 rows they are even (the token-vector kernel
+/// ahead on the 1536-input layer, behind on the others: in the one-text forward pass the two
+/// came out even), and below the dot kernel wins (a token vector there is mostly empty lanes).
 pub const COLS_KERNEL_MIN_ROWS: usize = 20;
 
 /// The most values [`linear_cols`] grows its scratch `wide` to for `out` outputs of `inp`
-/// inputs: one block's chunk of weight rows widened from f16 (8 × 128 values, 4 KiB).
+/// inputs: one block of weight rows widened from f16 (8 rows of `inp`, 48 KiB at 1536 inputs).
 pub fn linear_cols_scratch(out: usize, inp: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     return cols_avx512::scratch(out, inp);
