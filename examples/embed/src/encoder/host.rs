@@ -4,11 +4,12 @@
 //! of it is copied. The compute copy is f32, or, in the owner's `--host-weights f16` form, has
 //! its matrices (linear weights, embedding tables) in f16 and its vectors (biases, LayerNorm)
 //! in f32: the kernels widen an f16 matrix as they load it and sum in f32, so that form streams
-//! half the bytes per text ([`Tensor`]). Linear layers compute `x · Wᵀ + b` over the weight as torch stores it
-//! ([`super::gemm`]): on AVX-512 processors a batch (from [`super::gemm::COLS_KERNEL_MIN_ROWS`]
-//! word pieces) with vectors along the tokens, reading the weight in place; up to
-//! [`super::gemm::DOT_KERNEL_MAX_ROWS`] word pieces with a packing-free register tile, more with
-//! the `gemm` crate over strided views, so the transposed weight is a view, not a copy. Per-request activations live in one scratch space per encoder, allocated
+//! half the bytes per text ([`Tensor`]). Linear layers compute `x · Wᵀ + b` over the weight as
+//! torch stores it ([`super::gemm`]): on AVX-512 processors a batch (from
+//! [`super::gemm::COLS_KERNEL_MIN_ROWS`] word pieces) with vectors along the tokens, reading the
+//! weight in place; up to [`super::gemm::DOT_KERNEL_MAX_ROWS`] word pieces with a packing-free
+//! register tile; more with the `gemm` crate over strided views, so the transposed weight is a
+//! view, not a copy. Per-request activations live in one scratch space per encoder, allocated
 //! once and grown to the largest chunk seen, so a steady stream of requests allocates nothing
 //! in the forward pass.
 //!
@@ -638,7 +639,7 @@ mod tests {
                 &mut wide,
             );
             assert!(
-                wide.len() <= (WIDE_ROWS * inp).max(gemm::linear_cols_scratch(out, inp)),
+                wide.len() <= (WIDE_ROWS * inp).max(gemm::linear_cols_scratch(inp)),
                 "widened {} values",
                 wide.len()
             );

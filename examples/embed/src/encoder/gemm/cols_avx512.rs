@@ -134,7 +134,7 @@ pub unsafe fn linear<W: Weight>(
 }
 
 /// The most values [`linear`] grows `wide` to: one block's chunk of rows.
-pub fn scratch(_out: usize, inp: usize) -> usize {
+pub fn scratch(inp: usize) -> usize {
     NB * inp
 }
 

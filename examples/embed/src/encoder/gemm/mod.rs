@@ -336,11 +336,11 @@ pub fn linear_rows_with<W: Weight>(
 /// came out even), and below the dot kernel wins (a token vector there is mostly empty lanes).
 pub const COLS_KERNEL_MIN_ROWS: usize = 20;
 
-/// The most values [`linear_cols`] grows its scratch `wide` to for `out` outputs of `inp`
-/// inputs: one block of weight rows widened from f16 (8 rows of `inp`, 48 KiB at 1536 inputs).
-pub fn linear_cols_scratch(out: usize, inp: usize) -> usize {
+/// The most values [`linear_cols`] grows its scratch `wide` to for a layer of `inp` inputs:
+/// one block of weight rows widened from f16 (8 rows of `inp`, 48 KiB at 1536 inputs).
+pub fn linear_cols_scratch(inp: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    return cols_avx512::scratch(out, inp);
+    return cols_avx512::scratch(inp);
     #[cfg(not(target_arch = "x86_64"))]
     0
 }
@@ -394,9 +394,9 @@ pub fn linear_cols_with<W: Weight>(
     #[cfg(target_arch = "x86_64")]
     if kernel == DotKernel::Avx512 && widest_kernel() == DotKernel::Avx512 {
         // SAFETY: the processor has AVX-512F with AVX2, FMA and F16C (`widest_kernel`, checked
-        // at run time just above), and the asserts above establish the lengths `cols_avx512` relies on:
-        // `w` holds `out × inp` values, `x` at least `inp × rows`, `y` at least `out × rows`;
-        // rows and inp are not 0.
+        // at run time just above), and `layer_inputs` checked the lengths `cols_avx512` relies
+        // on: `w` holds `out × inp` values, `x` at least `inp × rows`, `y` at least
+        // `out × rows`; rows and inp are not 0 (returned above otherwise).
         unsafe { cols_avx512::linear(x, rows, inp, w, b, y, wide) };
         return;
     }
@@ -682,7 +682,7 @@ mod tests {
             check_cols_sums(kernel, &x, rows, &w, &b, &y);
             linear_cols_with(kernel, &x, rows, &w16, &b, &mut y, &mut wide);
             check_cols_sums(kernel, &x, rows, &w16, &b, &y);
-            assert!(wide.len() <= linear_cols_scratch(out, inp).max(1));
+            assert!(wide.len() <= linear_cols_scratch(inp).max(1));
             // Past the outputs nothing is written.
             assert!(y[out * rows..].iter().all(|v| v.is_nan()));
         }
