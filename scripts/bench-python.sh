@@ -4,7 +4,7 @@
 #
 #   scripts/bench-python.sh [--workers N] [--duration S] [--trials K] [--out DIR]
 #                           [--baselines "seed preload"] [--torch-threads T]
-#                           [--zygote-threads N]
+#                           [--zygote-threads N] [--zygote-spares "0 1"]
 #
 # For each service, in turn, alone on the machine: start it and time start -> every worker
 # answering (embedctl.py wait-ready); warm up 5 s; total PSS of its process tree
@@ -28,7 +28,10 @@
 # workers). --zygote-threads N (default 1) is each zygote worker's request threads (`zygote
 # start --threads`): one, like the sync gunicorn worker of the baselines, which serves one
 # request at a time; more threads in one worker contend for the GIL between torch's ops. No
-# timed assertion: it prints figures.
+# timed assertion: it prints figures. --zygote-spares LIST (default "0 1") runs the zygote service
+# once per value K, with `--spares K` (warm spares: a kill's replacement is a spare already
+# forked and bound, activated; the total PSS then counts the K spares too); each kill then
+# waits for a ready spare first (the pool refills a second after an activation).
 #
 # Needs: scripts/baseline/setup.sh (baseline venv, wrk), scripts/python-setup.sh (the zygote
 # package's venv), target/release/zygote (or ZYGOTE_BIN). Every process it starts runs in
@@ -43,6 +46,7 @@ trials=3
 baselines="seed preload"
 torch_threads=1
 zygote_threads=1
+zygote_spares="0 1"
 out="$repo/bench-out/python-$(date -u +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -53,7 +57,8 @@ while [[ $# -gt 0 ]]; do
         --baselines) baselines="$2"; shift 2 ;;
         --torch-threads) torch_threads="$2"; shift 2 ;;
         --zygote-threads) zygote_threads="$2"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --zygote-spares) zygote_spares="$2"; shift 2 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) echo "bench-python.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -175,20 +180,27 @@ for b in $baselines; do
     port=$((port + 1))
 done
 
-rdir="$out/zygote-rt"
-since="$(date +%s.%N)"
-HF_HUB_OFFLINE=1 PATH="$pyvenv/bin:$PATH" setsid "$zbin" start --model "$model" \
-    --app main:app --app-dir "$repo/examples/python/seed002" --workers "$workers" \
-    --threads "$zygote_threads" --backend host --listen "127.0.0.1:$port" --runtime-dir "$rdir" >"$out/zygote.log" 2>&1 &
-sup=$!
-pgids+=("$sup")
-RESTART_ARGS="--zygote $zbin --runtime-dir $rdir --log $out/zygote.log" \
-    RELOAD="$zbin reload --runtime-dir $rdir >/dev/null" LOG="$out/zygote.log" \
-    PIDS="python3 $here/bench-embed/serving_workers.py $zbin $rdir" \
-    measure "zygote --app" "http://127.0.0.1:$port" "$sup" "$since" \
-    --zygote "$zbin" --runtime-dir "$rdir"
-kill -TERM "$sup" 2>/dev/null || true
-wait "$sup" 2>/dev/null || true
+for k in $zygote_spares; do
+    name="zygote --app"
+    [[ "$k" != 0 ]] && name="zygote --app --spares $k"
+    rdir="$out/zygote-rt-s$k"
+    zlog="$out/zygote-s$k.log"
+    since="$(date +%s.%N)"
+    HF_HUB_OFFLINE=1 PATH="$pyvenv/bin:$PATH" setsid "$zbin" start --model "$model" \
+        --app main:app --app-dir "$repo/examples/python/seed002" --workers "$workers" \
+        --threads "$zygote_threads" --spares "$k" --backend host --listen "127.0.0.1:$port" \
+        --runtime-dir "$rdir" >"$zlog" 2>&1 &
+    sup=$!
+    pgids+=("$sup")
+    RESTART_ARGS="--zygote $zbin --runtime-dir $rdir --log $zlog" \
+        RELOAD="$zbin reload --runtime-dir $rdir >/dev/null" LOG="$zlog" \
+        PIDS="python3 $here/bench-embed/serving_workers.py $zbin $rdir" \
+        measure "$name" "http://127.0.0.1:$port" "$sup" "$since" \
+        --zygote "$zbin" --runtime-dir "$rdir"
+    kill -TERM "$sup" 2>/dev/null || true
+    wait "$sup" 2>/dev/null || true
+    port=$((port + 1))
+done
 
 {
     echo "seed 002 app, $workers workers, $(getconf _NPROCESSORS_ONLN) cores, torch threads ${torch_threads/#0/default}," \

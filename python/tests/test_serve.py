@@ -456,21 +456,26 @@ def test_a_python_spare_answers_nothing_until_a_dead_worker_leaves_it_the_slot(s
     (spare,) = wait_for("a ready spare", spares, 120, s.log)
     assert ppid(spare) == s.template_pid(), "the spare forks from the template too"
     (worker,) = s.worker_pids()
-    answered = {int(get(s.url + "/info")[1]["x-worker-pid"]) for _ in range(20)}
-    assert answered == {worker}, "the spare accepts nothing"
+    answers = [get(s.url + "/info") for _ in range(20)]
+    assert {int(a[1]["x-worker-pid"]) for a in answers} == {worker}, "the spare accepts nothing"
+    assert not json.loads(answers[0][2])["warmed"], "a worker started into its slot skips warmup"
     os.kill(worker, signal.SIGKILL)
 
     def first_answer():
         try:
-            return int(get(s.url + "/info", timeout=5)[1]["x-worker-pid"])
+            _, headers, body = get(s.url + "/info", timeout=5)
+            return int(headers["x-worker-pid"]), json.loads(body)["warmed"]
         except OSError:
             return None
 
-    assert wait_for("an answer after the kill", first_answer, 60, s.log) == spare
+    assert wait_for("an answer after the kill", first_answer, 60, s.log) == (spare, True), (
+        "the activated spare answers, having run its warmup before it was ready"
+    )
     assert s.worker_pids() == [spare], "the spare took worker 0's slot"
     (refill,) = wait_for(
         "the pool refilled", lambda: [p for p in spares() if p != spare], 120, s.log
     )
     assert refill not in (spare, worker)
     assert "activated as worker 0" in s.text()
+    assert "warmup done in" in s.text()
     assert s.stop() == 0

@@ -51,6 +51,8 @@ __all__ = [
     "model_dir",
     "post_fork",
     "run_post_fork",
+    "run_warmup",
+    "warmup",
     "weights",
     "worker",
 ]
@@ -60,6 +62,7 @@ _worker: Worker | None = None
 _connection: Connection | None = None
 _weights: Weights | None = None
 _post_fork: list[Callable[[], object]] = []
+_warmup: list[Callable[[], object]] = []
 
 
 def post_fork(fn: Callable[[], object]) -> Callable[[], object]:
@@ -76,6 +79,29 @@ def post_fork(fn: Callable[[], object]) -> Callable[[], object]:
 def run_post_fork() -> None:
     """Runs the registered :func:`post_fork` functions, in order (the worker runner calls it)."""
     for fn in list(_post_fork):
+        fn()
+
+
+def warmup(fn: Callable[[], object]) -> Callable[[], object]:
+    """Registers ``fn`` to run in every warm spare (``zygote start --spares K``) after the
+    :func:`post_fork` functions and before it reports ready: typically one request's work
+    (``model.encode(["warm up"])``), so that the first answer after an activation costs what
+    any answer costs.
+
+    Why spares only: a process's first request is slower than the next ones (the first touch
+    of the shared weights and of the interpreter's copied-on-write heap, the libraries' lazy
+    set-up), and a spare has the time to pay that while it waits. A worker started to take a
+    slot now would pay the same before it is ready, so it skips these functions and its first
+    request pays instead. Functions run in the order they were registered; one that raises
+    stops the spare before it is ready, with its traceback in the log.
+    """
+    _warmup.append(fn)
+    return fn
+
+
+def run_warmup() -> None:
+    """Runs the registered :func:`warmup` functions, in order (a spare's runner calls it)."""
+    for fn in list(_warmup):
         fn()
 
 

@@ -5,7 +5,8 @@ entry). In order, it:
 
 1. attaches to the supervisor (:func:`zygote.attach`);
 2. imports ``MODULE`` (``--app-dir`` first on ``sys.path``) and takes ``ATTR``, the app;
-3. runs the app's :func:`zygote.post_fork` functions (where it binds its model);
+3. runs the app's :func:`zygote.post_fork` functions (where it binds its model), and in a
+   warm spare its :func:`zygote.warmup` functions;
 4. starts the control thread (heartbeats every second, also while a request computes; the
    drain request);
 5. serves the supervisor's listeners with uvicorn (ASGI apps as they are, WSGI apps through
@@ -14,7 +15,7 @@ entry). In order, it:
 6. on drain: stops accepting, finishes the requests in flight and exits 0.
 
 Every answer carries ``X-Worker-Pid``. A failure before ready (the app does not import, a
-``post_fork`` function raises) is logged with its traceback and ends the worker with a
+``post_fork`` or ``warmup`` function raises) is logged with its traceback and ends the worker with a
 non-zero code; the supervisor retries and, when it keeps failing, stops the start as a crash
 loop with that error in its log.
 """
@@ -383,6 +384,18 @@ def run_worker(
         since_fork,
         threading.active_count(),
     )
+    if worker.spare and zygote._warmup:
+        began = time.monotonic()
+        try:
+            zygote.run_warmup()
+        except BaseException:
+            log.error(
+                "a @zygote.warmup function of %s raised; this spare exits:\n%s",
+                spec,
+                traceback.format_exc().rstrip(),
+            )
+            return EXIT_POST_FORK
+        log.info("warmup done in %.0f ms", (time.monotonic() - began) * 1000)
     return serve(worker, app, threads=threads, interface=interface, generation=generation)
 
 

@@ -194,7 +194,9 @@ class AnswerWatch:
         while not self.stop.is_set():
             try:
                 status, pid = post_embed(self.host, self.port, timeout=5)
-            except OSError:
+            except (OSError, http.client.HTTPException):
+                # A killed worker's connection: refused, reset, or cut in the middle of an
+                # answer (IncompleteRead). The poller goes on.
                 status, pid = None, None
             now = time.time()
             if status == 200 and pid is not None:
@@ -286,7 +288,26 @@ def ready_in_log(path, pid, t0, wait=1.0):
         time.sleep(0.02)
 
 
+def wait_spare_ready(args, timeout=30.0):
+    """With warm spares (`zygote start --spares K`), waits until one is ready, so that every
+    trial's kill finds the pool refilled after the previous trial's activation (the refill
+    starts a second after it). Returns the seconds waited, or None without spares."""
+    deadline = time.time() + timeout
+    t0 = time.time()
+    while True:
+        st = zygote_status(args.zygote, args.runtime_dir)
+        spares = [p for p in st.get("processes", []) if p.get("role") == "spare"]
+        if not spares:
+            return None
+        if any(p.get("state") == "ready" for p in spares):
+            return round(time.time() - t0, 2)
+        if time.time() >= deadline:
+            raise RuntimeError(f"no spare ready within {timeout} s")
+        time.sleep(0.05)
+
+
 def restart_zygote(args, host, port):
+    spare_wait = wait_spare_ready(args)
     st = zygote_status(args.zygote, args.runtime_dir)
     workers = zygote_workers(st)
     serving = sorted(
@@ -324,6 +345,8 @@ def restart_zygote(args, host, port):
                         "serving_ms": round((answered - t0) * 1000, 1),
                         "method": "first answer from the new pid",
                     }
+                    if spare_wait is not None:
+                        trial["spare_wait_s"] = spare_wait
                     if args.log:
                         trial["ready_ms"] = ready_in_log(args.log, new_pid, t0)
                     return trial

@@ -25,6 +25,7 @@ with zygote.torch.skeleton():
 @zygote.post_fork
 def bind():
     zygote.torch.bind(m3e[0].auto_model)
+zygote.warmup(lambda: m3e.encode(["warm up"]))
 
 @app.route('/embed', methods=['POST'])
 def embed():

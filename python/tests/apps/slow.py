@@ -1,4 +1,5 @@
-"""A test app (Flask): slow and busy requests, and what the worker sees of the weights."""
+"""A test app (Flask): slow and busy requests, what the worker sees of the weights, and
+whether it ran its warmup (a spare does, a worker started into its slot does not)."""
 
 import os
 import sys
@@ -21,6 +22,13 @@ def remember() -> None:
     seen["modules_at_fork"] = sorted(
         m for m in sys.modules if m.split(".")[0] in ("uvicorn", "a2wsgi")
     )
+    seen["warmed"] = False
+
+
+@zygote.warmup
+def warm() -> None:
+    # Runs after post_fork in a warm spare only.
+    seen["warmed"] = True
 
 
 @app.route("/info")
