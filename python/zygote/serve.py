@@ -348,6 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
+def _run_app_hooks(run: Callable[[], None], decorator: str, spec: str, who: str) -> bool:
+    """Runs the app's functions registered with ``@zygote.<decorator>``; on an exception logs
+    it with its traceback and returns False (the worker then exits before ready)."""
+    try:
+        run()
+    except BaseException:
+        log.error(
+            "a @zygote.%s function of %s raised; %s exits:\n%s",
+            decorator,
+            spec,
+            who,
+            traceback.format_exc().rstrip(),
+        )
+        return False
+    return True
+
+
 def run_worker(
     worker: zygote.Worker,
     app: Any,
@@ -363,14 +380,7 @@ def run_worker(
         zygote._adopt_forked(worker)
         setup_logging(f"worker {worker.id}")
     began = time.monotonic()
-    try:
-        zygote.run_post_fork()
-    except BaseException:
-        log.error(
-            "a @zygote.post_fork function of %s raised; this worker exits:\n%s",
-            spec,
-            traceback.format_exc().rstrip(),
-        )
+    if not _run_app_hooks(zygote.run_post_fork, "post_fork", spec, "this worker"):
         return EXIT_POST_FORK
     generation = None
     if zygote._weights is not None:
@@ -386,14 +396,7 @@ def run_worker(
     )
     if worker.spare and zygote._warmup:
         began = time.monotonic()
-        try:
-            zygote.run_warmup()
-        except BaseException:
-            log.error(
-                "a @zygote.warmup function of %s raised; this spare exits:\n%s",
-                spec,
-                traceback.format_exc().rstrip(),
-            )
+        if not _run_app_hooks(zygote.run_warmup, "warmup", spec, "this spare"):
             return EXIT_POST_FORK
         log.info("warmup done in %.0f ms", (time.monotonic() - began) * 1000)
     return serve(worker, app, threads=threads, interface=interface, generation=generation)
