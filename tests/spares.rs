@@ -33,6 +33,17 @@ fn ready_spare(svc: &Service, not: Option<i32>) -> i32 {
     })
 }
 
+/// A process's `comm` and the title its argument area shows (up to the first NUL).
+fn title(pid: i32) -> (String, String) {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let first = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    (
+        comm.trim().to_string(),
+        String::from_utf8_lossy(first).into_owned(),
+    )
+}
+
 #[test]
 fn a_spare_answers_nothing_until_a_killed_worker_leaves_it_the_slot_and_the_pool_refills() {
     let test =
@@ -53,6 +64,10 @@ fn a_spare_answers_nothing_until_a_killed_worker_leaves_it_the_slot_and_the_pool
     assert!(
         svc.log_tail().contains("waiting for activation"),
         "the spare said it waits"
+    );
+    assert_eq!(
+        title(spare),
+        ("zygote-w1000".into(), "zygote: worker 1000".into())
     );
     // Both hold the same listener: a spare that accepted would answer some of these.
     for i in 0..40 {
@@ -78,6 +93,11 @@ fn a_spare_answers_nothing_until_a_killed_worker_leaves_it_the_slot_and_the_pool
     assert_eq!(workers[0].restart_reasons.signal, 1, "{s:?}");
     let log = svc.log_tail();
     assert!(log.contains("activated"), "{log}");
+    assert_eq!(
+        title(spare),
+        ("zygote-w0".into(), "zygote: worker 0".into()),
+        "ps names the slot the activated spare serves"
+    );
     let refill = ready_spare(&svc, Some(spare));
     assert_ne!(refill, worker);
     for _ in 0..20 {

@@ -472,6 +472,8 @@ def test_a_python_spare_answers_nothing_until_a_dead_worker_leaves_it_the_slot(s
         "the activated spare answers, having run its warmup before it was ready"
     )
     assert s.worker_pids() == [spare], "the spare took worker 0's slot"
+    comm = Path(f"/proc/{spare}/comm").read_text().strip()
+    assert comm == "zygote-w0", f"ps names the slot the activated spare serves: {comm}"
     (refill,) = wait_for(
         "the pool refilled", lambda: [p for p in spares() if p != spare], 120, s.log
     )

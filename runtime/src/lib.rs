@@ -25,6 +25,7 @@
 //! - [`lifeline`]: ties a child's life to its control channel (an `unsafe` leaf).
 //! - [`pageout`]: the app template hands back the library pages only its import touched.
 //! - [`pidfd`]: process fds (rustix), opened by the zygote and used to signal children.
+//! - [`proctitle`]: the title `ps` shows for a child (an `unsafe` leaf).
 //! - [`logging`]: a `log` backend that tags every line with the process that wrote it.
 
 #![deny(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod model;
 pub mod pageout;
 pub mod pidfd;
 pub mod procfs;
+pub mod proctitle;
 pub mod protocol;
 pub mod rundir;
 pub mod safetensors;

@@ -466,9 +466,9 @@ impl Worker {
                 Some(ParentMessage::Activate { worker }) => {
                     self.info.spare = false;
                     self.info.worker = worker;
-                    // Its lines name the slot it serves from now on (its process title still
-                    // shows the spawn's id).
+                    // Its lines and its process title name the slot it serves from now on.
                     crate::logging::set_tag(&format!("worker {worker}"));
+                    crate::proctitle::set(&format!("zygote: worker {worker}"));
                     return Ok(Activation::Serve);
                 }
                 Some(ParentMessage::Drain { .. }) => return Ok(Activation::Drained),

@@ -1,6 +1,6 @@
 //! Forking a child and cleaning it up before its entry runs. This is an `unsafe` leaf: `fork`,
-//! raw fd placement, signal dispositions and the process title live here and nowhere
-//! else.
+//! raw fd placement and signal dispositions live here and nowhere else (the process title is
+//! written by [`zygote_runtime::proctitle`], which a spare uses again when it is activated).
 //!
 //! What a child has when its entry starts (the "child hygiene" of the design):
 //!
@@ -319,7 +319,7 @@ fn setup(plan: ChildPlan<'_>, status: &mut StatusPipe) -> Result<(), SetupError>
     std::mem::forget((stdin, stdout, stderr, plan.control, plan.listeners));
     close_from(status_fd + 1).map_err(|e| ("fds", format!("close_range: {e}")))?;
     reset_signals().map_err(|e| ("signals", e))?;
-    set_title(&plan.title);
+    zygote_runtime::proctitle::set(&plan.title);
     // SAFETY: CONTROL_FD was placed above and stays open for the life of the child.
     let control = unsafe { BorrowedFd::borrow_raw(CONTROL_FD) };
     zygote_runtime::lifeline::arm(control).map_err(|e| ("lifeline", e.to_string()))?;
@@ -405,45 +405,6 @@ fn reset_reserved_signal(sig: i32) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Sets `comm` (15 bytes) and rewrites the argument area that `ps` shows.
-fn set_title(title: &str) {
-    let comm = title
-        .replace("zygote: ", "zygote-")
-        .replace("worker ", "w")
-        .replace("owner ", "o");
-    if let Ok(c) = CString::new(comm.chars().take(15).collect::<String>()) {
-        let _ = nix::sys::prctl::set_name(&c);
-    }
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return;
-    };
-    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return;
-    };
-    // Fields after the comm start at field 3; arg_start and arg_end are fields 48 and 49.
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let (Some(start), Some(end)) = (
-        fields.get(45).and_then(|s| s.parse::<usize>().ok()),
-        fields.get(46).and_then(|s| s.parse::<usize>().ok()),
-    ) else {
-        return;
-    };
-    if end <= start {
-        return;
-    }
-    let len = end - start;
-    let bytes = title.as_bytes();
-    let n = bytes.len().min(len - 1);
-    let p = start as *mut u8;
-    // SAFETY: [arg_start, arg_end) is this process's own argument block on its stack, mapped
-    // and writable for the life of the process; `n < len`, so we write within it. Nothing in
-    // the child reads the old arguments after this point (the entry gets its arguments from
-    // the attach info).
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, n) };
-    // SAFETY: as above: bytes n..len of the same block, zeroed so `ps` ends the title there.
-    unsafe { std::ptr::write_bytes(p.wrapping_add(n), 0, len - n) };
 }
 
 #[cfg(test)]
