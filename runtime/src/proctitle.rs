@@ -9,6 +9,11 @@
 
 use std::ffi::CString;
 
+/// The title of a child in `role` (`worker 3`, `owner 0`): `zygote: worker 3`.
+pub fn title_for(role: &str) -> String {
+    format!("zygote: {role}")
+}
+
 /// Sets `comm` (15 bytes: `zygote-w3`) and rewrites the argument area that `ps` shows
 /// (`zygote: worker 3`).
 pub fn set(title: &str) {

@@ -468,7 +468,9 @@ impl Worker {
                     self.info.worker = worker;
                     // Its lines and its process title name the slot it serves from now on.
                     crate::logging::set_tag(&format!("worker {worker}"));
-                    crate::proctitle::set(&format!("zygote: worker {worker}"));
+                    crate::proctitle::set(&crate::proctitle::title_for(&format!(
+                        "worker {worker}"
+                    )));
                     return Ok(Activation::Serve);
                 }
                 Some(ParentMessage::Drain { .. }) => return Ok(Activation::Drained),

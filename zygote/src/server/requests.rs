@@ -350,7 +350,7 @@ impl Server {
         };
         let plan = ChildPlan {
             tag: role.clone(),
-            title: format!("zygote: {role}"),
+            title: zygote_runtime::proctitle::title_for(&role),
             info,
             entry,
             stdio: [stdin, stdout, stderr],
