@@ -70,9 +70,10 @@ pub struct StartArgs {
     /// CUDA IPC mechanism: auto, vmm or legacy.
     #[arg(long, default_value = "auto")]
     pub ipc: IpcChoice,
-    /// The form of the host backend's one compute copy: f32 (every float tensor in f32), or
-    /// f16 (matrices in f16, half the bytes; biases and norms f32), for an app whose kernels
-    /// read f16 (the example app's do; the Python torch layer refuses it).
+    /// The form of the host backend's one compute copy: f32 (every float tensor in f32), f16
+    /// (matrices in f16, half the bytes; biases and norms f32) or bf16 (matrices in bf16, for a
+    /// bf16 matrix unit such as AMX), for an app whose kernels read them (the example app's
+    /// do; the Python torch layer refuses both).
     #[arg(long, default_value = "f32")]
     pub host_weights: HostWeightsForm,
     /// GPUs to use, e.g. 0,1 (one owner per device; workers spread across them).
@@ -295,12 +296,14 @@ mod tests {
     }
 
     #[test]
-    fn host_weights_default_to_f32_and_take_f16() {
+    fn host_weights_default_to_f32_and_take_f16_and_bf16() {
         assert_eq!(start(&[]).unwrap().host_weights, HostWeightsForm::F32);
         let a = start(&["--host-weights", "f16"]).unwrap();
         assert_eq!(a.host_weights, HostWeightsForm::F16);
+        let a = start(&["--host-weights", "bf16"]).unwrap();
+        assert_eq!(a.host_weights, HostWeightsForm::Bf16);
         let err = start(&["--host-weights", "int8"]).unwrap_err().to_string();
-        assert!(err.contains("expected f32 or f16"), "{err}");
+        assert!(err.contains("expected f32, f16 or bf16"), "{err}");
     }
 
     #[test]

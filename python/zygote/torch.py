@@ -181,9 +181,10 @@ def bind(
     computes its own, e.g. ``position_ids``). No meta tensor is left; the module is returned,
     in eval mode.
 
-    A host compute copy in the f16 form (``zygote start --host-weights f16``: matrices in f16,
-    biases and norms in f32) does not fit a torch module, whose parameters share one dtype:
-    bind refuses it with a :class:`BindError` that says so and names ``--host-weights f32``.
+    A host compute copy in a half form (``zygote start --host-weights f16`` or ``bf16``:
+    matrices in f16 or bf16, biases and norms in f32) does not fit a torch module, whose
+    parameters share one dtype: bind refuses it with a :class:`BindError` that says so and
+    names ``--host-weights f32``.
     """
     if weights is None:
         import zygote
@@ -193,7 +194,8 @@ def bind(
     tied = _tied_groups(module)
     missing: list[str] = []
     mismatched: list[tuple[str, str]] = []
-    # Matrices in f16 where the module has another dtype: the f16 form of the compute copy.
+    # Matrices in f16 or bf16 where the module has another dtype: a half form of the compute
+    # copy.
     f16_form = False
     chosen: dict[str, torch.Tensor] = {}
     nonpersistent: dict[str, torch.Tensor] = {}
@@ -212,7 +214,7 @@ def bind(
             )
         elif shared.dtype != current.dtype:
             mismatched.append((prefix + source, f"dtype {shared.dtype}, module {current.dtype}"))
-            f16_form = f16_form or shared.dtype == torch.float16
+            f16_form = f16_form or shared.dtype in (torch.float16, torch.bfloat16)
         chosen[key] = shared
     # A weight named like a non-persistent buffer (old checkpoints saved `position_ids`) fills
     # that buffer: it is then shared like the rest instead of computed.
@@ -357,8 +359,9 @@ def _error(
     lines = ["zygote.torch.bind: the module does not fit the shared weights"]
     if f16_form:
         lines.append(
-            "  the compute copy keeps its matrices in f16 (zygote start --host-weights f16), "
-            "with biases and norms in f32: a torch module cannot use that mix"
+            "  the compute copy keeps its matrices in half precision (zygote start "
+            "--host-weights f16 or bf16), with biases and norms in f32: a torch module cannot "
+            "use that mix"
         )
     if missing:
         lines.append(f"  missing from the weights ({len(missing)}): " + ", ".join(missing))

@@ -1,14 +1,17 @@
 //! The host backend: one compute copy of the weights in a sealed memfd, shared read-only by
 //! every worker.
 //!
-//! The copy has one of two forms ([`HostWeightsForm`], chosen by the operator with
-//! `--host-weights`): `f32`, the default, where every float tensor is f32 (f16/bf16 widened),
-//! and `f16`, where the 2-D float tensors (the matrices: linear weights and embedding tables)
+//! The copy has one of three forms ([`HostWeightsForm`], chosen by the operator with
+//! `--host-weights`): `f32`, the default, where every float tensor is f32 (f16/bf16 widened);
+//! `f16`, where the 2-D float tensors (the matrices: linear weights and embedding tables)
 //! are IEEE half precision (f32/bf16 narrowed, rounding to nearest; a value beyond f16's range
-//! is refused, never turned into an infinity) and the 1-D ones (biases, norms) f32. The f16 form
-//! halves the bytes a CPU forward pass streams per text and the copy's size, for an app whose
-//! kernels widen f16 as they load it; an app that reads only f32 must refuse it
-//! ([`HostTensor::as_f32`] is `None` for an f16 tensor; the manifest names each tensor's dtype).
+//! is refused, never turned into an infinity) and the 1-D ones (biases, norms) f32; and `bf16`,
+//! the same with the matrices in bfloat16 (f32 narrowed to nearest even, f16 widened: exact;
+//! f32's range, so nothing is refused). The half forms halve the bytes a CPU forward pass
+//! streams per text and the copy's size, for an app whose kernels widen them as they load them
+//! or multiply them as they are (bf16 on a matrix unit such as AMX); an app that reads only f32
+//! must refuse them ([`HostTensor::as_f32`] is `None` for a half tensor; the manifest names
+//! each tensor's dtype).
 //!
 //! When the model needs no conversion (every tensor already in its compute dtype, each
 //! aligned to its element size in the file: an f32 model in the f32 form, an f16 model
@@ -51,11 +54,13 @@ impl HostBackend {
 }
 
 /// The dtype a tensor of dtype `d` with `rank` dimensions has in the compute copy of `form`:
-/// in the f16 form a 2-D float tensor is f16; otherwise f16/bf16 are widened to f32 and every
-/// other dtype is kept.
+/// in the f16 (bf16) form a 2-D float tensor is f16 (bf16); otherwise f16/bf16 are widened to
+/// f32 and every other dtype is kept.
 pub fn compute_dtype(d: Dtype, rank: usize, form: HostWeightsForm) -> Dtype {
-    match (d, form) {
-        (Dtype::F32 | Dtype::F16 | Dtype::BF16, HostWeightsForm::F16) if rank == 2 => Dtype::F16,
+    let float = matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16);
+    match form {
+        HostWeightsForm::F16 if float && rank == 2 => Dtype::F16,
+        HostWeightsForm::Bf16 if float && rank == 2 => Dtype::BF16,
         _ => widened_dtype(d),
     }
 }
@@ -121,7 +126,9 @@ fn bf16_to_f32(bits: u16) -> f32 {
 
 /// Writes tensor `name`'s bytes `src` (dtype `from`) into `dst` as dtype `to` (what
 /// [`compute_dtype`] gave): widened, narrowed to f16 (rounding to nearest even; a finite
-/// value beyond f16's range is [`BackendError::F16Range`]), or copied when the dtypes agree.
+/// value beyond f16's range is [`BackendError::F16Range`]), to bf16 (nearest even; f16 to
+/// bf16 goes through f32, and both steps are exact or rounded once), or copied when the dtypes
+/// agree.
 pub fn convert_into(
     name: &str,
     from: Dtype,
@@ -151,6 +158,18 @@ pub fn convert_into(
                     });
                 }
                 o.copy_from_slice(&h.to_bits().to_le_bytes());
+            }
+        }
+        (Dtype::F32 | Dtype::F16, Dtype::BF16) => {
+            let value = |i: usize| {
+                if from == Dtype::F32 {
+                    f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+                } else {
+                    f16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]]))
+                }
+            };
+            for (i, o) in dst.chunks_exact_mut(2).enumerate() {
+                o.copy_from_slice(&half::bf16::from_f32(value(i)).to_bits().to_le_bytes());
             }
         }
         _ => {
@@ -337,6 +356,15 @@ impl<'a> HostTensor<'a> {
             return None;
         }
         // The mapping is page aligned and every offset a multiple of 4, so this never fails.
+        bytemuck::try_cast_slice(self.bytes).ok()
+    }
+
+    /// The elements as bfloat16, when the tensor is bf16 (the bf16 form's matrices).
+    pub fn as_bf16(&self) -> Option<&'a [half::bf16]> {
+        if self.dtype != Dtype::BF16 {
+            return None;
+        }
+        // The mapping is page aligned and every offset even, so this never fails.
         bytemuck::try_cast_slice(self.bytes).ok()
     }
 
@@ -544,6 +572,55 @@ mod tests {
         assert_eq!(weights.f32("emb").unwrap().0, want(40).as_slice());
         assert_eq!(weights.f32("w").unwrap().0, want(64).as_slice());
         assert!(weights.tensor("w").unwrap().as_f16().is_none());
+    }
+
+    #[test]
+    fn the_bf16_form_narrows_matrices_to_bf16_and_widens_vectors() {
+        use HostWeightsForm::Bf16;
+        for d in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            assert_eq!(compute_dtype(d, 2, Bf16), Dtype::BF16, "{d}");
+            assert_eq!(compute_dtype(d, 1, Bf16), Dtype::F32, "{d}");
+        }
+        assert_eq!(compute_dtype(Dtype::I64, 2, Bf16), Dtype::I64);
+        let dir = tempfile::tempdir().unwrap();
+        let model = model(
+            dir.path(),
+            &[
+                ("emb", Dtype::F32, &[5, 8]),
+                ("w", Dtype::F16, &[8, 8]),
+                ("b", Dtype::BF16, &[8]),
+            ],
+        );
+        let (export, weights) = export_import(&model, Bf16);
+        crate::backend::check_manifest(&export.manifest, &model).unwrap();
+        // Multiples of 1/8 in [-1, 7]: exact in bf16, so the narrowing must give them back.
+        let want = |n: usize| (0..n).map(|i| i as f32 / 8.0 - 1.0).collect::<Vec<_>>();
+        for (name, n) in [("emb", 40), ("w", 64)] {
+            let t = weights.tensor(name).unwrap();
+            assert_eq!(t.dtype, Dtype::BF16, "{name}");
+            assert!(t.as_f32().is_none() && t.as_f16().is_none(), "{name}");
+            let got: Vec<f32> = t.as_bf16().unwrap().iter().map(|h| h.to_f32()).collect();
+            assert_eq!(got, want(n), "{name}");
+        }
+        assert_eq!(weights.f32("b").unwrap().0, want(8).as_slice());
+    }
+
+    #[test]
+    fn bf16_narrowing_rounds_to_nearest_even_and_keeps_the_range() {
+        // 1 + 2^-8 is halfway between two bf16 values: it rounds to the even one (1.0);
+        // 1 + 3 * 2^-8 rounds up; 1e30 is beyond f16's range but within bf16's.
+        let values = [1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 1e30f32, -2.5];
+        let src: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = vec![0u8; 2 * values.len()];
+        convert_into("t", Dtype::F32, Dtype::BF16, &src, &mut out).unwrap();
+        let got: Vec<f32> = out
+            .chunks_exact(2)
+            .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            .collect();
+        assert_eq!(got[0], 1.0);
+        assert_eq!(got[1], 1.0 + 4.0 / 256.0);
+        assert!((got[2] / 1e30 - 1.0).abs() < 1e-2, "{}", got[2]);
+        assert_eq!(got[3], -2.5);
     }
 
     #[test]

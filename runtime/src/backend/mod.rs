@@ -64,15 +64,18 @@ impl std::fmt::Display for BackendChoice {
 }
 
 /// The form of the host backend's compute copy (`--host-weights`): `f32` (every float tensor
-/// widened to f32, the default) or `f16` (2-D float tensors, the matrices, kept as IEEE half
+/// widened to f32, the default), `f16` (2-D float tensors, the matrices, kept as IEEE half
 /// precision: half the bytes for an app whose kernels widen them as they load them; 1-D
-/// tensors, biases and norms, stay f32). The CUDA backend ignores it.
+/// tensors, biases and norms, stay f32) or `bf16` (the matrices as bfloat16, f32's range with
+/// 8 bits of precision: what a processor's bf16 matrix unit, such as AMX, multiplies). The CUDA
+/// backend ignores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostWeightsForm {
     #[default]
     F32,
     F16,
+    Bf16,
 }
 
 impl std::str::FromStr for HostWeightsForm {
@@ -81,8 +84,9 @@ impl std::str::FromStr for HostWeightsForm {
         match s {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
             other => Err(format!(
-                "unknown host weights form {other:?} (expected f32 or f16)"
+                "unknown host weights form {other:?} (expected f32, f16 or bf16)"
             )),
         }
     }
@@ -93,6 +97,7 @@ impl std::fmt::Display for HostWeightsForm {
         f.write_str(match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
+            Self::Bf16 => "bf16",
         })
     }
 }

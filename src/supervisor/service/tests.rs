@@ -1614,7 +1614,11 @@ fn a_model_reload_with_an_app_template_replaces_the_template_after_the_owners() 
 
 #[test]
 fn the_owner_is_asked_for_the_host_weights_form() {
-    for form in [HostWeightsForm::F32, HostWeightsForm::F16] {
+    for form in [
+        HostWeightsForm::F32,
+        HostWeightsForm::F16,
+        HostWeightsForm::Bf16,
+    ] {
         let cfg = Config {
             host_weights: form,
             ..config(1, Duration::from_secs(30))
