@@ -3,7 +3,7 @@
 //! all-MiniLM-L6-v2 and the row counts of one to a few texts. The weights are either one
 //! matrix used again and again (`hot`, in cache) or a pool of 64 MiB of distinct matrices
 //! taken in turn (`cold`, from memory, as in a forward pass whose 42 MiB of encoder weights do
-//! not fit the last-level cache). The 384 × 48 shape, whose weight fits L2, shows the tile's
+//! not fit the last-level cache). The 384 × 64 shape, whose weight fits L2, shows the tile's
 //! ceiling. Prints GFLOP/s: the tile over f32 weights, over the same weights in f16 (`tile16`,
 //! half the bytes, widened as loaded), `encoder::gemm::linear_cols` over both (`cols`,
 //! `cols16`: the token-vector kernel for batches, AVX-512 only, a plain loop elsewhere), and the
@@ -16,7 +16,9 @@
 
 use std::time::{Duration, Instant};
 
-use zygote_embed::encoder::gemm::{f16, linear_cols, linear_rows, matmul, Mat, MatMut};
+use zygote_embed::encoder::gemm::{
+    amx_fits, bf16, f16, linear_amx, linear_cols, linear_rows, matmul, Mat, MatMut,
+};
 
 fn main() {
     let seconds: f64 = std::env::args()
@@ -25,16 +27,17 @@ fn main() {
         .unwrap_or(0.5);
     let only = std::env::args().nth(2);
     println!(
-        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "rows", "in", "out", "cache", "tile", "tile16", "cols", "cols16", "gemm"
+        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "rows", "in", "out", "cache", "tile", "tile16", "cols", "cols16", "gemm", "amx16"
     );
-    for (inp, out) in [(384, 48), (384, 384), (384, 1536), (1536, 384)] {
+    for (inp, out) in [(384, 64), (384, 384), (384, 1536), (1536, 384)] {
         let per = inp * out;
         let pool = (64 << 20) / 4 / per;
         let w: Vec<f32> = (0..pool * per)
             .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
         let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let b = vec![0.1f32; out];
         for rows in [4usize, 8, 12, 13, 17, 24, 36, 48, 64, 96, 160] {
             let x: Vec<f32> = (0..rows * inp)
@@ -79,8 +82,17 @@ fn main() {
                         true,
                     );
                 });
+                let mut pairs = Vec::new();
+                let amx = if amx_fits(inp, out) {
+                    let gflops = run(&mut |at| {
+                        linear_amx(&x, rows, &wb16[at..][..per], &b, &mut y, &mut pairs)
+                    });
+                    format!("{gflops:>10.1}")
+                } else {
+                    format!("{:>10}", "-")
+                };
                 println!(
-                    "{rows:>5} {inp:>5} {out:>5} {cache:>5} {tile:>10.1} {tile16:>10.1} {cols:>10.1} {cols16:>10.1} {crate_:>10.1}"
+                    "{rows:>5} {inp:>5} {out:>5} {cache:>5} {tile:>10.1} {tile16:>10.1} {cols:>10.1} {cols16:>10.1} {crate_:>10.1} {amx}"
                 );
             }
         }

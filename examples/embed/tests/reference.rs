@@ -5,8 +5,10 @@
 //!
 //! The weights go through the production path: the model file is loaded and sealed as the
 //! zygote does, exported by the host backend as the owner does, and imported (manifest and
-//! digest checked) as a worker does; in the default f32 form and in the f16 one
-//! (`--host-weights f16`: matrices in f16, sums in f32).
+//! digest checked) as a worker does; in the default f32 form, in the f16 one
+//! (`--host-weights f16`: matrices in f16, sums in f32) and in the bf16 one (`--host-weights
+//! bf16`: matrices in bf16, multiplied on the AMX tile unit with the activations rounded to
+//! bf16 where the processor has one, widened to f32 on the vector kernels elsewhere).
 
 #![deny(unsafe_code)]
 
@@ -53,6 +55,11 @@ fn host_forward_pass_with_f16_weights_matches_sentence_transformers() {
     forward_pass_matches(HostWeightsForm::F16);
 }
 
+#[test]
+fn host_forward_pass_with_bf16_weights_matches_sentence_transformers() {
+    forward_pass_matches(HostWeightsForm::Bf16);
+}
+
 fn forward_pass_matches(form: HostWeightsForm) {
     let Some(dir) = common::model_dir() else {
         return;
@@ -78,6 +85,7 @@ fn forward_pass_matches(form: HostWeightsForm) {
         let file = model.tensor(&t.name).expect("a tensor of the file").dtype;
         let want = match (file, form, t.shape.len()) {
             (Dtype::F32 | Dtype::F16 | Dtype::BF16, HostWeightsForm::F16, 2) => Dtype::F16,
+            (Dtype::F32 | Dtype::F16 | Dtype::BF16, HostWeightsForm::Bf16, 2) => Dtype::BF16,
             (Dtype::F32 | Dtype::F16 | Dtype::BF16, _, _) => Dtype::F32,
             (other, _, _) => other,
         };
@@ -107,8 +115,10 @@ fn forward_pass_matches(form: HostWeightsForm) {
         }
     }
     eprintln!(
-        "{form} weights, alone: worst cosine {:.9} (sentence {})",
-        worst.0, worst.1
+        "{form} weights (AMX: {}), alone: worst cosine {:.9} (sentence {})",
+        zygote_embed::encoder::gemm::amx_available(),
+        worst.0,
+        worst.1
     );
 
     // All of them in one request: batching (packed, in chunks) must not change a vector.

@@ -28,7 +28,7 @@
 
 use zygote_runtime::backend::host::HostWeights;
 
-use super::gemm::{self, f16, matmul, Mat, MatMut};
+use super::gemm::{self, bf16, f16, matmul, Mat, MatMut};
 use super::SentenceEncoder;
 use crate::error::EmbedError;
 use crate::spec::{BertTensors, LayerTensors, ModelSpec, Pooling};
@@ -66,10 +66,8 @@ struct Scratch {
     inter: Vec<f32>,
     /// Attention scores of one head of one text, `[len][len]` (query-major).
     scores: Vec<f32>,
-    /// A linear layer's input turned token-major, `[R][in]`, for the few-row kernel.
-    xt: Vec<f32>,
-    /// A block of an f16 weight's rows widened to f32, for the `gemm` crate (many rows).
-    wide: Vec<f32>,
+    /// The linear layers' own scratch.
+    lin: LinearScratch,
     /// One token's embedding, summed from the three tables.
     emb: Vec<f32>,
     /// Per-row statistics of LayerNorm, `[R]`.
@@ -77,12 +75,26 @@ struct Scratch {
     inv_std: Vec<f32>,
 }
 
+/// What [`linear`] copies its operands into, by kernel; each grows to the largest layer seen.
+#[derive(Debug, Default)]
+struct LinearScratch {
+    /// A linear layer's input turned token-major, `[R][in]`, for the few-row kernel.
+    xt: Vec<f32>,
+    /// A block of a half weight's rows widened to f32, for the `gemm` crate (many rows) and
+    /// the token-vector kernel.
+    wide: Vec<f32>,
+    /// A linear layer's input rounded to bf16 and paired for the AMX kernel.
+    pairs: Vec<u32>,
+}
+
 /// A tensor as the encoder binds it: a vector (1-D: biases, LayerNorm) is always f32; a matrix
-/// (2-D: linear weights, embedding tables) is f32 or, in the f16 form of the compute copy, f16.
+/// (2-D: linear weights, embedding tables) is f32 or, in the f16 or bf16 form of the compute
+/// copy, f16 or bf16.
 #[derive(Debug, Clone, Copy)]
 enum Tensor<'w> {
     F32(&'w [f32]),
     F16(&'w [f16]),
+    Bf16(&'w [bf16]),
 }
 
 impl<'w> Tensor<'w> {
@@ -90,6 +102,7 @@ impl<'w> Tensor<'w> {
         match self {
             Self::F32(v) => v.len(),
             Self::F16(v) => v.len(),
+            Self::Bf16(v) => v.len(),
         }
     }
 
@@ -97,7 +110,7 @@ impl<'w> Tensor<'w> {
     fn vector(self) -> &'w [f32] {
         match self {
             Self::F32(v) => v,
-            Self::F16(_) => unreachable!("1-D tensors are bound as f32"),
+            Self::F16(_) | Self::Bf16(_) => unreachable!("1-D tensors are bound as f32"),
         }
     }
 
@@ -107,6 +120,11 @@ impl<'w> Tensor<'w> {
         match self {
             Self::F32(v) => add(out, &v[i * w..(i + 1) * w]),
             Self::F16(v) => {
+                for (o, h) in out.iter_mut().zip(&v[i * w..(i + 1) * w]) {
+                    *o += h.to_f32();
+                }
+            }
+            Self::Bf16(v) => {
                 for (o, h) in out.iter_mut().zip(&v[i * w..(i + 1) * w]) {
                     *o += h.to_f32();
                 }
@@ -134,7 +152,7 @@ pub struct HostEncoder<'w> {
 
 impl<'w> HostEncoder<'w> {
     /// Binds every tensor of `spec`'s encoder in `weights` (checking names and shapes): a
-    /// vector must be f32 in the compute copy, a matrix f32 or f16.
+    /// vector must be f32 in the compute copy, a matrix f32, f16 or bf16.
     pub fn new(spec: &ModelSpec, weights: &'w HostWeights) -> Result<Self, EmbedError> {
         let t = BertTensors::bind(
             &spec.config,
@@ -150,10 +168,15 @@ impl<'w> HostEncoder<'w> {
                         actual: tensor.shape.to_vec(),
                     });
                 }
-                let bound = match (tensor.as_f32(), tensor.as_f16()) {
-                    (Some(v), _) => Tensor::F32(v),
-                    (None, Some(m)) if shape.len() == 2 => Tensor::F16(m),
-                    _ => return Err(EmbedError::NotF32 { name: name.into() }),
+                let matrix = shape.len() == 2;
+                let bound = if let Some(v) = tensor.as_f32() {
+                    Tensor::F32(v)
+                } else if let Some(m) = tensor.as_f16().filter(|_| matrix) {
+                    Tensor::F16(m)
+                } else if let Some(m) = tensor.as_bf16().filter(|_| matrix) {
+                    Tensor::Bf16(m)
+                } else {
+                    return Err(EmbedError::NotF32 { name: name.into() });
                 };
                 Ok(Some(bound))
             },
@@ -282,41 +305,52 @@ impl SentenceEncoder for HostEncoder<'_> {
 }
 
 /// `y = x · Wᵀ + b` for `rows` rows, feature-major: `x` is `[in][rows]`, `y` is `[out][rows]`,
-/// and `W` is `[out, in]` row-major as torch stores it. On AVX-512 processors, from
+/// and `W` is `[out, in]` row-major as torch stores it. A bf16 weight goes to the AMX tile unit
+/// where the processor has one ([`gemm::linear_amx`], any row count; the activations rounded
+/// to bf16 into `lin.pairs`). Otherwise, on AVX-512 processors, from
 /// [`gemm::COLS_KERNEL_MIN_ROWS`] rows on (a batch, or a long text), the token-vector kernel
 /// reads `x` as it is ([`gemm::linear_cols`]). Few rows (one to a couple of texts, up to
 /// [`gemm::DOT_KERNEL_MAX_ROWS`]) go to the packing-free kernel over a token-major copy
-/// of `x` made in `xt` (a few KiB), which reads an f16 weight as it is; the rest go to the
+/// of `x` made in `lin.xt` (a few KiB), which reads a half weight as it is; the rest go to the
 /// `gemm` crate, which reads an f32 `Wᵀ` as a view of the shared weight with swapped strides,
-/// and an f16 one [`WIDE_ROWS`] rows at a time widened into `wide` (a private scratch of a
-/// few hundred KiB, never the whole weight).
+/// and a half one [`WIDE_ROWS`] rows at a time widened into `lin.wide` (a few hundred KiB,
+/// never the whole weight).
 fn linear(
     x: &[f32],
     rows: usize,
     w: Tensor<'_>,
     b: Tensor<'_>,
     y: &mut [f32],
-    xt: &mut Vec<f32>,
-    wide: &mut Vec<f32>,
+    lin: &mut LinearScratch,
 ) {
     let b = b.vector();
     let out_dim = b.len();
     let in_dim = w.len() / out_dim;
     let y = &mut y[..out_dim * rows];
+    if let Tensor::Bf16(w) = w {
+        if gemm::amx_fits(in_dim, out_dim) {
+            gemm::linear_amx(&x[..in_dim * rows], rows, w, b, y, &mut lin.pairs);
+            return;
+        }
+    }
     if rows >= gemm::COLS_KERNEL_MIN_ROWS && gemm::cols_kernel_available() {
+        let wide = &mut lin.wide;
         match w {
             Tensor::F32(w) => gemm::linear_cols(x, rows, w, b, y, wide),
             Tensor::F16(w) => gemm::linear_cols(x, rows, w, b, y, wide),
+            Tensor::Bf16(w) => gemm::linear_cols(x, rows, w, b, y, wide),
         }
         return;
     }
     if rows <= gemm::DOT_KERNEL_MAX_ROWS && gemm::dot_kernel_available() {
+        let xt = &mut lin.xt;
         ensure(xt, rows * in_dim);
         gemm::transpose(&x[..in_dim * rows], in_dim, rows, xt);
         let xt = &xt[..rows * in_dim];
         match w {
             Tensor::F32(w) => gemm::linear_rows(xt, rows, w, b, y),
             Tensor::F16(w) => gemm::linear_rows(xt, rows, w, b, y),
+            Tensor::Bf16(w) => gemm::linear_rows(xt, rows, w, b, y),
         }
         return;
     }
@@ -334,17 +368,29 @@ fn linear(
     };
     match w {
         Tensor::F32(w) => product(y, w, out_dim),
-        Tensor::F16(w) => {
-            ensure(wide, WIDE_ROWS.min(out_dim) * in_dim);
-            for (block, y) in w
-                .chunks(WIDE_ROWS * in_dim)
-                .zip(y.chunks_mut(WIDE_ROWS * rows))
-            {
-                let wide = &mut wide[..block.len()];
-                gemm::widen(block, wide);
-                product(y, wide, block.len() / in_dim);
-            }
-        }
+        Tensor::F16(w) => widened_product(w, in_dim, rows, y, &mut lin.wide, product),
+        Tensor::Bf16(w) => widened_product(w, in_dim, rows, y, &mut lin.wide, product),
+    }
+}
+
+/// `product` of a half weight `w` (`in_dim` inputs), [`WIDE_ROWS`] rows at a time widened
+/// into `wide`, into the matching lines of `y` (`rows` values each).
+fn widened_product<W: gemm::Weight>(
+    w: &[W],
+    in_dim: usize,
+    rows: usize,
+    y: &mut [f32],
+    wide: &mut Vec<f32>,
+    product: impl Fn(&mut [f32], &[f32], usize),
+) {
+    ensure(wide, WIDE_ROWS.min(w.len() / in_dim) * in_dim);
+    for (block, y) in w
+        .chunks(WIDE_ROWS * in_dim)
+        .zip(y.chunks_mut(WIDE_ROWS * rows))
+    {
+        let wide = &mut wide[..block.len()];
+        W::widen_slice(block, wide);
+        product(y, wide, block.len() / in_dim);
     }
 }
 
@@ -365,33 +411,9 @@ fn encoder_layer(
     s: &mut Scratch,
 ) {
     let n = rows * d.hidden;
-    linear(
-        &s.x,
-        rows,
-        l.query_w,
-        l.query_b,
-        &mut s.q,
-        &mut s.xt,
-        &mut s.wide,
-    );
-    linear(
-        &s.x,
-        rows,
-        l.key_w,
-        l.key_b,
-        &mut s.k,
-        &mut s.xt,
-        &mut s.wide,
-    );
-    linear(
-        &s.x,
-        rows,
-        l.value_w,
-        l.value_b,
-        &mut s.v,
-        &mut s.xt,
-        &mut s.wide,
-    );
+    linear(&s.x, rows, l.query_w, l.query_b, &mut s.q, &mut s.lin);
+    linear(&s.x, rows, l.key_w, l.key_b, &mut s.k, &mut s.lin);
+    linear(&s.x, rows, l.value_w, l.value_b, &mut s.v, &mut s.lin);
 
     let scale = 1.0 / (d.head_dim as f32).sqrt();
     for i in first..last {
@@ -422,8 +444,7 @@ fn encoder_layer(
         l.attn_out_w,
         l.attn_out_b,
         &mut s.tmp,
-        &mut s.xt,
-        &mut s.wide,
+        &mut s.lin,
     );
     add(&mut s.x[..n], &s.tmp[..n]);
     layer_norm(
@@ -436,27 +457,11 @@ fn encoder_layer(
         &mut s.inv_std,
     );
 
-    linear(
-        &s.x,
-        rows,
-        l.inter_w,
-        l.inter_b,
-        &mut s.inter,
-        &mut s.xt,
-        &mut s.wide,
-    );
+    linear(&s.x, rows, l.inter_w, l.inter_b, &mut s.inter, &mut s.lin);
     for v in &mut s.inter[..rows * d.inter] {
         *v = gelu(*v);
     }
-    linear(
-        &s.inter,
-        rows,
-        l.out_w,
-        l.out_b,
-        &mut s.tmp,
-        &mut s.xt,
-        &mut s.wide,
-    );
+    linear(&s.inter, rows, l.out_w, l.out_b, &mut s.tmp, &mut s.lin);
     add(&mut s.x[..n], &s.tmp[..n]);
     layer_norm(
         &mut s.x[..n],
@@ -594,7 +599,7 @@ mod tests {
         let x = [1.0, 0.0, 1.0, 2.0];
         let mut y = [0.0; 6];
         let (t, bt) = (Tensor::F32(&w), Tensor::F32(&b));
-        linear(&x, 2, t, bt, &mut y, &mut Vec::new(), &mut Vec::new());
+        linear(&x, 2, t, bt, &mut y, &mut LinearScratch::default());
         // Rows [3.5, 7, 10] and [4.5, 8, 11], feature-major.
         assert_eq!(y, [3.5, 4.5, 7.0, 8.0, 10.0, 11.0]);
     }
@@ -609,13 +614,59 @@ mod tests {
             .map(|i| ((i * 7) % 23) as f32 * 0.1 - 1.0)
             .collect();
         let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        // 40 inputs are no multiple of 32: a bf16 weight of this shape takes the vector
+        // kernels even where the processor has AMX.
+        let wb16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.25).collect();
         for rows in [1, gemm::DOT_KERNEL_MAX_ROWS, gemm::DOT_KERNEL_MAX_ROWS + 1] {
             for (t, wk) in [
                 (Tensor::F32(&w), w.clone()),
                 (Tensor::F16(&w16), w16.iter().map(|h| h.to_f32()).collect()),
+                (
+                    Tensor::Bf16(&wb16),
+                    wb16.iter().map(|h| h.to_f32()).collect(),
+                ),
             ] {
                 check_linear(t, &wk, &b, inp, rows);
+            }
+        }
+    }
+
+    #[test]
+    fn a_bf16_weight_of_bert_widths_goes_to_the_tile_unit() {
+        let (inp, out, rows) = (64, 96, 21);
+        let w: Vec<bf16> = (0..out * inp)
+            .map(|i| bf16::from_f32(((i * 7) % 23) as f32 * 0.1 - 1.0))
+            .collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.25).collect();
+        let x: Vec<f32> = (0..inp * rows)
+            .map(|i| (i % 13) as f32 * 0.3 - 1.7)
+            .collect();
+        let mut y = vec![0.0; out * rows];
+        linear(
+            &x,
+            rows,
+            Tensor::Bf16(&w),
+            Tensor::F32(&b),
+            &mut y,
+            &mut LinearScratch::default(),
+        );
+        // The activations as the kernel that ran saw them: rounded to bf16 on the tile unit.
+        let seen = |v: f32| {
+            if gemm::amx_available() {
+                bf16::from_f32(v).to_f32()
+            } else {
+                v
+            }
+        };
+        for o in 0..out {
+            for r in 0..rows {
+                let want = b[o]
+                    + (0..inp)
+                        .map(|k| w[o * inp + k].to_f32() * seen(x[k * rows + r]))
+                        .sum::<f32>();
+                let got = y[o * rows + r];
+                assert!((got - want).abs() < 1e-3, "y[{o}][{r}] = {got}, not {want}");
             }
         }
     }
@@ -628,20 +679,12 @@ mod tests {
                 .map(|i| ((i * 5) % 17) as f32 * 0.2 - 1.5)
                 .collect();
             let mut y = vec![0.0; out * rows];
-            let mut wide = Vec::new();
-            linear(
-                &x,
-                rows,
-                t,
-                Tensor::F32(b),
-                &mut y,
-                &mut Vec::new(),
-                &mut wide,
-            );
+            let mut lin = LinearScratch::default();
+            linear(&x, rows, t, Tensor::F32(b), &mut y, &mut lin);
             assert!(
-                wide.len() <= (WIDE_ROWS * inp).max(gemm::linear_cols_scratch(inp)),
+                lin.wide.len() <= (WIDE_ROWS * inp).max(gemm::linear_cols_scratch(inp)),
                 "widened {} values",
-                wide.len()
+                lin.wide.len()
             );
             for o in 0..out {
                 for r in 0..rows {

@@ -15,7 +15,7 @@
 //! reach lies inside their slice; [`matmul`] checks that the shapes agree. Past those checks
 //! the call cannot read or write outside the slices.
 
-pub use weight::{f16, Weight};
+pub use weight::{bf16, f16, Weight};
 
 /// A read-only matrix over a slice: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Debug, Clone, Copy)]
@@ -413,6 +413,67 @@ pub fn linear_cols_with<W: Weight>(
     }
 }
 
+/// Environment variable that turns the AMX kernel off (`ZYGOTE_EMBED_AMX=0`), to measure a
+/// bf16 weight on the AVX-512 kernels against it; anything else is ignored. A narrower
+/// [`DOT_KERNEL_ENV`] turns it off too (AMX comes only with AVX-512).
+pub const AMX_ENV: &str = "ZYGOTE_EMBED_AMX";
+
+/// Whether [`linear_amx`] runs on the tile unit: the processor has AMX-BF16 (with AVX-512F),
+/// the kernel grants its tile state, and neither [`AMX_ENV`] nor [`DOT_KERNEL_ENV`] turns it
+/// off. Decided once.
+pub fn amx_available() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        let asked = std::env::var(AMX_ENV).map_or(true, |v| v != "0");
+        #[cfg(target_arch = "x86_64")]
+        return asked && dot_kernel() == DotKernel::Avx512 && amx_bf16::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        return {
+            let _ = asked;
+            false
+        };
+    })
+}
+
+/// Whether [`linear_amx`] takes a layer of `inp` inputs and `out` outputs: the tile unit is
+/// available and both are multiples of 32 (every BERT width is).
+pub fn amx_fits(inp: usize, out: usize) -> bool {
+    amx_available() && inp > 0 && out > 0 && inp.is_multiple_of(32) && out.is_multiple_of(32)
+}
+
+/// `y[o][r] = b[o] + Σₖ w[o][k] · x[k][r]` on the AMX tile unit: `x` is `[in][rows]`
+/// (feature-major, as the encoder keeps activations), rounded to bf16 as it is packed into
+/// `pairs` (a private scratch of `in / 2` × `rows` rounded up to 32 words); the bf16 weight `w`
+/// (`[out][in]`) is read in place; the sums are f32, and `y` is `[out][rows]`. Every row count
+/// runs here (one text or a batch). Panics when the slices do not hold the shapes or
+/// [`amx_fits`] is false for them (a bug in the caller).
+pub fn linear_amx(
+    x: &[f32],
+    rows: usize,
+    w: &[bf16],
+    b: &[f32],
+    y: &mut [f32],
+    pairs: &mut Vec<u32>,
+) {
+    let out = b.len();
+    let inp = layer_inputs("linear_amx", x.len(), rows, w.len(), out, y.len());
+    assert!(
+        amx_fits(inp, out),
+        "linear_amx: no tile unit, or {inp} x {out} is no multiple of 32"
+    );
+    if rows == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `amx_fits` (asserted above) checked that the tile unit is available
+    // (`amx_bf16::available`, with AVX-512F) and that inp and out are non-zero multiples of 32;
+    // `layer_inputs` checked `w.len() == out × inp`, `x.len() >= inp × rows` and
+    // `y.len() >= out × rows`; rows is not 0 (returned above otherwise).
+    unsafe {
+        amx_bf16::linear(x, rows, inp, w, b, y, pairs)
+    };
+}
+
 /// `dst[i] = src[i]` as f32: an f16 weight's rows widened for the `gemm` crate (8 values per
 /// F16C instruction where the processor has the SIMD kernels; the `half` crate's conversion,
 /// one value at a time and many times slower, elsewhere). Panics when the lengths differ.
@@ -479,6 +540,8 @@ fn transpose_plain(
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx_bf16;
 #[cfg(target_arch = "x86_64")]
 mod cols_avx512;
 #[cfg(target_arch = "x86_64")]
@@ -733,6 +796,105 @@ mod tests {
             for (out, rows) in [(8, 20), (16, 49), (24, 100), (13, 33)] {
                 check_cols(inp, out, rows);
             }
+        }
+    }
+
+    /// `linear_amx` against a sum in f64 of the same bf16 weight times the activations rounded
+    /// to bf16 (what the tile unit multiplies): only the f32 summation order differs.
+    fn check_amx(inp: usize, out: usize, rows: usize) {
+        let w: Vec<bf16> = (0..out * inp)
+            .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 * 1e-3 - 0.5))
+            .collect();
+        let x: Vec<f32> = (0..inp * rows)
+            .map(|i| ((i * 31) % 97) as f32 * 1e-2 - 0.4)
+            .collect();
+        let b: Vec<f32> = (0..out).map(|o| o as f32 * 0.01).collect();
+        let mut y = vec![f32::NAN; out * rows + 3];
+        let mut pairs = Vec::new();
+        linear_amx(&x, rows, &w, &b, &mut y[..out * rows], &mut pairs);
+        let round = |v: f32| bf16::from_f32(v).to_f32() as f64;
+        for o in 0..out {
+            for r in 0..rows {
+                let want = b[o] as f64
+                    + (0..inp)
+                        .map(|k| w[o * inp + k].to_f32() as f64 * round(x[k * rows + r]))
+                        .sum::<f64>();
+                let got = y[o * rows + r] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{inp}x{out}, {rows} rows, at ({o}, {r}): {got} against {want}"
+                );
+            }
+        }
+        assert!(y[out * rows..].iter().all(|v| v.is_nan()), "wrote past y");
+    }
+
+    #[test]
+    fn linear_amx_matches_a_plain_sum_of_the_rounded_values() {
+        if !amx_available() {
+            // The kernel cannot run here; what a bf16 weight computes on the vector kernels
+            // is checked by `bf16_weights_are_read_as_high_halves`.
+            eprintln!("no AMX tile unit on this machine: linear_amx not run");
+            return;
+        }
+        // Tokens: one, within a tile, a tile, over it, a block, blocks and a ragged batch;
+        // widths of one and several blocks of 32.
+        for (inp, out) in [(32, 32), (64, 96), (384, 384), (1536, 384), (384, 1536)] {
+            for rows in [1, 5, 16, 17, 31, 32, 33, 64, 100] {
+                check_amx(inp, out, rows);
+            }
+        }
+    }
+
+    #[test]
+    fn amx_takes_only_multiples_of_32() {
+        for (inp, out) in [(31, 32), (32, 48), (0, 32), (384, 0)] {
+            assert!(!amx_fits(inp, out), "{inp} x {out}");
+        }
+        assert_eq!(amx_fits(384, 1536), amx_available());
+    }
+
+    #[test]
+    fn bf16_weights_are_read_as_high_halves() {
+        // Every kernel that a bf16 weight reaches off the tile unit, against its f32 widening.
+        let (inp, out) = (40, 9);
+        let w: Vec<bf16> = (0..out * inp)
+            .map(|i| bf16::from_bits((i as u16).wrapping_mul(2654) & 0x3fff ^ 0x3c00))
+            .collect();
+        let wide: Vec<f32> = w.iter().map(|h| h.to_f32()).collect();
+        let mut widened = vec![f32::NAN; w.len()];
+        bf16::widen_slice(&w, &mut widened);
+        assert_eq!(widened, wide);
+        let b = vec![0.5f32; out];
+        for rows in [1, 6, 17, 33] {
+            let x: Vec<f32> = (0..rows * inp).map(|i| (i % 11) as f32 * 0.1).collect();
+            for kernel in [DotKernel::Avx512, DotKernel::Avx2, DotKernel::Plain] {
+                let (mut got, mut want) = (vec![0.0; out * rows], vec![0.0; out * rows]);
+                linear_rows_with(kernel, &x, rows, &w, &b, &mut got);
+                linear_rows_with(DotKernel::Plain, &x, rows, &wide, &b, &mut want);
+                close(&got, &want, 1e-4);
+                let mut scratch = Vec::new();
+                linear_cols_with(kernel, &x, rows, &w, &b, &mut got, &mut scratch);
+                linear_cols_with(
+                    DotKernel::Plain,
+                    &x,
+                    rows,
+                    &wide,
+                    &b,
+                    &mut want,
+                    &mut scratch,
+                );
+                close(&got, &want, 1e-4);
+            }
+        }
+    }
+
+    fn close(got: &[f32], want: &[f32], tol: f32) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "at {i}: {g} against {w}"
+            );
         }
     }
 
