@@ -35,13 +35,14 @@
 #                         where the CPU has it, then AVX2), one text per call
 #                         over scripts/bench-embed/sentences.txt, and each
 #                         service's lowest cosine to sentence-transformers
-#     --host-weights "f32 f16"
+#     --host-weights "f32 f16 bf16"
 #                         the forms of zygote's host compute copy to measure
 #                         (default: f32): zygote's forward pass runs once per
-#                         form (forward_bench --host-weights F) and one zygote
-#                         service per form (zygote start --host-weights F,
-#                         "zygote-wN" for f32, "zygote-wN-f16" for f16), in the
-#                         same rounds as the others
+#                         form (forward_bench --host-weights F; bf16 on AMX
+#                         where the CPU has it, and also without) and one
+#                         zygote service per form (zygote start --host-weights
+#                         F, "zygote-wN" for f32, "zygote-wN-F" for the others),
+#                         in the same rounds as the others
 #     --out DIR           where logs and results go (default: bench-out/embed-DATE)
 #     --quiet-wait S      before each measured load, wait up to S s for the
 #                         machine to be idle (default: 60; 0: don't)
@@ -106,7 +107,7 @@ while [[ $# -gt 0 ]]; do
 done
 case "$only" in ""|python|zygote) ;; *) echo "bench-embed.sh: --only python|zygote" >&2; exit 2 ;; esac
 for f in $host_weights; do
-    case "$f" in f32|f16) ;; *) echo "bench-embed.sh: --host-weights takes f32 and/or f16, not $f" >&2; exit 2 ;; esac
+    case "$f" in f32|f16|bf16) ;; *) echo "bench-embed.sh: --host-weights takes f32, f16 and/or bf16, not $f" >&2; exit 2 ;; esac
 done
 for v in "$duration:--duration" "$rounds:--rounds" "$trials:--trials"; do
     [[ "${v%%:*}" =~ ^[1-9][0-9]*$ ]] || { echo "bench-embed.sh: ${v#*:} takes a whole number above 0" >&2; exit 2; }

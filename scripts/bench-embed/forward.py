@@ -1,7 +1,7 @@
 """The single-thread forward pass of the Python baselines, and the cosine of services' vectors.
 
     forward.py speed [--seconds S] [--rounds R] [--forward-bench BIN --model DIR
-                     [--host-weights f32,f16]]
+                     [--host-weights f32,f16,bf16]]
         texts per second of CPU time (the thread's, not the wall clock's, so that a
         shared machine's other work weighs less) of ONNX Runtime
         (scripts/baseline/onnx_encoder.py) and of
@@ -12,7 +12,9 @@
         once per dot kernel (ZYGOTE_EMBED_DOT_KERNEL: the one chosen at run time, then
         avx2), so all engines share each round's machine load; with --host-weights
         (default f32), once per kernel and form of the host compute copy
-        (`forward_bench --host-weights F`: f16 keeps the matrices in f16). Prints JSON
+        (`forward_bench --host-weights F`: f16 and bf16 keep the matrices in f16 or bf16;
+        bf16 runs on AMX where the processor has it, and once more without, ZYGOTE_EMBED_AMX=0).
+        Prints JSON
         lines, one per engine, and last a markdown table.
     forward.py cosine --url [NAME=]URL [--url ...]
         POSTs every sentence to each service's /embed and prints, per service, the
@@ -81,11 +83,15 @@ def rate(encode, texts, seconds):
 
 
 def forward_bench(binary, model, seconds, kernel, form):
+    """zygote's texts per CPU-second; `kernel` is "" (the run-time choice), "avx2", or
+    "no-amx" (the AVX-512 kernels where the run-time choice would be AMX)."""
     env = dict(os.environ)
-    if kernel:
+    env.pop("ZYGOTE_EMBED_DOT_KERNEL", None)
+    env.pop("ZYGOTE_EMBED_AMX", None)
+    if kernel == "no-amx":
+        env["ZYGOTE_EMBED_AMX"] = "0"
+    elif kernel:
         env["ZYGOTE_EMBED_DOT_KERNEL"] = kernel
-    else:
-        env.pop("ZYGOTE_EMBED_DOT_KERNEL", None)
     out = subprocess.run(
         [binary, "--host-weights", form, str(model), str(seconds), "mix/1"],
         env=env,
@@ -110,7 +116,11 @@ def cmd_speed(args):
         for form in forms:
             # The f32 form keeps the labels of the runs before the f16 one existed.
             name = "zygote" if form == "f32" else f"zygote, {form} weights"
-            for label, kernel in [(f"{name} (run-time choice)", ""), (f"{name} (avx2)", "avx2")]:
+            kernels = [(f"{name} (run-time choice)", ""), (f"{name} (avx2)", "avx2")]
+            if form == "bf16":
+                # bf16 weights run on AMX where the processor has it; its AVX-512 fallback too.
+                kernels.insert(1, (f"{name} (avx-512, no AMX)", "no-amx"))
+            for label, kernel in kernels:
                 engines.append(
                     (
                         label,
@@ -178,7 +188,7 @@ def main():
     s.add_argument(
         "--host-weights",
         default="f32",
-        help="forms of the host compute copy for forward_bench, comma-separated (f32,f16)",
+        help="forms of the host compute copy for forward_bench, comma-separated (f32,f16,bf16)",
     )
     c = sub.add_parser("cosine")
     c.add_argument("--url", action="append", default=[])
