@@ -6,12 +6,13 @@
 //! shared with other work the wall-clock rate counts the time the thread waited for a core,
 //! the CPU-time rate does not, so it is the one to compare across runs of a busy machine.
 //!
-//! `cargo run --release -p zygote-embed --example forward_bench [--host-weights f32|f16]
+//! `cargo run --release -p zygote-embed --example forward_bench [--host-weights f32|f16|bf16]
 //! [MODEL_DIR] [SECONDS] [CASE]` (default model directory: `models/all-MiniLM-L6-v2`, default
 //! 3 s per case; CASE, e.g. `short/1`, runs one case only, for profiling; `--host-weights f16`
 //! builds the compute copy as `zygote start --host-weights f16` does, matrices in f16, and the
-//! first line printed says which form ran; `--host-weights f32,f16` measures both, in 100 ms
-//! slices taken in turn, one line per form).
+//! first line printed says which form ran (`bf16`: matrices in bf16, on the AMX tile unit where
+//! the processor has one); `--host-weights f32,f16` measures both, in 100 ms slices taken in
+//! turn, one line per form).
 
 #![deny(unsafe_code)]
 

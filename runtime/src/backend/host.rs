@@ -124,6 +124,17 @@ fn bf16_to_f32(bits: u16) -> f32 {
     half::bf16::from_bits(bits).to_f32()
 }
 
+/// Element `i` of the little-endian bytes `src` of a float tensor of dtype `d` (f32, f16 or
+/// bf16), as f32 (exact).
+fn float_at(d: Dtype, src: &[u8], i: usize) -> f32 {
+    match d {
+        Dtype::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().expect("4 bytes")),
+        Dtype::F16 => f16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
+        Dtype::BF16 => bf16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
+        other => unreachable!("float_at of a {other} tensor"),
+    }
+}
+
 /// Writes tensor `name`'s bytes `src` (dtype `from`) into `dst` as dtype `to` (what
 /// [`compute_dtype`] gave): widened, narrowed to f16 (rounding to nearest even; a finite
 /// value beyond f16's range is [`BackendError::F16Range`]), to bf16 (nearest even; f16 to
@@ -140,15 +151,8 @@ pub fn convert_into(
         _ if from == to => dst.copy_from_slice(src),
         (Dtype::F16 | Dtype::BF16, Dtype::F32) => widen_into(from, src, dst),
         (Dtype::F32 | Dtype::BF16, Dtype::F16) => {
-            let value = |i: usize| {
-                if from == Dtype::F32 {
-                    f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().expect("4 bytes"))
-                } else {
-                    bf16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]]))
-                }
-            };
             for (i, o) in dst.chunks_exact_mut(2).enumerate() {
-                let v = value(i);
+                let v = float_at(from, src, i);
                 let h = half::f16::from_f32(v);
                 if h.is_infinite() && v.is_finite() {
                     return Err(BackendError::F16Range {
@@ -161,15 +165,9 @@ pub fn convert_into(
             }
         }
         (Dtype::F32 | Dtype::F16, Dtype::BF16) => {
-            let value = |i: usize| {
-                if from == Dtype::F32 {
-                    f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().expect("4 bytes"))
-                } else {
-                    f16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]]))
-                }
-            };
             for (i, o) in dst.chunks_exact_mut(2).enumerate() {
-                o.copy_from_slice(&half::bf16::from_f32(value(i)).to_bits().to_le_bytes());
+                let b = half::bf16::from_f32(float_at(from, src, i));
+                o.copy_from_slice(&b.to_bits().to_le_bytes());
             }
         }
         _ => {
