@@ -111,7 +111,8 @@ fn config() -> TileConfig {
 #[repr(C, align(64))]
 struct Sums([f32; 4 * TILE * TILE]);
 
-/// The words of [`pairs_len`]'s packing for `rows` tokens and `inp` inputs.
+/// The 32-bit words that [`linear`]'s packing of `rows` tokens by `inp` inputs takes: `inp / 2`
+/// lines of the tokens rounded up to a multiple of 32.
 pub fn pairs_len(rows: usize, inp: usize) -> usize {
     inp / 2 * rows.div_ceil(BLOCK) * BLOCK
 }
