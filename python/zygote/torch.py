@@ -196,7 +196,7 @@ def bind(
     mismatched: list[tuple[str, str]] = []
     # Matrices in f16 or bf16 where the module has another dtype: a half form of the compute
     # copy.
-    f16_form = False
+    half_form = False
     chosen: dict[str, torch.Tensor] = {}
     nonpersistent: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -214,7 +214,7 @@ def bind(
             )
         elif shared.dtype != current.dtype:
             mismatched.append((prefix + source, f"dtype {shared.dtype}, module {current.dtype}"))
-            f16_form = f16_form or shared.dtype in (torch.float16, torch.bfloat16)
+            half_form = half_form or shared.dtype in (torch.float16, torch.bfloat16)
         chosen[key] = shared
     # A weight named like a non-persistent buffer (old checkpoints saved `position_ids`) fills
     # that buffer: it is then shared like the rest instead of computed.
@@ -248,7 +248,7 @@ def bind(
         else []
     )
     if missing or unexpected or mismatched:
-        raise _error(missing, unexpected, mismatched, [], f16_form)
+        raise _error(missing, unexpected, mismatched, [], half_form)
 
     device = next(iter(chosen.values())).device if chosen else torch.device("cpu")
     _assign(module, chosen)
@@ -354,10 +354,10 @@ def _error(
     unexpected: list[str],
     mismatched: list[tuple[str, str]],
     unmaterialised: list[str],
-    f16_form: bool = False,
+    half_form: bool = False,
 ) -> BindError:
     lines = ["zygote.torch.bind: the module does not fit the shared weights"]
-    if f16_form:
+    if half_form:
         lines.append(
             "  the compute copy keeps its matrices in half precision (zygote start "
             "--host-weights f16 or bf16), with biases and norms in f32: a torch module cannot "
@@ -377,7 +377,7 @@ def _error(
             + ", ".join(unmaterialised)
         )
     fixes = []
-    if f16_form:
+    if half_form:
         fixes.append("start the service with --host-weights f32 (the default) for torch apps")
     if missing or unexpected:
         fixes.append(

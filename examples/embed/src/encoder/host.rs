@@ -119,17 +119,16 @@ impl<'w> Tensor<'w> {
         let w = out.len();
         match self {
             Self::F32(v) => add(out, &v[i * w..(i + 1) * w]),
-            Self::F16(v) => {
-                for (o, h) in out.iter_mut().zip(&v[i * w..(i + 1) * w]) {
-                    *o += h.to_f32();
-                }
-            }
-            Self::Bf16(v) => {
-                for (o, h) in out.iter_mut().zip(&v[i * w..(i + 1) * w]) {
-                    *o += h.to_f32();
-                }
-            }
+            Self::F16(v) => add_widened(out, &v[i * w..(i + 1) * w]),
+            Self::Bf16(v) => add_widened(out, &v[i * w..(i + 1) * w]),
         }
+    }
+}
+
+/// `out[i] += row[i]` widened to f32 (a half matrix's row: an embedding of one token).
+fn add_widened<W: gemm::Weight>(out: &mut [f32], row: &[W]) {
+    for (o, h) in out.iter_mut().zip(row) {
+        *o += h.widen();
     }
 }
 

@@ -35,10 +35,10 @@ use half::bf16;
 const TILE: usize = 16;
 
 /// Inputs per A tile (32 bf16 are one 64-byte tile row).
-pub const K_STEP: usize = 32;
+const K_STEP: usize = 32;
 
 /// Outputs and tokens per block of the 2 × 2 C tiles.
-pub const BLOCK: usize = 2 * TILE;
+const BLOCK: usize = 2 * TILE;
 
 /// `arch_prctl` request that asks for permission to use an extended state component.
 const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
@@ -113,7 +113,7 @@ struct Sums([f32; 4 * TILE * TILE]);
 
 /// The 32-bit words that [`linear`]'s packing of `rows` tokens by `inp` inputs takes: `inp / 2`
 /// lines of the tokens rounded up to a multiple of 32.
-pub fn pairs_len(rows: usize, inp: usize) -> usize {
+fn pairs_len(rows: usize, inp: usize) -> usize {
     inp / 2 * rows.div_ceil(BLOCK) * BLOCK
 }
 
